@@ -1,0 +1,127 @@
+//! Runs the whole agent: capture, pipeline, export and the HTTP endpoint, until
+//! SIGINT/SIGTERM, then flushes.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    capture::loader::{BpfCapture, CaptureConfig, CaptureError},
+    config::Config,
+    connections::TableLimits,
+    export::{ExportStage, otlp::OtlpExporter},
+    pipeline, server,
+    telemetry::Telemetry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Otlp(#[from] crate::export::otlp::OtlpError),
+    #[error("cannot listen on {addr}: {source} (choose another address with --listen)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("installing the signal handler failed: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Event batches waiting between capture and the pipeline.
+const EVENT_QUEUE: usize = 1024;
+/// Span batches waiting between the pipeline and export.
+const SPAN_QUEUE: usize = 1024;
+
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    let telemetry = Arc::new(Telemetry::new());
+    let otlp = match &config.otlp_endpoint {
+        Some(endpoint) => Some(OtlpExporter::new(
+            endpoint,
+            config.otlp_protocol,
+            Duration::from_secs(10),
+        )?),
+        None => None,
+    };
+    let listener = server::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let capture = BpfCapture::load(&CaptureConfig {
+        capture_bytes: config.capture_bytes,
+        pids: config.pids.clone(),
+        ports: config.ports.clone(),
+        ringbuf_bytes: config.ringbuf_bytes,
+        max_sockets: config.max_connections as u32,
+    })?;
+    log::info!(
+        "tracing TCP traffic{}{}; metrics on http://{}/metrics",
+        if config.pids.is_empty() {
+            String::new()
+        } else {
+            format!(" of pids {:?}", config.pids)
+        },
+        if config.ports.is_empty() {
+            String::new()
+        } else {
+            format!(" on ports {:?}", config.ports)
+        },
+        config.listen
+    );
+
+    let cancel = CancellationToken::new();
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let (span_tx, span_rx) = mpsc::channel(SPAN_QUEUE);
+
+    let server = tokio::spawn(server::serve(listener, telemetry.clone(), cancel.clone()));
+    let pipeline = tokio::spawn(pipeline::process_events(
+        event_rx,
+        span_tx,
+        TableLimits {
+            max_connections: config.max_connections,
+            ..TableLimits::default()
+        },
+        telemetry.clone(),
+    ));
+    let export = tokio::spawn(
+        ExportStage {
+            output: config.output,
+            otlp,
+            batch_size: 512,
+            batch_timeout: Duration::from_secs(1),
+            max_buffered: 65536,
+        }
+        .run(span_rx, telemetry.clone()),
+    );
+    let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone()));
+
+    wait_for_signal().await.map_err(AgentError::Signal)?;
+    log::info!("stopping: flushing spans");
+    cancel.cancel();
+    // Capture drains the ring buffer and closes the event channel; the pipeline then
+    // closes the span channel and export flushes.
+    match capture.await {
+        Ok(Err(e)) => log::error!("capture stopped with an error: {e}"),
+        Err(e) => log::error!("capture task failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let _ = pipeline.await;
+    let _ = export.await;
+    let _ = server.await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Loads the kernel programs, attaches them and reads their ring buffer.
+
+use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracer_common::{
+    MAX_CAPTURE,
+    config::KernelConfig,
+    names,
+    stats::{COUNTERS, Counter},
+};
+
+use super::{Clock, Event, decode, kernel_info};
+use crate::telemetry::Telemetry;
+
+/// The kernel object built by build.rs from `tracer-ebpf`.
+#[cfg(not(tracer_no_ebpf))]
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+#[cfg(tracer_no_ebpf)]
+static EBPF_OBJECT: &[u8] = &[];
+
+/// The tracepoints the agent attaches, as (program, category, name).
+pub const TRACEPOINTS: [(&str, &str, &str); 4] = [
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sock_send_length", "sock", "sock_send_length"),
+    ("sock_recv_length", "sock", "sock_recv_length"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "loading eBPF programs needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN); run it with sudo"
+    )]
+    NotPrivileged,
+    #[error(transparent)]
+    KernelInfo(#[from] kernel_info::KernelInfoError),
+    #[error("this agent was built without its eBPF object (AYA_BUILD_SKIP was set)")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("ring buffer polling: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the kernel side should capture.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub capture_bytes: u32,
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub ringbuf_bytes: u32,
+    pub max_sockets: u32,
+}
+
+/// The loaded and attached kernel programs.
+pub struct BpfCapture {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// True when the process can load BPF programs (root or the needed capabilities).
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    // CAP_SYS_ADMIN = 21, CAP_PERFMON = 38, CAP_BPF = 39: read the effective set.
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    has(21) || (has(38) && has(39))
+}
+
+impl BpfCapture {
+    /// Loads and attaches everything. Mounts tracefs first when it is missing.
+    pub fn load(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        if !privileged() {
+            return Err(CaptureError::NotPrivileged);
+        }
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::NoObject);
+        }
+        if kernel_info::ensure_tracefs()? {
+            log::info!(
+                "tracefs was not mounted: mounted it at {}",
+                kernel_info::TRACEFS
+            );
+        }
+        let kernel = KernelConfig {
+            tp: kernel_info::tracepoint_offsets()?,
+            kernel: kernel_info::kernel_offsets()?,
+            syscalls: kernel_info::syscall_numbers()?,
+            capture_bytes: cfg.capture_bytes.min(MAX_CAPTURE as u32),
+            agent_tgid: std::process::id(),
+            filter_pids: u32::from(!cfg.pids.is_empty()),
+            filter_ports: u32::from(!cfg.ports.is_empty()),
+        };
+        // The ring buffer must be a power-of-two number of pages.
+        let ringbuf = cfg.ringbuf_bytes.max(4096).next_power_of_two();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::CONFIG, &kernel, true)
+            .map_max_entries(names::EVENTS, ringbuf)
+            .map_max_entries(names::SOCKS, cfg.max_sockets.max(64))
+            .load(EBPF_OBJECT)
+            .map_err(CaptureError::Load)?;
+
+        {
+            let map = ebpf
+                .map_mut(names::FILTER_PIDS)
+                .ok_or(CaptureError::MissingMap(names::FILTER_PIDS))?;
+            let mut pids: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
+                    map: names::FILTER_PIDS,
+                    source,
+                })?;
+            for pid in &cfg.pids {
+                pids.insert(pid, 1, 0).map_err(|source| CaptureError::Map {
+                    map: names::FILTER_PIDS,
+                    source,
+                })?;
+            }
+        }
+        {
+            let map = ebpf
+                .map_mut(names::FILTER_PORTS)
+                .ok_or(CaptureError::MissingMap(names::FILTER_PORTS))?;
+            let mut ports: BpfHashMap<_, u16, u8> =
+                BpfHashMap::try_from(map).map_err(|source| CaptureError::Map {
+                    map: names::FILTER_PORTS,
+                    source,
+                })?;
+            for port in &cfg.ports {
+                ports
+                    .insert(port, 1, 0)
+                    .map_err(|source| CaptureError::Map {
+                        map: names::FILTER_PORTS,
+                        source,
+                    })?;
+            }
+        }
+
+        for (program, category, name) in TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or(CaptureError::Program {
+                    program,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| CaptureError::Program { program, source })?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { program, source })?;
+            prog.attach(category, name)
+                .map_err(|source| CaptureError::Program { program, source })?;
+        }
+
+        let stats = ebpf
+            .take_map(names::STATS)
+            .ok_or(CaptureError::MissingMap(names::STATS))?;
+        let stats = PerCpuArray::try_from(stats).map_err(|source| CaptureError::Map {
+            map: names::STATS,
+            source,
+        })?;
+        Ok(Self { ebpf, stats })
+    }
+
+    /// Sums of the kernel's per-CPU counters, indexed by [`Counter`].
+    pub fn kernel_counters(&self) -> [u64; COUNTERS as usize] {
+        let mut out = [0u64; COUNTERS as usize];
+        for c in Counter::ALL {
+            if let Ok(values) = self.stats.get(&(c as u32), 0) {
+                out[c as usize] = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Reads the ring buffer until `cancel` fires, sending decoded events in batches.
+    /// A full channel drops the batch and counts it: the kernel must never wait for us.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<Vec<Event>>,
+        telemetry: Arc<Telemetry>,
+        cancel: CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let ring = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or(CaptureError::MissingMap(names::EVENTS))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| CaptureError::Map {
+            map: names::EVENTS,
+            source,
+        })?;
+        log::debug!("ring buffer fd {}", ring.as_raw_fd());
+        // SAFETY: the ring buffer owns its fd and outlives the registration (both
+        // live in this function and are dropped together).
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| CaptureError::Io(e.into()))?;
+        let clock = Clock::now();
+        let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = [0u64; COUNTERS as usize];
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = stats_tick.tick() => {
+                    let now = self.kernel_counters();
+                    telemetry.add_kernel_counters(&last, &now);
+                    last = now;
+                }
+                guard = fd.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    let mut batch = Vec::with_capacity(256);
+                    while let Some(item) = ring.next() {
+                        match decode(&item, &clock) {
+                            Ok(ev) => batch.push(ev),
+                            Err(e) => telemetry.record_decode_error(&e),
+                        }
+                        if batch.len() >= 1024 {
+                            send(&tx, std::mem::take(&mut batch), &telemetry);
+                        }
+                    }
+                    guard.clear_ready();
+                    if !batch.is_empty() {
+                        send(&tx, batch, &telemetry);
+                    }
+                }
+            }
+        }
+        // Drain what is left so that a flush on shutdown sees everything.
+        let ring = fd.get_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Ok(ev) = decode(&item, &clock) {
+                batch.push(ev);
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(batch).await;
+        }
+        let now = self.kernel_counters();
+        telemetry.add_kernel_counters(&last, &now);
+        Ok(())
+    }
+}
+
+fn send(tx: &mpsc::Sender<Vec<Event>>, batch: Vec<Event>, telemetry: &Telemetry) {
+    let n = batch.len() as u64;
+    telemetry.events_read.inc_by(n);
+    if tx.try_send(batch).is_err() {
+        telemetry
+            .queue_dropped
+            .get_or_create(&crate::telemetry::QueueLabel::new("events"))
+            .inc_by(n);
+    }
+}

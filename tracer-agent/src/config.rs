@@ -1,0 +1,289 @@
+//! Configuration: defaults, then the TOML file, then environment, then flags,
+//! merged and validated in one step into [`Config`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::export::{Output, otlp::OtlpProtocol};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer-agent",
+    version,
+    about = "Zero-instrumentation request tracer (eBPF)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Say which kernel features the agent needs and which are present here.
+    Check,
+}
+
+/// Flags of the agent itself. Each one can also be set in the config file.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// OTLP collector endpoint, e.g. http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318 (HTTP).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http/protobuf [default: http/protobuf, as OpenTelemetry specifies].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// What to print on stdout [default: pretty without an OTLP endpoint, else none].
+    #[arg(long, value_enum)]
+    pub output: Option<Output>,
+    /// Trace only this process (repeatable).
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// Trace only connections with this port at either end (repeatable).
+    #[arg(long = "port")]
+    pub ports: Vec<u16>,
+    /// Payload bytes captured per socket read/write [default: 2048, at most 4096].
+    #[arg(long)]
+    pub capture_bytes: Option<u32>,
+    /// TOML config file with the same settings (flags and environment win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// How long a database connection may sit unused before it is reported as leaked [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub leak_after: Option<Duration>,
+    /// Address of the agent's own HTTP endpoint (/metrics, /healthz) [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<String>,
+    pub output: Option<Output>,
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    pub capture_bytes: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub leak_after: Option<Duration>,
+    pub listen: Option<SocketAddr>,
+    pub ringbuf_bytes: Option<u32>,
+    pub max_connections: Option<usize>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub output: Output,
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub capture_bytes: u32,
+    pub leak_after: Duration,
+    pub listen: SocketAddr,
+    pub ringbuf_bytes: u32,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const DEFAULT_CAPTURE_BYTES: u32 = 2048;
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+impl Config {
+    /// Merges flags (and the environment, which clap already folded in) over the file.
+    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: &RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let otlp_endpoint = args
+            .otlp_endpoint
+            .clone()
+            .or(file.otlp_endpoint)
+            .filter(|e| !e.trim().is_empty());
+        let otlp_protocol = match args.otlp_protocol.clone().or(file.otlp_protocol) {
+            Some(p) => p.parse().map_err(ConfigError::Invalid)?,
+            None => OtlpProtocol::HttpProtobuf,
+        };
+        let output = args
+            .output
+            .or(file.output)
+            .unwrap_or(if otlp_endpoint.is_some() {
+                Output::None
+            } else {
+                Output::Pretty
+            });
+        let capture_bytes = args
+            .capture_bytes
+            .or(file.capture_bytes)
+            .unwrap_or(DEFAULT_CAPTURE_BYTES);
+        let max = tracer_common::MAX_CAPTURE as u32;
+        if capture_bytes == 0 || capture_bytes > max {
+            return Err(ConfigError::Invalid(format!(
+                "capture-bytes must be between 1 and {max}, got {capture_bytes}"
+            )));
+        }
+        let leak_after = args
+            .leak_after
+            .or(file.leak_after)
+            .unwrap_or(Duration::from_secs(60));
+        if leak_after.is_zero() {
+            return Err(ConfigError::Invalid(
+                "leak-after must be longer than zero".into(),
+            ));
+        }
+        let pids = if args.pids.is_empty() {
+            file.pids
+        } else {
+            args.pids.clone()
+        };
+        let ports = if args.ports.is_empty() {
+            file.ports
+        } else {
+            args.ports.clone()
+        };
+        if pids.len() > 1024 || ports.len() > 1024 {
+            return Err(ConfigError::Invalid(
+                "at most 1024 --pid and 1024 --port filters".into(),
+            ));
+        }
+        let ringbuf_bytes = file.ringbuf_bytes.unwrap_or(8 << 20);
+        if !(4096..=1 << 30).contains(&ringbuf_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "ringbuf-bytes must be between 4096 and 1 GiB, got {ringbuf_bytes}"
+            )));
+        }
+        Ok(Self {
+            otlp_endpoint,
+            otlp_protocol,
+            output,
+            pids,
+            ports,
+            capture_bytes,
+            leak_after,
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant address parses")),
+            ringbuf_bytes,
+            max_connections: file.max_connections.unwrap_or(65536).max(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_with_no_file_and_no_flags() {
+        let c = Config::merge(&RunArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.output, Output::Pretty);
+        assert_eq!(c.capture_bytes, DEFAULT_CAPTURE_BYTES);
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.leak_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_endpoint_turns_the_terminal_view_off_unless_asked() {
+        let args = RunArgs {
+            otlp_endpoint: Some("http://127.0.0.1:4317".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            Config::merge(&args, FileConfig::default()).unwrap().output,
+            Output::None
+        );
+        let args = RunArgs {
+            output: Some(Output::Json),
+            ..args
+        };
+        assert_eq!(
+            Config::merge(&args, FileConfig::default()).unwrap().output,
+            Output::Json
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            "capture-bytes = 512\nports = [80]\nleak-after = \"5m\"\noutput = \"json\"",
+        )
+        .unwrap();
+        let args = RunArgs {
+            ports: vec![8080],
+            ..RunArgs::default()
+        };
+        let c = Config::merge(&args, file).unwrap();
+        assert_eq!(c.capture_bytes, 512);
+        assert_eq!(c.ports, vec![8080]);
+        assert_eq!(c.leak_after, Duration::from_secs(300));
+        assert_eq!(c.output, Output::Json);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let args = RunArgs {
+            capture_bytes: Some(0),
+            ..RunArgs::default()
+        };
+        let e = Config::merge(&args, FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("capture-bytes"), "{e}");
+        let args = RunArgs {
+            otlp_protocol: Some("thrift".into()),
+            ..RunArgs::default()
+        };
+        assert!(Config::merge(&args, FileConfig::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("no-such-key = 1").is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! Export: spans leave the agent as OTLP, JSON lines or a live terminal view.
+
+pub mod json;
+pub mod otlp;
+pub mod pretty;
+
+use std::{
+    io::{IsTerminal, Write},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+
+use crate::{spans::Span, telemetry::Telemetry};
+use otlp::OtlpExporter;
+
+/// What goes to stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// A readable live view on the terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+    /// Nothing (export over OTLP only).
+    None,
+}
+
+/// How spans are exported.
+pub struct ExportStage {
+    pub output: Output,
+    pub otlp: Option<OtlpExporter>,
+    /// Spans per OTLP request at most.
+    pub batch_size: usize,
+    /// Longest a span waits in the OTLP batch.
+    pub batch_timeout: Duration,
+    /// Spans held for OTLP at most while the collector is slow or down; older ones
+    /// are dropped and counted.
+    pub max_buffered: usize,
+}
+
+impl ExportStage {
+    /// Runs until the span channel closes, then flushes everything buffered.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Span>>, telemetry: Arc<Telemetry>) {
+        let mut printer = pretty::PrettyPrinter::new(std::io::stdout().is_terminal());
+        let mut pending: Vec<Span> = Vec::new();
+        let mut tick = tokio::time::interval(self.batch_timeout);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = rx.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.print(&batch, &mut printer, &telemetry);
+                    if self.otlp.is_some() {
+                        pending.extend(batch);
+                        if pending.len() > self.max_buffered {
+                            let excess = pending.len() - self.max_buffered;
+                            pending.drain(..excess);
+                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).inc_by(excess as u64);
+                        }
+                        if pending.len() >= self.batch_size {
+                            self.flush(&mut pending, &telemetry).await;
+                        }
+                    }
+                }
+                _ = tick.tick() => self.flush(&mut pending, &telemetry).await,
+            }
+        }
+        self.flush(&mut pending, &telemetry).await;
+    }
+
+    fn print(&self, batch: &[Span], printer: &mut pretty::PrettyPrinter, telemetry: &Telemetry) {
+        let name = match self.output {
+            Output::None => return,
+            Output::Json => "json",
+            Output::Pretty => "pretty",
+        };
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut ok = 0u64;
+        for span in batch {
+            let line = match self.output {
+                Output::Json => json::span_line(span),
+                _ => printer.line(span),
+            };
+            if writeln!(out, "{line}").is_ok() {
+                ok += 1;
+            } else {
+                telemetry.export_failed(name);
+            }
+        }
+        let _ = out.flush();
+        telemetry.exported(name, ok);
+    }
+
+    async fn flush(&mut self, pending: &mut Vec<Span>, telemetry: &Telemetry) {
+        let Some(otlp) = self.otlp.as_mut() else {
+            return;
+        };
+        while !pending.is_empty() {
+            let n = pending.len().min(self.batch_size.max(1));
+            match otlp.export(&pending[..n]).await {
+                Ok(()) => {
+                    telemetry.exported(otlp.name(), n as u64);
+                    pending.drain(..n);
+                }
+                Err(e) => {
+                    telemetry.export_failed(otlp.name());
+                    log::warn!("{e}; keeping {} spans for the next attempt", pending.len());
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! tracer-agent: eBPF capture of socket traffic, turned into OpenTelemetry spans.
+//!
+//! The pipeline (docs/architecture.md): capture → connections → protocols → spans →
+//! stitch → export. Only [`capture`] touches BPF.
+
+pub mod agent;
+pub mod capture;
+pub mod check;
+pub mod config;
+pub mod connections;
+pub mod export;
+pub mod pipeline;
+pub mod process;
+pub mod protocols;
+pub mod server;
+pub mod spans;
+pub mod stitch;
+pub mod telemetry;

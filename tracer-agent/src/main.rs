@@ -1,0 +1,52 @@
+//! The `tracer-agent` binary: CLI and glue only.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracer_agent::{
+    agent,
+    config::{Cli, Command, Config},
+};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => {
+            if tracer_agent::check::run() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        None => {
+            let config = match Config::from_args(&cli.run) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tracer-agent: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("tracer-agent: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tracer-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The stages after capture, joined by bounded channels:
+//! events → connections/protocols/spans/stitch → export.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::{
+    capture::Event,
+    connections::{ConnectionTable, TableLimits},
+    process::ProcessTable,
+    spans::Span,
+    telemetry::{QueueLabel, Telemetry},
+};
+
+/// Turns event batches into span batches until the event channel closes.
+pub async fn process_events(
+    mut rx: mpsc::Receiver<Vec<Event>>,
+    tx: mpsc::Sender<Vec<Span>>,
+    limits: TableLimits,
+    telemetry: Arc<Telemetry>,
+) {
+    let mut table = ConnectionTable::new(limits);
+    let mut procs = ProcessTable::new(16384);
+    while let Some(batch) = rx.recv().await {
+        let mut spans = Vec::new();
+        for event in batch {
+            table.handle(event, &mut procs, &telemetry, &mut spans);
+        }
+        if spans.is_empty() {
+            continue;
+        }
+        let n = spans.len() as u64;
+        if tx.try_send(spans).is_err() {
+            telemetry
+                .queue_dropped
+                .get_or_create(&QueueLabel::new("spans"))
+                .inc_by(n);
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Protocol decoders: pure functions over byte streams.
+//!
+//! A connection's two directions are each a sequence of [`Chunk`]s, one per socket
+//! read or write. The kernel hands over only a bounded prefix of each syscall's bytes
+//! with the syscall's full length, so a chunk may end in a gap of known size: decoders
+//! skip bodies by length and never need the bytes they were not given.
+//!
+//! Decoders are total: any bytes in, messages or an error out, never a panic.
+
+pub mod http1;
+
+/// One syscall's worth of one direction of a connection's byte stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk<'a> {
+    /// The captured prefix of the bytes the syscall moved.
+    pub bytes: &'a [u8],
+    /// How many bytes the syscall moved; `len - bytes.len()` bytes after the prefix
+    /// were not captured (a gap). Never less than `bytes.len()`.
+    pub len: usize,
+    /// When the syscall happened, in Unix nanoseconds.
+    pub ts_ns: u64,
+}
+
+impl<'a> Chunk<'a> {
+    /// A fully captured chunk.
+    pub fn whole(bytes: &'a [u8], ts_ns: u64) -> Self {
+        Self {
+            bytes,
+            len: bytes.len(),
+            ts_ns,
+        }
+    }
+
+    /// Bytes moved but not captured.
+    pub fn gap(&self) -> usize {
+        self.len.saturating_sub(self.bytes.len())
+    }
+}

@@ -1,0 +1,413 @@
+//! Spans: one per request a process answers (SERVER) or sends (CLIENT), with
+//! OpenTelemetry semantic-convention attributes.
+
+use std::{fmt, net::SocketAddr, sync::Arc};
+
+use crate::{
+    process::ProcessResource,
+    protocols::http1::{Http1Message, StartLine},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+impl SpanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanKind::Server => "server",
+            SpanKind::Client => "client",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Ok,
+    Error,
+}
+
+impl SpanStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanStatus::Unset => "unset",
+            SpanStatus::Ok => "ok",
+            SpanStatus::Error => "error",
+        }
+    }
+}
+
+/// How a span's parent was found (`tracer.parent.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentSource {
+    /// A W3C `traceparent` header on the wire.
+    Header,
+    /// No parent known.
+    None,
+}
+
+impl ParentSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentSource::Header => "header",
+            ParentSource::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Double(f64),
+}
+
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Int(i) => write!(f, "{i}"),
+            AttrValue::Double(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TraceId(pub [u8; 16]);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SpanId(pub [u8; 8]);
+
+impl TraceId {
+    pub fn random() -> Self {
+        loop {
+            let id = fastrand::u128(..).to_be_bytes();
+            if id != [0; 16] {
+                return Self(id);
+            }
+        }
+    }
+}
+
+impl SpanId {
+    pub fn random() -> Self {
+        loop {
+            let id = fastrand::u64(..).to_be_bytes();
+            if id != [0; 8] {
+                return Self(id);
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        hex(&self.0, f)
+    }
+}
+
+impl fmt::Display for SpanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        hex(&self.0, f)
+    }
+}
+
+/// A finished span, ready for parent inference and export.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    pub parent_source: ParentSource,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub status: SpanStatus,
+    /// Attributes in a stable order; keys are semantic-convention names.
+    pub attributes: Vec<(&'static str, AttrValue)>,
+    pub resource: Arc<ProcessResource>,
+    /// Thread that read the request (server) or wrote it (client).
+    pub tid: u32,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.end_unix_nano.saturating_sub(self.start_unix_nano)
+    }
+}
+
+/// Everything known about one HTTP request/response exchange.
+pub struct HttpExchange<'a> {
+    pub kind: SpanKind,
+    pub request: &'a Http1Message,
+    pub response: &'a Http1Message,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub resource: Arc<ProcessResource>,
+    pub tid: u32,
+}
+
+/// Splits a request target into its path (no query, no fragment). Absolute-form
+/// targets (`http://host/path`, sent to proxies) keep only their path.
+pub fn url_path(target: &str) -> &str {
+    let t = match target.find("://") {
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map(|j| &target[i + 3 + j..])
+            .unwrap_or("/"),
+        None => target,
+    };
+    let end = t.find(['?', '#']).unwrap_or(t.len());
+    &t[..end]
+}
+
+/// Host part of a `Host` header (without port; IPv6 brackets removed).
+fn host_only(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+}
+
+/// Builds the span for one exchange. Ids are fresh; [`crate::stitch`] links them.
+pub fn http_span(x: &HttpExchange<'_>) -> Span {
+    let (method, target) = match &x.request.start {
+        StartLine::Request { method, target } => (method.as_str(), target.as_str()),
+        StartLine::Response { .. } => ("_OTHER", "/"),
+    };
+    let status = match x.response.start {
+        StartLine::Response { status } => status,
+        StartLine::Request { .. } => 0,
+    };
+    let path = url_path(target);
+    let (server, client) = match x.kind {
+        SpanKind::Server => (x.local, x.remote),
+        SpanKind::Client => (x.remote, x.local),
+    };
+    let server_address = x
+        .request
+        .headers
+        .host
+        .as_deref()
+        .map(host_only)
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| server.ip().to_string());
+
+    let mut attributes: Vec<(&'static str, AttrValue)> = vec![
+        (
+            "http.request.method",
+            AttrValue::Str(known_method(method).to_string()),
+        ),
+        ("url.path", AttrValue::Str(path.to_string())),
+        (
+            "http.response.status_code",
+            AttrValue::Int(i64::from(status)),
+        ),
+        ("server.address", AttrValue::Str(server_address.clone())),
+        ("server.port", AttrValue::Int(i64::from(server.port()))),
+        ("network.protocol.name", AttrValue::Str("http".into())),
+        (
+            "network.protocol.version",
+            AttrValue::Str(format!("1.{}", x.request.version_minor)),
+        ),
+        (
+            "network.peer.address",
+            AttrValue::Str(x.remote.ip().to_string()),
+        ),
+        (
+            "network.peer.port",
+            AttrValue::Int(i64::from(x.remote.port())),
+        ),
+    ];
+    if known_method(method) != method {
+        attributes.push((
+            "http.request.method_original",
+            AttrValue::Str(method.to_string()),
+        ));
+    }
+    match x.kind {
+        SpanKind::Server => {
+            attributes.push(("client.address", AttrValue::Str(client.ip().to_string())));
+            attributes.push(("client.port", AttrValue::Int(i64::from(client.port()))));
+            attributes.push(("url.scheme", AttrValue::Str("http".into())));
+        }
+        SpanKind::Client => {
+            let host = match server_address.contains(':') {
+                true => format!("[{server_address}]"),
+                false => server_address,
+            };
+            attributes.push((
+                "url.full",
+                AttrValue::Str(format!("http://{host}:{}{path}", server.port())),
+            ));
+        }
+    }
+    if let Some(ua) = &x.request.headers.user_agent {
+        attributes.push(("user_agent.original", AttrValue::Str(ua.clone())));
+    }
+    let error = match x.kind {
+        SpanKind::Server => status >= 500,
+        SpanKind::Client => status >= 400,
+    };
+    if error {
+        attributes.push(("error.type", AttrValue::Str(status.to_string())));
+    }
+    Span {
+        trace_id: TraceId::random(),
+        span_id: SpanId::random(),
+        parent_span_id: None,
+        parent_source: ParentSource::None,
+        // Semantic conventions: "{method} {http.route}" when the route is known,
+        // else just the method. Routes are not known from the wire.
+        name: known_method(method).to_string(),
+        kind: x.kind,
+        start_unix_nano: x.request.start_ns,
+        end_unix_nano: x.response.end_ns.max(x.request.start_ns),
+        status: if error {
+            SpanStatus::Error
+        } else {
+            SpanStatus::Unset
+        },
+        attributes,
+        resource: x.resource.clone(),
+        tid: x.tid,
+    }
+}
+
+/// Methods the HTTP semantic conventions know; anything else is `_OTHER`.
+fn known_method(m: &str) -> &str {
+    match m {
+        "GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" | "PATCH" | "CONNECT" | "TRACE" => m,
+        _ => "_OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::http1::KeptHeaders;
+
+    fn msg(start: StartLine, host: Option<&str>, start_ns: u64, end_ns: u64) -> Http1Message {
+        Http1Message {
+            start,
+            version_minor: 1,
+            headers: KeptHeaders {
+                host: host.map(str::to_string),
+                ..KeptHeaders::default()
+            },
+            start_ns,
+            end_ns,
+            body_len: 0,
+            head_truncated: false,
+            body_sync_lost: false,
+        }
+    }
+
+    fn resource() -> Arc<ProcessResource> {
+        Arc::new(ProcessResource {
+            pid: 7,
+            executable_name: "python3".into(),
+            service_name: "python3".into(),
+            host_name: "h".into(),
+        })
+    }
+
+    #[test]
+    fn url_path_drops_query_and_absolute_form() {
+        assert_eq!(url_path("/a/b?token=secret"), "/a/b");
+        assert_eq!(url_path("http://example.com:8080/x?y"), "/x");
+        assert_eq!(url_path("http://example.com"), "/");
+        assert_eq!(url_path("*"), "*");
+        assert_eq!(url_path("/p#frag"), "/p");
+    }
+
+    #[test]
+    fn server_span_has_semantic_convention_attributes() {
+        let req = msg(
+            StartLine::Request {
+                method: "GET".into(),
+                target: "/x?q=1".into(),
+            },
+            Some("localhost:8000"),
+            10,
+            12,
+        );
+        let resp = msg(StartLine::Response { status: 404 }, None, 20, 30);
+        let span = http_span(&HttpExchange {
+            kind: SpanKind::Server,
+            request: &req,
+            response: &resp,
+            local: "127.0.0.1:8000".parse().unwrap(),
+            remote: "127.0.0.1:5000".parse().unwrap(),
+            resource: resource(),
+            tid: 9,
+        });
+        assert_eq!(span.name, "GET");
+        assert_eq!(span.start_unix_nano, 10);
+        assert_eq!(span.end_unix_nano, 30);
+        assert_eq!(span.attr("url.path"), Some(&AttrValue::Str("/x".into())));
+        assert_eq!(
+            span.attr("server.address"),
+            Some(&AttrValue::Str("localhost".into()))
+        );
+        assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(8000)));
+        assert_eq!(
+            span.attr("client.address"),
+            Some(&AttrValue::Str("127.0.0.1".into()))
+        );
+        assert_eq!(
+            span.attr("http.response.status_code"),
+            Some(&AttrValue::Int(404))
+        );
+        // 404 is not a server error.
+        assert_eq!(span.status, SpanStatus::Unset);
+    }
+
+    #[test]
+    fn client_span_errors_on_4xx_and_names_unknown_methods_other() {
+        let req = msg(
+            StartLine::Request {
+                method: "PURGE".into(),
+                target: "/".into(),
+            },
+            None,
+            1,
+            2,
+        );
+        let resp = msg(StartLine::Response { status: 404 }, None, 3, 4);
+        let span = http_span(&HttpExchange {
+            kind: SpanKind::Client,
+            request: &req,
+            response: &resp,
+            local: "[::1]:5000".parse().unwrap(),
+            remote: "[::1]:80".parse().unwrap(),
+            resource: resource(),
+            tid: 9,
+        });
+        assert_eq!(span.name, "_OTHER");
+        assert_eq!(span.status, SpanStatus::Error);
+        assert_eq!(
+            span.attr("http.request.method_original"),
+            Some(&AttrValue::Str("PURGE".into()))
+        );
+        assert_eq!(
+            span.attr("url.full"),
+            Some(&AttrValue::Str("http://[::1]:80/".into()))
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! The agent's own counters, exposed as Prometheus text on `/metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
+
+use crate::capture::DecodeError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub queue: String,
+}
+
+impl QueueLabel {
+    pub fn new(queue: &str) -> Self {
+        Self {
+            queue: queue.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExporterLabel {
+    pub exporter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelLabel {
+    pub counter: String,
+}
+
+/// Every counter the agent keeps about itself.
+pub struct Telemetry {
+    registry: Registry,
+    /// Events read from the ring buffer.
+    pub events_read: Counter,
+    /// Events the kernel could not hand over (ring buffer full).
+    pub events_lost: Counter,
+    /// Payload bytes captured in the kernel.
+    pub bytes_captured: Counter,
+    /// Every kernel-side counter, by name.
+    pub kernel: Family<KernelLabel, Counter>,
+    /// Ring-buffer records that did not decode.
+    pub decode_errors: Counter,
+    /// Batches or spans dropped because a bounded queue was full.
+    pub queue_dropped: Family<QueueLabel, Counter>,
+    /// Spans built from traffic.
+    pub spans_built: Counter,
+    /// Spans handed to each exporter successfully.
+    pub spans_exported: Family<ExporterLabel, Counter>,
+    /// Export attempts that failed, per exporter.
+    pub export_errors: Family<ExporterLabel, Counter>,
+    /// Traffic the decoders skipped or rejected, by reason.
+    pub traffic_dropped: Family<ReasonLabel, Counter>,
+    /// Connections evicted from the connection table because it was full.
+    pub connections_evicted: Counter,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tracer");
+        let t = Self {
+            registry: Registry::default(),
+            events_read: Counter::default(),
+            events_lost: Counter::default(),
+            bytes_captured: Counter::default(),
+            kernel: Family::default(),
+            decode_errors: Counter::default(),
+            queue_dropped: Family::default(),
+            spans_built: Counter::default(),
+            spans_exported: Family::default(),
+            export_errors: Family::default(),
+            traffic_dropped: Family::default(),
+            connections_evicted: Counter::default(),
+        };
+        registry.register(
+            "events_read",
+            "Events read from the kernel ring buffer",
+            t.events_read.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Events lost in the kernel because the ring buffer was full",
+            t.events_lost.clone(),
+        );
+        registry.register(
+            "bytes_captured",
+            "Payload bytes captured in the kernel",
+            t.bytes_captured.clone(),
+        );
+        registry.register("kernel", "Kernel-side counters by name", t.kernel.clone());
+        registry.register(
+            "decode_errors",
+            "Ring buffer records that did not decode",
+            t.decode_errors.clone(),
+        );
+        registry.register(
+            "queue_dropped",
+            "Items dropped because a bounded queue was full",
+            t.queue_dropped.clone(),
+        );
+        registry.register(
+            "spans_built",
+            "Spans built from captured traffic",
+            t.spans_built.clone(),
+        );
+        registry.register(
+            "spans_exported",
+            "Spans handed to an exporter successfully",
+            t.spans_exported.clone(),
+        );
+        registry.register(
+            "export_errors",
+            "Failed export attempts",
+            t.export_errors.clone(),
+        );
+        registry.register(
+            "traffic_dropped",
+            "Captured traffic skipped or rejected by the decoders",
+            t.traffic_dropped.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Connections evicted because the table was full",
+            t.connections_evicted.clone(),
+        );
+        Self { registry, ..t }
+    }
+
+    /// Adds the growth of the kernel counters between two reads.
+    pub fn add_kernel_counters(
+        &self,
+        before: &[u64; COUNTERS as usize],
+        now: &[u64; COUNTERS as usize],
+    ) {
+        for c in KernelCounter::ALL {
+            let delta = now[c as usize].saturating_sub(before[c as usize]);
+            if delta == 0 {
+                continue;
+            }
+            self.kernel
+                .get_or_create(&KernelLabel {
+                    counter: c.name().to_string(),
+                })
+                .inc_by(delta);
+            match c {
+                KernelCounter::RingbufFull => {
+                    self.events_lost.inc_by(delta);
+                }
+                KernelCounter::BytesCaptured => {
+                    self.bytes_captured.inc_by(delta);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn record_decode_error(&self, e: &DecodeError) {
+        log::debug!("undecodable ring buffer record: {e}");
+        self.decode_errors.inc();
+    }
+
+    pub fn dropped(&self, reason: &str) {
+        self.traffic_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn exported(&self, exporter: &str, n: u64) {
+        self.spans_exported
+            .get_or_create(&ExporterLabel {
+                exporter: exporter.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn export_failed(&self, exporter: &str) {
+        self.export_errors
+            .get_or_create(&ExporterLabel {
+                exporter: exporter.to_string(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_kernel_deltas() {
+        let t = Telemetry::new();
+        t.events_read.inc_by(5);
+        let before = [0u64; COUNTERS as usize];
+        let mut now = [0u64; COUNTERS as usize];
+        now[KernelCounter::RingbufFull as usize] = 3;
+        t.add_kernel_counters(&before, &now);
+        t.exported("json", 2);
+        let text = t.render();
+        assert!(text.contains("tracer_events_read_total 5"), "{text}");
+        assert!(text.contains("tracer_events_lost_total 3"), "{text}");
+        assert!(
+            text.contains("tracer_kernel_total{counter=\"ringbuf_full\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_spans_exported_total{exporter=\"json\"} 2"),
+            "{text}"
+        );
+    }
+}

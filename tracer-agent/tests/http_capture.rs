@@ -1,0 +1,300 @@
+//! Root integration tests: the real agent, real BPF programs, a real Python HTTP
+//! server and real curl. Each test follows only its own server port.
+
+mod support;
+
+use std::{fs, time::Duration};
+
+use serde_json::Value;
+use support::*;
+
+fn site() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(
+        dir.path().join("index.html"),
+        "<h1>hello from the test site</h1>\n",
+    )
+    .unwrap();
+    fs::write(dir.path().join("a.txt"), "a".repeat(100)).unwrap();
+    fs::write(dir.path().join("b.txt"), "b".repeat(5000)).unwrap();
+    dir
+}
+
+fn by_kind<'a>(spans: &[&'a Value], kind: &str) -> Vec<&'a Value> {
+    spans
+        .iter()
+        .copied()
+        .filter(|s| s["kind"] == kind)
+        .collect()
+}
+
+fn pid_of(span: &Value) -> u64 {
+    span["resource"]["process.pid"].as_u64().expect("pid")
+}
+
+/// The acceptance scenario: `python3 -m http.server` and `curl /`.
+#[test]
+fn python_http_server_and_curl_give_one_server_and_one_client_span() {
+    if !require_root("python_http_server_and_curl") {
+        return;
+    }
+    let port = free_port();
+    let dir = site();
+    let server = Proc(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server"),
+    );
+    wait_for_port(port, "python3 -m http.server");
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let (curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/")]);
+    assert!(body.contains("hello from the test site"));
+
+    agent.wait_json(15, "one server and one client span", |o| {
+        spans(o).len() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    assert_eq!(all.len(), 2, "exactly two spans: {objects:?}");
+    for s in &all {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "http.request.method"), "GET");
+        assert_eq!(attr(s, "url.path"), "/");
+        assert_eq!(attr(s, "http.response.status_code"), 200);
+        assert_eq!(attr(s, "server.port"), port);
+        assert_eq!(s["name"], "GET");
+    }
+    let srv = by_kind(&all, "server");
+    let cli = by_kind(&all, "client");
+    assert_eq!((srv.len(), cli.len()), (1, 1), "{all:?}");
+    assert_eq!(
+        pid_of(srv[0]),
+        u64::from(server.pid()),
+        "server span belongs to python"
+    );
+    assert_eq!(
+        pid_of(cli[0]),
+        u64::from(curl_pid),
+        "client span belongs to curl"
+    );
+    assert_eq!(cli[0]["resource"]["process.executable.name"], "curl");
+    assert!(
+        srv[0]["resource"]["process.executable.name"]
+            .as_str()
+            .unwrap()
+            .starts_with("python")
+    );
+    assert_eq!(attr(srv[0], "client.address"), "127.0.0.1");
+    // The server's work happens inside the client's wait. Send times are taken when
+    // the send returns, and on loopback the receiver may already have read the bytes
+    // by then, so the server's end may trail the client's by microseconds.
+    let (cs, ce) = (
+        cli[0]["start_unix_nano"].as_u64().unwrap(),
+        cli[0]["end_unix_nano"].as_u64().unwrap(),
+    );
+    let (ss, se) = (
+        srv[0]["start_unix_nano"].as_u64().unwrap(),
+        srv[0]["end_unix_nano"].as_u64().unwrap(),
+    );
+    const SLACK_NS: u64 = 1_000_000;
+    assert!(
+        cs <= ss && se <= ce + SLACK_NS,
+        "server span [{ss},{se}] not inside client span [{cs},{ce}]"
+    );
+}
+
+#[test]
+fn get_404_post_with_body_and_keep_alive() {
+    if !require_root("get_404_post_with_body_and_keep_alive") {
+        return;
+    }
+    let port = free_port();
+    let dir = site();
+    let server = python_server(port, dir.path(), "1.1");
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let base = format!("http://127.0.0.1:{port}");
+
+    // 404
+    curl(&[&format!("{base}/missing")]);
+    // POST with a 20 kB body (larger than the capture size: skipped by length)
+    let body = "x".repeat(20_000);
+    let (_, answer) = curl(&[
+        "--data-binary",
+        &body,
+        "-H",
+        "Content-Type: text/plain",
+        &format!("{base}/upload"),
+    ]);
+    assert_eq!(answer, "{\"received\": 20000}");
+    // Two requests on one keep-alive connection.
+    let (ka_pid, _) = curl(&[&format!("{base}/a.txt"), &format!("{base}/b.txt")]);
+
+    agent.wait_json(15, "8 spans", |o| spans(o).len() >= 8);
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    assert_eq!(all.len(), 8, "4 exchanges seen from both ends: {all:#?}");
+    all.iter().for_each(|s| assert_span_contract(s));
+    let server_spans = by_kind(&all, "server");
+    assert_eq!(server_spans.len(), 4);
+    assert!(
+        server_spans
+            .iter()
+            .all(|s| pid_of(s) == u64::from(server.pid()))
+    );
+
+    let find = |kind: &str, path: &str| -> &Value {
+        let found: Vec<_> = all
+            .iter()
+            .filter(|s| s["kind"] == kind && attr(s, "url.path") == path)
+            .collect();
+        assert_eq!(found.len(), 1, "one {kind} span for {path}: {all:#?}");
+        found[0]
+    };
+    for kind in ["server", "client"] {
+        let missing = find(kind, "/missing");
+        assert_eq!(attr(missing, "http.response.status_code"), 404);
+        let post = find(kind, "/upload");
+        assert_eq!(attr(post, "http.request.method"), "POST");
+        assert_eq!(attr(post, "http.response.status_code"), 201);
+        assert_eq!(attr(find(kind, "/a.txt"), "http.response.status_code"), 200);
+        assert_eq!(attr(find(kind, "/b.txt"), "http.response.status_code"), 200);
+    }
+    // 404 is an error for the client only (semantic conventions).
+    assert_eq!(find("client", "/missing")["status"], "error");
+    assert_eq!(find("server", "/missing")["status"], "unset");
+    // Keep-alive: both requests came from the same curl process over one connection.
+    let (a, b) = (find("client", "/a.txt"), find("client", "/b.txt"));
+    assert_eq!(pid_of(a), u64::from(ka_pid));
+    assert_eq!(pid_of(b), u64::from(ka_pid));
+    assert_eq!(attr(a, "network.peer.port"), attr(b, "network.peer.port"));
+    let (sa, sb) = (find("server", "/a.txt"), find("server", "/b.txt"));
+    assert_eq!(
+        attr(sa, "client.port"),
+        attr(sb, "client.port"),
+        "one connection"
+    );
+    assert!(a["end_unix_nano"].as_u64() <= b["start_unix_nano"].as_u64());
+}
+
+#[test]
+fn secrets_never_reach_any_output() {
+    if !require_root("secrets_never_reach_any_output") {
+        return;
+    }
+    let port = free_port();
+    let dir = site();
+    let _server = python_server(port, dir.path(), "1.1");
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    curl(&[
+        "-H",
+        "Authorization: Bearer sekrit-token-4711",
+        "-H",
+        "Cookie: session=cookie-value-0815",
+        &format!("http://127.0.0.1:{port}/index.html?password=hunter2"),
+    ]);
+    agent.wait_json(15, "two spans", |o| spans(o).len() >= 2);
+    let (stdout, stderr) = agent.stop();
+    let everything = format!("{}\n{}", stdout.text(), stderr.text());
+    for secret in ["sekrit-token-4711", "cookie-value-0815", "hunter2"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked into the output:\n{everything}"
+        );
+    }
+    assert!(stdout.text().contains("/index.html"));
+}
+
+#[test]
+fn port_filter_excludes_other_traffic_and_ipv6_is_traced() {
+    if !require_root("port_filter_excludes_other_traffic_and_ipv6_is_traced") {
+        return;
+    }
+    let (followed, other) = (free_port(), free_port());
+    let dir = site();
+    let _s1 = python_server(followed, dir.path(), "1.1");
+    let _s2 = python_server(other, dir.path(), "1.1");
+    let v6 = free_port();
+    let _s3 = Proc(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &v6.to_string(),
+                "--bind",
+                "::1",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ipv6 http.server"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("::1", v6)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ipv6 server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent = Agent::start(&[
+        "--output",
+        "json",
+        "--port",
+        &followed.to_string(),
+        "--port",
+        &v6.to_string(),
+    ]);
+    curl(&[&format!("http://127.0.0.1:{other}/a.txt")]);
+    curl(&[&format!("http://127.0.0.1:{followed}/a.txt")]);
+    curl(&[&format!("http://[::1]:{v6}/b.txt")]);
+    agent.wait_json(15, "four spans", |o| spans(o).len() >= 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    assert_eq!(all.len(), 4, "{all:#?}");
+    assert!(
+        all.iter().all(|s| attr(s, "server.port") != other),
+        "filtered port leaked: {all:#?}"
+    );
+    let v6_spans: Vec<_> = all
+        .iter()
+        .filter(|s| attr(s, "server.port") == v6)
+        .collect();
+    assert_eq!(v6_spans.len(), 2);
+    assert!(
+        v6_spans
+            .iter()
+            .all(|s| attr(s, "network.peer.address") == "::1"),
+        "{v6_spans:#?}"
+    );
+}

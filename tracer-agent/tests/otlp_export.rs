@@ -1,0 +1,145 @@
+//! End to end: spans built from real traffic arrive at a real OpenTelemetry
+//! collector (rotel, from PyPI) over OTLP gRPC and OTLP HTTP/protobuf.
+
+mod support;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+struct Collector {
+    _proc: Proc,
+    out: Lines,
+    err: Lines,
+    grpc: u16,
+    http: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn rotel() -> Collector {
+    let bin = std::env::var("TRACER_ROTEL_AGENT").unwrap_or_else(|_| {
+        panic!("TRACER_ROTEL_AGENT is not set: run the integration tests through `cargo xtask test`, which installs rotel")
+    });
+    let (grpc, http) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(&bin)
+        .args([
+            "start",
+            "--exporter",
+            "blackhole",
+            "--debug-log",
+            "traces",
+            "--debug-log-verbosity",
+            "detailed",
+        ])
+        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
+        .arg("--pid-file")
+        .arg(dir.path().join("rotel.pid"))
+        .arg("--log-file")
+        .arg(dir.path().join("rotel.log"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting rotel-agent {bin}: {e}"));
+    let out = Lines::follow(child.stdout.take().expect("stdout"));
+    let err = Lines::follow(child.stderr.take().expect("stderr"));
+    let proc = Proc(child);
+    wait_for_port(grpc, "rotel gRPC receiver");
+    wait_for_port(http, "rotel HTTP receiver");
+    Collector {
+        _proc: proc,
+        out,
+        err,
+        grpc,
+        http,
+        _dir: dir,
+    }
+}
+
+impl Collector {
+    fn text(&self) -> String {
+        format!("{}\n{}", self.out.text(), self.err.text())
+    }
+
+    fn wait_for(&self, needles: &[&str], secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let text = self.text();
+            if needles.iter().all(|n| text.contains(n)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "collector never received {needles:?}; it printed:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn spans_reach_the_collector(protocol: &str) {
+    let collector = rotel();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("otlp-check.txt"), "hello collector").unwrap();
+    let _server = python_server(port, dir.path(), "1.1");
+    let endpoint = match protocol {
+        "grpc" => format!("http://127.0.0.1:{}", collector.grpc),
+        _ => format!("http://127.0.0.1:{}", collector.http),
+    };
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-protocol",
+        protocol,
+        "--output",
+        "none",
+        "--port",
+        &port.to_string(),
+    ]);
+    let path = format!("/otlp-check.txt?via={}", protocol.replace('/', "-"));
+    curl(&[&format!("http://127.0.0.1:{port}{path}")]);
+    // SIGTERM flushes the batch at once.
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop();
+    collector.wait_for(
+        &[
+            "/otlp-check.txt",
+            "url.path",
+            "service.name",
+            "http.response.status_code",
+        ],
+        20,
+    );
+    let text = collector.text();
+    assert!(
+        text.contains("curl"),
+        "the client span's resource names curl:\n{text}"
+    );
+    assert!(
+        text.contains("python"),
+        "the server span's resource names python:\n{text}"
+    );
+    assert!(
+        !text.contains("via="),
+        "the query string must not be exported:\n{text}"
+    );
+}
+
+#[test]
+fn spans_reach_a_real_collector_over_otlp_grpc() {
+    if require_root("spans_reach_a_real_collector_over_otlp_grpc") {
+        spans_reach_the_collector("grpc");
+    }
+}
+
+#[test]
+fn spans_reach_a_real_collector_over_otlp_http_protobuf() {
+    if require_root("spans_reach_a_real_collector_over_otlp_http_protobuf") {
+        spans_reach_the_collector("http/protobuf");
+    }
+}

@@ -1,0 +1,328 @@
+//! Helpers for the root integration tests: the real agent binary, real servers,
+//! real clients. Every test uses its own ports, and the agent is told to follow
+//! only those (`--port`), so tests never see each other's traffic.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// True when BPF tests can run. Outside CI, a non-root run skips them with a
+/// message; in CI (`CI=true`) not being able to run them is a failure.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!(
+            "{test}: BPF integration tests must run as root in CI (run `cargo xtask test` as root)"
+        );
+    }
+    eprintln!(
+        "{test}: skipped: needs root to load BPF programs (cargo xtask test runs it with sudo)"
+    );
+    false
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on port {port}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lines a child writes, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    pub fn follow(stream: impl std::io::Read + Send + 'static) -> Self {
+        let lines = Self::default();
+        let sink = lines.0.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("lines lock").push(line);
+            }
+        });
+        lines
+    }
+
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().expect("lines lock").clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.snapshot().join("\n")
+    }
+}
+
+/// The real agent binary, running until dropped or stopped.
+pub struct Agent {
+    child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Agent {
+    /// Starts `tracer-agent` with `args` and waits until its programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_tracer-agent");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(bin)
+            .args(args)
+            .args(["--listen", &listen])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let stdout = Lines::follow(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::follow(child.stderr.take().expect("piped stderr"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if stderr.text().contains("tracing TCP traffic") {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "tracer-agent exited early ({status}); BPF could not load?\nstderr:\n{}",
+                    stderr.text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer-agent did not attach within 30s\nstderr:\n{}",
+                stderr.text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// JSON objects printed so far.
+    pub fn json(&self) -> Vec<Value> {
+        self.stdout
+            .snapshot()
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits until `pred` holds on the printed JSON objects, or panics after `secs`.
+    pub fn wait_json(&self, secs: u64, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.json();
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out waiting for {what}; got {} objects:\n{}\nstderr:\n{}",
+                    v.len(),
+                    self.stdout.text(),
+                    self.stderr.text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then wait: the agent must flush and exit 0.
+    pub fn stop(mut self) -> (Lines, Lines) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for agent") {
+                assert!(
+                    status.success(),
+                    "agent exited with {status}\nstderr:\n{}",
+                    self.stderr.text()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within 20s of SIGTERM"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Let the reader threads reach end of file.
+        thread::sleep(Duration::from_millis(100));
+        (self.stdout.clone(), self.stderr.clone())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn support_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support")
+}
+
+/// The test HTTP server (Python), serving `dir`, HTTP/1.0 or 1.1.
+pub fn python_server(port: u16, dir: &Path, version: &str) -> Proc {
+    let child = Command::new("python3")
+        .arg(support_dir().join("http_server.py"))
+        .arg(port.to_string())
+        .arg(dir)
+        .arg(version)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start python3 http server");
+    wait_for_port(port, "python http server");
+    Proc(child)
+}
+
+/// Runs curl with `args`, returning (pid, stdout). Panics when curl fails.
+pub fn curl(args: &[&str]) -> (u32, String) {
+    let child = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start curl");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Spans among the printed objects.
+pub fn spans(objects: &[Value]) -> Vec<&Value> {
+    objects.iter().filter(|o| o["type"] == "span").collect()
+}
+
+pub fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+    &span["attributes"][key]
+}
+
+fn is_hex(v: &Value, len: usize) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+/// Asserts a span object has exactly the DESIGN.md form.
+pub fn assert_span_contract(span: &Value) {
+    let obj = span.as_object().expect("span is an object");
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "attributes",
+            "end_unix_nano",
+            "kind",
+            "name",
+            "parent_span_id",
+            "resource",
+            "span_id",
+            "start_unix_nano",
+            "status",
+            "trace_id",
+            "type"
+        ],
+        "span keys: {span}"
+    );
+    assert!(is_hex(&span["trace_id"], 32), "trace_id: {span}");
+    assert!(is_hex(&span["span_id"], 16), "span_id: {span}");
+    assert!(
+        span["parent_span_id"].is_null() || is_hex(&span["parent_span_id"], 16),
+        "parent: {span}"
+    );
+    assert!(span["name"].is_string());
+    assert!(
+        ["server", "client"].contains(&span["kind"].as_str().unwrap_or("")),
+        "kind: {span}"
+    );
+    assert!(
+        ["ok", "error", "unset"].contains(&span["status"].as_str().unwrap_or("")),
+        "status: {span}"
+    );
+    let start = span["start_unix_nano"]
+        .as_u64()
+        .expect("start is an integer");
+    let end = span["end_unix_nano"].as_u64().expect("end is an integer");
+    assert!(end >= start, "end before start: {span}");
+    // Plausible wall-clock times: within a minute of now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(
+        start > now - 60_000_000_000 && start <= now,
+        "start is not a recent Unix time: {span}"
+    );
+    assert!(end - start < 10_000_000_000, "implausible duration: {span}");
+    assert!(span["attributes"].is_object());
+    let res = &span["resource"];
+    assert!(res["process.pid"].is_u64(), "resource: {span}");
+    assert!(
+        res["process.executable.name"].is_string(),
+        "resource: {span}"
+    );
+    assert!(res["service.name"].is_string(), "resource: {span}");
+}

@@ -1,0 +1,312 @@
+//! Socket I/O: `sock:sock_send_length` and `sock:sock_recv_length`.
+//!
+//! Both fire at the end of `sock_sendmsg`/`sock_recvmsg` in the calling thread, for
+//! every socket write and read whatever the syscall (write, send, sendto, sendmsg,
+//! writev and their read counterparts). The syscall's number and arguments are in the
+//! task's user `pt_regs`, so the user buffer can be read without hooking syscalls.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel,
+        bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
+        generated::bpf_task_pt_regs,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    MAX_CAPTURE,
+    conn::{AF_INET, AF_INET6, ConnEvent, Role, SockInfo, Tuple},
+    data::{DataEvent, DataHeader, Direction, flags},
+    event::EventKind,
+    stats::Counter,
+};
+
+use crate::{
+    EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header, now_ns,
+};
+
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+/// iovecs looked at per readv/writev/sendmsg/recvmsg.
+const MAX_IOVECS: u32 = 8;
+const MASK: usize = MAX_CAPTURE - 1;
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    match try_io(&ctx, Direction::Send) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    match try_io(&ctx, Direction::Recv) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
+    let cfg = config();
+    let tp = &cfg.tp;
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let ret: i32 = unsafe { ctx.read_at(tp.len_ret as usize) }.map_err(|_| 1u32)?;
+    if ret <= 0 {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let protocol: u16 = unsafe { ctx.read_at(tp.len_protocol as usize) }.map_err(|_| 1u32)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    if direction == Direction::Recv {
+        // SAFETY: as above.
+        let flags: i32 = unsafe { ctx.read_at(tp.len_flags as usize) }.map_err(|_| 1u32)?;
+        if flags & MSG_PEEK != 0 {
+            // The same bytes will be read again without MSG_PEEK.
+            return Ok(0);
+        }
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if excluded_pid(tgid) {
+        count(Counter::Filtered, 1);
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let sk: u64 = unsafe { ctx.read_at(tp.len_sk as usize) }.map_err(|_| 1u32)?;
+
+    let info = match SOCKS.get_ptr_mut(sk) {
+        Some(p) => p,
+        None => adopt_socket(sk).ok_or(0u32)?,
+    };
+    // SAFETY: pointer from a successful lookup or insert; the map value outlives this program run.
+    let info = unsafe { &mut *info };
+    if excluded_ports(info.tuple.local_port, info.tuple.remote_port) {
+        count(Counter::Filtered, 1);
+        return Ok(0);
+    }
+    let now = now_ns();
+    if info.announced == 0 {
+        info.announced = 1;
+        info.tgid = tgid;
+        let open = ConnEvent {
+            header: header(EventKind::ConnOpen, tgid, tid, sk, info.opened_ns),
+            tuple: info.tuple,
+            role: info.role,
+            old_state: 0,
+        };
+        emit(&open);
+    }
+
+    let event = SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
+    // SAFETY: per-CPU scratch slot, used only by this program run.
+    let event = unsafe { &mut *event };
+    event.hdr = DataHeader {
+        header: header(EventKind::Data, tgid, tid, sk, now),
+        direction: direction as u32,
+        syscall: 0,
+        total_len: ret as u32,
+        captured_len: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    let mut want = cfg.capture_bytes as usize;
+    if want > MAX_CAPTURE {
+        want = MAX_CAPTURE;
+    }
+    if want > ret as usize {
+        want = ret as usize;
+    }
+    capture(event, want);
+    let captured = event.hdr.captured_len as usize;
+    if captured < ret as usize && event.hdr.flags & flags::NO_USER_BUFFER == 0 {
+        event.hdr.flags |= flags::TRUNCATED;
+        count(Counter::PayloadTruncated, 1);
+    }
+    count(Counter::BytesCaptured, captured as u64);
+
+    let len = core::mem::size_of::<DataHeader>() + (captured & (MAX_CAPTURE * 2 - 1));
+    // SAFETY: `len` is at most the size of the scratch event.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (event as *const DataEvent).cast::<u8>(),
+            len.min(core::mem::size_of::<DataEvent>()),
+        )
+    };
+    match EVENTS.output::<[u8]>(bytes, 0) {
+        Ok(()) => count(Counter::EventsSent, 1),
+        Err(_) => count(Counter::RingbufFull, 1),
+    }
+    Ok(0)
+}
+
+/// A socket seen doing I/O without having been seen established: it existed before
+/// the agent started. Its tuple is read from `struct sock_common` with offsets from BTF.
+fn adopt_socket(sk: u64) -> Option<*mut SockInfo> {
+    let k = &config().kernel;
+    if k.have_sock_offsets == 0 {
+        return None;
+    }
+    let base = sk as *const u8;
+    // SAFETY: `sk` is the kernel's `struct sock *` from the tracepoint; every read
+    // goes through bpf_probe_read_kernel, which tolerates bad addresses.
+    let tuple = unsafe {
+        let family: u16 = bpf_probe_read_kernel(base.add(k.skc_family as usize).cast()).ok()?;
+        let mut t = Tuple {
+            family,
+            ..Tuple::default()
+        };
+        t.local_port = bpf_probe_read_kernel(base.add(k.skc_num as usize).cast::<u16>()).ok()?;
+        t.remote_port =
+            u16::from_be(bpf_probe_read_kernel(base.add(k.skc_dport as usize).cast::<u16>()).ok()?);
+        if family == AF_INET {
+            let l: [u8; 4] =
+                bpf_probe_read_kernel(base.add(k.skc_rcv_saddr as usize).cast()).ok()?;
+            let r: [u8; 4] = bpf_probe_read_kernel(base.add(k.skc_daddr as usize).cast()).ok()?;
+            t.local_addr[..4].copy_from_slice(&l);
+            t.remote_addr[..4].copy_from_slice(&r);
+        } else if family == AF_INET6 {
+            t.local_addr =
+                bpf_probe_read_kernel(base.add(k.skc_v6_rcv_saddr as usize).cast()).ok()?;
+            t.remote_addr = bpf_probe_read_kernel(base.add(k.skc_v6_daddr as usize).cast()).ok()?;
+        } else {
+            return None;
+        }
+        t
+    };
+    let info = SockInfo {
+        tuple,
+        role: Role::Unknown as u32,
+        tgid: 0,
+        opened_ns: now_ns(),
+        announced: 0,
+        _pad: 0,
+    };
+    if SOCKS.insert(sk, info, 0).is_err() {
+        count(Counter::SockMapFull, 1);
+        return None;
+    }
+    SOCKS.get_ptr_mut(sk)
+}
+
+/// Copies up to `want` bytes of the syscall's user buffer into `event.payload`.
+fn capture(event: &mut DataEvent, want: usize) {
+    let cfg = config();
+    let k = &cfg.kernel;
+    let sc = &cfg.syscalls;
+    // SAFETY: the helpers return the current task and its user-mode registers; the
+    // registers are read with bpf_probe_read_kernel at offsets from BTF.
+    let (nr, arg2, arg3) = unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task.cast()) as *const u8;
+        if regs.is_null() {
+            event.hdr.flags |= flags::UNREADABLE;
+            count(Counter::PayloadUnreadable, 1);
+            return;
+        }
+        let nr: u64 =
+            bpf_probe_read_kernel(regs.add(k.regs_syscall_nr as usize).cast()).unwrap_or(u64::MAX);
+        let a2: u64 = bpf_probe_read_kernel(regs.add(k.regs_arg2 as usize).cast()).unwrap_or(0);
+        let a3: u64 = bpf_probe_read_kernel(regs.add(k.regs_arg3 as usize).cast()).unwrap_or(0);
+        (nr, a2, a3)
+    };
+    let nr32 = nr as u32;
+    event.hdr.syscall = nr32;
+    if nr > u32::MAX as u64 {
+        event.hdr.flags |= flags::NO_USER_BUFFER;
+        return;
+    }
+    let ok = if nr32 == sc.read || nr32 == sc.write || nr32 == sc.sendto || nr32 == sc.recvfrom {
+        copy_contiguous(event, arg2, want)
+    } else if nr32 == sc.readv || nr32 == sc.writev {
+        copy_iovecs(event, arg2, arg3, want)
+    } else if nr32 == sc.sendmsg || nr32 == sc.recvmsg {
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (UAPI, all 64-bit arches).
+        // SAFETY: user memory read through the helper.
+        let iov: Option<u64> = unsafe { bpf_probe_read_user((arg2 + 16) as *const u64).ok() };
+        let cnt: Option<u64> = unsafe { bpf_probe_read_user((arg2 + 24) as *const u64).ok() };
+        match (iov, cnt) {
+            (Some(iov), Some(cnt)) => copy_iovecs(event, iov, cnt, want),
+            _ => false,
+        }
+    } else {
+        event.hdr.flags |= flags::NO_USER_BUFFER;
+        return;
+    };
+    if !ok {
+        event.hdr.flags |= flags::UNREADABLE;
+        count(Counter::PayloadUnreadable, 1);
+    }
+}
+
+#[inline(always)]
+fn copy_contiguous(event: &mut DataEvent, src: u64, want: usize) -> bool {
+    let n = bounded(want);
+    // SAFETY: destination is the scratch payload (n ≤ MAX_CAPTURE ≤ its size); the
+    // source is user memory read through the helper.
+    let rc = unsafe {
+        probe_read_user_raw(event.payload.as_mut_ptr().cast(), n as u32, src as *const _)
+    };
+    if rc == 0 {
+        event.hdr.captured_len = n as u32;
+        true
+    } else {
+        false
+    }
+}
+
+fn copy_iovecs(event: &mut DataEvent, iov: u64, cnt: u64, want: usize) -> bool {
+    let mut off: usize = 0;
+    let mut i: u32 = 0;
+    while i < MAX_IOVECS {
+        if (i as u64) >= cnt || off >= want {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let entry = iov + (i as u64) * 16;
+        // SAFETY: user memory read through the helper.
+        let (base, len) = unsafe {
+            match (
+                bpf_probe_read_user(entry as *const u64),
+                bpf_probe_read_user((entry + 8) as *const u64),
+            ) {
+                (Ok(b), Ok(l)) => (b, l),
+                _ => return off > 0,
+            }
+        };
+        let room = want - off;
+        let n = bounded(if (len as usize) < room {
+            len as usize
+        } else {
+            room
+        });
+        let at = off & MASK;
+        // SAFETY: at ≤ MAX_CAPTURE-1 and n ≤ MAX_CAPTURE, inside the 2×MAX_CAPTURE payload.
+        let rc = unsafe {
+            probe_read_user_raw(
+                event.payload.as_mut_ptr().add(at).cast(),
+                n as u32,
+                base as *const _,
+            )
+        };
+        if rc != 0 {
+            return off > 0;
+        }
+        off += n;
+        event.hdr.captured_len = off as u32;
+        i += 1;
+    }
+    true
+}
+
+/// Clamps a length to `[0, MAX_CAPTURE]` in a way the verifier can follow.
+#[inline(always)]
+fn bounded(n: usize) -> usize {
+    if n >= MAX_CAPTURE {
+        MAX_CAPTURE
+    } else {
+        n & MASK
+    }
+}

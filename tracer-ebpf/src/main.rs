@@ -1,0 +1,133 @@
+//! tracer's kernel programs.
+//!
+//! Attach points (see docs/kernel-probes.md for the measured costs):
+//! - `sock:inet_sock_set_state`: connection lifecycle, 4-tuple and role.
+//! - `sock:sock_send_length` / `sock:sock_recv_length`: every socket write/read, in
+//!   the calling thread; the syscall's user buffer is found through the task's
+//!   `pt_regs` and a bounded prefix of it is copied out.
+//! - `sched:sched_process_exit`: process exits, so user space can forget processes.
+//!
+//! Nothing but TCP socket I/O and process exits reaches user space.
+#![no_std]
+#![no_main]
+
+mod io;
+mod lifecycle;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{
+    config::KernelConfig,
+    conn::SockInfo,
+    data::DataEvent,
+    event::{EventHeader, EventKind},
+    stats::{COUNTERS, Counter},
+};
+
+/// Default ring buffer size; the agent overrides it at load time.
+const RINGBUF_BYTES: u32 = 8 << 20;
+/// Default number of followed sockets; the agent overrides it at load time.
+const MAX_SOCKS: u32 = 65536;
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+#[map(name = "SOCKS")]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "FILTER_PIDS")]
+static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "FILTER_PORTS")]
+static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Written by the agent before load (`override_global`); zero means "not configured".
+#[unsafe(no_mangle)]
+static CONFIG: KernelConfig = unsafe { core::mem::zeroed() };
+
+/// The configuration, read so that the compiler cannot fold the zeroed initialiser.
+#[inline(always)]
+fn config() -> &'static KernelConfig {
+    // SAFETY: CONFIG is a read-only global; the volatile read of its address keeps
+    // the loads from being constant-folded against the zero initialiser.
+    unsafe { &*core::ptr::read_volatile(&&raw const CONFIG) }
+}
+
+#[inline(always)]
+fn count(counter: Counter, n: u64) {
+    if let Some(p) = STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, tgid: u32, tid: u32, sock: u64, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        // SAFETY: plain helper call.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns,
+        tgid,
+        tid,
+        sock,
+        comm: if tgid != 0 {
+            bpf_get_current_comm().unwrap_or([0; 16])
+        } else {
+            [0; 16]
+        },
+    }
+}
+
+/// Writes a fixed-size event to the ring buffer, counting the outcome.
+#[inline(always)]
+fn emit<T: 'static>(event: &T) {
+    match EVENTS.output::<T>(event, 0) {
+        Ok(()) => count(Counter::EventsSent, 1),
+        Err(_) => count(Counter::RingbufFull, 1),
+    }
+}
+
+/// True when the `--pid`/`--port` filters or the agent's own pid exclude this I/O.
+#[inline(always)]
+fn excluded_pid(tgid: u32) -> bool {
+    let cfg = config();
+    if tgid == cfg.agent_tgid {
+        return true;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    cfg.filter_pids != 0 && unsafe { FILTER_PIDS.get(tgid) }.is_none()
+}
+
+#[inline(always)]
+fn excluded_ports(local: u16, remote: u16) -> bool {
+    config().filter_ports != 0
+        // SAFETY: read-only lookups of plain values.
+        && unsafe { FILTER_PORTS.get(local) }.is_none()
+        && unsafe { FILTER_PORTS.get(remote) }.is_none()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

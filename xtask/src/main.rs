@@ -1,0 +1,310 @@
+//! `cargo xtask …`: what cargo alone cannot do — set up the toolchain and test
+//! dependencies, run the agent as root, run every test including the root/BPF ones.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent): nightly rust-src,
+    /// bpf-linker against the nightly toolchain's LLVM, test servers and the collector.
+    Setup {
+        /// Only the build toolchain, not the test dependencies.
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Set up, build (release) and run the agent; arguments after `--` go to the agent.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run formatting and lint checks, unit tests and root integration tests.
+    Test {
+        /// Extra arguments for the integration test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup { build_only } => setup(!build_only),
+        Cmd::Run { args } => {
+            setup(false)?;
+            run(cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+            let bin = workspace_root().join("target/release/tracer-agent");
+            let mut cmd = as_root(&bin)?;
+            cmd.args(args);
+            run(&mut cmd)
+        }
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+/// A command that runs `bin` as root: directly when we are root, else through sudo.
+fn as_root(bin: &Path) -> Result<Command> {
+    if is_root() {
+        return Ok(Command::new(bin));
+    }
+    if output(Command::new("sudo").arg("-n").arg("true")).is_none()
+        && output(Command::new("which").arg("sudo")).is_none()
+    {
+        bail!(
+            "{} needs root to load eBPF programs and sudo is not available: run as root",
+            bin.display()
+        );
+    }
+    let mut c = Command::new("sudo");
+    c.arg("-E").arg(bin);
+    Ok(c)
+}
+
+/// Where setup keeps what it builds or downloads (outside the source tree).
+fn tools_dir() -> PathBuf {
+    workspace_root().join("target/xtask")
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const ROTEL_VERSION: &str = "0.0.1a15";
+/// Debian packages the integration tests and benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &["curl", "python3", "python3-venv", "nginx-light", "iproute2"];
+
+fn setup(test_deps: bool) -> Result<()> {
+    // 1. The nightly toolchain's rust-src, for -Z build-std=core.
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup is needed: the eBPF crate builds with the nightly toolchain")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // 2. bpf-linker built against the nightly toolchain's own LLVM.
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+            .context("the nightly toolchain is needed for the eBPF crate")?;
+        let libdir = Path::new(sysroot.trim()).join("lib");
+        let llvm = std::fs::read_dir(&libdir)
+            .with_context(|| format!("reading {}", libdir.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+            .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
+        let major = llvm
+            .trim_start_matches("libLLVM.so.")
+            .trim_start_matches("libLLVM-")
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let prefix = tools_dir().join("llvm");
+        let lib = prefix.join("lib");
+        std::fs::create_dir_all(&lib)?;
+        for name in ["libLLVM.so".to_string(), llvm.clone()] {
+            let link = lib.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(libdir.join(&llvm), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .env("LLVM_PREFIX", &prefix)
+                .args([
+                    "install",
+                    "--locked",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                ])
+                .args(["--features", &format!("llvm-{major}")]),
+        )?;
+    }
+
+    if !test_deps {
+        return Ok(());
+    }
+
+    // 3. Real peers for the tests, from Debian.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        let apt = |args: &[&str]| -> Result<()> {
+            let mut c = if is_root() {
+                Command::new("apt-get")
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg("apt-get");
+                c
+            };
+            c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+            run(&mut c)
+        };
+        apt(&["update", "-q"])?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        apt(&args)?;
+    }
+
+    // 4. A real OpenTelemetry collector: rotel, from PyPI, in a private venv.
+    let venv = tools_dir().join("venv");
+    let rotel = rotel_agent(&venv);
+    if rotel.as_ref().is_none_or(|p| !p.exists()) {
+        if !venv.join("bin/pip").exists() {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        }
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            &format!("rotel=={ROTEL_VERSION}"),
+        ]))?;
+    }
+    Ok(())
+}
+
+/// The rotel-agent binary inside the venv's rotel package.
+fn rotel_agent(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    let py = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("python"))?;
+    Some(py.path().join("site-packages/rotel/rotel-agent"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup(true)?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Unit tests (no root needed), in parallel.
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+        "--lib",
+        "--bins",
+    ]))?;
+
+    // Integration tests load real BPF programs: build them, then run them as root,
+    // one at a time.
+    let rotel = rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            "tracer-agent",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("building integration tests")?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("building the integration tests failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let is_test = line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains("\"kind\":[\"test\"]");
+        if is_test
+            && let Some(exe) = line
+                .split("\"executable\":\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+        {
+            binaries.push(PathBuf::from(exe));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("no integration test binaries were built");
+    }
+    let agent = workspace_root().join("target/debug/tracer-agent");
+    run(cargo().args(["build", "-p", "tracer-agent"]))?;
+    for bin in binaries {
+        let mut cmd = as_root(&bin)?;
+        cmd.current_dir(workspace_root().join("tracer-agent"))
+            .env("TRACER_ROTEL_AGENT", &rotel)
+            .env("TRACER_AGENT_BIN", &agent)
+            .args(["--test-threads=1"])
+            .args(args);
+        if ci {
+            cmd.env("CI", "true");
+        }
+        run(&mut cmd)?;
+    }
+    Ok(())
+}
