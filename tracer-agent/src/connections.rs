@@ -251,8 +251,13 @@ impl ConnectionTable {
                 conn.answer(response, procs, telemetry, out);
             }
             if let Protocol::Http1(http) = &mut conn.protocol {
-                http.scratch = responses;
-                http.scratch.clear();
+                if http.responses.is_tunnel() {
+                    // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
+                    conn.protocol = Protocol::Other;
+                } else {
+                    http.scratch = responses;
+                    http.scratch.clear();
+                }
             }
         }
     }
@@ -696,6 +701,49 @@ mod tests {
         assert_eq!(
             r.spans[0].parent_span_id.map(|p| p.to_string()).as_deref(),
             Some("00f067aa0ba902b7")
+        );
+    }
+
+    #[test]
+    fn an_upgraded_connection_stops_being_decoded() {
+        let mut r = Replay::new();
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        r.feed(vec![
+            Event::ConnOpen {
+                meta: meta(SOCK_CLIENT, 1, 200),
+                endpoints: endpoints(false),
+                role: Role::Client,
+            },
+            data(
+                SOCK_CLIENT,
+                10,
+                200,
+                Direction::Send,
+                upgrade,
+                upgrade.len() as u32,
+            ),
+            data(
+                SOCK_CLIENT,
+                20,
+                200,
+                Direction::Recv,
+                switching,
+                switching.len() as u32,
+            ),
+            data(SOCK_CLIENT, 30, 200, Direction::Send, b"\x81\x85abcd", 11),
+            data(SOCK_CLIENT, 40, 200, Direction::Recv, b"\x81\x05hello", 7),
+        ]);
+        assert_eq!(r.spans.len(), 1, "the upgrade exchange itself is a span");
+        assert_eq!(
+            r.spans[0].attr("http.response.status_code"),
+            Some(&AttrValue::Int(101))
+        );
+        assert!(
+            !r.telemetry.render().contains("malformed"),
+            "{}",
+            r.telemetry.render()
         );
     }
 
