@@ -82,9 +82,13 @@ pub struct KernelConfig {
     pub filter_pids: u32,
     /// 1 when only connections with a port in `FILTER_PORTS` are followed.
     pub filter_ports: u32,
+    /// Wake the reader only once this many bytes wait in the ring buffer; below it
+    /// the agent polls on a short timer. Saves a wakeup per event under load.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 24 + 32 + 16);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 24 + 32 + 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelConfig {}

@@ -58,7 +58,9 @@ pub struct SockInfo {
     pub opened_ns: u64,
     /// 1 once a `ConnOpen` event was sent for this socket.
     pub announced: u32,
-    pub _pad: u32,
+    /// 1 when the `--port` filter excludes this socket: its I/O is skipped after
+    /// one map lookup.
+    pub ignored: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);

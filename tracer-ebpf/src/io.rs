@@ -83,7 +83,7 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     };
     // SAFETY: pointer from a successful lookup or insert; the map value outlives this program run.
     let info = unsafe { &mut *info };
-    if excluded_ports(info.tuple.local_port, info.tuple.remote_port) {
+    if info.ignored != 0 {
         count(Counter::Filtered, 1);
         return Ok(0);
     }
@@ -135,7 +135,7 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
             len.min(core::mem::size_of::<DataEvent>()),
         )
     };
-    match EVENTS.output::<[u8]>(bytes, 0) {
+    match EVENTS.output::<[u8]>(bytes, crate::wakeup_flags()) {
         Ok(()) => count(Counter::EventsSent, 1),
         Err(_) => count(Counter::RingbufFull, 1),
     }
@@ -182,7 +182,7 @@ fn adopt_socket(sk: u64) -> Option<*mut SockInfo> {
         tgid: 0,
         opened_ns: now_ns(),
         announced: 0,
-        _pad: 0,
+        ignored: u32::from(excluded_ports(tuple.local_port, tuple.remote_port)),
     };
     if SOCKS.insert(sk, info, 0).is_err() {
         count(Counter::SockMapFull, 1);

@@ -53,7 +53,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 tgid,
                 opened_ns: now_ns(),
                 announced: 0,
-                _pad: 0,
+                ignored: 0,
             };
             if SOCKS.insert(sk, info, 0).is_err() {
                 count(Counter::SockMapFull, 1);
@@ -72,10 +72,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 // A SYN_SENT we never saw (agent's own, or map full): not followed.
                 None => return Ok(0),
             };
-            if excluded_ports(tuple.local_port, tuple.remote_port) {
-                let _ = SOCKS.remove(sk);
-                return Ok(0);
-            }
+            // Excluded sockets stay in the map, marked, so their I/O is skipped after one lookup.
+            let ignored = u32::from(excluded_ports(tuple.local_port, tuple.remote_port));
             let role = if old == TCP_SYN_SENT || old == TCP_SYN_RECV {
                 role
             } else {
@@ -87,7 +85,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 tgid,
                 opened_ns,
                 announced: 0,
-                _pad: 0,
+                ignored,
             };
             if SOCKS.insert(sk, info, 0).is_err() {
                 count(Counter::SockMapFull, 1);

@@ -15,6 +15,7 @@ mod io;
 mod lifecycle;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -94,10 +95,22 @@ fn header(kind: EventKind, tgid: u32, tid: u32, sock: u64, ts_ns: u64) -> EventH
     }
 }
 
+/// Ring buffer output flags: wake the reader only when enough data waits; below
+/// that it polls on a timer, so a busy server does not pay a wakeup per event.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let threshold = config().wakeup_bytes as u64;
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Writes a fixed-size event to the ring buffer, counting the outcome.
 #[inline(always)]
 fn emit<T: 'static>(event: &T) {
-    match EVENTS.output::<T>(event, 0) {
+    match EVENTS.output::<T>(event, wakeup_flags()) {
         Ok(()) => count(Counter::EventsSent, 1),
         Err(_) => count(Counter::RingbufFull, 1),
     }

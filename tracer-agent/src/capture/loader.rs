@@ -119,6 +119,8 @@ impl BpfCapture {
             agent_tgid: std::process::id(),
             filter_pids: u32::from(!cfg.pids.is_empty()),
             filter_ports: u32::from(!cfg.ports.is_empty()),
+            wakeup_bytes: (cfg.ringbuf_bytes / 16).max(4096),
+            _pad: 0,
         };
         // The ring buffer must be a power-of-two number of pages.
         let ringbuf = cfg.ringbuf_bytes.max(4096).next_power_of_two();
@@ -224,6 +226,9 @@ impl BpfCapture {
                 .map_err(|e| CaptureError::Io(e.into()))?;
         let clock = Clock::now();
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+        // The kernel wakes us only when a lot is waiting; below that, poll.
+        let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
+        poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = [0u64; COUNTERS as usize];
         loop {
             tokio::select! {
@@ -233,23 +238,11 @@ impl BpfCapture {
                     telemetry.add_kernel_counters(&last, &now);
                     last = now;
                 }
+                _ = poll_tick.tick() => drain(fd.get_mut(), &clock, &tx, &telemetry),
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
-                    let ring = guard.get_inner_mut();
-                    let mut batch = Vec::with_capacity(256);
-                    while let Some(item) = ring.next() {
-                        match decode(&item, &clock) {
-                            Ok(ev) => batch.push(ev),
-                            Err(e) => telemetry.record_decode_error(&e),
-                        }
-                        if batch.len() >= 1024 {
-                            send(&tx, std::mem::take(&mut batch), &telemetry);
-                        }
-                    }
+                    drain(guard.get_inner_mut(), &clock, &tx, &telemetry);
                     guard.clear_ready();
-                    if !batch.is_empty() {
-                        send(&tx, batch, &telemetry);
-                    }
                 }
             }
         }
@@ -267,6 +260,33 @@ impl BpfCapture {
         let now = self.kernel_counters();
         telemetry.add_kernel_counters(&last, &now);
         Ok(())
+    }
+}
+
+/// Longest an event waits in the ring buffer when the kernel does not wake us.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Events per batch handed to the pipeline.
+const BATCH: usize = 1024;
+
+/// Reads everything waiting in the ring buffer into batches.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    clock: &Clock,
+    tx: &mpsc::Sender<Vec<Event>>,
+    telemetry: &Telemetry,
+) {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        match decode(&item, clock) {
+            Ok(ev) => batch.push(ev),
+            Err(e) => telemetry.record_decode_error(&e),
+        }
+        if batch.len() >= BATCH {
+            send(tx, std::mem::take(&mut batch), telemetry);
+        }
+    }
+    if !batch.is_empty() {
+        send(tx, batch, telemetry);
     }
 }
 
