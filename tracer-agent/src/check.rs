@@ -130,7 +130,7 @@ pub fn run() -> bool {
         let mark = match (f.present, f.required) {
             (true, _) => "ok  ",
             (false, true) => "MISSING",
-            (false, false) => "absent (optional)",
+            (false, false) => "absent",
         };
         println!("{mark:<8} {:<48} {}", f.name, f.detail);
     }
