@@ -7,6 +7,7 @@
 //!
 //! Decoders are total: any bytes in, messages or an error out, never a panic.
 
+pub mod db;
 pub mod http1;
 
 /// One syscall's worth of one direction of a connection's byte stream.
