@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     connections::TableLimits,
     export::{ExportStage, otlp::OtlpExporter},
+    metrics::RedMetrics,
     pipeline, server,
     telemetry::Telemetry,
 };
@@ -34,6 +35,8 @@ pub enum AgentError {
 const EVENT_QUEUE: usize = 1024;
 /// Span batches waiting between the pipeline and export.
 const SPAN_QUEUE: usize = 1024;
+/// RED metric series kept at most (then one overflow series per metric).
+const MAX_METRIC_SERIES: usize = 2000;
 
 pub async fn run(config: Config) -> Result<(), AgentError> {
     let telemetry = Arc::new(Telemetry::new());
@@ -77,7 +80,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let (span_tx, span_rx) = mpsc::channel(SPAN_QUEUE);
 
-    let server = tokio::spawn(server::serve(listener, telemetry.clone(), cancel.clone()));
+    let red = RedMetrics::shared(MAX_METRIC_SERIES);
+    let server = tokio::spawn(server::serve(
+        listener,
+        telemetry.clone(),
+        red.clone(),
+        cancel.clone(),
+    ));
     let pipeline = tokio::spawn(pipeline::process_events(
         event_rx,
         span_tx,
@@ -86,6 +95,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             ..TableLimits::default()
         },
         telemetry.clone(),
+        red.clone(),
     ));
     let export = tokio::spawn(
         ExportStage {
@@ -94,6 +104,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             batch_size: 512,
             batch_timeout: Duration::from_secs(1),
             max_buffered: 65536,
+            red,
+            metrics_interval: Duration::from_secs(15),
         }
         .run(span_rx, telemetry.clone()),
     );

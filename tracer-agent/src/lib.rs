@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod connections;
 pub mod export;
+pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod protocols;

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use crate::{
     capture::Event,
     connections::{ConnectionTable, TableLimits},
+    metrics::SharedRedMetrics,
     process::ProcessTable,
     spans::Span,
     telemetry::{QueueLabel, Telemetry},
@@ -19,6 +20,7 @@ pub async fn process_events(
     tx: mpsc::Sender<Vec<Span>>,
     limits: TableLimits,
     telemetry: Arc<Telemetry>,
+    red: SharedRedMetrics,
 ) {
     let mut table = ConnectionTable::new(limits);
     let mut procs = ProcessTable::new(16384);
@@ -29,6 +31,9 @@ pub async fn process_events(
         }
         if spans.is_empty() {
             continue;
+        }
+        if let Ok(mut red) = red.lock() {
+            spans.iter().for_each(|s| red.record(s));
         }
         let n = spans.len() as u64;
         if tx.try_send(spans).is_err() {

@@ -5,22 +5,34 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{Router, http::header, response::IntoResponse, routing::get};
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry::Telemetry;
+use crate::{metrics::SharedRedMetrics, telemetry::Telemetry};
 
-pub fn router(telemetry: Arc<Telemetry>) -> Router {
+/// The agent's counters followed by the RED histograms, in one OpenMetrics document.
+fn render(telemetry: &Telemetry, red: &SharedRedMetrics) -> String {
+    let mut text = telemetry.render();
+    let body_end = text.rfind("# EOF").unwrap_or(text.len());
+    text.truncate(body_end);
+    if let Ok(red) = red.lock() {
+        red.render_prometheus(&mut text);
+    }
+    text.push_str("# EOF\n");
+    text
+}
+
+pub fn router(telemetry: Arc<Telemetry>, red: SharedRedMetrics) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
             get(move || {
-                let t = telemetry.clone();
+                let text = render(&telemetry, &red);
                 async move {
                     (
                         [(
                             header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        t.render(),
+                        text,
                     )
                         .into_response()
                 }
@@ -36,9 +48,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     telemetry: Arc<Telemetry>,
+    red: SharedRedMetrics,
     cancel: CancellationToken,
 ) {
-    let app = router(telemetry);
+    let app = router(telemetry, red);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

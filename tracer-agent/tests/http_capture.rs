@@ -148,6 +148,18 @@ fn get_404_post_with_body_and_keep_alive() {
 
     agent.wait_json(15, "8 spans", |o| spans(o).len() >= 8);
     std::thread::sleep(Duration::from_millis(500));
+    let metrics = agent.get("/metrics");
+    assert!(metrics.contains("tracer_spans_built_total 8"), "{metrics}");
+    assert!(metrics.contains("tracer_events_lost_total 0"), "{metrics}");
+    for needle in [
+        "http_server_request_duration_seconds_count{",
+        "http_client_request_duration_seconds_count{",
+        "url_template=\"/missing\"",
+        "http_response_status_code=\"201\"",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+    }
+    assert!(agent.get("/healthz").ends_with("ok\n"));
     let (stdout, _) = agent.stop();
     let objects: Vec<Value> = stdout
         .snapshot()

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{spans::Span, telemetry::Telemetry};
+use crate::{metrics::SharedRedMetrics, spans::Span, telemetry::Telemetry};
 use otlp::OtlpExporter;
 
 /// What goes to stdout.
@@ -38,6 +38,9 @@ pub struct ExportStage {
     /// Spans held for OTLP at most while the collector is slow or down; older ones
     /// are dropped and counted.
     pub max_buffered: usize,
+    /// RED histograms, exported over OTLP every `metrics_interval` and at the end.
+    pub red: SharedRedMetrics,
+    pub metrics_interval: Duration,
 }
 
 impl ExportStage {
@@ -47,6 +50,9 @@ impl ExportStage {
         let mut pending: Vec<Span> = Vec::new();
         let mut tick = tokio::time::interval(self.batch_timeout);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut metrics_tick = tokio::time::interval(self.metrics_interval);
+        metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        metrics_tick.tick().await;
         loop {
             tokio::select! {
                 batch = rx.recv() => {
@@ -65,9 +71,29 @@ impl ExportStage {
                     }
                 }
                 _ = tick.tick() => self.flush(&mut pending, &telemetry).await,
+                _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
             }
         }
         self.flush(&mut pending, &telemetry).await;
+        self.export_metrics(&telemetry).await;
+    }
+
+    async fn export_metrics(&mut self, telemetry: &Telemetry) {
+        let Some(otlp) = self.otlp.as_mut() else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let request = match self.red.lock() {
+            Ok(red) => red.export_request(now),
+            Err(_) => return,
+        };
+        if let Err(e) = otlp.export_metrics(request).await {
+            telemetry.export_failed("otlp_metrics");
+            log::warn!("{e}");
+        }
     }
 
     fn print(&self, batch: &[Span], printer: &mut pretty::PrettyPrinter, telemetry: &Telemetry) {

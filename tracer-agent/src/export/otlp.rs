@@ -10,6 +10,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
+    },
     collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     resource::v1::Resource,
@@ -95,7 +98,8 @@ fn attr(key: &str, v: &AttrValue) -> KeyValue {
     kv(key, value)
 }
 
-fn resource(r: &ProcessResource) -> Resource {
+/// The OTLP resource of one traced process.
+pub fn resource(r: &ProcessResource) -> Resource {
     Resource {
         attributes: vec![
             kv("service.name", str_value(&r.service_name)),
@@ -175,13 +179,28 @@ pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
 
 enum Transport {
     Grpc {
-        client: Option<TraceServiceClient<tonic::transport::Channel>>,
+        channel: Option<tonic::transport::Channel>,
         endpoint: String,
     },
     Http {
         client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-        url: String,
+        base: String,
     },
+}
+
+/// What an export carries: the signal's HTTP path and its protobuf body.
+enum Payload {
+    Traces(ExportTraceServiceRequest),
+    Metrics(ExportMetricsServiceRequest),
+}
+
+impl Payload {
+    fn path(&self) -> &'static str {
+        match self {
+            Payload::Traces(_) => "/v1/traces",
+            Payload::Metrics(_) => "/v1/metrics",
+        }
+    }
 }
 
 /// Sends span batches to one OTLP endpoint.
@@ -220,19 +239,18 @@ impl OtlpExporter {
         }
         let transport = match protocol {
             OtlpProtocol::Grpc => Transport::Grpc {
-                client: None,
+                channel: None,
                 endpoint: endpoint.trim_end_matches('/').to_string(),
             },
             OtlpProtocol::HttpProtobuf => {
-                let base = endpoint.trim_end_matches('/');
-                let url = if base.ends_with("/v1/traces") {
-                    base.to_string()
-                } else {
-                    format!("{base}/v1/traces")
-                };
+                // OTEL_EXPORTER_OTLP_ENDPOINT is a base URL; signal paths are appended.
+                let base = endpoint
+                    .trim_end_matches('/')
+                    .trim_end_matches("/v1/traces")
+                    .to_string();
                 Transport::Http {
                     client: Client::builder(TokioExecutor::new()).build_http(),
-                    url,
+                    base,
                 }
             }
         };
@@ -246,17 +264,31 @@ impl OtlpExporter {
         }
     }
 
-    /// Exports one batch; an error leaves the exporter usable for the next batch.
+    /// Exports one batch of spans; an error leaves the exporter usable for the next batch.
     pub async fn export(&mut self, spans: &[Span]) -> Result<(), OtlpError> {
         if spans.is_empty() {
             return Ok(());
         }
-        let request = export_request(spans);
+        self.send(Payload::Traces(export_request(spans))).await
+    }
+
+    /// Exports a metrics snapshot.
+    pub async fn export_metrics(
+        &mut self,
+        request: ExportMetricsServiceRequest,
+    ) -> Result<(), OtlpError> {
+        if request.resource_metrics.is_empty() {
+            return Ok(());
+        }
+        self.send(Payload::Metrics(request)).await
+    }
+
+    async fn send(&mut self, payload: Payload) -> Result<(), OtlpError> {
         let timeout = self.timeout;
         match &mut self.transport {
-            Transport::Grpc { client, endpoint } => {
-                if client.is_none() {
-                    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            Transport::Grpc { channel, endpoint } => {
+                if channel.is_none() {
+                    let connected = tonic::transport::Endpoint::from_shared(endpoint.clone())
                         .map_err(|e| OtlpError::Endpoint {
                             endpoint: endpoint.clone(),
                             reason: e.to_string(),
@@ -269,14 +301,22 @@ impl OtlpExporter {
                             endpoint: endpoint.clone(),
                             source,
                         })?;
-                    *client = Some(TraceServiceClient::new(channel));
+                    *channel = Some(connected);
                 }
-                let Some(c) = client.as_mut() else {
+                let Some(ch) = channel.clone() else {
                     return Ok(());
                 };
-                if let Err(status) = c.export(request).await {
+                let result = match payload {
+                    Payload::Traces(req) => {
+                        TraceServiceClient::new(ch).export(req).await.map(|_| ())
+                    }
+                    Payload::Metrics(req) => {
+                        MetricsServiceClient::new(ch).export(req).await.map(|_| ())
+                    }
+                };
+                if let Err(status) = result {
                     // Reconnect next time: the channel may be broken.
-                    *client = None;
+                    *channel = None;
                     return Err(OtlpError::Grpc {
                         endpoint: endpoint.clone(),
                         source: Box::new(status),
@@ -284,8 +324,12 @@ impl OtlpExporter {
                 }
                 Ok(())
             }
-            Transport::Http { client, url } => {
-                let body = request.encode_to_vec();
+            Transport::Http { client, base } => {
+                let url = format!("{base}{}", payload.path());
+                let body = match &payload {
+                    Payload::Traces(r) => r.encode_to_vec(),
+                    Payload::Metrics(r) => r.encode_to_vec(),
+                };
                 let req = hyper::Request::post(url.as_str())
                     .header("content-type", "application/x-protobuf")
                     .body(Full::new(Bytes::from(body)))
@@ -307,7 +351,7 @@ impl OtlpExporter {
                     Ok(())
                 } else {
                     Err(OtlpError::Http {
-                        url: url.clone(),
+                        url,
                         reason: format!("collector answered {status}"),
                     })
                 }

@@ -82,6 +82,8 @@ impl Lines {
 /// The real agent binary, running until dropped or stopped.
 pub struct Agent {
     child: Child,
+    /// The agent's own HTTP endpoint (`--listen`).
+    pub listen: String,
     pub stdout: Lines,
     pub stderr: Lines,
 }
@@ -121,6 +123,7 @@ impl Agent {
         }
         Self {
             child,
+            listen,
             stdout,
             stderr,
         }
@@ -128,6 +131,16 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// GET a path on the agent's own endpoint (plain HTTP/1.0 over a socket).
+    pub fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(&self.listen).expect("connect to the agent's endpoint");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").expect("send request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read response");
+        out
     }
 
     /// JSON objects printed so far.
