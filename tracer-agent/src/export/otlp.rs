@@ -183,7 +183,7 @@ enum Transport {
         endpoint: String,
     },
     Http {
-        client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+        client: Box<Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>>,
         base: String,
     },
 }
@@ -249,7 +249,7 @@ impl OtlpExporter {
                     .trim_end_matches("/v1/traces")
                     .to_string();
                 Transport::Http {
-                    client: Client::builder(TokioExecutor::new()).build_http(),
+                    client: Box::new(Client::builder(TokioExecutor::new()).build_http()),
                     base,
                 }
             }
