@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     capture::loader::{BpfCapture, CaptureConfig, CaptureError},
     config::Config,
-    connections::TableLimits,
+    connections::{SpanOptions, TableLimits},
     export::{ExportStage, otlp::OtlpExporter},
     metrics::RedMetrics,
     pipeline, server,
@@ -93,6 +93,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         TableLimits {
             max_connections: config.max_connections,
             ..TableLimits::default()
+        },
+        SpanOptions {
+            keep_sql_literals: config.keep_sql_literals,
         },
         telemetry.clone(),
         red.clone(),

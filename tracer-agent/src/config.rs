@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// How long a database connection may sit unused before it is reported as leaked [default: 60s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub leak_after: Option<Duration>,
+    /// Keep literal values in `db.query.text` (by default they are replaced by `?`:
+    /// SQL literals may hold personal data or secrets).
+    #[arg(long)]
+    pub keep_sql_literals: bool,
     /// Address of the agent's own HTTP endpoint (/metrics, /healthz) [default: 127.0.0.1:9464].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -76,6 +80,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub ringbuf_bytes: Option<u32>,
     pub max_connections: Option<usize>,
+    pub keep_sql_literals: Option<bool>,
 }
 
 mod humantime_serde_opt {
@@ -103,6 +108,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub ringbuf_bytes: u32,
     pub max_connections: usize,
+    pub keep_sql_literals: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +221,7 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant address parses")),
             ringbuf_bytes,
             max_connections: file.max_connections.unwrap_or(65536).max(1),
+            keep_sql_literals: args.keep_sql_literals || file.keep_sql_literals.unwrap_or(false),
         })
     }
 }

@@ -1,5 +1,5 @@
 //! The connection table: every followed TCP connection, its role, its process and
-//! its protocol state. Socket events go in; finished HTTP spans come out.
+//! its protocol state. Socket events go in; finished spans come out.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -13,9 +13,13 @@ use crate::{
     process::ProcessTable,
     protocols::{
         Chunk,
+        db::{DbCall, DbSystem, TxStatus},
         http1::{self, Http1Decoder, Http1Limits, Http1Message, MessageKind, StartLine},
+        mysql::{self, MysqlDecoder},
+        postgres::{self, PgDecoder},
+        redis::{self, RedisDecoder},
     },
-    spans::{HttpExchange, Span, SpanKind, http_span},
+    spans::{DbExchange, HttpExchange, Span, SpanKind, db_span, http_span},
     stitch,
     telemetry::Telemetry,
 };
@@ -38,12 +42,21 @@ impl Default for TableLimits {
     }
 }
 
+/// How spans are built.
+#[derive(Clone, Debug, Default)]
+pub struct SpanOptions {
+    /// Keep SQL literals in `db.query.text` (off by default: they may be secrets).
+    pub keep_sql_literals: bool,
+}
+
 /// What a connection speaks, as far as we know.
 enum Protocol {
     /// No payload seen yet.
     Unknown,
     Http1(Box<HttpConn>),
-    /// Not a protocol we decode: its traffic is ignored.
+    Db(Box<DbConn>),
+    /// Not a protocol we decode (or the server end of a database connection): its
+    /// traffic is ignored.
     Other,
 }
 
@@ -58,6 +71,81 @@ struct HttpConn {
 struct PendingRequest {
     message: Http1Message,
     tid: u32,
+}
+
+/// The client end of a database connection.
+struct DbConn {
+    decoder: DbDecoder,
+    /// Thread that sent the latest request bytes.
+    request_tid: u32,
+    scratch: Vec<DbCall>,
+}
+
+/// The database decoders, each seeing both directions of one connection.
+enum DbDecoder {
+    Postgres(PgDecoder),
+    Mysql(MysqlDecoder),
+    Redis(RedisDecoder),
+}
+
+impl DbDecoder {
+    fn system(&self) -> DbSystem {
+        match self {
+            DbDecoder::Postgres(_) => DbSystem::Postgresql,
+            DbDecoder::Mysql(_) => DbSystem::Mysql,
+            DbDecoder::Redis(_) => DbSystem::Redis,
+        }
+    }
+
+    /// Feeds bytes the client sent (`from_client`) or received.
+    fn feed(
+        &mut self,
+        from_client: bool,
+        chunk: &Chunk<'_>,
+        out: &mut Vec<DbCall>,
+    ) -> Result<(), String> {
+        match (self, from_client) {
+            (DbDecoder::Postgres(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Postgres(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Mysql(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Mysql(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Redis(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Redis(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn tx_status(&self) -> TxStatus {
+        match self {
+            DbDecoder::Postgres(d) => d.tx_status(),
+            DbDecoder::Mysql(d) => d.tx_status(),
+            DbDecoder::Redis(d) => d.tx_status(),
+        }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        match self {
+            DbDecoder::Postgres(d) => d.namespace(),
+            DbDecoder::Mysql(d) => d.namespace(),
+            DbDecoder::Redis(d) => d.namespace(),
+        }
+    }
+
+    fn encrypted(&self) -> bool {
+        match self {
+            DbDecoder::Postgres(d) => d.is_encrypted(),
+            DbDecoder::Mysql(d) => d.is_encrypted(),
+            DbDecoder::Redis(_) => false,
+        }
+    }
+
+    /// The connection closed: how many requests never got an answer.
+    fn finish(&mut self) -> usize {
+        match self {
+            DbDecoder::Postgres(d) => d.finish(),
+            DbDecoder::Mysql(d) => d.finish(),
+            DbDecoder::Redis(d) => d.finish(),
+        }
+    }
 }
 
 /// One followed TCP connection.
@@ -78,6 +166,7 @@ pub struct Connection {
 pub struct ConnectionTable {
     conns: HashMap<u64, Connection>,
     limits: TableLimits,
+    options: SpanOptions,
     http_limits: Http1Limits,
 }
 
@@ -94,11 +183,24 @@ impl SpanSink for Vec<Span> {
 
 const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
+/// Everything a connection needs from the table to turn messages into spans.
+struct Ctx<'a, S: SpanSink> {
+    procs: &'a mut ProcessTable,
+    telemetry: &'a Telemetry,
+    options: &'a SpanOptions,
+    out: &'a mut S,
+}
+
 impl ConnectionTable {
     pub fn new(limits: TableLimits) -> Self {
+        Self::with_options(limits, SpanOptions::default())
+    }
+
+    pub fn with_options(limits: TableLimits, options: SpanOptions) -> Self {
         Self {
             conns: HashMap::new(),
             limits,
+            options,
             http_limits: Http1Limits::default(),
         }
     }
@@ -123,6 +225,13 @@ impl ConnectionTable {
         telemetry: &Telemetry,
         out: &mut impl SpanSink,
     ) {
+        let options = self.options.clone();
+        let mut ctx = Ctx {
+            procs,
+            telemetry,
+            options: &options,
+            out,
+        };
         match event {
             Event::ConnOpen {
                 meta,
@@ -131,28 +240,23 @@ impl ConnectionTable {
             } => {
                 if let Some(old) = self.conns.remove(&meta.sock) {
                     // The kernel reused the socket address: the old connection is over.
-                    Self::close(old, procs, telemetry, out);
+                    old.close(&mut ctx);
                 }
-                self.make_room(procs, telemetry, out);
+                self.make_room(&mut ctx);
                 self.conns
                     .insert(meta.sock, Connection::new(&meta, endpoints, role));
             }
-            Event::Data(rec) => self.data(rec, procs, telemetry, out),
+            Event::Data(rec) => self.data(rec, &mut ctx),
             Event::ConnClose { meta, .. } => {
                 if let Some(conn) = self.conns.remove(&meta.sock) {
-                    Self::close(conn, procs, telemetry, out);
+                    conn.close(&mut ctx);
                 }
             }
-            Event::ProcExit { meta } => procs.exited(meta.tgid),
+            Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
         }
     }
 
-    fn make_room(
-        &mut self,
-        procs: &mut ProcessTable,
-        telemetry: &Telemetry,
-        out: &mut impl SpanSink,
-    ) {
+    fn make_room<S: SpanSink>(&mut self, ctx: &mut Ctx<'_, S>) {
         if self.conns.len() < self.limits.max_connections {
             return;
         }
@@ -162,26 +266,20 @@ impl ConnectionTable {
             .min_by_key(|(_, c)| c.last_io_ns)
             .map(|(&sock, _)| sock);
         if let Some(conn) = victim.and_then(|sock| self.conns.remove(&sock)) {
-            telemetry.connections_evicted.inc();
+            ctx.telemetry.connections_evicted.inc();
             log::debug!(
                 "connection table full ({}): evicting the least recently used",
                 self.limits.max_connections
             );
-            Self::close(conn, procs, telemetry, out);
+            conn.close(ctx);
         }
     }
 
-    fn data(
-        &mut self,
-        rec: DataRecord,
-        procs: &mut ProcessTable,
-        telemetry: &Telemetry,
-        out: &mut impl SpanSink,
-    ) {
+    fn data<S: SpanSink>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, S>) {
         if !self.conns.contains_key(&rec.meta.sock) {
             // Its open event was lost (ring buffer full): follow it with what we know.
-            telemetry.dropped("connection_open_missed");
-            self.make_room(procs, telemetry, out);
+            ctx.telemetry.dropped("connection_open_missed");
+            self.make_room(ctx);
             let unknown = Endpoints {
                 local: UNKNOWN_ADDR,
                 remote: UNKNOWN_ADDR,
@@ -195,7 +293,7 @@ impl ConnectionTable {
             return;
         };
         conn.pid = rec.meta.tgid;
-        if !rec.meta.comm.is_empty() {
+        if !rec.meta.comm.is_empty() && conn.comm != rec.meta.comm {
             conn.comm.clone_from(&rec.meta.comm);
         }
         conn.last_io_ns = rec.meta.ts_ns;
@@ -204,9 +302,9 @@ impl ConnectionTable {
             Direction::Recv => conn.bytes_recv += u64::from(rec.total_len),
         }
         if matches!(conn.protocol, Protocol::Unknown) {
-            conn.detect(&rec, self.http_limits.clone());
+            conn.detect(&rec, &self.http_limits);
             if matches!(conn.protocol, Protocol::Other) {
-                telemetry.dropped("unknown_protocol");
+                ctx.telemetry.dropped("unknown_protocol");
             }
         }
         let chunk = Chunk {
@@ -214,75 +312,12 @@ impl ConnectionTable {
             len: (rec.total_len as usize).max(rec.payload.len()),
             ts_ns: rec.meta.ts_ns,
         };
-        let Protocol::Http1(http) = &mut conn.protocol else {
-            return;
-        };
-        let requests_flow = match conn.role {
-            Role::Server => Direction::Recv,
-            _ => Direction::Send,
-        };
-        if rec.direction == requests_flow {
-            http.scratch.clear();
-            if let Err(e) = http.requests.feed(&chunk, &mut http.scratch) {
-                log::debug!("HTTP request decode error on {:?}: {e}", conn.endpoints);
-                telemetry.dropped("http_request_malformed");
+        match &mut conn.protocol {
+            Protocol::Http1(_) => {
+                conn.http_data(&rec, &chunk, self.limits.max_pending_requests, ctx)
             }
-            for message in http.scratch.drain(..) {
-                if let StartLine::Request { method, .. } = &message.start {
-                    http.responses.expect_response_to(method);
-                }
-                if http.pending.len() >= self.limits.max_pending_requests {
-                    http.pending.pop_front();
-                    telemetry.dropped("http_pending_overflow");
-                }
-                http.pending.push_back(PendingRequest {
-                    message,
-                    tid: rec.meta.tid,
-                });
-            }
-        } else {
-            http.scratch.clear();
-            if let Err(e) = http.responses.feed(&chunk, &mut http.scratch) {
-                log::debug!("HTTP response decode error on {:?}: {e}", conn.endpoints);
-                telemetry.dropped("http_response_malformed");
-            }
-            let responses = std::mem::take(&mut http.scratch);
-            for response in &responses {
-                conn.answer(response, procs, telemetry, out);
-            }
-            if let Protocol::Http1(http) = &mut conn.protocol {
-                if http.responses.is_tunnel() {
-                    // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
-                    conn.protocol = Protocol::Other;
-                } else {
-                    http.scratch = responses;
-                    http.scratch.clear();
-                }
-            }
-        }
-    }
-
-    /// Ends a connection: a close-delimited response finishes; unanswered requests are counted.
-    fn close(
-        mut conn: Connection,
-        procs: &mut ProcessTable,
-        telemetry: &Telemetry,
-        out: &mut impl SpanSink,
-    ) {
-        let Protocol::Http1(http) = &mut conn.protocol else {
-            return;
-        };
-        let mut finished = Vec::new();
-        http.responses.finish(&mut finished);
-        for response in &finished {
-            conn.answer(response, procs, telemetry, out);
-        }
-        if let Protocol::Http1(http) = &conn.protocol
-            && !http.pending.is_empty()
-        {
-            for _ in 0..http.pending.len() {
-                telemetry.dropped("http_request_unanswered");
-            }
+            Protocol::Db(_) => conn.db_data(&rec, &chunk, ctx),
+            Protocol::Unknown | Protocol::Other => {}
         }
     }
 }
@@ -302,14 +337,66 @@ impl Connection {
         }
     }
 
+    /// The database this connection talks to, when it is a database client.
+    pub fn db_system(&self) -> Option<DbSystem> {
+        match &self.protocol {
+            Protocol::Db(db) => Some(db.decoder.system()),
+            _ => None,
+        }
+    }
+
+    /// `db.namespace` of a database client connection, when known.
+    pub fn db_namespace(&self) -> Option<&str> {
+        match &self.protocol {
+            Protocol::Db(db) => db.decoder.namespace(),
+            _ => None,
+        }
+    }
+
+    /// Transaction status of a database client connection.
+    pub fn tx_status(&self) -> Option<TxStatus> {
+        match &self.protocol {
+            Protocol::Db(db) => Some(db.decoder.tx_status()),
+            _ => None,
+        }
+    }
+
     /// Learns the protocol (and, for sockets the kernel did not see connect or
     /// accept, the role) from the first captured payload.
-    fn detect(&mut self, rec: &DataRecord, limits: Http1Limits) {
-        if rec.payload.is_empty() {
+    fn detect(&mut self, rec: &DataRecord, limits: &Http1Limits) {
+        let bytes = &rec.payload[..];
+        if bytes.is_empty() {
             return;
         }
-        let request = http1::looks_like_request(&rec.payload);
-        let response = http1::looks_like_response(&rec.payload);
+        let sent = rec.direction == Direction::Send;
+        let db = if sent && postgres::looks_like_startup(bytes) {
+            Some(DbDecoder::Postgres(PgDecoder::new()))
+        } else if !sent && mysql::looks_like_server_greeting(bytes) {
+            Some(DbDecoder::Mysql(MysqlDecoder::new()))
+        } else if sent && !http1::looks_like_request(bytes) && redis::looks_like_command(bytes) {
+            Some(DbDecoder::Redis(RedisDecoder::new()))
+        } else {
+            None
+        };
+        if let Some(decoder) = db {
+            // We spoke first to a database (or it greeted us): we are its client.
+            if self.role == Role::Unknown {
+                self.role = Role::Client;
+            }
+            self.protocol = if self.role == Role::Client {
+                Protocol::Db(Box::new(DbConn {
+                    decoder,
+                    request_tid: rec.meta.tid,
+                    scratch: Vec::new(),
+                }))
+            } else {
+                // The database server's own end: its clients already make the spans.
+                Protocol::Other
+            };
+            return;
+        }
+        let request = http1::looks_like_request(bytes);
+        let response = http1::looks_like_response(bytes);
         if !request && !response {
             self.protocol = Protocol::Other;
             return;
@@ -337,20 +424,112 @@ impl Connection {
         }
         self.protocol = Protocol::Http1(Box::new(HttpConn {
             requests: Http1Decoder::new(MessageKind::Request, limits.clone()),
-            responses: Http1Decoder::new(MessageKind::Response, limits),
+            responses: Http1Decoder::new(MessageKind::Response, limits.clone()),
             pending: VecDeque::new(),
             scratch: Vec::new(),
         }));
     }
 
-    /// Pairs a response with the oldest waiting request and emits the span.
-    fn answer(
+    fn http_data<S: SpanSink>(
         &mut self,
-        response: &Http1Message,
-        procs: &mut ProcessTable,
-        telemetry: &Telemetry,
-        out: &mut impl SpanSink,
+        rec: &DataRecord,
+        chunk: &Chunk<'_>,
+        max_pending: usize,
+        ctx: &mut Ctx<'_, S>,
     ) {
+        let Protocol::Http1(http) = &mut self.protocol else {
+            return;
+        };
+        let requests_flow = if self.role == Role::Server {
+            Direction::Recv
+        } else {
+            Direction::Send
+        };
+        if rec.direction == requests_flow {
+            http.scratch.clear();
+            if let Err(e) = http.requests.feed(chunk, &mut http.scratch) {
+                log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
+                ctx.telemetry.dropped("http_request_malformed");
+            }
+            for message in http.scratch.drain(..) {
+                if let StartLine::Request { method, .. } = &message.start {
+                    http.responses.expect_response_to(method);
+                }
+                if http.pending.len() >= max_pending {
+                    http.pending.pop_front();
+                    ctx.telemetry.dropped("http_pending_overflow");
+                }
+                http.pending.push_back(PendingRequest {
+                    message,
+                    tid: rec.meta.tid,
+                });
+            }
+            return;
+        }
+        http.scratch.clear();
+        if let Err(e) = http.responses.feed(chunk, &mut http.scratch) {
+            log::debug!("HTTP response decode error on {:?}: {e}", self.endpoints);
+            ctx.telemetry.dropped("http_response_malformed");
+        }
+        let responses = std::mem::take(&mut http.scratch);
+        for response in &responses {
+            self.answer(response, ctx);
+        }
+        if let Protocol::Http1(http) = &mut self.protocol {
+            if http.responses.is_tunnel() {
+                // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
+                self.protocol = Protocol::Other;
+            } else {
+                http.scratch = responses;
+                http.scratch.clear();
+            }
+        }
+    }
+
+    fn db_data<S: SpanSink>(&mut self, rec: &DataRecord, chunk: &Chunk<'_>, ctx: &mut Ctx<'_, S>) {
+        let Protocol::Db(db) = &mut self.protocol else {
+            return;
+        };
+        let from_client = rec.direction == Direction::Send;
+        if from_client {
+            db.request_tid = rec.meta.tid;
+        }
+        db.scratch.clear();
+        if let Err(e) = db.decoder.feed(from_client, chunk, &mut db.scratch) {
+            log::debug!(
+                "{} decode error on {:?}: {e}",
+                db.decoder.system().as_str(),
+                self.endpoints
+            );
+            ctx.telemetry.dropped(match db.decoder.system() {
+                DbSystem::Postgresql => "postgresql_malformed",
+                DbSystem::Mysql => "mysql_malformed",
+                DbSystem::Redis => "redis_malformed",
+            });
+        }
+        if db.scratch.is_empty() {
+            if db.decoder.encrypted() {
+                self.protocol = Protocol::Other;
+            }
+            return;
+        }
+        let resource = ctx.procs.get(self.pid, &self.comm);
+        for call in db.scratch.drain(..) {
+            let span = db_span(&DbExchange {
+                call: &call,
+                local: self.endpoints.local,
+                remote: self.endpoints.remote,
+                resource: resource.clone(),
+                tid: db.request_tid,
+                keep_literals: ctx.options.keep_sql_literals,
+            });
+            ctx.telemetry.spans_built.inc();
+            ctx.out.span(span);
+        }
+    }
+
+    /// Pairs a response with the oldest waiting request and emits the span.
+    fn answer<S: SpanSink>(&mut self, response: &Http1Message, ctx: &mut Ctx<'_, S>) {
         let Protocol::Http1(http) = &mut self.protocol else {
             return;
         };
@@ -361,7 +540,7 @@ impl Connection {
             return; // interim response: the final one follows
         }
         let Some(req) = http.pending.pop_front() else {
-            telemetry.dropped("http_response_unpaired");
+            ctx.telemetry.dropped("http_response_unpaired");
             return;
         };
         let kind = if self.role == Role::Server {
@@ -369,7 +548,7 @@ impl Connection {
         } else {
             SpanKind::Client
         };
-        let resource = procs.get(self.pid, &self.comm);
+        let resource = ctx.procs.get(self.pid, &self.comm);
         let mut span = http_span(&HttpExchange {
             kind,
             request: &req.message,
@@ -380,8 +559,31 @@ impl Connection {
             tid: req.tid,
         });
         stitch::apply_traceparent(&mut span, req.message.headers.traceparent.as_deref());
-        telemetry.spans_built.inc();
-        out.span(span);
+        ctx.telemetry.spans_built.inc();
+        ctx.out.span(span);
+    }
+
+    /// Ends a connection: a close-delimited response finishes; requests that never
+    /// got an answer are counted.
+    fn close<S: SpanSink>(mut self, ctx: &mut Ctx<'_, S>) {
+        let unanswered = match &mut self.protocol {
+            Protocol::Http1(http) => {
+                let mut finished = Vec::new();
+                http.responses.finish(&mut finished);
+                for response in &finished {
+                    self.answer(response, ctx);
+                }
+                match &self.protocol {
+                    Protocol::Http1(http) => http.pending.len(),
+                    _ => 0,
+                }
+            }
+            Protocol::Db(db) => db.decoder.finish(),
+            Protocol::Unknown | Protocol::Other => 0,
+        };
+        for _ in 0..unanswered {
+            ctx.telemetry.dropped("request_unanswered");
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     capture::Event,
-    connections::{ConnectionTable, TableLimits},
+    connections::{ConnectionTable, SpanOptions, TableLimits},
     metrics::SharedRedMetrics,
     process::ProcessTable,
     spans::Span,
@@ -19,10 +19,11 @@ pub async fn process_events(
     mut rx: mpsc::Receiver<Vec<Event>>,
     tx: mpsc::Sender<Vec<Span>>,
     limits: TableLimits,
+    options: SpanOptions,
     telemetry: Arc<Telemetry>,
     red: SharedRedMetrics,
 ) {
-    let mut table = ConnectionTable::new(limits);
+    let mut table = ConnectionTable::with_options(limits, options);
     let mut procs = ProcessTable::new(16384);
     while let Some(batch) = rx.recv().await {
         let mut spans = Vec::new();

@@ -5,7 +5,11 @@ use std::{fmt, net::SocketAddr, sync::Arc};
 
 use crate::{
     process::ProcessResource,
-    protocols::http1::{Http1Message, StartLine},
+    protocols::{
+        db::{DbCall, DbSystem},
+        http1::{Http1Message, StartLine},
+        sql,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +293,101 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
     }
 }
 
+/// Everything known about one database call.
+pub struct DbExchange<'a> {
+    pub call: &'a DbCall,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub resource: Arc<ProcessResource>,
+    pub tid: u32,
+    /// Keep SQL literals in `db.query.text` (off by default).
+    pub keep_literals: bool,
+}
+
+/// Builds the CLIENT span of one database call (OpenTelemetry database conventions).
+pub fn db_span(x: &DbExchange<'_>) -> Span {
+    let call = x.call;
+    let is_sql = call.system != DbSystem::Redis;
+    let operation = call.operation.clone().or_else(|| {
+        call.query_text
+            .as_deref()
+            .filter(|_| is_sql)
+            .and_then(sql::operation)
+    });
+    let collection = call
+        .query_text
+        .as_deref()
+        .filter(|_| is_sql)
+        .and_then(sql::collection);
+    let mut attributes: Vec<(&'static str, AttrValue)> = vec![(
+        "db.system.name",
+        AttrValue::Str(call.system.as_str().to_string()),
+    )];
+    if let Some(ns) = &call.namespace {
+        attributes.push(("db.namespace", AttrValue::Str(ns.clone())));
+    }
+    if let Some(op) = &operation {
+        attributes.push(("db.operation.name", AttrValue::Str(op.clone())));
+    }
+    if let Some(c) = &collection {
+        attributes.push(("db.collection.name", AttrValue::Str(c.clone())));
+    }
+    if let Some(text) = &call.query_text {
+        let text = if is_sql && !x.keep_literals {
+            sql::obfuscate_for(text, call.system)
+        } else {
+            text.clone()
+        };
+        attributes.push(("db.query.text", AttrValue::Str(text)));
+    }
+    if let Some(code) = &call.error_code {
+        attributes.push(("db.response.status_code", AttrValue::Str(code.clone())));
+        attributes.push(("error.type", AttrValue::Str(code.clone())));
+    }
+    if let Some(rows) = call.rows {
+        attributes.push((
+            "db.response.returned_rows",
+            AttrValue::Int(rows.min(i64::MAX as u64) as i64),
+        ));
+    }
+    attributes.extend([
+        ("server.address", AttrValue::Str(x.remote.ip().to_string())),
+        ("server.port", AttrValue::Int(i64::from(x.remote.port()))),
+        (
+            "network.peer.address",
+            AttrValue::Str(x.remote.ip().to_string()),
+        ),
+        (
+            "network.peer.port",
+            AttrValue::Int(i64::from(x.remote.port())),
+        ),
+    ]);
+    // "{db.operation.name} {db.collection.name}", else the operation, else the system.
+    let name = match (&operation, &collection) {
+        (Some(op), Some(c)) => format!("{op} {c}"),
+        (Some(op), None) => op.clone(),
+        _ => call.system.as_str().to_string(),
+    };
+    Span {
+        trace_id: TraceId::random(),
+        span_id: SpanId::random(),
+        parent_span_id: None,
+        parent_source: ParentSource::None,
+        name,
+        kind: SpanKind::Client,
+        start_unix_nano: call.start_ns,
+        end_unix_nano: call.end_ns.max(call.start_ns),
+        status: if call.error_code.is_some() {
+            SpanStatus::Error
+        } else {
+            SpanStatus::Unset
+        },
+        attributes,
+        resource: x.resource.clone(),
+        tid: x.tid,
+    }
+}
+
 /// Methods the HTTP semantic conventions know; anything else is `_OTHER`.
 fn known_method(m: &str) -> &str {
     match m {
@@ -325,6 +424,42 @@ mod tests {
             service_name: "python3".into(),
             host_name: "h".into(),
         })
+    }
+
+    #[test]
+    fn db_span_obfuscates_literals_and_names_the_operation() {
+        let call = DbCall {
+            system: DbSystem::Postgresql,
+            operation: None,
+            query_text: Some("SELECT * FROM users WHERE email = 'a@b.c' AND id = 42".into()),
+            namespace: Some("shop".into()),
+            start_ns: 5,
+            end_ns: 9,
+            error_code: Some("42P01".into()),
+            rows: None,
+        };
+        let span = db_span(&DbExchange {
+            call: &call,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:5432".parse().unwrap(),
+            resource: resource(),
+            tid: 3,
+            keep_literals: false,
+        });
+        assert_eq!(span.kind, SpanKind::Client);
+        assert_eq!(span.name, "SELECT users");
+        assert_eq!(span.status, SpanStatus::Error);
+        let text = span.attr("db.query.text").unwrap().to_string();
+        assert!(!text.contains("a@b.c") && !text.contains("42"), "{text}");
+        assert_eq!(
+            span.attr("db.namespace"),
+            Some(&AttrValue::Str("shop".into()))
+        );
+        assert_eq!(
+            span.attr("db.response.status_code"),
+            Some(&AttrValue::Str("42P01".into()))
+        );
+        assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(5432)));
     }
 
     #[test]

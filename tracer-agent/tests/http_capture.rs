@@ -157,7 +157,10 @@ fn get_404_post_with_body_and_keep_alive() {
         "url_template=\"/missing\"",
         "http_response_status_code=\"201\"",
     ] {
-        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
     }
     assert!(agent.get("/healthz").ends_with("ok\n"));
     let (stdout, _) = agent.stop();

@@ -32,9 +32,17 @@ enum Cmd {
     },
     /// Set up, then run formatting and lint checks, unit tests and root integration tests.
     Test {
+        /// Seconds each decoder is fuzzed for (0 skips fuzzing).
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u64,
         /// Extra arguments for the integration test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
+    Fuzz {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
 }
 
@@ -49,7 +57,11 @@ fn main() -> Result<()> {
             cmd.args(args);
             run(&mut cmd)
         }
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { fuzz_seconds, args } => test(fuzz_seconds, &args),
+        Cmd::Fuzz { seconds } => {
+            setup(true)?;
+            fuzz(seconds)
+        }
     }
 }
 
@@ -112,7 +124,25 @@ fn tools_dir() -> PathBuf {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const ROTEL_VERSION: &str = "0.0.1a15";
 /// Debian packages the integration tests and benchmarks use.
-const DEBIAN_PACKAGES: &[&str] = &["curl", "python3", "python3-venv", "nginx-light", "iproute2"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "curl",
+    "python3",
+    "python3-venv",
+    "iproute2",
+    "nginx",
+    "postgresql",
+    "redis-server",
+    "mariadb-server",
+    "mariadb-client",
+];
+/// Python clients the integration tests drive (in the private venv).
+const PYTHON_PACKAGES: &[&str] = &[
+    "psycopg[binary]==3.2.13",
+    "redis==5.2.1",
+    "mysql-connector-python==9.1.0",
+    "PyMySQL==1.1.1",
+];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn setup(test_deps: bool) -> Result<()> {
     // 1. The nightly toolchain's rust-src, for -Z build-std=core.
@@ -208,18 +238,34 @@ fn setup(test_deps: bool) -> Result<()> {
         apt(&args)?;
     }
 
-    // 4. A real OpenTelemetry collector: rotel, from PyPI, in a private venv.
+    // 4. A real OpenTelemetry collector (rotel) and the Python database clients,
+    //    from PyPI, in a private venv.
     let venv = tools_dir().join("venv");
-    let rotel = rotel_agent(&venv);
-    if rotel.as_ref().is_none_or(|p| !p.exists()) {
-        if !venv.join("bin/pip").exists() {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        }
-        run(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "-q",
-            &format!("rotel=={ROTEL_VERSION}"),
-        ]))?;
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let stamp = venv.join(".tracer-packages");
+    let wanted = format!("rotel=={ROTEL_VERSION}\n{}", PYTHON_PACKAGES.join("\n"));
+    let rotel_missing = rotel_agent(&venv).is_none_or(|p| !p.exists());
+    if rotel_missing || std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(wanted.lines()))?;
+        std::fs::write(&stamp, &wanted)?;
+    }
+
+    // 5. cargo-fuzz, for the bounded fuzzing run of every decoder.
+    let have = output(Command::new("cargo-fuzz").arg("--version")).unwrap_or_default();
+    if !have.contains(CARGO_FUZZ_VERSION) {
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+                "install",
+                "--locked",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ]),
+        )?;
     }
     Ok(())
 }
@@ -234,7 +280,36 @@ fn rotel_agent(venv: &Path) -> Option<PathBuf> {
     Some(py.path().join("site-packages/rotel/rotel-agent"))
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// The fuzz targets declared in tracer-agent/fuzz/Cargo.toml.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = workspace_root().join("tracer-agent/fuzz/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("reading {}", manifest.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("name = \""))
+        .filter_map(|l| l.strip_suffix('"'))
+        .filter(|n| *n != "tracer-agent-fuzz")
+        .map(str::to_string)
+        .collect())
+}
+
+/// Runs each fuzz target for `seconds`; any crash fails. The eBPF object is not
+/// needed to fuzz decoders, so its build is skipped.
+fn fuzz(seconds: u64) -> Result<()> {
+    let dir = workspace_root().join("tracer-agent");
+    for target in fuzz_targets()? {
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz", "run", &target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=8192"))?;
+    }
+    Ok(())
+}
+
+fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
     setup(true)?;
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -298,6 +373,7 @@ fn test(args: &[String]) -> Result<()> {
         let mut cmd = as_root(&bin)?;
         cmd.current_dir(workspace_root().join("tracer-agent"))
             .env("TRACER_ROTEL_AGENT", &rotel)
+            .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
             .env("TRACER_AGENT_BIN", &agent)
             .args(["--test-threads=1"])
             .args(args);
@@ -305,6 +381,9 @@ fn test(args: &[String]) -> Result<()> {
             cmd.env("CI", "true");
         }
         run(&mut cmd)?;
+    }
+    if fuzz_seconds > 0 {
+        fuzz(fuzz_seconds)?;
     }
     Ok(())
 }

@@ -9,6 +9,10 @@
 
 pub mod db;
 pub mod http1;
+pub mod mysql;
+pub mod postgres;
+pub mod redis;
+pub mod sql;
 
 /// One syscall's worth of one direction of a connection's byte stream.
 #[derive(Clone, Copy, Debug)]

@@ -339,3 +339,189 @@ pub fn assert_span_contract(span: &Value) {
     );
     assert!(res["service.name"].is_string(), "resource: {span}");
 }
+
+/// The Python with the test clients installed (psycopg, redis, mysql-connector):
+/// `cargo xtask test` sets TRACER_PYTHON to its venv.
+pub fn python() -> String {
+    std::env::var("TRACER_PYTHON").unwrap_or_else(|_| {
+        panic!("TRACER_PYTHON is not set: run the integration tests through `cargo xtask test`, which installs the clients")
+    })
+}
+
+/// Runs a Python client script from tests/support with `args`; returns (pid, stdout).
+pub fn python_client(script: &str, args: &[&str]) -> (u32, String) {
+    let child = Command::new(python())
+        .arg(support_dir().join(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script}: {e}"));
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for python client");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway PostgreSQL cluster on 127.0.0.1:`port`, trust authentication.
+pub struct Postgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (cargo xtask setup)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("an initdb under /usr/lib/postgresql");
+        let dir = tempfile::tempdir().expect("temp dir");
+        run_ok(
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()),
+        );
+        let data = dir.path().join("data");
+        let as_postgres = |prog: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+            c
+        };
+        run_ok(
+            as_postgres("initdb")
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&data),
+        );
+        let port = free_port();
+        run_ok(
+            as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                    dir.path().display()
+                ))
+                .args(["-w", "start"]),
+        );
+        wait_for_port(port, "PostgreSQL");
+        Self { port, dir, bin }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// A Redis server on 127.0.0.1:`port` without persistence.
+pub fn redis_server(port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    wait_for_port(port, "redis-server");
+    Proc(child)
+}
+
+/// A throwaway MariaDB on 127.0.0.1:`port`; connect as root without a password.
+pub struct Mariadb {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Mariadb {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        run_ok(
+            Command::new("mariadb-install-db")
+                .args([
+                    "--user=root",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                ])
+                .arg(format!("--datadir={}", data.display())),
+        );
+        let port = free_port();
+        let child = Command::new("mariadbd")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--bind-address=127.0.0.1",
+                "--skip-log-bin",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mariadbd");
+        let proc = Proc(child);
+        wait_for_port(port, "MariaDB");
+        Self {
+            port,
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+}
+
+/// Runs a stdlib-only Python script from tests/support; returns (pid, stdout).
+pub fn python_client_plain(script: &str, args: &[&str]) -> (u32, String) {
+    let child = Command::new("python3")
+        .arg(support_dir().join(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script}: {e}"));
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for python client");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,166 @@
+//! Root integration tests: database calls of real clients against real PostgreSQL,
+//! Redis and MariaDB servers become CLIENT spans with the right SQL and attributes.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+fn client_spans_of(objects: &[Value], pid: u32) -> Vec<Value> {
+    spans(objects)
+        .into_iter()
+        .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+fn stop_and_collect(agent: Agent) -> Vec<Value> {
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+#[test]
+fn psycopg_session_gives_exactly_its_five_calls() {
+    if !require_root("psycopg_session_gives_exactly_its_five_calls") {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start(&["--output", "json", "--port", &pg.port.to_string()]);
+    let (pid, out) = python_client("db_clients.py", &["pg-session", &pg.port.to_string()]);
+    assert!(out.contains("failed as expected"), "{out}");
+    agent.wait_json(15, "five psycopg spans", |o| {
+        client_spans_of(o, pid).len() >= 5
+    });
+    let objects = stop_and_collect(agent);
+    let calls = client_spans_of(&objects, pid);
+    let texts: Vec<&str> = calls
+        .iter()
+        .map(|s| attr(s, "db.query.text").as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(calls.len(), 5, "exactly five calls: {texts:#?}");
+    for s in &calls {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "db.system.name"), "postgresql");
+        assert_eq!(attr(s, "db.namespace"), "postgres");
+        assert_eq!(attr(s, "db.operation.name"), "SELECT");
+        assert_eq!(attr(s, "server.port"), pg.port);
+    }
+    assert_eq!(texts[0], "SELECT ? AS one");
+    for t in &texts[1..4] {
+        assert_eq!(
+            *t, "SELECT $1::int + ? AS answer, ? AS s",
+            "the prepared text on every execution"
+        );
+    }
+    assert_eq!(texts[4], "SELECT ? / ?");
+    assert_eq!(calls[4]["status"], "error");
+    assert_eq!(attr(&calls[4], "db.response.status_code"), "22012");
+    assert!(calls[..4].iter().all(|s| s["status"] == "unset"));
+    let everything = serde_json::to_string(&objects).unwrap();
+    assert!(
+        !everything.contains("secret-literal"),
+        "a SQL literal leaked"
+    );
+    // Calls are in order and do not overlap.
+    for pair in calls.windows(2) {
+        assert!(pair[0]["end_unix_nano"].as_u64() <= pair[1]["start_unix_nano"].as_u64());
+    }
+}
+
+#[test]
+fn a_redis_pipeline_of_n_commands_gives_n_spans_in_order() {
+    if !require_root("a_redis_pipeline_of_n_commands_gives_n_spans_in_order") {
+        return;
+    }
+    let port = free_port();
+    let _redis = redis_server(port);
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    const N: usize = 25;
+    let (pid, out) = python_client(
+        "db_clients.py",
+        &["redis-pipeline", &port.to_string(), &N.to_string()],
+    );
+    assert!(out.contains(&format!("pipeline {N}")), "{out}");
+    agent.wait_json(15, "the pipeline's spans", |o| {
+        client_spans_of(o, pid)
+            .iter()
+            .filter(|s| attr(s, "db.operation.name") == "SET")
+            .count()
+            >= N
+    });
+    let objects = stop_and_collect(agent);
+    let calls = client_spans_of(&objects, pid);
+    let sets: Vec<&Value> = calls
+        .iter()
+        .filter(|s| attr(s, "db.operation.name") == "SET")
+        .collect();
+    assert_eq!(sets.len(), N, "one span per pipelined command");
+    for s in &sets {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "db.system.name"), "redis");
+        assert_eq!(attr(s, "db.query.text"), "SET ? ?");
+        assert_eq!(s["status"], "unset");
+    }
+    for pair in sets.windows(2) {
+        assert!(
+            pair[0]["start_unix_nano"].as_u64() <= pair[1]["start_unix_nano"].as_u64(),
+            "in order"
+        );
+    }
+    let everything = serde_json::to_string(&objects).unwrap();
+    assert!(!everything.contains("value-1"), "a Redis value leaked");
+}
+
+#[test]
+fn a_mariadb_prepared_statement_executed_twice_gives_two_spans_with_its_text() {
+    if !require_root("a_mariadb_prepared_statement_executed_twice_gives_two_spans_with_its_text") {
+        return;
+    }
+    let db = Mariadb::start();
+    let agent = Agent::start(&["--output", "json", "--port", &db.port.to_string()]);
+    let (pid, out) = python_client("db_clients.py", &["mysql-prepared", &db.port.to_string()]);
+    assert!(out.contains("failed as expected"), "{out}");
+    agent.wait_json(15, "the prepared statement's spans", |o| {
+        client_spans_of(o, pid)
+            .iter()
+            .any(|s| s["status"] == "error")
+    });
+    let objects = stop_and_collect(agent);
+    let calls = client_spans_of(&objects, pid);
+    let prepared: Vec<&Value> = calls
+        .iter()
+        .filter(|s| attr(s, "db.query.text") == "SELECT ? + ? AS answer, ? AS s")
+        .collect();
+    assert_eq!(
+        prepared.len(),
+        2,
+        "two executions, no span for the prepare: {calls:#?}"
+    );
+    for s in &prepared {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "db.system.name"), "mysql");
+        assert_eq!(attr(s, "db.namespace"), "mysql");
+        assert_eq!(attr(s, "db.operation.name"), "SELECT");
+        assert_eq!(s["status"], "unset");
+    }
+    let failed: Vec<&Value> = calls.iter().filter(|s| s["status"] == "error").collect();
+    assert_eq!(failed.len(), 1, "{calls:#?}");
+    assert_eq!(attr(failed[0], "db.response.status_code"), "1146");
+    assert_eq!(
+        attr(failed[0], "db.query.text"),
+        "SELECT * FROM no_such_table WHERE id = ?"
+    );
+    assert_eq!(attr(failed[0], "db.collection.name"), "no_such_table");
+    let everything = serde_json::to_string(&objects).unwrap();
+    assert!(
+        !everything.contains("secret-literal"),
+        "a SQL literal leaked"
+    );
+}

@@ -1,0 +1,71 @@
+"""Real database clients for the agent's integration tests.
+
+usage:
+  db_clients.py pg-session PORT          psycopg 3: simple query, one prepared statement
+                                         three times, a failing query (autocommit)
+  db_clients.py redis-pipeline PORT N    redis-py: N commands in one pipeline
+  db_clients.py mysql-prepared PORT      mysql-connector: one server-side prepared
+                                         statement executed twice, then a failing query
+
+Each prints one line per step so the test can check the client saw what the agent saw.
+"""
+import sys
+
+
+def pg_session(port):
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT 1 AS one")
+        print("simple", cur.fetchone()[0])
+        for n in (1, 2, 3):
+            cur.execute("SELECT %s::int + 40 AS answer, 'secret-literal' AS s", (n,), prepare=True)
+            print("prepared", cur.fetchone()[0])
+        try:
+            cur.execute("SELECT 1 / 0")
+        except psycopg.errors.DivisionByZero:
+            print("failed as expected")
+
+
+def redis_pipeline(port, n):
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.set(f"key:{i}", f"value-{i}")
+    results = pipe.execute()
+    print("pipeline", len(results))
+
+
+def mysql_prepared(port):
+    import mysql.connector
+
+    conn = mysql.connector.connect(host="127.0.0.1", port=port, user="root", password="", database="mysql")
+    cur = conn.cursor(prepared=True)
+    for n in (1, 2):
+        cur.execute("SELECT ? + 40 AS answer, 'secret-literal' AS s", (n,))
+        print("prepared", cur.fetchall()[0][0])
+    try:
+        cur.execute("SELECT * FROM no_such_table WHERE id = ?", (7,))
+    except mysql.connector.Error as e:
+        print("failed as expected", e.errno)
+    cur.close()
+    conn.close()
+
+
+def main():
+    cmd, port = sys.argv[1], int(sys.argv[2])
+    if cmd == "pg-session":
+        pg_session(port)
+    elif cmd == "redis-pipeline":
+        redis_pipeline(port, int(sys.argv[3]))
+    elif cmd == "mysql-prepared":
+        mysql_prepared(port)
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
