@@ -12,7 +12,8 @@ use crate::{
     connections::{SpanOptions, TableLimits},
     export::{ExportStage, otlp::OtlpExporter},
     metrics::RedMetrics,
-    pipeline, server,
+    pipeline::{self, PipelineConfig},
+    server,
     telemetry::Telemetry,
 };
 
@@ -90,12 +91,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let pipeline = tokio::spawn(pipeline::process_events(
         event_rx,
         span_tx,
-        TableLimits {
-            max_connections: config.max_connections,
-            ..TableLimits::default()
-        },
-        SpanOptions {
-            keep_sql_literals: config.keep_sql_literals,
+        PipelineConfig {
+            limits: TableLimits {
+                max_connections: config.max_connections,
+                ..TableLimits::default()
+            },
+            options: SpanOptions {
+                keep_sql_literals: config.keep_sql_literals,
+            },
+            parent_wait: config.parent_wait,
+            max_waiting_spans: 100_000,
         },
         telemetry.clone(),
         red.clone(),

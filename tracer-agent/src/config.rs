@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// How long a database connection may sit unused before it is reported as leaked [default: 60s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub leak_after: Option<Duration>,
+    /// Longest a span waits for its parent or peer spans before export [default: 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub parent_wait: Option<Duration>,
     /// Keep literal values in `db.query.text` (by default they are replaced by `?`:
     /// SQL literals may hold personal data or secrets).
     #[arg(long)]
@@ -81,6 +84,8 @@ pub struct FileConfig {
     pub ringbuf_bytes: Option<u32>,
     pub max_connections: Option<usize>,
     pub keep_sql_literals: Option<bool>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub parent_wait: Option<Duration>,
 }
 
 mod humantime_serde_opt {
@@ -109,6 +114,7 @@ pub struct Config {
     pub ringbuf_bytes: u32,
     pub max_connections: usize,
     pub keep_sql_literals: bool,
+    pub parent_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +228,10 @@ impl Config {
             ringbuf_bytes,
             max_connections: file.max_connections.unwrap_or(65536).max(1),
             keep_sql_literals: args.keep_sql_literals || file.keep_sql_literals.unwrap_or(false),
+            parent_wait: args
+                .parent_wait
+                .or(file.parent_wait)
+                .unwrap_or(Duration::from_secs(2)),
         })
     }
 }

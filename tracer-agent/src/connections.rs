@@ -19,10 +19,73 @@ use crate::{
         postgres::{self, PgDecoder},
         redis::{self, RedisDecoder},
     },
-    spans::{DbExchange, HttpExchange, Span, SpanKind, db_span, http_span},
+    spans::{DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
     stitch,
     telemetry::Telemetry,
 };
+
+/// What woke a thread last: the server request it is working for.
+#[derive(Clone, Copy, Debug)]
+struct Wake {
+    parent: SpanId,
+}
+
+/// Per-thread causality: which server request each thread is handling, so that the
+/// requests it sends can name their parent (`Link::woken_by`).
+#[derive(Default)]
+struct Causality {
+    /// (pid, tid) → the server request whose bytes (or whose child call's answer)
+    /// the thread read last.
+    wakes: HashMap<(u32, u32), Wake>,
+    /// (pid, tid) → server requests read by that thread and not yet answered.
+    open: HashMap<(u32, u32), u32>,
+}
+
+/// Threads remembered at most; beyond it the table is cleared (threads re-learn
+/// on their next request).
+const MAX_THREADS: usize = 65536;
+
+impl Causality {
+    fn server_request(&mut self, pid: u32, tid: u32, span: SpanId) {
+        if self.wakes.len() >= MAX_THREADS || self.open.len() >= MAX_THREADS {
+            self.wakes.clear();
+            self.open.clear();
+        }
+        self.wakes.insert((pid, tid), Wake { parent: span });
+        *self.open.entry((pid, tid)).or_default() += 1;
+    }
+
+    fn server_answered(&mut self, pid: u32, tid: u32, span: SpanId) {
+        if let Some(n) = self.open.get_mut(&(pid, tid)) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(&(pid, tid));
+            }
+        }
+        if self
+            .wakes
+            .get(&(pid, tid))
+            .is_some_and(|w| w.parent == span)
+        {
+            self.wakes.remove(&(pid, tid));
+        }
+    }
+
+    /// The parent candidate of a request this thread sends now, and whether the
+    /// thread serves one request at a time.
+    fn cause(&self, pid: u32, tid: u32) -> (Option<SpanId>, bool) {
+        let parent = self.wakes.get(&(pid, tid)).map(|w| w.parent);
+        let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
+        (parent, dedicated)
+    }
+
+    /// The thread read the answer to a call made for `parent`.
+    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>) {
+        if let Some(parent) = parent {
+            self.wakes.insert((pid, tid), Wake { parent });
+        }
+    }
+}
 
 /// Limits of the connection table.
 #[derive(Clone, Debug)]
@@ -66,11 +129,19 @@ struct HttpConn {
     responses: Http1Decoder,
     pending: VecDeque<PendingRequest>,
     scratch: Vec<Http1Message>,
+    /// Index of the next request on this connection.
+    next_exchange: u64,
+    /// Both ends count exchanges alike only when followed from the first byte.
+    from_start: bool,
 }
 
 struct PendingRequest {
     message: Http1Message,
     tid: u32,
+    span_id: SpanId,
+    exchange: u64,
+    woken_by: Option<SpanId>,
+    dedicated: bool,
 }
 
 /// The client end of a database connection.
@@ -78,6 +149,8 @@ struct DbConn {
     decoder: DbDecoder,
     /// Thread that sent the latest request bytes.
     request_tid: u32,
+    /// What that thread was working for when it sent them.
+    cause: (Option<SpanId>, bool),
     scratch: Vec<DbCall>,
 }
 
@@ -159,6 +232,8 @@ pub struct Connection {
     pub last_io_ns: u64,
     pub bytes_sent: u64,
     pub bytes_recv: u64,
+    /// The kernel saw this connection being connected or accepted (not adopted).
+    role_from_kernel: bool,
     protocol: Protocol,
 }
 
@@ -168,6 +243,7 @@ pub struct ConnectionTable {
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
+    causality: Causality,
 }
 
 /// Where the spans built from events go.
@@ -186,6 +262,7 @@ const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIE
 /// Everything a connection needs from the table to turn messages into spans.
 struct Ctx<'a, S: SpanSink> {
     procs: &'a mut ProcessTable,
+    causality: &'a mut Causality,
     telemetry: &'a Telemetry,
     options: &'a SpanOptions,
     out: &'a mut S,
@@ -202,6 +279,7 @@ impl ConnectionTable {
             limits,
             options,
             http_limits: Http1Limits::default(),
+            causality: Causality::default(),
         }
     }
 
@@ -226,8 +304,10 @@ impl ConnectionTable {
         out: &mut impl SpanSink,
     ) {
         let options = self.options.clone();
+        let mut causality = std::mem::take(&mut self.causality);
         let mut ctx = Ctx {
             procs,
+            causality: &mut causality,
             telemetry,
             options: &options,
             out,
@@ -254,6 +334,7 @@ impl ConnectionTable {
             }
             Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
         }
+        self.causality = causality;
     }
 
     fn make_room<S: SpanSink>(&mut self, ctx: &mut Ctx<'_, S>) {
@@ -333,6 +414,7 @@ impl Connection {
             last_io_ns: meta.ts_ns,
             bytes_sent: 0,
             bytes_recv: 0,
+            role_from_kernel: role != Role::Unknown,
             protocol: Protocol::Unknown,
         }
     }
@@ -387,6 +469,7 @@ impl Connection {
                 Protocol::Db(Box::new(DbConn {
                     decoder,
                     request_tid: rec.meta.tid,
+                    cause: (None, false),
                     scratch: Vec::new(),
                 }))
             } else {
@@ -427,6 +510,11 @@ impl Connection {
             responses: Http1Decoder::new(MessageKind::Response, limits.clone()),
             pending: VecDeque::new(),
             scratch: Vec::new(),
+            next_exchange: 0,
+            // A connection seen connecting or being accepted, whose first bytes are
+            // this request: both ends number its exchanges alike.
+            from_start: self.role_from_kernel
+                && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
         }));
     }
 
@@ -451,6 +539,7 @@ impl Connection {
                 log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
                 ctx.telemetry.dropped("http_request_malformed");
             }
+            let (pid, tid) = (rec.meta.tgid, rec.meta.tid);
             for message in http.scratch.drain(..) {
                 if let StartLine::Request { method, .. } = &message.start {
                     http.responses.expect_response_to(method);
@@ -459,10 +548,32 @@ impl Connection {
                     http.pending.pop_front();
                     ctx.telemetry.dropped("http_pending_overflow");
                 }
+                let traceparent = message
+                    .headers
+                    .traceparent
+                    .as_deref()
+                    .and_then(stitch::parse_traceparent);
+                let (span_id, woken_by, dedicated) = if self.role == Role::Server {
+                    let id = SpanId::random();
+                    ctx.causality.server_request(pid, tid, id);
+                    (id, None, false)
+                } else {
+                    // An outgoing traceparent names this very client span.
+                    let id = traceparent
+                        .map(|tp| tp.parent_id)
+                        .unwrap_or_else(SpanId::random);
+                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid);
+                    (id, woken_by, dedicated)
+                };
                 http.pending.push_back(PendingRequest {
                     message,
-                    tid: rec.meta.tid,
+                    tid,
+                    span_id,
+                    exchange: http.next_exchange,
+                    woken_by,
+                    dedicated,
                 });
+                http.next_exchange += 1;
             }
             return;
         }
@@ -473,7 +584,7 @@ impl Connection {
         }
         let responses = std::mem::take(&mut http.scratch);
         for response in &responses {
-            self.answer(response, ctx);
+            self.answer(response, rec.meta.tid, ctx);
         }
         if let Protocol::Http1(http) = &mut self.protocol {
             if http.responses.is_tunnel() {
@@ -493,6 +604,7 @@ impl Connection {
         let from_client = rec.direction == Direction::Send;
         if from_client {
             db.request_tid = rec.meta.tid;
+            db.cause = ctx.causality.cause(rec.meta.tgid, rec.meta.tid);
         }
         db.scratch.clear();
         if let Err(e) = db.decoder.feed(from_client, chunk, &mut db.scratch) {
@@ -513,7 +625,18 @@ impl Connection {
             }
             return;
         }
+        if !from_client {
+            ctx.causality
+                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0);
+        }
         let resource = ctx.procs.get(self.pid, &self.comm);
+        let link = Link {
+            conn: None,
+            exchange: None,
+            woken_by: db.cause.0,
+            dedicated_thread: db.cause.1,
+            header: false,
+        };
         for call in db.scratch.drain(..) {
             let span = db_span(&DbExchange {
                 call: &call,
@@ -522,14 +645,27 @@ impl Connection {
                 resource: resource.clone(),
                 tid: db.request_tid,
                 keep_literals: ctx.options.keep_sql_literals,
+                link: link.clone(),
             });
             ctx.telemetry.spans_built.inc();
             ctx.out.span(span);
         }
     }
 
+    /// The connection as (client end, server end).
+    fn conn_key(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let e = &self.endpoints;
+        match self.role {
+            Role::Server => Some((e.remote, e.local)),
+            Role::Client => Some((e.local, e.remote)),
+            Role::Unknown => None,
+        }
+    }
+
     /// Pairs a response with the oldest waiting request and emits the span.
-    fn answer<S: SpanSink>(&mut self, response: &Http1Message, ctx: &mut Ctx<'_, S>) {
+    /// `reader` is the thread that read the response (0 when the connection closed).
+    fn answer<S: SpanSink>(&mut self, response: &Http1Message, reader: u32, ctx: &mut Ctx<'_, S>) {
+        let conn = self.conn_key();
         let Protocol::Http1(http) = &mut self.protocol else {
             return;
         };
@@ -548,7 +684,21 @@ impl Connection {
         } else {
             SpanKind::Client
         };
+        let from_start = http.from_start;
+        if kind == SpanKind::Server {
+            ctx.causality
+                .server_answered(self.pid, req.tid, req.span_id);
+        } else if reader != 0 {
+            ctx.causality.answered_call(self.pid, reader, req.woken_by);
+        }
         let resource = ctx.procs.get(self.pid, &self.comm);
+        let header = req
+            .message
+            .headers
+            .traceparent
+            .as_deref()
+            .and_then(stitch::parse_traceparent)
+            .is_some();
         let mut span = http_span(&HttpExchange {
             kind,
             request: &req.message,
@@ -557,6 +707,14 @@ impl Connection {
             remote: self.endpoints.remote,
             resource,
             tid: req.tid,
+            span_id: req.span_id,
+            link: Link {
+                conn,
+                exchange: from_start.then_some(req.exchange),
+                woken_by: req.woken_by,
+                dedicated_thread: req.dedicated,
+                header,
+            },
         });
         stitch::apply_traceparent(&mut span, req.message.headers.traceparent.as_deref());
         ctx.telemetry.spans_built.inc();
@@ -571,7 +729,7 @@ impl Connection {
                 let mut finished = Vec::new();
                 http.responses.finish(&mut finished);
                 for response in &finished {
-                    self.answer(response, ctx);
+                    self.answer(response, 0, ctx);
                 }
                 match &self.protocol {
                     Protocol::Http1(http) => http.pending.len(),
@@ -946,6 +1104,90 @@ mod tests {
             !r.telemetry.render().contains("malformed"),
             "{}",
             r.telemetry.render()
+        );
+    }
+
+    #[test]
+    fn a_call_made_while_serving_a_request_names_it_as_its_cause() {
+        let mut r = Replay::new();
+        const SOCK_OUT: u64 = 0xffff_8880_0000_3000;
+        let out_endpoints = Endpoints {
+            local: "127.0.0.1:41000".parse().unwrap(),
+            remote: "127.0.0.1:9000".parse().unwrap(),
+        };
+        // Process 100 serves /a on thread 101 and, while doing so, calls /b twice.
+        r.feed(vec![
+            Event::ConnOpen {
+                meta: meta(SOCK_SERVER, 1, 100),
+                endpoints: endpoints(true),
+                role: Role::Server,
+            },
+            data(SOCK_SERVER, 10, 100, Direction::Recv, REQ, REQ.len() as u32),
+            Event::ConnOpen {
+                meta: meta(SOCK_OUT, 11, 100),
+                endpoints: out_endpoints,
+                role: Role::Client,
+            },
+            data(
+                SOCK_OUT,
+                12,
+                100,
+                Direction::Send,
+                b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+                28,
+            ),
+            data(SOCK_OUT, 13, 100, Direction::Recv, RESP, RESP.len() as u32),
+            data(
+                SOCK_OUT,
+                14,
+                100,
+                Direction::Send,
+                b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+                28,
+            ),
+            data(SOCK_OUT, 15, 100, Direction::Recv, RESP, RESP.len() as u32),
+            data(
+                SOCK_SERVER,
+                20,
+                100,
+                Direction::Send,
+                RESP,
+                RESP.len() as u32,
+            ),
+            // After answering, the thread's next call has no cause.
+            data(
+                SOCK_OUT,
+                30,
+                100,
+                Direction::Send,
+                b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+                28,
+            ),
+            data(SOCK_OUT, 31, 100, Direction::Recv, RESP, RESP.len() as u32),
+        ]);
+        assert_eq!(r.spans.len(), 4, "{:#?}", r.spans);
+        let server = r.spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+        let calls: Vec<_> = r
+            .spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Client)
+            .collect();
+        assert_eq!(calls[0].link.woken_by, Some(server.span_id));
+        assert!(calls[0].link.dedicated_thread);
+        assert_eq!(
+            calls[1].link.woken_by,
+            Some(server.span_id),
+            "woken by the first call's answer"
+        );
+        assert_eq!(calls[2].link.woken_by, None);
+        assert_eq!(calls[0].link.exchange, Some(0));
+        assert_eq!(calls[1].link.exchange, Some(1));
+        assert_eq!(
+            server.link.conn,
+            Some((
+                "127.0.0.1:40000".parse().unwrap(),
+                "127.0.0.1:8000".parse().unwrap()
+            ))
         );
     }
 

@@ -393,6 +393,7 @@ mod tests {
             span_id: SpanId([2; 8]),
             parent_span_id: None,
             parent_source: ParentSource::None,
+            parent_confidence: 0.0,
             name: "GET".into(),
             kind,
             start_unix_nano: 1_000_000_000,
@@ -411,6 +412,7 @@ mod tests {
                 host_name: "h".into(),
             }),
             tid: 1,
+            link: Default::default(),
         }
     }
 

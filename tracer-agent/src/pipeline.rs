@@ -1,9 +1,9 @@
 //! The stages after capture, joined by bounded channels:
-//! events → connections/protocols/spans/stitch → export.
+//! events → connections/protocols/spans → stitch (parent inference) → export.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     capture::Event,
@@ -11,37 +11,75 @@ use crate::{
     metrics::SharedRedMetrics,
     process::ProcessTable,
     spans::Span,
+    stitch::ParentInference,
     telemetry::{QueueLabel, Telemetry},
 };
 
-/// Turns event batches into span batches until the event channel closes.
+/// How the span stages are set up.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub limits: TableLimits,
+    pub options: SpanOptions,
+    /// Longest a span waits for its relatives before it is exported unlinked.
+    pub parent_wait: Duration,
+    /// Spans waiting for relatives at most (older ones go out unlinked first).
+    pub max_waiting_spans: usize,
+}
+
+/// Turns event batches into span batches until the event channel closes, then
+/// flushes every span still waiting for relatives.
 pub async fn process_events(
     mut rx: mpsc::Receiver<Vec<Event>>,
     tx: mpsc::Sender<Vec<Span>>,
-    limits: TableLimits,
-    options: SpanOptions,
+    config: PipelineConfig,
     telemetry: Arc<Telemetry>,
     red: SharedRedMetrics,
 ) {
-    let mut table = ConnectionTable::with_options(limits, options);
+    let mut table = ConnectionTable::with_options(config.limits, config.options);
     let mut procs = ProcessTable::new(16384);
-    while let Some(batch) = rx.recv().await {
-        let mut spans = Vec::new();
-        for event in batch {
-            table.handle(event, &mut procs, &telemetry, &mut spans);
+    let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut built = Vec::new();
+    loop {
+        let mut ready = Vec::new();
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for event in batch {
+                    table.handle(event, &mut procs, &telemetry, &mut built);
+                }
+                let now = Instant::now().into_std();
+                for span in built.drain(..) {
+                    stitch.push(span, now, &mut ready);
+                }
+            }
+            _ = tick.tick() => stitch.expire(Instant::now().into_std(), &mut ready),
         }
-        if spans.is_empty() {
-            continue;
-        }
-        if let Ok(mut red) = red.lock() {
-            spans.iter().for_each(|s| red.record(s));
-        }
-        let n = spans.len() as u64;
-        if tx.try_send(spans).is_err() {
-            telemetry
-                .queue_dropped
-                .get_or_create(&QueueLabel::new("spans"))
-                .inc_by(n);
-        }
+        send(ready, &tx, &telemetry, &red);
+    }
+    let mut ready = Vec::new();
+    stitch.flush(&mut ready);
+    send(ready, &tx, &telemetry, &red);
+}
+
+fn send(
+    spans: Vec<Span>,
+    tx: &mpsc::Sender<Vec<Span>>,
+    telemetry: &Telemetry,
+    red: &SharedRedMetrics,
+) {
+    if spans.is_empty() {
+        return;
+    }
+    if let Ok(mut red) = red.lock() {
+        spans.iter().for_each(|s| red.record(s));
+    }
+    let n = spans.len() as u64;
+    if tx.try_send(spans).is_err() {
+        telemetry
+            .queue_dropped
+            .get_or_create(&QueueLabel::new("spans"))
+            .inc_by(n);
     }
 }

@@ -44,12 +44,18 @@ impl SpanStatus {
     }
 }
 
-/// How a span's parent was found (`tracer.parent.source`).
+/// How a span's parent was found (`tracer.parent.source`), strongest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParentSource {
     /// A W3C `traceparent` header on the wire.
     Header,
-    /// No parent known.
+    /// The two ends of one TCP connection on this host, same exchange.
+    Socket,
+    /// Sent by the thread that was handling the parent request.
+    Thread,
+    /// Inferred from timing on a thread shared by many requests (event loops).
+    Timing,
+    /// No parent known (a root, or not linked rather than linked wrongly).
     None,
 }
 
@@ -57,9 +63,30 @@ impl ParentSource {
     pub fn as_str(self) -> &'static str {
         match self {
             ParentSource::Header => "header",
+            ParentSource::Socket => "socket",
+            ParentSource::Thread => "thread",
+            ParentSource::Timing => "timing",
             ParentSource::None => "none",
         }
     }
+}
+
+/// What parent inference needs to know about a span beyond its attributes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Link {
+    /// The connection as (client end, server end): both ends compute the same key.
+    pub conn: Option<(SocketAddr, SocketAddr)>,
+    /// Index of this exchange on its connection (0 = the first request), when the
+    /// connection was followed from its start.
+    pub exchange: Option<u64>,
+    /// Client spans: the server request being handled by the thread that sent this
+    /// request when it sent it (directly, or through an earlier call's answer).
+    pub woken_by: Option<SpanId>,
+    /// Client spans: that thread had exactly that one server request open (a
+    /// thread-per-request server) rather than several (an event loop).
+    pub dedicated_thread: bool,
+    /// The request carried a valid W3C `traceparent`.
+    pub header: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -129,6 +156,8 @@ pub struct Span {
     pub span_id: SpanId,
     pub parent_span_id: Option<SpanId>,
     pub parent_source: ParentSource,
+    /// `tracer.parent.confidence`, in [0, 1].
+    pub parent_confidence: f64,
     pub name: String,
     pub kind: SpanKind,
     pub start_unix_nano: u64,
@@ -139,6 +168,8 @@ pub struct Span {
     pub resource: Arc<ProcessResource>,
     /// Thread that read the request (server) or wrote it (client).
     pub tid: u32,
+    /// Inputs of parent inference.
+    pub link: Link,
 }
 
 impl Span {
@@ -163,6 +194,9 @@ pub struct HttpExchange<'a> {
     pub remote: SocketAddr,
     pub resource: Arc<ProcessResource>,
     pub tid: u32,
+    /// Assigned when the request was first seen, so children can name it early.
+    pub span_id: SpanId,
+    pub link: Link,
 }
 
 /// Splits a request target into its path (no query, no fragment). Absolute-form
@@ -273,9 +307,10 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
     }
     Span {
         trace_id: TraceId::random(),
-        span_id: SpanId::random(),
+        span_id: x.span_id,
         parent_span_id: None,
         parent_source: ParentSource::None,
+        parent_confidence: 0.0,
         // Semantic conventions: "{method} {http.route}" when the route is known,
         // else just the method. Routes are not known from the wire.
         name: known_method(method).to_string(),
@@ -290,6 +325,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         attributes,
         resource: x.resource.clone(),
         tid: x.tid,
+        link: x.link.clone(),
     }
 }
 
@@ -302,6 +338,7 @@ pub struct DbExchange<'a> {
     pub tid: u32,
     /// Keep SQL literals in `db.query.text` (off by default).
     pub keep_literals: bool,
+    pub link: Link,
 }
 
 /// Builds the CLIENT span of one database call (OpenTelemetry database conventions).
@@ -373,6 +410,7 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         span_id: SpanId::random(),
         parent_span_id: None,
         parent_source: ParentSource::None,
+        parent_confidence: 0.0,
         name,
         kind: SpanKind::Client,
         start_unix_nano: call.start_ns,
@@ -385,6 +423,7 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         attributes,
         resource: x.resource.clone(),
         tid: x.tid,
+        link: x.link.clone(),
     }
 }
 
@@ -445,6 +484,7 @@ mod tests {
             resource: resource(),
             tid: 3,
             keep_literals: false,
+            link: Link::default(),
         });
         assert_eq!(span.kind, SpanKind::Client);
         assert_eq!(span.name, "SELECT users");
@@ -491,6 +531,8 @@ mod tests {
             remote: "127.0.0.1:5000".parse().unwrap(),
             resource: resource(),
             tid: 9,
+            span_id: SpanId::random(),
+            link: Link::default(),
         });
         assert_eq!(span.name, "GET");
         assert_eq!(span.start_unix_nano, 10);
@@ -533,6 +575,8 @@ mod tests {
             remote: "[::1]:80".parse().unwrap(),
             resource: resource(),
             tid: 9,
+            span_id: SpanId::random(),
+            link: Link::default(),
         });
         assert_eq!(span.name, "_OTHER");
         assert_eq!(span.status, SpanStatus::Error);

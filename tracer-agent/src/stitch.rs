@@ -1,9 +1,26 @@
-//! Parent inference: gives spans their trace and parent.
+//! Parent inference: gives spans their trace and parent, strongest rule first, and
+//! records which rule did it (`tracer.parent.source`) and how sure it is
+//! (`tracer.parent.confidence`):
 //!
-//! Today: the W3C `traceparent` header rule. An incoming `traceparent` makes a SERVER
-//! span a child of that span in that trace; an outgoing request carrying one makes
-//! the CLIENT span use exactly those ids, so already-instrumented applications keep
-//! one tree without duplicates.
+//! 1. header — an incoming W3C `traceparent` makes a SERVER span a child of that span
+//!    in that trace; an outgoing request carrying one makes the CLIENT span use
+//!    exactly those ids, so instrumented applications keep one tree.
+//! 2. socket — a SERVER span and the CLIENT span at the other end of the same TCP
+//!    connection on this host, same exchange (the Nth request on it), same method
+//!    and path: the client is the parent, across processes, through any depth.
+//! 3. thread — a request a thread sends while it is handling one incoming request
+//!    (it read that request, or the answer to an earlier call made for it) is that
+//!    request's child (`connections::Causality`).
+//! 4. timing — on a thread that interleaves many requests (event loops) the cause
+//!    is ambiguous: such spans stay unlinked (`none`) rather than linked wrongly.
+//!
+//! Spans wait for their relatives at most `wait`; the buffer is bounded.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use crate::spans::{ParentSource, Span, SpanId, SpanKind, TraceId};
 
@@ -69,9 +86,532 @@ pub fn apply_traceparent(span: &mut Span, traceparent: Option<&str>) {
     }
 }
 
+type ExchangeKey = ((SocketAddr, SocketAddr), u64);
+
+struct Pending {
+    span: Span,
+    deadline: Instant,
+    /// The span this one waits for (its parent, or its socket peer); `None` when it
+    /// waits for a peer that has not arrived.
+    waiting_on: Option<SpanId>,
+}
+
+/// Bounded FIFO map: the oldest entries go first when full.
+struct Recent<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k)
+    }
+}
+
+/// Confidence of each rule.
+const CONFIDENCE_HEADER: f64 = 1.0;
+const CONFIDENCE_SOCKET: f64 = 1.0;
+const CONFIDENCE_THREAD: f64 = 0.95;
+
+/// Links spans into traces; see the module documentation for the rules.
+pub struct ParentInference {
+    wait: Duration,
+    max_pending: usize,
+    pending: HashMap<SpanId, Pending>,
+    arrivals: VecDeque<SpanId>,
+    /// Final trace ids of released spans, for relatives that arrive later.
+    released: Recent<SpanId, TraceId>,
+    /// CLIENT spans by connection exchange (pending or released), for the socket rule.
+    clients: Recent<ExchangeKey, (SpanId, String)>,
+    /// SERVER spans waiting for the CLIENT span at the other end.
+    servers_waiting: HashMap<ExchangeKey, SpanId>,
+    /// Spans waiting for a pending span, by the span they wait for.
+    waiters: HashMap<SpanId, Vec<SpanId>>,
+    /// Spans forced out early because the buffer was full.
+    pub evicted: u64,
+}
+
+fn path_of(span: &Span) -> String {
+    span.attr("url.path")
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
+/// Both ends on this host: loopback, or the same address at both ends.
+fn same_host(conn: (SocketAddr, SocketAddr)) -> bool {
+    conn.0.ip().is_loopback() || conn.0.ip() == conn.1.ip()
+}
+
+impl ParentInference {
+    pub fn new(wait: Duration, max_pending: usize) -> Self {
+        let recent = max_pending.max(1024) * 4;
+        Self {
+            wait,
+            max_pending: max_pending.max(1),
+            pending: HashMap::new(),
+            arrivals: VecDeque::new(),
+            released: Recent::new(recent),
+            clients: Recent::new(recent),
+            servers_waiting: HashMap::new(),
+            waiters: HashMap::new(),
+            evicted: 0,
+        }
+    }
+
+    /// Spans waiting for relatives right now.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes one finished span; pushes every span whose trace is now final to `out`.
+    pub fn push(&mut self, mut span: Span, now: Instant, out: &mut Vec<Span>) {
+        let id = span.span_id;
+        let mut waiting_on = None;
+        let mut wait = false;
+        match span.kind {
+            SpanKind::Server if span.link.header => {
+                // The header rule was applied when the span was built.
+                span.parent_confidence = CONFIDENCE_HEADER;
+                if let Some(parent) = span.parent_span_id
+                    && self.pending.contains_key(&parent)
+                {
+                    waiting_on = Some(parent);
+                    wait = true;
+                }
+            }
+            SpanKind::Server => {
+                if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
+                    match self.clients.get(&(conn, n)) {
+                        Some((client, path)) if *path == path_of(&span) => {
+                            let client = *client;
+                            self.link(&mut span, client, ParentSource::Socket, CONFIDENCE_SOCKET);
+                            if self.pending.contains_key(&client) {
+                                waiting_on = Some(client);
+                                wait = true;
+                            }
+                        }
+                        Some(_) => {} // exchanges do not line up: do not guess
+                        None if same_host(conn) => {
+                            self.servers_waiting.insert((conn, n), id);
+                            wait = true;
+                        }
+                        None => {}
+                    }
+                }
+            }
+            SpanKind::Client => {
+                if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
+                    self.clients.insert((conn, n), (id, path_of(&span)));
+                    if let Some(server) = self.servers_waiting.remove(&(conn, n)) {
+                        self.adopt_waiting_server(server, &span);
+                    }
+                }
+                if let Some(parent) = span.link.woken_by.filter(|_| span.link.dedicated_thread) {
+                    self.link(&mut span, parent, ParentSource::Thread, CONFIDENCE_THREAD);
+                    if !self.released.map.contains_key(&parent) {
+                        // The parent request is still open (or pending): wait for it.
+                        waiting_on = Some(parent);
+                        wait = true;
+                    }
+                }
+            }
+        }
+        if let Some(parent) = span.parent_span_id
+            && let Some(trace) = self.released.get(&parent)
+        {
+            span.trace_id = *trace;
+        }
+        if !wait {
+            self.release(span, out);
+            return;
+        }
+        if let Some(on) = waiting_on {
+            self.waiters.entry(on).or_default().push(id);
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                span,
+                deadline: now + self.wait,
+                waiting_on,
+            },
+        );
+        self.arrivals.push_back(id);
+        while self.pending.len() > self.max_pending {
+            let Some(oldest) = self.arrivals.pop_front() else {
+                break;
+            };
+            if self.pending.contains_key(&oldest) {
+                self.evicted += 1;
+                self.give_up(oldest, out);
+            }
+        }
+    }
+
+    fn link(&self, span: &mut Span, parent: SpanId, source: ParentSource, confidence: f64) {
+        span.parent_span_id = Some(parent);
+        span.parent_source = source;
+        span.parent_confidence = confidence;
+    }
+
+    /// A SERVER span that waited for its peer: the peer arrived.
+    fn adopt_waiting_server(&mut self, server: SpanId, client: &Span) {
+        let Some(p) = self.pending.get_mut(&server) else {
+            return;
+        };
+        if path_of(&p.span) != path_of(client) {
+            return;
+        }
+        p.span.parent_span_id = Some(client.span_id);
+        p.span.parent_source = ParentSource::Socket;
+        p.span.parent_confidence = CONFIDENCE_SOCKET;
+        p.waiting_on = Some(client.span_id);
+        self.waiters.entry(client.span_id).or_default().push(server);
+    }
+
+    /// Releases spans whose wait is over; call it periodically.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Span>) {
+        // Each span is looked at once per call at most.
+        for _ in 0..self.arrivals.len() {
+            let Some(&id) = self.arrivals.front() else {
+                break;
+            };
+            match self.pending.get(&id) {
+                None => {
+                    self.arrivals.pop_front();
+                }
+                Some(p) if p.deadline <= now => {
+                    self.arrivals.pop_front();
+                    if p.waiting_on.is_some_and(|w| self.pending.contains_key(&w)) {
+                        // It waits on a span that is itself still pending: it goes
+                        // out with that one (whose own wait is bounded).
+                        self.arrivals.push_back(id);
+                        continue;
+                    }
+                    self.give_up(id, out);
+                }
+                Some(_) => break,
+            }
+        }
+    }
+
+    /// Releases everything (shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Span>) {
+        let ids: Vec<SpanId> = self.arrivals.drain(..).collect();
+        for id in ids {
+            if self.pending.contains_key(&id) {
+                self.give_up(id, out);
+            }
+        }
+    }
+
+    /// Releases a span whose relative never came: it keeps the links it already has
+    /// only if they were made by a rule that needs no waiting.
+    fn give_up(&mut self, id: SpanId, out: &mut Vec<Span>) {
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        let mut span = p.span;
+        if let Some(on) = p.waiting_on
+            && let Some(list) = self.waiters.get_mut(&on)
+        {
+            list.retain(|w| *w != id);
+        }
+        // Keep a link only when its parent's trace is known (or came on the wire):
+        // an unlinked span is better than a link to a span that never shows up.
+        let parent_known = span
+            .parent_span_id
+            .is_some_and(|p| self.released.get(&p).is_some());
+        if span.parent_source != ParentSource::Header && !parent_known {
+            span.parent_span_id = None;
+            span.parent_source = ParentSource::None;
+            span.parent_confidence = 0.0;
+        }
+        if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange)
+            && span.kind == SpanKind::Server
+        {
+            self.servers_waiting.remove(&(conn, n));
+        }
+        self.release(span, out);
+    }
+
+    /// The span's trace is final: hand it out, then everything that waited on it.
+    fn release(&mut self, span: Span, out: &mut Vec<Span>) {
+        let mut work = vec![span];
+        while let Some(span) = work.pop() {
+            let id = span.span_id;
+            self.released.insert(id, span.trace_id);
+            if let Some(children) = self.waiters.remove(&id) {
+                for child in children {
+                    if let Some(mut p) = self.pending.remove(&child) {
+                        p.span.trace_id = span.trace_id;
+                        work.push(p.span);
+                    }
+                }
+            }
+            out.push(span);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        process::ProcessResource,
+        spans::{AttrValue, Link, SpanStatus},
+    };
+    use std::sync::Arc;
+
+    fn span(kind: SpanKind, pid: u32, path: &str, start: u64, end: u64, link: Link) -> Span {
+        Span {
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            parent_span_id: None,
+            parent_source: ParentSource::None,
+            parent_confidence: 0.0,
+            name: "GET".into(),
+            kind,
+            start_unix_nano: start,
+            end_unix_nano: end,
+            status: SpanStatus::Unset,
+            attributes: vec![("url.path", AttrValue::Str(path.into()))],
+            resource: Arc::new(ProcessResource {
+                pid,
+                executable_name: "svc".into(),
+                service_name: "svc".into(),
+                host_name: "h".into(),
+            }),
+            tid: pid,
+            link,
+        }
+    }
+
+    fn conn(client_port: u16, server_port: u16) -> Option<(SocketAddr, SocketAddr)> {
+        Some((
+            SocketAddr::from(([127, 0, 0, 1], client_port)),
+            SocketAddr::from(([127, 0, 0, 1], server_port)),
+        ))
+    }
+
+    /// A (pid 1) serves /x and calls B (pid 2) over one connection; events arrive the
+    /// way the kernel reports them: innermost spans first.
+    #[test]
+    fn a_chain_across_processes_becomes_one_trace() {
+        let mut st = ParentInference::new(Duration::from_secs(5), 1000);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // Incoming request to A from an untraced peer on another host.
+        let a_server = span(
+            SpanKind::Server,
+            1,
+            "/x",
+            10,
+            100,
+            Link {
+                conn: Some((
+                    SocketAddr::from(([10, 0, 0, 9], 5555)),
+                    SocketAddr::from(([10, 0, 0, 1], 80)),
+                )),
+                exchange: Some(0),
+                ..Link::default()
+            },
+        );
+        // A's call to B, sent by the thread handling a_server.
+        let a_client = span(
+            SpanKind::Client,
+            1,
+            "/y",
+            20,
+            90,
+            Link {
+                conn: conn(40000, 8080),
+                exchange: Some(3),
+                woken_by: Some(a_server.span_id),
+                dedicated_thread: true,
+                header: false,
+            },
+        );
+        let b_server = span(
+            SpanKind::Server,
+            2,
+            "/y",
+            25,
+            85,
+            Link {
+                conn: conn(40000, 8080),
+                exchange: Some(3),
+                ..Link::default()
+            },
+        );
+        let (a_server_id, a_client_id, b_server_id) =
+            (a_server.span_id, a_client.span_id, b_server.span_id);
+        st.push(b_server, now, &mut out);
+        assert!(out.is_empty(), "B waits for its peer on this host");
+        st.push(a_client, now, &mut out);
+        assert!(out.is_empty(), "A's call waits for the request it serves");
+        st.push(a_server, now, &mut out);
+        assert_eq!(out.len(), 3);
+        let by_id = |id: SpanId| out.iter().find(|s| s.span_id == id).unwrap();
+        let (root, call, remote) = (by_id(a_server_id), by_id(a_client_id), by_id(b_server_id));
+        assert_eq!(root.parent_span_id, None);
+        assert_eq!(call.parent_span_id, Some(a_server_id));
+        assert_eq!(call.parent_source, ParentSource::Thread);
+        assert_eq!(remote.parent_span_id, Some(a_client_id));
+        assert_eq!(remote.parent_source, ParentSource::Socket);
+        assert!(out.iter().all(|s| s.trace_id == root.trace_id), "one trace");
+        assert_eq!(st.pending(), 0);
+    }
+
+    #[test]
+    fn an_event_loop_call_stays_unlinked_rather_than_guessed() {
+        let mut st = ParentInference::new(Duration::from_secs(5), 1000);
+        let mut out = Vec::new();
+        let server = span(SpanKind::Server, 1, "/a", 0, 100, Link::default());
+        let call = span(
+            SpanKind::Client,
+            1,
+            "/b",
+            10,
+            20,
+            Link {
+                woken_by: Some(server.span_id),
+                dedicated_thread: false, // several requests open on that thread
+                ..Link::default()
+            },
+        );
+        st.push(call, Instant::now(), &mut out);
+        st.push(server, Instant::now(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter()
+                .all(|s| s.parent_span_id.is_none() && s.parent_source == ParentSource::None)
+        );
+    }
+
+    #[test]
+    fn a_missing_relative_releases_the_span_unlinked_after_the_wait() {
+        let mut st = ParentInference::new(Duration::from_millis(100), 1000);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let orphan_parent = SpanId::random();
+        let call = span(
+            SpanKind::Client,
+            1,
+            "/b",
+            10,
+            20,
+            Link {
+                woken_by: Some(orphan_parent),
+                dedicated_thread: true,
+                ..Link::default()
+            },
+        );
+        let server = span(
+            SpanKind::Server,
+            2,
+            "/c",
+            10,
+            20,
+            Link {
+                conn: conn(1, 2),
+                exchange: Some(0),
+                ..Link::default()
+            },
+        );
+        st.push(call, now, &mut out);
+        st.push(server, now, &mut out);
+        assert!(out.is_empty());
+        st.expire(now + Duration::from_millis(50), &mut out);
+        assert!(out.is_empty(), "still within the wait");
+        st.expire(now + Duration::from_millis(150), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter().all(|s| s.parent_span_id.is_none()),
+            "no link to a span that never came"
+        );
+        assert_eq!(st.pending(), 0);
+    }
+
+    #[test]
+    fn mismatched_exchanges_are_not_linked() {
+        let mut st = ParentInference::new(Duration::from_secs(5), 1000);
+        let mut out = Vec::new();
+        let client = span(
+            SpanKind::Client,
+            1,
+            "/one",
+            0,
+            10,
+            Link {
+                conn: conn(1, 2),
+                exchange: Some(0),
+                ..Link::default()
+            },
+        );
+        let server = span(
+            SpanKind::Server,
+            2,
+            "/two",
+            1,
+            9,
+            Link {
+                conn: conn(1, 2),
+                exchange: Some(0),
+                ..Link::default()
+            },
+        );
+        st.push(client, Instant::now(), &mut out);
+        st.push(server, Instant::now(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|s| s.parent_span_id.is_none()));
+    }
+
+    #[test]
+    fn the_waiting_buffer_is_bounded() {
+        let mut st = ParentInference::new(Duration::from_secs(60), 10);
+        let mut out = Vec::new();
+        for i in 0..50u16 {
+            let s = span(
+                SpanKind::Server,
+                2,
+                "/c",
+                0,
+                1,
+                Link {
+                    conn: conn(i, 2),
+                    exchange: Some(0),
+                    ..Link::default()
+                },
+            );
+            st.push(s, Instant::now(), &mut out);
+        }
+        assert_eq!(st.pending(), 10);
+        assert_eq!(out.len(), 40);
+        assert_eq!(st.evicted, 40);
+        st.flush(&mut out);
+        assert_eq!(out.len(), 50);
+    }
 
     #[test]
     fn parses_valid_and_rejects_invalid_traceparents() {

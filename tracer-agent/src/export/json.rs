@@ -23,6 +23,10 @@ pub fn span_json(span: &Span) -> Value {
         "tracer.parent.source".into(),
         Value::String(span.parent_source.as_str().into()),
     );
+    attributes.insert(
+        "tracer.parent.confidence".into(),
+        json!(span.parent_confidence),
+    );
     json!({
         "type": "span",
         "trace_id": span.trace_id.to_string(),

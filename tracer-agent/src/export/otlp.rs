@@ -120,6 +120,12 @@ fn proto_span(s: &Span) -> ProtoSpan {
         "tracer.parent.source",
         str_value(s.parent_source.as_str()),
     ));
+    attributes.push(kv(
+        "tracer.parent.confidence",
+        AnyValue {
+            value: Some(any_value::Value::DoubleValue(s.parent_confidence)),
+        },
+    ));
     ProtoSpan {
         trace_id: s.trace_id.0.to_vec(),
         span_id: s.span_id.0.to_vec(),
@@ -371,6 +377,7 @@ mod tests {
             span_id: SpanId([2; 8]),
             parent_span_id: None,
             parent_source: ParentSource::None,
+            parent_confidence: 0.0,
             name: name.into(),
             kind: SpanKind::Server,
             start_unix_nano: 1,
@@ -384,6 +391,7 @@ mod tests {
                 host_name: "h".into(),
             }),
             tid: 1,
+            link: Default::default(),
         }
     }
 
