@@ -32,6 +32,13 @@ struct Wake {
 
 /// Per-thread causality: which server request each thread is handling, so that the
 /// requests it sends can name their parent (`Link::woken_by`).
+///
+/// A thread that serves one request at a time (thread per request, blocking I/O)
+/// works for the request it read last, or for the one whose call it just got an
+/// answer to. A thread that interleaves requests (an event loop) resumes its
+/// handlers in the order their input arrived: each woken handler that sends a
+/// call takes the oldest wake not yet followed by a call, provided it came within
+/// [`MAX_WAKE_TO_SEND_NS`]; anything less clear is left without a cause.
 #[derive(Default)]
 struct Causality {
     /// (pid, tid) → the server request whose bytes (or whose child call's answer)
@@ -39,20 +46,40 @@ struct Causality {
     wakes: HashMap<(u32, u32), Wake>,
     /// (pid, tid) → server requests read by that thread and not yet answered.
     open: HashMap<(u32, u32), u32>,
+    /// (pid, tid) → wakes (request, time) not yet followed by a call, oldest first.
+    ready: HashMap<(u32, u32), VecDeque<(SpanId, u64)>>,
 }
 
 /// Threads remembered at most; beyond it the table is cleared (threads re-learn
 /// on their next request).
 const MAX_THREADS: usize = 65536;
+/// Wakes remembered per thread at most.
+const MAX_READY: usize = 1024;
+/// Longest an event-loop handler may take between being woken and sending its call
+/// for the two to be tied together.
+const MAX_WAKE_TO_SEND_NS: u64 = 1_000_000;
 
 impl Causality {
-    fn server_request(&mut self, pid: u32, tid: u32, span: SpanId) {
-        if self.wakes.len() >= MAX_THREADS || self.open.len() >= MAX_THREADS {
+    fn server_request(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
+        if self.wakes.len() >= MAX_THREADS
+            || self.open.len() >= MAX_THREADS
+            || self.ready.len() >= MAX_THREADS
+        {
             self.wakes.clear();
             self.open.clear();
+            self.ready.clear();
         }
         self.wakes.insert((pid, tid), Wake { parent: span });
         *self.open.entry((pid, tid)).or_default() += 1;
+        self.push_ready(pid, tid, span, ts);
+    }
+
+    fn push_ready(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
+        let q = self.ready.entry((pid, tid)).or_default();
+        if q.len() >= MAX_READY {
+            q.pop_front();
+        }
+        q.push_back((span, ts));
     }
 
     fn server_answered(&mut self, pid: u32, tid: u32, span: SpanId) {
@@ -69,20 +96,50 @@ impl Causality {
         {
             self.wakes.remove(&(pid, tid));
         }
+        if let Some(q) = self.ready.get_mut(&(pid, tid)) {
+            q.retain(|(s, _)| *s != span);
+            if q.is_empty() {
+                self.ready.remove(&(pid, tid));
+            }
+        }
     }
 
-    /// The parent candidate of a request this thread sends now, and whether the
+    /// The parent candidate of a request this thread sends at `ts`, and whether the
     /// thread serves one request at a time.
-    fn cause(&self, pid: u32, tid: u32) -> (Option<SpanId>, bool) {
-        let parent = self.wakes.get(&(pid, tid)).map(|w| w.parent);
+    fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
-        (parent, dedicated)
+        let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
+            while let Some(&(span, woke)) = q.front() {
+                q.pop_front();
+                if ts.saturating_sub(woke) > MAX_WAKE_TO_SEND_NS {
+                    continue; // that handler did not send promptly: no longer a candidate
+                }
+                if q.iter()
+                    .any(|&(_, w)| ts.saturating_sub(w) <= MAX_WAKE_TO_SEND_NS)
+                {
+                    // Several handlers woken and none has sent yet: which one sends
+                    // first is a guess. Do not guess, and forget the order, which
+                    // can no longer be trusted.
+                    q.clear();
+                    return None;
+                }
+                return Some(span);
+            }
+            None
+        });
+        if dedicated {
+            return (self.wakes.get(&(pid, tid)).map(|w| w.parent), true);
+        }
+        (queued, false)
     }
 
-    /// The thread read the answer to a call made for `parent`.
-    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>) {
+    /// The thread read, at `ts`, the answer to a call made for `parent`.
+    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, ts: u64) {
         if let Some(parent) = parent {
             self.wakes.insert((pid, tid), Wake { parent });
+            if self.open.get(&(pid, tid)).copied().unwrap_or(0) > 1 {
+                self.push_ready(pid, tid, parent, ts);
+            }
         }
     }
 }
@@ -200,6 +257,14 @@ impl DbDecoder {
             DbDecoder::Postgres(d) => d.namespace(),
             DbDecoder::Mysql(d) => d.namespace(),
             DbDecoder::Redis(d) => d.namespace(),
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        match self {
+            DbDecoder::Postgres(d) => d.in_flight(),
+            DbDecoder::Mysql(d) => d.in_flight(),
+            DbDecoder::Redis(d) => d.in_flight(),
         }
     }
 
@@ -555,14 +620,14 @@ impl Connection {
                     .and_then(stitch::parse_traceparent);
                 let (span_id, woken_by, dedicated) = if self.role == Role::Server {
                     let id = SpanId::random();
-                    ctx.causality.server_request(pid, tid, id);
+                    ctx.causality.server_request(pid, tid, id, rec.meta.ts_ns);
                     (id, None, false)
                 } else {
                     // An outgoing traceparent names this very client span.
                     let id = traceparent
                         .map(|tp| tp.parent_id)
                         .unwrap_or_else(SpanId::random);
-                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid);
+                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid, message.start_ns);
                     (id, woken_by, dedicated)
                 };
                 http.pending.push_back(PendingRequest {
@@ -604,7 +669,12 @@ impl Connection {
         let from_client = rec.direction == Direction::Send;
         if from_client {
             db.request_tid = rec.meta.tid;
-            db.cause = ctx.causality.cause(rec.meta.tgid, rec.meta.tid);
+            if !db.decoder.in_flight() {
+                // A new request starts: what is this thread working for?
+                db.cause = ctx
+                    .causality
+                    .cause(rec.meta.tgid, rec.meta.tid, rec.meta.ts_ns);
+            }
         }
         db.scratch.clear();
         if let Err(e) = db.decoder.feed(from_client, chunk, &mut db.scratch) {
@@ -627,7 +697,7 @@ impl Connection {
         }
         if !from_client {
             ctx.causality
-                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0);
+                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0, rec.meta.ts_ns);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let link = Link {
@@ -689,7 +759,8 @@ impl Connection {
             ctx.causality
                 .server_answered(self.pid, req.tid, req.span_id);
         } else if reader != 0 {
-            ctx.causality.answered_call(self.pid, reader, req.woken_by);
+            ctx.causality
+                .answered_call(self.pid, reader, req.woken_by, response.end_ns);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = req

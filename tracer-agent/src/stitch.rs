@@ -132,6 +132,7 @@ impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
 const CONFIDENCE_HEADER: f64 = 1.0;
 const CONFIDENCE_SOCKET: f64 = 1.0;
 const CONFIDENCE_THREAD: f64 = 0.95;
+const CONFIDENCE_TIMING: f64 = 0.7;
 
 /// Links spans into traces; see the module documentation for the rules.
 pub struct ParentInference {
@@ -139,8 +140,9 @@ pub struct ParentInference {
     max_pending: usize,
     pending: HashMap<SpanId, Pending>,
     arrivals: VecDeque<SpanId>,
-    /// Final trace ids of released spans, for relatives that arrive later.
-    released: Recent<SpanId, TraceId>,
+    /// Final trace ids and time ranges of released spans, for relatives that
+    /// arrive later.
+    released: Recent<SpanId, (TraceId, u64, u64)>,
     /// CLIENT spans by connection exchange (pending or released), for the socket rule.
     clients: Recent<ExchangeKey, (SpanId, String)>,
     /// SERVER spans waiting for the CLIENT span at the other end.
@@ -149,6 +151,18 @@ pub struct ParentInference {
     waiters: HashMap<SpanId, Vec<SpanId>>,
     /// Spans forced out early because the buffer was full.
     pub evicted: u64,
+}
+
+/// A timing link must nest in time: the call inside the request it serves.
+fn timing_fits(child: &Span, parent_start: u64, parent_end: u64) -> bool {
+    child.parent_source != ParentSource::Timing
+        || (parent_start <= child.start_unix_nano && child.end_unix_nano <= parent_end)
+}
+
+fn unlink(span: &mut Span) {
+    span.parent_span_id = None;
+    span.parent_source = ParentSource::None;
+    span.parent_confidence = 0.0;
 }
 
 fn path_of(span: &Span) -> String {
@@ -226,8 +240,13 @@ impl ParentInference {
                         self.adopt_waiting_server(server, &span);
                     }
                 }
-                if let Some(parent) = span.link.woken_by.filter(|_| span.link.dedicated_thread) {
-                    self.link(&mut span, parent, ParentSource::Thread, CONFIDENCE_THREAD);
+                if let Some(parent) = span.link.woken_by {
+                    let (source, confidence) = if span.link.dedicated_thread {
+                        (ParentSource::Thread, CONFIDENCE_THREAD)
+                    } else {
+                        (ParentSource::Timing, CONFIDENCE_TIMING)
+                    };
+                    self.link(&mut span, parent, source, confidence);
                     if !self.released.map.contains_key(&parent) {
                         // The parent request is still open (or pending): wait for it.
                         waiting_on = Some(parent);
@@ -237,9 +256,13 @@ impl ParentInference {
             }
         }
         if let Some(parent) = span.parent_span_id
-            && let Some(trace) = self.released.get(&parent)
+            && let Some(&(trace, start, end)) = self.released.get(&parent)
         {
-            span.trace_id = *trace;
+            if timing_fits(&span, start, end) {
+                span.trace_id = trace;
+            } else {
+                unlink(&mut span);
+            }
         }
         if !wait {
             self.release(span, out);
@@ -360,11 +383,18 @@ impl ParentInference {
         let mut work = vec![span];
         while let Some(span) = work.pop() {
             let id = span.span_id;
-            self.released.insert(id, span.trace_id);
+            self.released.insert(
+                id,
+                (span.trace_id, span.start_unix_nano, span.end_unix_nano),
+            );
             if let Some(children) = self.waiters.remove(&id) {
                 for child in children {
                     if let Some(mut p) = self.pending.remove(&child) {
-                        p.span.trace_id = span.trace_id;
+                        if timing_fits(&p.span, span.start_unix_nano, span.end_unix_nano) {
+                            p.span.trace_id = span.trace_id;
+                        } else {
+                            unlink(&mut p.span);
+                        }
                         work.push(p.span);
                     }
                 }
@@ -484,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn an_event_loop_call_stays_unlinked_rather_than_guessed() {
+    fn an_event_loop_call_is_linked_by_timing_with_less_confidence() {
         let mut st = ParentInference::new(Duration::from_secs(5), 1000);
         let mut out = Vec::new();
         let server = span(SpanKind::Server, 1, "/a", 0, 100, Link::default());
@@ -500,13 +530,24 @@ mod tests {
                 ..Link::default()
             },
         );
+        let (server_id, call_id) = (server.span_id, call.span_id);
         st.push(call, Instant::now(), &mut out);
         st.push(server, Instant::now(), &mut out);
         assert_eq!(out.len(), 2);
-        assert!(
-            out.iter()
-                .all(|s| s.parent_span_id.is_none() && s.parent_source == ParentSource::None)
-        );
+        let call = out.iter().find(|s| s.span_id == call_id).unwrap();
+        assert_eq!(call.parent_span_id, Some(server_id));
+        assert_eq!(call.parent_source, ParentSource::Timing);
+        assert!(call.parent_confidence < CONFIDENCE_THREAD);
+    }
+
+    #[test]
+    fn a_call_without_a_clear_cause_stays_unlinked() {
+        let mut st = ParentInference::new(Duration::from_secs(5), 1000);
+        let mut out = Vec::new();
+        let call = span(SpanKind::Client, 1, "/b", 10, 20, Link::default());
+        st.push(call, Instant::now(), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].parent_source, ParentSource::None);
     }
 
     #[test]

@@ -39,6 +39,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: `parents` (parent-inference accuracy on generated real workloads).
+    Bench {
+        /// Which benchmark.
+        #[arg(value_parser = ["parents"])]
+        which: String,
+        /// Requests per run.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 30)]
@@ -58,6 +67,10 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Test { fuzz_seconds, args } => test(fuzz_seconds, &args),
+        Cmd::Bench { which, requests } => {
+            setup(true)?;
+            bench(&which, requests)
+        }
         Cmd::Fuzz { seconds } => {
             setup(true)?;
             fuzz(seconds)
@@ -307,6 +320,54 @@ fn fuzz(seconds: u64) -> Result<()> {
             .arg("-max_len=8192"))?;
     }
     Ok(())
+}
+
+/// Builds a test binary of tracer-agent and returns its path.
+fn test_binary(name: &str, release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "tracer-agent",
+        "--test",
+        name,
+        "--no-run",
+        "--message-format=json",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().context("building the benchmark")?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("building {name} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"kind\":[\"test\"]"))
+        .find_map(|l| {
+            l.split("\"executable\":\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(PathBuf::from)
+        })
+        .with_context(|| format!("no executable for {name}"))
+}
+
+/// Runs a benchmark as root (it loads the real BPF programs).
+fn bench(which: &str, requests: usize) -> Result<()> {
+    match which {
+        "parents" => {
+            let bin = test_binary("bench_parents", true)?;
+            let mut cmd = as_root(&bin)?;
+            cmd.current_dir(workspace_root().join("tracer-agent"))
+                .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
+                .env("TRACER_BENCH_REQUESTS", requests.to_string())
+                .args(["--ignored", "--nocapture", "--test-threads=1"]);
+            run(&mut cmd)
+        }
+        other => bail!("unknown benchmark {other}"),
+    }
 }
 
 fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {

@@ -1,13 +1,26 @@
-//! `--output pretty`: a readable live view of spans on the terminal, one line per
-//! span, children indented under their parent when the parent is known.
+//! `--output pretty`: a readable live view of spans on the terminal. Spans come out
+//! of parent inference parents first, so each trace prints as a waterfall: children
+//! indented under their parent, with a bar placing each span inside its root's time.
 
 use std::{collections::HashMap, fmt::Write as _};
 
 use crate::spans::{AttrValue, Span, SpanId, SpanKind, SpanStatus};
 
-/// Remembers recent spans' depths so children print indented under parents.
+/// Width of the waterfall bar, in characters.
+const BAR: usize = 24;
+
+/// What a child needs from its parent's line.
+#[derive(Clone, Copy)]
+struct Placed {
+    depth: usize,
+    /// The trace root's start and duration (ns).
+    root_start: u64,
+    root_len: u64,
+}
+
+/// Remembers recent spans so children print under their parents.
 pub struct PrettyPrinter {
-    depth: HashMap<SpanId, usize>,
+    placed: HashMap<SpanId, Placed>,
     color: bool,
     capacity: usize,
 }
@@ -15,9 +28,9 @@ pub struct PrettyPrinter {
 impl PrettyPrinter {
     pub fn new(color: bool) -> Self {
         Self {
-            depth: HashMap::new(),
+            placed: HashMap::new(),
             color,
-            capacity: 4096,
+            capacity: 8192,
         }
     }
 
@@ -29,17 +42,39 @@ impl PrettyPrinter {
         }
     }
 
+    /// The bar of a span inside its root's time range.
+    fn bar(span: &Span, at: &Placed) -> String {
+        let len = at.root_len.max(1) as f64;
+        let from =
+            (span.start_unix_nano.saturating_sub(at.root_start) as f64 / len * BAR as f64) as usize;
+        let from = from.min(BAR - 1);
+        let width =
+            ((span.duration_ns() as f64 / len * BAR as f64).ceil() as usize).clamp(1, BAR - from);
+        format!(
+            "{}{}{}",
+            " ".repeat(from),
+            "█".repeat(width),
+            " ".repeat(BAR - from - width)
+        )
+    }
+
     /// Formats one span as a line.
     pub fn line(&mut self, span: &Span) -> String {
-        let depth = span
-            .parent_span_id
-            .and_then(|p| self.depth.get(&p))
-            .map(|d| d + 1)
-            .unwrap_or(0);
-        if self.depth.len() >= self.capacity {
-            self.depth.clear();
+        let at = match span.parent_span_id.and_then(|p| self.placed.get(&p)) {
+            Some(parent) => Placed {
+                depth: parent.depth + 1,
+                ..*parent
+            },
+            None => Placed {
+                depth: 0,
+                root_start: span.start_unix_nano,
+                root_len: span.duration_ns(),
+            },
+        };
+        if self.placed.len() >= self.capacity {
+            self.placed.clear();
         }
-        self.depth.insert(span.span_id, depth);
+        self.placed.insert(span.span_id, at);
 
         let str_attr = |k: &str| match span.attr(k) {
             Some(AttrValue::Str(s)) => s.clone(),
@@ -49,39 +84,118 @@ impl PrettyPrinter {
         let secs = span.start_unix_nano / 1_000_000_000;
         let millis = (span.start_unix_nano / 1_000_000) % 1000;
         let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-        let status = str_attr("http.response.status_code");
-        let status = match span.status {
-            SpanStatus::Error => self.paint("31", &status),
-            _ => self.paint("32", &status),
+        let is_db = span.attr("db.system.name").is_some();
+        let (what, outcome) = if is_db {
+            let text = str_attr("db.query.text");
+            let text: String = text.chars().take(60).collect();
+            let outcome = span
+                .attr("db.response.status_code")
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "ok".into());
+            (format!("{} {text}", str_attr("db.system.name")), outcome)
+        } else {
+            (
+                format!(
+                    "{} {}",
+                    str_attr("http.request.method"),
+                    str_attr("url.path")
+                ),
+                str_attr("http.response.status_code"),
+            )
+        };
+        let outcome = match span.status {
+            SpanStatus::Error => self.paint("31", &outcome),
+            _ => self.paint("32", &outcome),
         };
         let kind = match span.kind {
             SpanKind::Server => self.paint("36", "SERVER"),
             SpanKind::Client => self.paint("35", "CLIENT"),
         };
         let ms = span.duration_ns() as f64 / 1e6;
-        let peer = match span.kind {
-            SpanKind::Server => format!(
+        let peer = match (span.kind, is_db) {
+            (SpanKind::Server, _) => format!(
                 "← {}:{}",
                 str_attr("client.address"),
                 str_attr("client.port")
             ),
-            SpanKind::Client => format!(
+            (SpanKind::Client, _) => format!(
                 "→ {}:{}",
                 str_attr("server.address"),
                 str_attr("server.port")
             ),
         };
+        let trace = span.trace_id.to_string();
         let mut out = String::new();
         let _ = write!(
             out,
-            "{h:02}:{m:02}:{s:02}.{millis:03} {indent}{kind} {method} {path} {status} {ms:>8.2} ms  {exe}[{pid}] {peer}  trace={trace}",
-            indent = "  ".repeat(depth.min(16)),
-            method = str_attr("http.request.method"),
-            path = str_attr("url.path"),
+            "{h:02}:{m:02}:{s:02}.{millis:03} {trace} |{bar}| {indent}{kind} {what} {outcome} {ms:.2} ms  {exe}[{pid}] {peer}",
+            trace = &trace[..8],
+            bar = Self::bar(span, &at),
+            indent = "  ".repeat(at.depth.min(12)),
             exe = span.resource.executable_name,
             pid = span.resource.pid,
-            trace = &span.trace_id.to_string()[..8],
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        process::ProcessResource,
+        spans::{Link, ParentSource, TraceId},
+    };
+
+    fn span(parent: Option<SpanId>, start: u64, end: u64, path: &str) -> Span {
+        Span {
+            trace_id: TraceId([7; 16]),
+            span_id: SpanId::random(),
+            parent_span_id: parent,
+            parent_source: ParentSource::None,
+            parent_confidence: 0.0,
+            name: "GET".into(),
+            kind: SpanKind::Server,
+            start_unix_nano: start,
+            end_unix_nano: end,
+            status: SpanStatus::Unset,
+            attributes: vec![
+                ("http.request.method", AttrValue::Str("GET".into())),
+                ("url.path", AttrValue::Str(path.into())),
+                ("http.response.status_code", AttrValue::Int(200)),
+            ],
+            resource: Arc::new(ProcessResource {
+                pid: 1,
+                executable_name: "svc".into(),
+                service_name: "svc".into(),
+                host_name: "h".into(),
+            }),
+            tid: 1,
+            link: Link::default(),
+        }
+    }
+
+    #[test]
+    fn children_print_indented_with_a_bar_inside_the_root() {
+        let mut p = PrettyPrinter::new(false);
+        let root = span(None, 1_000_000_000, 1_100_000_000, "/root");
+        let child = span(Some(root.span_id), 1_050_000_000, 1_100_000_000, "/child");
+        let root_line = p.line(&root);
+        let child_line = p.line(&child);
+        assert!(
+            root_line.contains(&format!("|{}|", "█".repeat(BAR))),
+            "{root_line}"
+        );
+        assert!(
+            child_line.contains(&format!("|{}{}|", " ".repeat(BAR / 2), "█".repeat(BAR / 2))),
+            "{child_line}"
+        );
+        assert!(
+            child_line.contains("  SERVER GET /child 200"),
+            "{child_line}"
+        );
+        assert!(root_line.contains("| SERVER GET /root 200"), "{root_line}");
     }
 }

@@ -1,0 +1,176 @@
+//! The parent-inference accuracy benchmark (`cargo xtask bench parents`): real
+//! services whose true call tree is known by construction (chain.py), per server
+//! model and concurrency. Ignored by `cargo test`: it measures, it does not assert.
+//!
+//! Models: `threaded` = A, B, C thread-per-request; `event-loop` = B is an asyncio
+//! server. Always A → B → C → PostgreSQL, plus the load generator's own call.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::*;
+
+fn service(port: u16, extra: &[String]) -> Proc {
+    let child = Command::new(python())
+        .arg(support_dir().join("chain.py"))
+        .args(["serve", &port.to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start chain service");
+    wait_for_port(port, "chain service");
+    Proc(child)
+}
+
+fn id_of(span: &Value) -> Option<u64> {
+    if let Some(path) = attr(span, "url.path").as_str() {
+        return path.strip_prefix("/r/")?.parse().ok();
+    }
+    attr(span, "db.query.text")
+        .as_str()?
+        .rsplit("r_")
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[derive(Default, Debug)]
+struct Score {
+    edges: usize,
+    right: usize,
+    wrong: usize,
+    unlinked: usize,
+    traces: usize,
+    whole_traces: usize,
+}
+
+fn run(model: &str, concurrency: usize, requests: usize, pg: &Postgres) -> Score {
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let svc_c = service(c, &["--pg".into(), pg.port.to_string()]);
+    let mut b_args = vec!["--next".to_string(), format!("http://127.0.0.1:{c}")];
+    if model == "event-loop" {
+        b_args.extend(["--model".into(), "asyncio".into()]);
+    }
+    let svc_b = service(b, &b_args);
+    let svc_a = service(a, &["--next".into(), format!("http://127.0.0.1:{b}")]);
+    let ports: Vec<String> = [a, b, c, pg.port].iter().map(u16::to_string).collect();
+    let mut args = vec!["--output", "json"];
+    for p in &ports {
+        args.extend(["--port", p.as_str()]);
+    }
+    let agent = Agent::start(&args);
+    let url = format!("http://127.0.0.1:{a}");
+    let (load_pid, out) = python_client(
+        "chain.py",
+        &[
+            "load",
+            &url,
+            &requests.to_string(),
+            &concurrency.to_string(),
+        ],
+    );
+    assert!(out.contains("errors 0"), "{out}");
+    agent.wait_json(60, "all spans", |o| spans(o).len() >= requests * 7);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let all = spans(&objects);
+    let mut by_id: HashMap<u64, Vec<&Value>> = HashMap::new();
+    for s in &all {
+        if let Some(id) = id_of(s) {
+            by_id.entry(id).or_default().push(s);
+        }
+    }
+    let pid = |s: &Value| s["resource"]["process.pid"].as_u64().unwrap_or(0) as u32;
+    let mut score = Score::default();
+    for spans in by_id.values() {
+        score.traces += 1;
+        let find = |p: u32, kind: &str, db: bool| -> Option<&Value> {
+            let found: Vec<&&Value> = spans
+                .iter()
+                .filter(|s| {
+                    pid(s) == p && s["kind"] == kind && attr(s, "db.system.name").is_string() == db
+                })
+                .collect();
+            (found.len() == 1).then(|| *found[0])
+        };
+        let hops = [
+            find(load_pid, "client", false),
+            find(svc_a.pid(), "server", false),
+            find(svc_a.pid(), "client", false),
+            find(svc_b.pid(), "server", false),
+            find(svc_b.pid(), "client", false),
+            find(svc_c.pid(), "server", false),
+            find(svc_c.pid(), "client", true),
+        ];
+        let mut whole = spans.len() == 7 && hops.iter().all(Option::is_some);
+        for pair in hops.windows(2) {
+            score.edges += 1;
+            let (Some(parent), Some(child)) = (pair[0], pair[1]) else {
+                score.unlinked += 1;
+                whole = false;
+                continue;
+            };
+            if child["parent_span_id"].is_null() {
+                score.unlinked += 1;
+                whole = false;
+            } else if child["parent_span_id"] == parent["span_id"] {
+                score.right += 1;
+            } else {
+                score.wrong += 1;
+                whole = false;
+            }
+        }
+        let trace = hops[0].map(|s| &s["trace_id"]);
+        whole &= spans.iter().all(|s| Some(&s["trace_id"]) == trace);
+        score.whole_traces += usize::from(whole);
+    }
+    drop((svc_a, svc_b, svc_c));
+    score
+}
+
+#[test]
+#[ignore = "a benchmark: run with `cargo xtask bench parents`"]
+fn parent_inference_accuracy() {
+    if !require_root("parent_inference_accuracy") {
+        return;
+    }
+    let requests: usize = std::env::var("TRACER_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let pg = Postgres::start();
+    println!(
+        "\nparent inference accuracy: {requests} requests per run, chain load → A → B → C → PostgreSQL"
+    );
+    println!(
+        "{:<11} {:>4}  {:>12} {:>12} {:>10} {:>10}",
+        "model", "conc", "edges right", "whole trace", "wrong", "unlinked"
+    );
+    for model in ["threaded", "event-loop"] {
+        for concurrency in [1, 8, 32] {
+            let s = run(model, concurrency, requests, &pg);
+            let pct = |n: usize, d: usize| 100.0 * n as f64 / d.max(1) as f64;
+            println!(
+                "{:<11} {:>4}  {:>11.1}% {:>11.1}% {:>9.2}% {:>9.1}%",
+                model,
+                concurrency,
+                pct(s.right, s.edges),
+                pct(s.whole_traces, s.traces),
+                pct(s.wrong, s.edges),
+                pct(s.unlinked, s.edges),
+            );
+        }
+    }
+}
