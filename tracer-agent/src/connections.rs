@@ -58,6 +58,11 @@ const MAX_READY: usize = 1024;
 /// Longest an event-loop handler may take between being woken and sending its call
 /// for the two to be tied together.
 const MAX_WAKE_TO_SEND_NS: u64 = 1_000_000;
+/// More handlers than this woken together and still to send: their order is not
+/// trusted.
+const MAX_CONTENDERS: usize = 4;
+/// Wakes older than this are dropped from a thread's queue.
+const STALE_WAKE_NS: u64 = 100 * MAX_WAKE_TO_SEND_NS;
 
 impl Causality {
     fn server_request(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
@@ -109,23 +114,19 @@ impl Causality {
     fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
         let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
-            while let Some(&(span, woke)) = q.front() {
-                q.pop_front();
-                if ts.saturating_sub(woke) > MAX_WAKE_TO_SEND_NS {
-                    continue; // that handler did not send promptly: no longer a candidate
-                }
-                if q.iter()
-                    .any(|&(_, w)| ts.saturating_sub(w) <= MAX_WAKE_TO_SEND_NS)
-                {
-                    // Several handlers woken and none has sent yet: which one sends
-                    // first is a guess. Do not guess, and forget the order, which
-                    // can no longer be trusted.
-                    q.clear();
-                    return None;
-                }
-                return Some(span);
+            // Wakes long before `ts` can no longer be anybody's cause.
+            q.retain(|&(_, woke)| woke.saturating_add(STALE_WAKE_NS) >= ts);
+            let fits = |woke: u64| woke <= ts && ts - woke <= MAX_WAKE_TO_SEND_NS;
+            let candidates = q.iter().filter(|(_, woke)| fits(*woke)).count();
+            if candidates > MAX_CONTENDERS {
+                // Too many handlers woken at once to trust their order: do not
+                // guess, and forget them.
+                q.retain(|&(_, woke)| !fits(woke));
+                return None;
             }
-            None
+            // Handlers resume in the order their input arrived: the oldest first.
+            let first = q.iter().position(|(_, woke)| fits(*woke));
+            first.and_then(|i| q.remove(i)).map(|(span, _)| span)
         });
         if dedicated {
             return (self.wakes.get(&(pid, tid)).map(|w| w.parent), true);
@@ -133,13 +134,12 @@ impl Causality {
         (queued, false)
     }
 
-    /// The thread read, at `ts`, the answer to a call made for `parent`.
-    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, ts: u64) {
+    /// The thread read the answer to a call made for `parent`. On a dedicated
+    /// thread its next call is for the same request; on an event loop the handler
+    /// may just as well answer its own request, so the answer is no wake to queue.
+    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>) {
         if let Some(parent) = parent {
             self.wakes.insert((pid, tid), Wake { parent });
-            if self.open.get(&(pid, tid)).copied().unwrap_or(0) > 1 {
-                self.push_ready(pid, tid, parent, ts);
-            }
         }
     }
 }
@@ -697,7 +697,7 @@ impl Connection {
         }
         if !from_client {
             ctx.causality
-                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0, rec.meta.ts_ns);
+                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let link = Link {
@@ -759,8 +759,7 @@ impl Connection {
             ctx.causality
                 .server_answered(self.pid, req.tid, req.span_id);
         } else if reader != 0 {
-            ctx.causality
-                .answered_call(self.pid, reader, req.woken_by, response.end_ns);
+            ctx.causality.answered_call(self.pid, reader, req.woken_by);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = req
@@ -1260,6 +1259,34 @@ mod tests {
                 "127.0.0.1:8000".parse().unwrap()
             ))
         );
+    }
+
+    #[test]
+    fn an_event_loop_ties_calls_to_wakes_in_order_and_refuses_crowds() {
+        let mut c = Causality::default();
+        let (a, b) = (SpanId::random(), SpanId::random());
+        // One thread reads two requests, then its handlers send in that order.
+        c.server_request(1, 1, a, 1_000);
+        c.server_request(1, 1, b, 1_100);
+        assert_eq!(c.cause(1, 1, 1_200), (Some(a), false));
+        assert_eq!(c.cause(1, 1, 1_300), (Some(b), false));
+        assert_eq!(c.cause(1, 1, 1_400), (None, false), "no wake left");
+        // A wake long before the send is nobody's cause any more.
+        let late = SpanId::random();
+        c.server_request(1, 1, late, 2_000);
+        assert_eq!(
+            c.cause(1, 1, 2_000 + MAX_WAKE_TO_SEND_NS + 1),
+            (None, false)
+        );
+        // Too many handlers woken at once: no guess.
+        for i in 0..=MAX_CONTENDERS as u64 {
+            c.server_request(1, 1, SpanId::random(), 10_000_000 + i);
+        }
+        assert_eq!(c.cause(1, 1, 10_000_100), (None, false));
+        // A thread with a single open request is dedicated.
+        let only = SpanId::random();
+        c.server_request(1, 2, only, 5);
+        assert_eq!(c.cause(1, 2, 6), (Some(only), true));
     }
 
     #[test]
