@@ -1290,6 +1290,52 @@ mod tests {
     }
 
     #[test]
+    fn malformed_traffic_is_counted_and_other_connections_keep_their_spans() {
+        let mut r = Replay::new();
+        const SOCK_BAD: u64 = 0xffff_8880_0000_4000;
+        let bad = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n";
+        r.feed(vec![
+            Event::ConnOpen {
+                meta: meta(SOCK_BAD, 1, 100),
+                endpoints: endpoints(true),
+                role: Role::Server,
+            },
+            Event::ConnOpen {
+                meta: meta(SOCK_SERVER, 1, 100),
+                endpoints: endpoints(true),
+                role: Role::Server,
+            },
+            data(SOCK_BAD, 5, 100, Direction::Recv, bad, bad.len() as u32),
+            data(SOCK_SERVER, 6, 100, Direction::Recv, REQ, REQ.len() as u32),
+            data(
+                SOCK_BAD,
+                7,
+                100,
+                Direction::Recv,
+                b"\x00\xff garbage \r\n\r\n",
+                16,
+            ),
+            data(
+                SOCK_SERVER,
+                8,
+                100,
+                Direction::Send,
+                RESP,
+                RESP.len() as u32,
+            ),
+        ]);
+        assert_eq!(r.spans.len(), 1, "{:#?}", r.spans);
+        assert_eq!(r.spans[0].start_unix_nano, 6);
+        assert!(
+            r.telemetry
+                .render()
+                .contains("reason=\"http_request_malformed\"}"),
+            "{}",
+            r.telemetry.render()
+        );
+    }
+
+    #[test]
     fn the_table_is_bounded() {
         let mut r = Replay::new();
         r.table = ConnectionTable::new(TableLimits {
