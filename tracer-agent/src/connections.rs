@@ -48,6 +48,11 @@ struct Causality {
     open: HashMap<(u32, u32), u32>,
     /// (pid, tid) → wakes (request, time) not yet followed by a call, oldest first.
     ready: HashMap<(u32, u32), VecDeque<(SpanId, u64)>>,
+    /// (pid, tid) → when the thread last read an answer to one of its calls: a
+    /// handler resumed by it may send next, which makes the queue's order unsafe.
+    /// The request that call was made for rides along: once that request is
+    /// answered, its handler is done and the doubt is gone.
+    answered_at: HashMap<(u32, u32), (u64, Option<SpanId>)>,
 }
 
 /// Threads remembered at most; beyond it the table is cleared (threads re-learn
@@ -73,6 +78,7 @@ impl Causality {
             self.wakes.clear();
             self.open.clear();
             self.ready.clear();
+            self.answered_at.clear();
         }
         self.wakes.insert((pid, tid), Wake { parent: span });
         *self.open.entry((pid, tid)).or_default() += 1;
@@ -113,6 +119,15 @@ impl Causality {
     /// thread serves one request at a time.
     fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
+        let answered_recently = self
+            .answered_at
+            .get(&(pid, tid))
+            .is_some_and(|&(at, _)| at <= ts && ts - at <= MAX_WAKE_TO_SEND_NS);
+        if !dedicated && answered_recently {
+            // A handler resumed by an answer may be the sender as well as any
+            // queued one: do not guess.
+            return (None, false);
+        }
         let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
             // Wakes long before `ts` can no longer be anybody's cause.
             q.retain(|&(_, woke)| woke.saturating_add(STALE_WAKE_NS) >= ts);
@@ -137,7 +152,10 @@ impl Causality {
     /// The thread read the answer to a call made for `parent`. On a dedicated
     /// thread its next call is for the same request; on an event loop the handler
     /// may just as well answer its own request, so the answer is no wake to queue.
-    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>) {
+    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, ts: u64) {
+        if self.answered_at.len() < MAX_THREADS {
+            self.answered_at.insert((pid, tid), (ts, parent));
+        }
         if let Some(parent) = parent {
             self.wakes.insert((pid, tid), Wake { parent });
         }
@@ -697,7 +715,7 @@ impl Connection {
         }
         if !from_client {
             ctx.causality
-                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0);
+                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0, rec.meta.ts_ns);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let link = Link {
@@ -759,7 +777,8 @@ impl Connection {
             ctx.causality
                 .server_answered(self.pid, req.tid, req.span_id);
         } else if reader != 0 {
-            ctx.causality.answered_call(self.pid, reader, req.woken_by);
+            ctx.causality
+                .answered_call(self.pid, reader, req.woken_by, response.end_ns);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = req
@@ -1283,6 +1302,11 @@ mod tests {
             c.server_request(1, 1, SpanId::random(), 10_000_000 + i);
         }
         assert_eq!(c.cause(1, 1, 10_000_100), (None, false));
+        // A handler resumed by an answer may send next: the queue is not trusted then.
+        let fresh = SpanId::random();
+        c.server_request(1, 1, fresh, 20_000_000);
+        c.answered_call(1, 1, None, 20_000_010);
+        assert_eq!(c.cause(1, 1, 20_000_020), (None, false));
         // A thread with a single open request is dedicated.
         let only = SpanId::random();
         c.server_request(1, 2, only, 5);
