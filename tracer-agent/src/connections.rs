@@ -828,9 +828,8 @@ impl Connection {
             Protocol::Db(db) => db.decoder.finish(),
             Protocol::Unknown | Protocol::Other => 0,
         };
-        for _ in 0..unanswered {
-            ctx.telemetry.dropped("request_unanswered");
-        }
+        ctx.telemetry
+            .dropped_n("request_unanswered", unanswered as u64);
     }
 }
 

@@ -174,12 +174,19 @@ impl Telemetry {
         self.decode_errors.inc();
     }
 
+    /// Counts one piece of traffic skipped or rejected, by reason.
     pub fn dropped(&self, reason: &str) {
-        self.traffic_dropped
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
+        self.dropped_n(reason, 1);
+    }
+
+    pub fn dropped_n(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.traffic_dropped
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn exported(&self, exporter: &str, n: u64) {

@@ -100,6 +100,50 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Passed and failed tests seen in cargo test output.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a test command, echoing its output and counting its results.
+fn run_tests(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            tally.passed += count(" passed");
+            tally.failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
@@ -385,14 +429,18 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     // Unit tests (no root needed), in parallel.
-    run(cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "tracer-ebpf",
-        "--lib",
-        "--bins",
-    ]))?;
+    let mut tally = Tally::default();
+    run_tests(
+        cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "tracer-ebpf",
+            "--lib",
+            "--bins",
+        ]),
+        &mut tally,
+    )?;
 
     // Integration tests load real BPF programs: build them, then run them as root,
     // one at a time.
@@ -428,23 +476,21 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
     if binaries.is_empty() {
         bail!("no integration test binaries were built");
     }
-    let agent = workspace_root().join("target/debug/tracer-agent");
-    run(cargo().args(["build", "-p", "tracer-agent"]))?;
     for bin in binaries {
         let mut cmd = as_root(&bin)?;
         cmd.current_dir(workspace_root().join("tracer-agent"))
             .env("TRACER_ROTEL_AGENT", &rotel)
             .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
-            .env("TRACER_AGENT_BIN", &agent)
             .args(["--test-threads=1"])
             .args(args);
         if ci {
             cmd.env("CI", "true");
         }
-        run(&mut cmd)?;
+        run_tests(&mut cmd, &mut tally)?;
     }
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;
     }
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     Ok(())
 }
