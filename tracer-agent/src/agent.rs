@@ -12,7 +12,7 @@ use crate::{
     connections::{SpanOptions, TableLimits},
     export::{ExportStage, otlp::OtlpExporter},
     metrics::RedMetrics,
-    pipeline::{self, PipelineConfig},
+    pipeline::{self, PipelineConfig, SharedInventory},
     server,
     telemetry::Telemetry,
 };
@@ -82,10 +82,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let (span_tx, span_rx) = mpsc::channel(SPAN_QUEUE);
 
     let red = RedMetrics::shared(MAX_METRIC_SERIES);
+    let inventory = SharedInventory::default();
     let server = tokio::spawn(server::serve(
         listener,
         telemetry.clone(),
         red.clone(),
+        inventory.clone(),
         cancel.clone(),
     ));
     let pipeline = tokio::spawn(pipeline::process_events(
@@ -104,6 +106,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         },
         telemetry.clone(),
         red.clone(),
+        inventory,
     ));
     let export = tokio::spawn(
         ExportStage {

@@ -25,6 +25,12 @@ pub struct Cli {
 pub enum Command {
     /// Say which kernel features the agent needs and which are present here.
     Check,
+    /// Show a running agent's database connections per process and destination.
+    Conns {
+        /// The agent's `--listen` address.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
 }
 
 /// Flags of the agent itself. Each one can also be set in the config file.

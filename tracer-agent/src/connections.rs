@@ -222,6 +222,8 @@ struct PendingRequest {
 /// The client end of a database connection.
 struct DbConn {
     decoder: DbDecoder,
+    /// The last call completed on it: its (obfuscated) text and span.
+    last_call: Option<(Option<String>, SpanId, u64)>,
     /// Thread that sent the latest request bytes.
     request_tid: u32,
     /// What that thread was working for when it sent them.
@@ -329,6 +331,26 @@ pub struct ConnectionTable {
     causality: Causality,
 }
 
+/// One database client connection in the inventory (`/connections`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DbConnectionRow {
+    pub pid: u32,
+    pub executable: String,
+    pub service: String,
+    pub db_system: &'static str,
+    pub namespace: Option<String>,
+    pub server_address: String,
+    pub server_port: u16,
+    pub client_port: u16,
+    /// `used` (a call in flight or a transaction open) or `idle`.
+    pub state: &'static str,
+    pub tx_status: &'static str,
+    pub idle_seconds: f64,
+    pub open_seconds: f64,
+    pub last_query: Option<String>,
+    pub last_span_id: Option<String>,
+}
+
 /// Where the spans built from events go.
 pub trait SpanSink {
     fn span(&mut self, span: Span);
@@ -376,6 +398,61 @@ impl ConnectionTable {
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.conns.get(&sock)
+    }
+
+    /// One row per database client connection, for `/connections` and `conns`.
+    pub fn db_inventory(&self, now_ns: u64, procs: &mut ProcessTable) -> Vec<DbConnectionRow> {
+        let mut rows: Vec<DbConnectionRow> = self
+            .conns
+            .values()
+            .filter_map(|c| {
+                let Protocol::Db(db) = &c.protocol else {
+                    return None;
+                };
+                let tx = db.decoder.tx_status();
+                let in_tx = matches!(tx, TxStatus::InTransaction | TxStatus::Failed);
+                let resource = procs.get(c.pid, &c.comm);
+                let (last_query, last_span_id, last_call_ns) = match &db.last_call {
+                    Some((q, s, at)) => (q.clone(), Some(s.to_string()), *at),
+                    None => (None, None, c.opened_ns),
+                };
+                Some(DbConnectionRow {
+                    pid: c.pid,
+                    executable: resource.executable_name.clone(),
+                    service: resource.service_name.clone(),
+                    db_system: db.decoder.system().as_str(),
+                    namespace: db.decoder.namespace().map(str::to_string),
+                    server_address: c.endpoints.remote.ip().to_string(),
+                    server_port: c.endpoints.remote.port(),
+                    client_port: c.endpoints.local.port(),
+                    state: if db.decoder.in_flight() || in_tx {
+                        "used"
+                    } else {
+                        "idle"
+                    },
+                    tx_status: match tx {
+                        TxStatus::Unknown => "unknown",
+                        TxStatus::Idle => "idle",
+                        TxStatus::InTransaction => "in_transaction",
+                        TxStatus::Failed => "failed",
+                    },
+                    idle_seconds: now_ns.saturating_sub(c.last_io_ns.max(last_call_ns)) as f64
+                        / 1e9,
+                    open_seconds: now_ns.saturating_sub(c.opened_ns) as f64 / 1e9,
+                    last_query,
+                    last_span_id,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.pid, &a.server_address, a.server_port, a.client_port).cmp(&(
+                b.pid,
+                &b.server_address,
+                b.server_port,
+                b.client_port,
+            ))
+        });
+        rows
     }
 
     /// Handles one event from the kernel.
@@ -553,6 +630,7 @@ impl Connection {
                     decoder,
                     request_tid: rec.meta.tid,
                     cause: (None, false),
+                    last_call: None,
                     scratch: Vec::new(),
                 }))
             } else {
@@ -735,6 +813,8 @@ impl Connection {
                 keep_literals: ctx.options.keep_sql_literals,
                 link: link.clone(),
             });
+            let text = span.attr("db.query.text").map(|t| t.to_string());
+            db.last_call = Some((text, span.span_id, call.end_ns));
             ctx.telemetry.spans_built.inc();
             ctx.out.span(span);
         }

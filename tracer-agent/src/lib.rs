@@ -8,6 +8,7 @@ pub mod capture;
 pub mod check;
 pub mod config;
 pub mod connections;
+pub mod conns;
 pub mod export;
 pub mod metrics;
 pub mod pipeline;

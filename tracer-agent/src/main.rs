@@ -21,6 +21,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Some(Command::Conns { listen }) => match tracer_agent::conns::fetch(listen) {
+            Ok(pools) => {
+                print!("{}", tracer_agent::conns::render(&pools));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tracer-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
         None => {
             let config = match Config::from_args(&cli.run) {
                 Ok(c) => c,

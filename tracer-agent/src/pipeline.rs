@@ -7,13 +7,23 @@ use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     capture::Event,
-    connections::{ConnectionTable, SpanOptions, TableLimits},
+    connections::{ConnectionTable, DbConnectionRow, SpanOptions, TableLimits},
     metrics::SharedRedMetrics,
     process::ProcessTable,
     spans::Span,
     stitch::ParentInference,
     telemetry::{QueueLabel, Telemetry},
 };
+
+/// The latest database connection inventory, published about once a second.
+pub type SharedInventory = Arc<std::sync::Mutex<Vec<DbConnectionRow>>>;
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
 
 /// How the span stages are set up.
 #[derive(Clone, Debug)]
@@ -34,6 +44,7 @@ pub async fn process_events(
     config: PipelineConfig,
     telemetry: Arc<Telemetry>,
     red: SharedRedMetrics,
+    inventory: SharedInventory,
 ) {
     let mut table = ConnectionTable::with_options(config.limits, config.options);
     let mut procs = ProcessTable::new(16384);
@@ -41,6 +52,7 @@ pub async fn process_events(
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut built = Vec::new();
+    let mut last_inventory = Instant::now();
     loop {
         let mut ready = Vec::new();
         tokio::select! {
@@ -57,6 +69,13 @@ pub async fn process_events(
             _ = tick.tick() => stitch.expire(Instant::now().into_std(), &mut ready),
         }
         send(ready, &tx, &telemetry, &red);
+        if last_inventory.elapsed() >= Duration::from_secs(1) {
+            last_inventory = Instant::now();
+            let rows = table.db_inventory(unix_now_ns(), &mut procs);
+            if let Ok(mut shared) = inventory.lock() {
+                *shared = rows;
+            }
+        }
     }
     let mut ready = Vec::new();
     stitch.flush(&mut ready);

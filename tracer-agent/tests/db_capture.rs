@@ -164,3 +164,82 @@ fn a_mariadb_prepared_statement_executed_twice_gives_two_spans_with_its_text() {
         "a SQL literal leaked"
     );
 }
+
+#[test]
+fn open_connections_show_in_the_inventory_and_in_conns() {
+    if !require_root("open_connections_show_in_the_inventory_and_in_conns") {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start(&["--output", "none", "--port", &pg.port.to_string()]);
+    let mut child = std::process::Command::new(python())
+        .arg(support_dir().join("db_clients.py"))
+        .args(["pg-hold", &pg.port.to_string(), "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pg-hold");
+    let pid = child.id();
+    let lines = Lines::follow(child.stdout.take().unwrap());
+    let _client = Proc(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !lines.text().contains("holding") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg-hold did not get ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pool = loop {
+        let body = agent.get("/connections");
+        let json: Value =
+            serde_json::from_str(body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(""))
+                .unwrap();
+        let ours: Vec<Value> = json["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["pid"] == pid)
+            .cloned()
+            .collect();
+        if ours.first().is_some_and(|p| p["open"] == 3) || std::time::Instant::now() > deadline {
+            let conns: Vec<Value> = json["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["pid"] == pid)
+                .cloned()
+                .collect();
+            assert_eq!(conns.len(), 3, "{json:#}");
+            let in_tx: Vec<&Value> = conns
+                .iter()
+                .filter(|c| c["tx_status"] == "in_transaction")
+                .collect();
+            assert_eq!(in_tx.len(), 1, "{conns:#?}");
+            assert_eq!(in_tx[0]["state"], "used");
+            assert_eq!(in_tx[0]["last_query"], "SELECT ?");
+            assert!(
+                conns
+                    .iter()
+                    .all(|c| c["db_system"] == "postgresql" && c["server_port"] == pg.port)
+            );
+            break ours[0].clone();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        (pool["used"].clone(), pool["idle"].clone()),
+        (Value::from(1), Value::from(2)),
+        "{pool:#}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tracer-agent"))
+        .args(["conns", "--listen", &agent.listen])
+        .output()
+        .expect("tracer-agent conns");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains(&format!("[{pid}]")) && table.contains(&format!("127.0.0.1:{}", pg.port)),
+        "{table}"
+    );
+    assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
+}

@@ -28,6 +28,21 @@ def pg_session(port):
             print("failed as expected")
 
 
+def pg_hold(port, seconds):
+    """Three connections: two idle after a query, one left inside a transaction."""
+    import time
+
+    import psycopg
+
+    conns = [psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) for _ in range(3)]
+    conns[0].execute("SELECT 1")
+    conns[1].execute("BEGIN")
+    conns[1].execute("SELECT 2")
+    conns[2].execute("SELECT 3")
+    print("holding", flush=True)
+    time.sleep(seconds)
+
+
 def redis_pipeline(port, n):
     import redis
 
@@ -59,6 +74,8 @@ def main():
     cmd, port = sys.argv[1], int(sys.argv[2])
     if cmd == "pg-session":
         pg_session(port)
+    elif cmd == "pg-hold":
+        pg_hold(port, float(sys.argv[3]))
     elif cmd == "redis-pipeline":
         redis_pipeline(port, int(sys.argv[3]))
     elif cmd == "mysql-prepared":

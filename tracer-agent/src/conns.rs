@@ -1,0 +1,137 @@
+//! `tracer-agent conns`: the database connection table of a running agent, one row
+//! per process and destination, fit for an 80-column terminal.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use crate::server::PoolRow;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnsError {
+    #[error(
+        "no agent answers on {addr}: {source} (start one with `sudo tracer-agent`, or pass --listen)"
+    )]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reading from the agent on {addr} failed: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the agent on {addr} answered something unexpected: {reason}")]
+    Answer { addr: SocketAddr, reason: String },
+}
+
+/// Fetches the pools from the agent's `/connections`.
+pub fn fetch(addr: SocketAddr) -> Result<Vec<PoolRow>, ConnsError> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|source| ConnsError::Connect { addr, source })?;
+    let io = |source| ConnsError::Io { addr, source };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    s.write_all(b"GET /connections HTTP/1.0\r\nHost: tracer-agent\r\n\r\n")
+        .map_err(io)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(io)?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| ConnsError::Answer {
+            addr,
+            reason: "no HTTP body".into(),
+        })?;
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| ConnsError::Answer {
+        addr,
+        reason: e.to_string(),
+    })?;
+    serde_json::from_value(v["pools"].clone()).map_err(|e| ConnsError::Answer {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+fn human(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// The table, oldest idle connection first.
+pub fn render(pools: &[PoolRow]) -> String {
+    let mut out = format!(
+        "{:<22} {:<22} {:<10} {:>4} {:>4} {:>4} {:>8}\n",
+        "PROCESS", "DESTINATION", "DB", "OPEN", "USED", "IDLE", "OLDEST"
+    );
+    if pools.is_empty() {
+        out.push_str("(no database connections seen yet)\n");
+    }
+    for p in pools {
+        out.push_str(&format!(
+            "{:<22} {:<22} {:<10} {:>4} {:>4} {:>4} {:>8}\n",
+            clip(&format!("{}[{}]", p.executable, p.pid), 22),
+            clip(&format!("{}:{}", p.server_address, p.server_port), 22),
+            clip(&p.db_system, 10),
+            p.open,
+            p.used,
+            p.idle,
+            if p.idle > 0 {
+                human(p.oldest_idle_seconds)
+            } else {
+                "-".into()
+            },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_fits_80_columns_and_puts_the_oldest_idle_first() {
+        let pools = vec![PoolRow {
+            pid: 4242,
+            executable: "a-very-long-executable-name".into(),
+            db_system: "postgresql".into(),
+            server_address: "127.0.0.1".into(),
+            server_port: 5432,
+            open: 12,
+            used: 2,
+            idle: 10,
+            oldest_idle_seconds: 754.0,
+        }];
+        let text = render(&pools);
+        assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+        assert!(text.contains("12m34s"), "{text}");
+        assert!(text.contains("127.0.0.1:5432"), "{text}");
+    }
+
+    #[test]
+    fn no_agent_is_a_clear_error() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = fetch(free).unwrap_err().to_string();
+        assert!(e.contains("no agent answers"), "{e}");
+    }
+}
