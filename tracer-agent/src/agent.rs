@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let cancel = CancellationToken::new();
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let (span_tx, span_rx) = mpsc::channel(SPAN_QUEUE);
+    let (leak_tx, leak_rx) = mpsc::channel(64);
 
     let red = RedMetrics::shared(MAX_METRIC_SERIES);
     let inventory = SharedInventory::default();
@@ -103,10 +104,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             },
             parent_wait: config.parent_wait,
             max_waiting_spans: 100_000,
+            leak_after: config.leak_after,
         },
         telemetry.clone(),
         red.clone(),
         inventory,
+        leak_tx,
     ));
     let export = tokio::spawn(
         ExportStage {
@@ -118,7 +121,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             red,
             metrics_interval: Duration::from_secs(15),
         }
-        .run(span_rx, telemetry.clone()),
+        .run(span_rx, leak_rx, telemetry.clone()),
     );
     let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone()));
 

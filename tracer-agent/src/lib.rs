@@ -12,6 +12,7 @@ pub mod conns;
 pub mod export;
 pub mod metrics;
 pub mod pipeline;
+pub mod pools;
 pub mod process;
 pub mod protocols;
 pub mod server;

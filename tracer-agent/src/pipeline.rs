@@ -34,6 +34,8 @@ pub struct PipelineConfig {
     pub parent_wait: Duration,
     /// Spans waiting for relatives at most (older ones go out unlinked first).
     pub max_waiting_spans: usize,
+    /// How long a database connection may sit unused before it is a leak.
+    pub leak_after: Duration,
 }
 
 /// Turns event batches into span batches until the event channel closes, then
@@ -45,7 +47,9 @@ pub async fn process_events(
     telemetry: Arc<Telemetry>,
     red: SharedRedMetrics,
     inventory: SharedInventory,
+    leaks_tx: mpsc::Sender<Vec<crate::pools::LeakEvent>>,
 ) {
+    let mut leaks = crate::pools::LeakDetector::new(config.leak_after);
     let mut table = ConnectionTable::with_options(config.limits, config.options);
     let mut procs = ProcessTable::new(16384);
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
@@ -72,6 +76,13 @@ pub async fn process_events(
         if last_inventory.elapsed() >= Duration::from_secs(1) {
             last_inventory = Instant::now();
             let rows = table.db_inventory(unix_now_ns(), &mut procs);
+            let events = leaks.evaluate(&rows);
+            if !events.is_empty() && leaks_tx.try_send(events).is_err() {
+                telemetry
+                    .queue_dropped
+                    .get_or_create(&QueueLabel::new("leaks"))
+                    .inc();
+            }
             if let Ok(mut shared) = inventory.lock() {
                 *shared = rows;
             }

@@ -171,7 +171,14 @@ fn open_connections_show_in_the_inventory_and_in_conns() {
         return;
     }
     let pg = Postgres::start();
-    let agent = Agent::start(&["--output", "none", "--port", &pg.port.to_string()]);
+    let agent = Agent::start(&[
+        "--output",
+        "json",
+        "--leak-after",
+        "2s",
+        "--port",
+        &pg.port.to_string(),
+    ]);
     let mut child = std::process::Command::new(python())
         .arg(support_dir().join("db_clients.py"))
         .args(["pg-hold", &pg.port.to_string(), "30"])
@@ -242,4 +249,39 @@ fn open_connections_show_in_the_inventory_and_in_conns() {
         "{table}"
     );
     assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
+
+    // The transaction left open is a leak; the two connections last used together are not.
+    agent.wait_json(15, "a leak report", |o| {
+        o.iter().any(|v| v["type"] == "leak")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let leaks: Vec<Value> = agent
+        .json()
+        .into_iter()
+        .filter(|v| v["type"] == "leak")
+        .collect();
+    assert!(!leaks.is_empty(), "{leaks:?}");
+    assert_eq!(
+        leaks.len(),
+        1,
+        "exactly one leak, reported once: {leaks:#?}"
+    );
+    let leak = &leaks[0];
+    assert_eq!(leak["kind"], "idle_in_transaction");
+    assert_eq!(leak["state"], "found");
+    assert_eq!(leak["pid"], pid);
+    assert_eq!(leak["server.port"], pg.port);
+    assert_eq!(leak["last_query"], "SELECT ?");
+    assert!(leak["idle_seconds"].as_f64().unwrap() > 2.0);
+    let body = agent.get("/connections");
+    let json: Value =
+        serde_json::from_str(body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")).unwrap();
+    let tx_port = json["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["pid"] == pid && c["tx_status"] == "in_transaction")
+        .map(|c| c["client_port"].clone())
+        .unwrap();
+    assert_eq!(leak["client.port"], tx_port, "the culprit connection");
 }

@@ -51,3 +51,26 @@ pub fn span_json(span: &Span) -> Value {
 pub fn span_line(span: &Span) -> String {
     span_json(span).to_string()
 }
+
+/// The `{"type":"leak",…}` object for one leak event.
+pub fn leak_json(e: &crate::pools::LeakEvent) -> Value {
+    let r = &e.row;
+    json!({
+        "type": "leak",
+        "state": e.state,
+        "kind": e.kind,
+        "pid": r.pid,
+        "process.executable.name": r.executable,
+        "service.name": r.service,
+        "db.system.name": r.db_system,
+        "db.namespace": r.namespace,
+        "server.address": r.server_address,
+        "server.port": r.server_port,
+        "client.port": r.client_port,
+        "idle_seconds": r.idle_seconds,
+        "last_trace_id": Value::Null,
+        "last_span_id": r.last_span_id,
+        "last_url_path": Value::Null,
+        "last_query": r.last_query,
+    })
+}

@@ -45,7 +45,12 @@ pub struct ExportStage {
 
 impl ExportStage {
     /// Runs until the span channel closes, then flushes everything buffered.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Span>>, telemetry: Arc<Telemetry>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Vec<Span>>,
+        mut leaks: mpsc::Receiver<Vec<crate::pools::LeakEvent>>,
+        telemetry: Arc<Telemetry>,
+    ) {
         let mut printer = pretty::PrettyPrinter::new(std::io::stdout().is_terminal());
         let mut pending: Vec<Span> = Vec::new();
         let mut tick = tokio::time::interval(self.batch_timeout);
@@ -72,6 +77,7 @@ impl ExportStage {
                 }
                 _ = tick.tick() => self.flush(&mut pending, &telemetry).await,
                 _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
+                Some(events) = leaks.recv() => self.print_leaks(&events),
             }
         }
         self.flush(&mut pending, &telemetry).await;
@@ -94,6 +100,20 @@ impl ExportStage {
             telemetry.export_failed("otlp_metrics");
             log::warn!("{e}");
         }
+    }
+
+    fn print_leaks(&self, events: &[crate::pools::LeakEvent]) {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        for e in events {
+            let line = match self.output {
+                Output::None => continue,
+                Output::Json => json::leak_json(e).to_string(),
+                Output::Pretty => pretty::leak_line(e, std::io::stdout().is_terminal()),
+            };
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
     }
 
     fn print(&self, batch: &[Span], printer: &mut pretty::PrettyPrinter, telemetry: &Telemetry) {

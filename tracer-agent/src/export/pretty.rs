@@ -139,6 +139,32 @@ impl PrettyPrinter {
     }
 }
 
+/// A leak, highlighted.
+pub fn leak_line(e: &crate::pools::LeakEvent, color: bool) -> String {
+    let r = &e.row;
+    let (label, code) = match e.state {
+        crate::pools::LeakState::Found => ("LEAK", "1;31"),
+        crate::pools::LeakState::Resolved => ("leak resolved", "33"),
+    };
+    let label = if color {
+        format!("\x1b[{code}m{label}\x1b[0m")
+    } else {
+        label.to_string()
+    };
+    format!(
+        "{label} {kind:?} {exe}[{pid}] → {db} {addr}:{port} (local port {local}) idle {idle:.0}s last query: {query}",
+        kind = e.kind,
+        exe = r.executable,
+        pid = r.pid,
+        db = r.db_system,
+        addr = r.server_address,
+        port = r.server_port,
+        local = r.client_port,
+        idle = r.idle_seconds,
+        query = r.last_query.as_deref().unwrap_or("-"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
