@@ -285,3 +285,152 @@ fn open_connections_show_in_the_inventory_and_in_conns() {
         .unwrap();
     assert_eq!(leak["client.port"], tx_port, "the culprit connection");
 }
+
+/// Runs a CLI client to completion; returns (pid, stdout+stderr).
+fn cli(program: &str, args: &[&str]) -> (u32, String) {
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {program}: {e}"));
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for the client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, text)
+}
+
+fn texts_of(calls: &[Value]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|s| attr(s, "db.query.text").as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn psql_simple_and_failing_queries() {
+    if !require_root("psql_simple_and_failing_queries") {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start(&["--output", "json", "--port", &pg.port.to_string()]);
+    let port = pg.port.to_string();
+    let (pid, out) = cli(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-X",
+            "-c",
+            "SELECT 42",
+            "-c",
+            "SELECT * FROM nope",
+        ],
+    );
+    assert!(out.contains("42") && out.contains("nope"), "{out}");
+    agent.wait_json(15, "psql's spans", |o| client_spans_of(o, pid).len() >= 2);
+    let calls = client_spans_of(&stop_and_collect(agent), pid);
+    assert_eq!(
+        texts_of(&calls),
+        ["SELECT ?", "SELECT * FROM nope"],
+        "{calls:#?}"
+    );
+    assert_eq!(attr(&calls[0], "db.namespace"), "postgres");
+    assert_eq!(calls[0]["status"], "unset");
+    assert_eq!(calls[1]["status"], "error");
+    assert_eq!(attr(&calls[1], "db.response.status_code"), "42P01");
+    assert_eq!(attr(&calls[1], "db.collection.name"), "nope");
+}
+
+#[test]
+fn redis_cli_commands_and_an_error() {
+    if !require_root("redis_cli_commands_and_an_error") {
+        return;
+    }
+    let port = free_port();
+    let _redis = redis_server(port);
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let p = port.to_string();
+    let (set_pid, _) = cli("redis-cli", &["-p", &p, "SET", "greeting", "secret-value"]);
+    let (bad_pid, out) = cli("redis-cli", &["-p", &p, "HGET", "greeting", "field"]);
+    assert!(out.contains("WRONGTYPE"), "{out}");
+    agent.wait_json(15, "redis-cli spans", |o| {
+        !client_spans_of(o, set_pid).is_empty() && !client_spans_of(o, bad_pid).is_empty()
+    });
+    let objects = stop_and_collect(agent);
+    let sets: Vec<Value> = client_spans_of(&objects, set_pid)
+        .into_iter()
+        .filter(|s| attr(s, "db.operation.name") == "SET")
+        .collect();
+    assert_eq!(texts_of(&sets), ["SET ? ?"]);
+    assert_eq!(sets[0]["status"], "unset");
+    let bad: Vec<Value> = client_spans_of(&objects, bad_pid)
+        .into_iter()
+        .filter(|s| attr(s, "db.operation.name") == "HGET")
+        .collect();
+    assert_eq!(bad.len(), 1, "{bad:#?}");
+    assert_eq!(bad[0]["status"], "error");
+    assert_eq!(attr(&bad[0], "db.response.status_code"), "WRONGTYPE");
+    assert!(
+        !serde_json::to_string(&objects)
+            .unwrap()
+            .contains("secret-value")
+    );
+}
+
+#[test]
+fn mariadb_cli_queries_and_an_error() {
+    if !require_root("mariadb_cli_queries_and_an_error") {
+        return;
+    }
+    let db = Mariadb::start();
+    let agent = Agent::start(&["--output", "json", "--port", &db.port.to_string()]);
+    let port = db.port.to_string();
+    let (pid, out) = cli(
+        "mariadb",
+        &[
+            "--protocol=tcp",
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-u",
+            "root",
+            "mysql",
+            "-e",
+            "SELECT 7 AS seven; SELECT * FROM nope",
+        ],
+    );
+    assert!(out.contains("seven") && out.contains("1146"), "{out}");
+    agent.wait_json(15, "the CLI's spans", |o| {
+        client_spans_of(o, pid)
+            .iter()
+            .any(|s| s["status"] == "error")
+    });
+    let calls = client_spans_of(&stop_and_collect(agent), pid);
+    let ours: Vec<Value> = calls
+        .iter()
+        .filter(|s| {
+            ["SELECT ? AS seven", "SELECT * FROM nope"]
+                .contains(&attr(s, "db.query.text").as_str().unwrap_or(""))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(
+        texts_of(&ours),
+        ["SELECT ? AS seven", "SELECT * FROM nope"],
+        "{calls:#?}"
+    );
+    assert_eq!(attr(&ours[0], "db.namespace"), "mysql");
+    assert_eq!(ours[0]["status"], "unset");
+    assert_eq!(ours[1]["status"], "error");
+    assert_eq!(attr(&ours[1], "db.response.status_code"), "1146");
+}
