@@ -1290,26 +1290,7 @@ fn parse_version(version: &[u8], bad: Http1Error) -> Result<u8, Http1Error> {
 /// A kept header value: at most [`MAX_KEPT_VALUE_BYTES`] bytes, lossy UTF-8, not cut
 /// inside a UTF-8 sequence.
 fn kept_value(value: &[u8]) -> String {
-    let mut cut = value.len().min(MAX_KEPT_VALUE_BYTES);
-    if cut < value.len() {
-        // Back up over at most three continuation bytes to a sequence start.
-        for _ in 0..3 {
-            match value.get(cut) {
-                Some(b) if b & 0xC0 == 0x80 && cut > 0 => cut -= 1,
-                _ => break,
-            }
-        }
-    }
-    let mut kept = String::from_utf8_lossy(value.get(..cut).unwrap_or(value)).into_owned();
-    if kept.len() > MAX_KEPT_VALUE_BYTES {
-        // Replacement characters (3 bytes each) made it longer.
-        let mut end = MAX_KEPT_VALUE_BYTES;
-        while !kept.is_char_boundary(end) {
-            end -= 1;
-        }
-        kept.truncate(end);
-    }
-    kept
+    super::bounded_text(value, MAX_KEPT_VALUE_BYTES)
 }
 
 /// RFC 9110 `tchar`.

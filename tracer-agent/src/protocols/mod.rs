@@ -41,3 +41,28 @@ impl<'a> Chunk<'a> {
         self.len.saturating_sub(self.bytes.len())
     }
 }
+
+/// At most `limit` bytes of `bytes` as lossy UTF-8, never cut inside a UTF-8
+/// sequence: how every decoder keeps a name, header value or statement text.
+pub(crate) fn bounded_text(bytes: &[u8], limit: usize) -> String {
+    let mut cut = bytes.len().min(limit);
+    if cut < bytes.len() {
+        // Back up over at most three continuation bytes to a sequence start.
+        for _ in 0..3 {
+            match bytes.get(cut) {
+                Some(b) if b & 0xC0 == 0x80 && cut > 0 => cut -= 1,
+                _ => break,
+            }
+        }
+    }
+    let mut kept = String::from_utf8_lossy(bytes.get(..cut).unwrap_or(bytes)).into_owned();
+    if kept.len() > limit {
+        // Replacement characters (3 bytes each) made it longer.
+        let mut end = limit;
+        while !kept.is_char_boundary(end) {
+            end -= 1;
+        }
+        kept.truncate(end);
+    }
+    kept
+}

@@ -81,6 +81,7 @@ use std::fmt;
 use std::mem;
 
 use crate::protocols::Chunk;
+use crate::protocols::bounded_text as kept_text;
 use crate::protocols::db::{DbCall, DbSystem, TxStatus};
 
 /// Longest SQL text kept per statement, in bytes (cut at a UTF-8 boundary).
@@ -2315,30 +2316,6 @@ fn use_target(sql: &[u8]) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(&name).into_owned())
-}
-
-/// At most `limit` bytes of `bytes` as lossy UTF-8, not cut inside a UTF-8 sequence.
-fn kept_text(bytes: &[u8], limit: usize) -> String {
-    let mut cut = bytes.len().min(limit);
-    if cut < bytes.len() {
-        // Back up over at most three continuation bytes to a sequence start.
-        for _ in 0..3 {
-            match bytes.get(cut) {
-                Some(b) if b & 0xC0 == 0x80 && cut > 0 => cut -= 1,
-                _ => break,
-            }
-        }
-    }
-    let mut kept = String::from_utf8_lossy(bytes.get(..cut).unwrap_or(bytes)).into_owned();
-    if kept.len() > limit {
-        // Replacement characters (3 bytes each) made it longer.
-        let mut end = limit;
-        while !kept.is_char_boundary(end) {
-            end -= 1;
-        }
-        kept.truncate(end);
-    }
-    kept
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ use std::mem;
 use std::sync::Arc;
 
 use crate::protocols::Chunk;
+use crate::protocols::bounded_text as kept_text;
 use crate::protocols::db::{DbCall, DbSystem, TxStatus};
 
 /// Longest SQL text kept for a query or statement, in bytes; longer texts are cut at a
@@ -1589,26 +1590,6 @@ fn split_name(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 fn sql_text(bytes: &[u8]) -> String {
     let text = bytes.split(|&b| b == 0).next().unwrap_or_default();
     kept_text(text, MAX_QUERY_TEXT_BYTES)
-}
-
-/// Lossy UTF-8 of at most `max` bytes of `bytes`, cut at a character boundary.
-fn kept_text(bytes: &[u8], max: usize) -> String {
-    let mut raw = bytes.get(..max).unwrap_or(bytes);
-    if let Err(e) = std::str::from_utf8(raw)
-        && e.error_len().is_none()
-    {
-        // A character cut at the end: drop its first bytes.
-        raw = raw.get(..e.valid_up_to()).unwrap_or_default();
-    }
-    let mut text = String::from_utf8_lossy(raw).into_owned();
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 /// Row count of a CommandComplete tag (`SELECT 3`, `INSERT 0 1`, `UPDATE 2`, …).
