@@ -36,9 +36,11 @@ struct Wake {
 /// A thread that serves one request at a time (thread per request, blocking I/O)
 /// works for the request it read last, or for the one whose call it just got an
 /// answer to. A thread that interleaves requests (an event loop) resumes its
-/// handlers in the order their input arrived: each woken handler that sends a
-/// call takes the oldest wake not yet followed by a call, provided it came within
-/// [`MAX_WAKE_TO_SEND_NS`]; anything less clear is left without a cause.
+/// handlers in the order their input arrived, whether that input is a new request
+/// or the answer to a call a handler made: every such read queues a wake for the
+/// request it serves, a handler that answers its own request takes its wakes out,
+/// and a call takes the oldest wake still queued, provided it came within
+/// [`MAX_WAKE_TO_SEND_NS`]. Anything less clear is left without a cause.
 #[derive(Default)]
 struct Causality {
     /// (pid, tid) → the server request whose bytes (or whose child call's answer)
@@ -46,13 +48,25 @@ struct Causality {
     wakes: HashMap<(u32, u32), Wake>,
     /// (pid, tid) → server requests read by that thread and not yet answered.
     open: HashMap<(u32, u32), u32>,
-    /// (pid, tid) → wakes (request, time) not yet followed by a call, oldest first.
-    ready: HashMap<(u32, u32), VecDeque<(SpanId, u64)>>,
-    /// (pid, tid) → when the thread last read an answer to one of its calls: a
-    /// handler resumed by it may send next, which makes the queue's order unsafe.
-    /// The request that call was made for rides along: once that request is
-    /// answered, its handler is done and the doubt is gone.
-    answered_at: HashMap<(u32, u32), (u64, Option<SpanId>)>,
+    /// (pid, tid) → wakes (request served, when) not yet followed by a call, oldest
+    /// first. An answer to a call made for no known request queues `None`: the
+    /// handler it resumes may send next, and its call then stays unlinked instead
+    /// of taking a neighbour's wake.
+    ready: HashMap<(u32, u32), VecDeque<QueuedWake>>,
+}
+
+/// A wake waiting for its handler's call: the request served (if known), the
+/// handler it resumes (the request, or for a call of unknown cause the connection
+/// it was made on) and when.
+#[derive(Clone, Copy, Debug)]
+struct QueuedWake {
+    parent: Option<SpanId>,
+    handler: u64,
+    ts: u64,
+}
+
+fn handler_of(span: SpanId) -> u64 {
+    u64::from_be_bytes(span.0)
 }
 
 /// Threads remembered at most; beyond it the table is cleared (threads re-learn
@@ -62,7 +76,7 @@ const MAX_THREADS: usize = 65536;
 const MAX_READY: usize = 1024;
 /// Longest an event-loop handler may take between being woken and sending its call
 /// for the two to be tied together.
-const MAX_WAKE_TO_SEND_NS: u64 = 1_000_000;
+const MAX_WAKE_TO_SEND_NS: u64 = 2_000_000;
 /// More handlers than this woken together and still to send: their order is not
 /// trusted.
 const MAX_CONTENDERS: usize = 4;
@@ -78,22 +92,34 @@ impl Causality {
             self.wakes.clear();
             self.open.clear();
             self.ready.clear();
-            self.answered_at.clear();
         }
+        log::trace!(target: "tracer::causality", "{pid}/{tid} {ts} request {span}");
         self.wakes.insert((pid, tid), Wake { parent: span });
         *self.open.entry((pid, tid)).or_default() += 1;
-        self.push_ready(pid, tid, span, ts);
+        self.push_ready(
+            pid,
+            tid,
+            QueuedWake {
+                parent: Some(span),
+                handler: handler_of(span),
+                ts,
+            },
+        );
     }
 
-    fn push_ready(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
+    /// Queues a wake; a handler woken again (more of an answer, or its end,
+    /// arrived) resumes at its latest wake, so an earlier one of it goes.
+    fn push_ready(&mut self, pid: u32, tid: u32, wake: QueuedWake) {
         let q = self.ready.entry((pid, tid)).or_default();
+        q.retain(|w| w.handler != wake.handler);
         if q.len() >= MAX_READY {
             q.pop_front();
         }
-        q.push_back((span, ts));
+        q.push_back(wake);
     }
 
     fn server_answered(&mut self, pid: u32, tid: u32, span: SpanId) {
+        log::trace!(target: "tracer::causality", "{pid}/{tid} answered {span}");
         if let Some(n) = self.open.get_mut(&(pid, tid)) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -107,8 +133,18 @@ impl Causality {
         {
             self.wakes.remove(&(pid, tid));
         }
+        // Its handler is done: none of its wakes can lead to a call any more. A
+        // handler with no wake of its own queued was resumed by an answer to a
+        // call of unknown cause (or by input we do not see): the oldest such
+        // anonymous wake is its.
         if let Some(q) = self.ready.get_mut(&(pid, tid)) {
-            q.retain(|(s, _)| *s != span);
+            let before = q.len();
+            q.retain(|w| w.parent != Some(span));
+            if q.len() == before
+                && let Some(i) = q.iter().position(|w| w.parent.is_none())
+            {
+                q.remove(i);
+            }
             if q.is_empty() {
                 self.ready.remove(&(pid, tid));
             }
@@ -119,29 +155,20 @@ impl Causality {
     /// thread serves one request at a time.
     fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
-        let answered_recently = self
-            .answered_at
-            .get(&(pid, tid))
-            .is_some_and(|&(at, _)| at <= ts && ts - at <= MAX_WAKE_TO_SEND_NS);
-        if !dedicated && answered_recently {
-            // A handler resumed by an answer may be the sender as well as any
-            // queued one: do not guess.
-            return (None, false);
-        }
         let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
             // Wakes long before `ts` can no longer be anybody's cause.
-            q.retain(|&(_, woke)| woke.saturating_add(STALE_WAKE_NS) >= ts);
-            let fits = |woke: u64| woke <= ts && ts - woke <= MAX_WAKE_TO_SEND_NS;
-            let candidates = q.iter().filter(|(_, woke)| fits(*woke)).count();
+            q.retain(|w| w.ts.saturating_add(STALE_WAKE_NS) >= ts);
+            let fits = |w: &QueuedWake| w.ts <= ts && ts - w.ts <= MAX_WAKE_TO_SEND_NS;
+            let candidates = q.iter().filter(|w| fits(w)).count();
             if candidates > MAX_CONTENDERS {
                 // Too many handlers woken at once to trust their order: do not
                 // guess, and forget them.
-                q.retain(|&(_, woke)| !fits(woke));
+                q.retain(|w| !fits(w));
                 return None;
             }
             // Handlers resume in the order their input arrived: the oldest first.
-            let first = q.iter().position(|(_, woke)| fits(*woke));
-            first.and_then(|i| q.remove(i)).map(|(span, _)| span)
+            let first = q.iter().position(fits);
+            first.and_then(|i| q.remove(i)).and_then(|w| w.parent)
         });
         if dedicated {
             return (self.wakes.get(&(pid, tid)).map(|w| w.parent), true);
@@ -149,15 +176,27 @@ impl Causality {
         (queued, false)
     }
 
-    /// The thread read the answer to a call made for `parent`. On a dedicated
-    /// thread its next call is for the same request; on an event loop the handler
-    /// may just as well answer its own request, so the answer is no wake to queue.
-    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, ts: u64) {
-        if self.answered_at.len() < MAX_THREADS {
-            self.answered_at.insert((pid, tid), (ts, parent));
-        }
+    /// The thread read the answer to a call made for `parent`: that handler
+    /// resumes. On a dedicated thread its next call is for the same request; on an
+    /// event loop it takes its turn among the other woken handlers.
+    /// `conn` names the call's connection, which stands for the handler when its
+    /// cause is unknown.
+    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, conn: u64, ts: u64) {
+        log::trace!(target: "tracer::causality", "{pid}/{tid} {ts} answer for {:?}", parent.map(|s| s.to_string()));
         if let Some(parent) = parent {
             self.wakes.insert((pid, tid), Wake { parent });
+        }
+        if self.ready.len() < MAX_THREADS || self.ready.contains_key(&(pid, tid)) {
+            let handler = parent.map_or(conn, handler_of);
+            self.push_ready(
+                pid,
+                tid,
+                QueuedWake {
+                    parent,
+                    handler,
+                    ts,
+                },
+            );
         }
     }
 }
@@ -208,6 +247,8 @@ struct HttpConn {
     next_exchange: u64,
     /// Both ends count exchanges alike only when followed from the first byte.
     from_start: bool,
+    /// Client end: the cause of the last answered request, once one was answered.
+    last_woken_by: Option<Option<SpanId>>,
 }
 
 struct PendingRequest {
@@ -308,6 +349,8 @@ impl DbDecoder {
 
 /// One followed TCP connection.
 pub struct Connection {
+    /// Kernel socket address: the table's key.
+    sock: u64,
     pub endpoints: Endpoints,
     pub role: Role,
     /// Last process that did I/O on it.
@@ -537,6 +580,11 @@ impl ConnectionTable {
         if !rec.meta.comm.is_empty() && conn.comm != rec.meta.comm {
             conn.comm.clone_from(&rec.meta.comm);
         }
+        if rec.total_len == 0 {
+            // Not a use of the connection: only its end.
+            conn.end_of_stream(&rec, ctx);
+            return;
+        }
         conn.last_io_ns = rec.meta.ts_ns;
         match rec.direction {
             Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
@@ -564,8 +612,34 @@ impl ConnectionTable {
 }
 
 impl Connection {
+    /// The peer ended its stream and a thread read that end: on a client
+    /// connection that resumes the handler waiting for its answer (a response
+    /// delimited by the close, or a reader that reads to the end).
+    fn end_of_stream<S: SpanSink>(&mut self, rec: &DataRecord, ctx: &mut Ctx<'_, S>) {
+        let Protocol::Http1(http) = &self.protocol else {
+            return;
+        };
+        if self.role != Role::Client || rec.direction != Direction::Recv {
+            return;
+        }
+        let cause = match http.pending.front() {
+            Some(waiting) => Some(waiting.woken_by),
+            None => http.last_woken_by,
+        };
+        if let Some(parent) = cause {
+            ctx.causality.answered_call(
+                rec.meta.tgid,
+                rec.meta.tid,
+                parent,
+                self.sock,
+                rec.meta.ts_ns,
+            );
+        }
+    }
+
     fn new(meta: &Meta, endpoints: Endpoints, role: Role) -> Self {
         Self {
+            sock: meta.sock,
             endpoints,
             role,
             pid: meta.tgid,
@@ -676,6 +750,7 @@ impl Connection {
             // this request: both ends number its exchanges alike.
             from_start: self.role_from_kernel
                 && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
+            last_woken_by: None,
         }));
     }
 
@@ -723,7 +798,15 @@ impl Connection {
                     let id = traceparent
                         .map(|tp| tp.parent_id)
                         .unwrap_or_else(SpanId::random);
-                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid, message.start_ns);
+                    // A handler's call starts at its connect() when it opens a
+                    // connection for it: that is the moment closest to its wake.
+                    let at = if http.next_exchange == 0 && self.role_from_kernel {
+                        self.opened_ns.min(message.start_ns)
+                    } else {
+                        message.start_ns
+                    };
+                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid, at);
+                    log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
                     (id, woken_by, dedicated)
                 };
                 http.pending.push_back(PendingRequest {
@@ -792,8 +875,13 @@ impl Connection {
             return;
         }
         if !from_client {
-            ctx.causality
-                .answered_call(rec.meta.tgid, rec.meta.tid, db.cause.0, rec.meta.ts_ns);
+            ctx.causality.answered_call(
+                rec.meta.tgid,
+                rec.meta.tid,
+                db.cause.0,
+                rec.meta.sock,
+                rec.meta.ts_ns,
+            );
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let link = Link {
@@ -834,6 +922,7 @@ impl Connection {
     /// `reader` is the thread that read the response (0 when the connection closed).
     fn answer<S: SpanSink>(&mut self, response: &Http1Message, reader: u32, ctx: &mut Ctx<'_, S>) {
         let conn = self.conn_key();
+        let sock = self.sock;
         let Protocol::Http1(http) = &mut self.protocol else {
             return;
         };
@@ -858,7 +947,8 @@ impl Connection {
                 .server_answered(self.pid, req.tid, req.span_id);
         } else if reader != 0 {
             ctx.causality
-                .answered_call(self.pid, reader, req.woken_by, response.end_ns);
+                .answered_call(self.pid, reader, req.woken_by, sock, response.end_ns);
+            http.last_woken_by = Some(req.woken_by);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = req
@@ -1360,6 +1450,95 @@ mod tests {
     }
 
     #[test]
+    fn an_event_loop_handler_resumes_at_the_end_of_its_answer() {
+        let mut r = Replay::new();
+        const SOCK_SERVER2: u64 = 0xffff_8880_0000_5000;
+        let (out1, out2, out3) = (
+            0xffff_8880_0000_6000,
+            0xffff_8880_0000_7000,
+            0xffff_8880_0000_8000,
+        );
+        let ends = |local: &str, remote: &str| Endpoints {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        };
+        let open = |sock: u64, ts: u64, endpoints: Endpoints, role: Role| Event::ConnOpen {
+            meta: meta(sock, ts, 100),
+            endpoints,
+            role,
+        };
+        const CALL: &[u8] = b"GET /b HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+        // One thread serves two requests for /a, X then Y. X's handler calls /b and reads the
+        // answer to its end (EOF) before calling again; Y's request arrives
+        // between the answer's bytes and their end, and Y's handler calls first.
+        r.feed(vec![
+            open(SOCK_SERVER, 1, endpoints(true), Role::Server),
+            data(SOCK_SERVER, 10, 100, Direction::Recv, REQ, REQ.len() as u32),
+            open(
+                out1,
+                11,
+                ends("127.0.0.1:41001", "127.0.0.1:9000"),
+                Role::Client,
+            ),
+            data(out1, 12, 100, Direction::Send, CALL, CALL.len() as u32),
+            data(out1, 100, 100, Direction::Recv, RESP, RESP.len() as u32),
+            open(
+                SOCK_SERVER2,
+                140,
+                ends("127.0.0.1:8000", "127.0.0.1:40002"),
+                Role::Server,
+            ),
+            data(
+                SOCK_SERVER2,
+                150,
+                100,
+                Direction::Recv,
+                REQ,
+                REQ.len() as u32,
+            ),
+            data(out1, 200, 100, Direction::Recv, b"", 0),
+            open(
+                out2,
+                210,
+                ends("127.0.0.1:41002", "127.0.0.1:9000"),
+                Role::Client,
+            ),
+            data(out2, 212, 100, Direction::Send, CALL, CALL.len() as u32),
+            open(
+                out3,
+                220,
+                ends("127.0.0.1:41003", "127.0.0.1:9000"),
+                Role::Client,
+            ),
+            data(out3, 222, 100, Direction::Send, CALL, CALL.len() as u32),
+            data(out2, 300, 100, Direction::Recv, RESP, RESP.len() as u32),
+            data(out3, 310, 100, Direction::Recv, RESP, RESP.len() as u32),
+        ]);
+        let cause_of = |port: u16| {
+            r.spans
+                .iter()
+                .find(|s| {
+                    s.kind == SpanKind::Client && s.link.conn.is_some_and(|(c, _)| c.port() == port)
+                })
+                .unwrap_or_else(|| panic!("no call from port {port}: {:#?}", r.spans))
+                .link
+                .woken_by
+        };
+        let (x, y) = (cause_of(41001), cause_of(41002));
+        assert!(x.is_some(), "the first call is X's");
+        assert_ne!(
+            y, x,
+            "Y's handler, woken before X's answer ended, calls first"
+        );
+        assert!(y.is_some());
+        assert_eq!(
+            cause_of(41003),
+            x,
+            "X's second call, after the end of its answer"
+        );
+    }
+
+    #[test]
     fn an_event_loop_ties_calls_to_wakes_in_order_and_refuses_crowds() {
         let mut c = Causality::default();
         let (a, b) = (SpanId::random(), SpanId::random());
@@ -1381,11 +1560,43 @@ mod tests {
             c.server_request(1, 1, SpanId::random(), 10_000_000 + i);
         }
         assert_eq!(c.cause(1, 1, 10_000_100), (None, false));
-        // A handler resumed by an answer may send next: the queue is not trusted then.
-        let fresh = SpanId::random();
-        c.server_request(1, 1, fresh, 20_000_000);
-        c.answered_call(1, 1, None, 20_000_010);
-        assert_eq!(c.cause(1, 1, 20_000_020), (None, false));
+        // Handlers resumed by answers take their turn in the same queue.
+        let (x, y, z) = (SpanId::random(), SpanId::random(), SpanId::random());
+        c.server_request(1, 1, x, 20_000_000);
+        assert_eq!(c.cause(1, 1, 20_000_010), (Some(x), false));
+        c.server_request(1, 1, y, 20_000_020);
+        c.answered_call(1, 1, Some(x), 7, 20_000_030);
+        c.answered_call(1, 1, Some(x), 7, 20_000_035); // more of the same answer
+        c.server_request(1, 1, z, 20_000_040);
+        assert_eq!(c.cause(1, 1, 20_000_050), (Some(y), false), "y woke first");
+        assert_eq!(
+            c.cause(1, 1, 20_000_060),
+            (Some(x), false),
+            "x's second call"
+        );
+        assert_eq!(c.cause(1, 1, 20_000_070), (Some(z), false));
+        // A handler that answers its request takes its wake out of the queue.
+        let (p, q) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, p, 30_000_000);
+        c.server_request(1, 1, q, 30_000_010);
+        c.server_answered(1, 1, p);
+        assert_eq!(c.cause(1, 1, 30_000_020), (Some(q), false));
+        // An answer to a call of unknown cause: whoever sends next stays unlinked
+        // rather than take a neighbour's wake.
+        let r = SpanId::random();
+        c.answered_call(1, 1, None, 8, 40_000_000);
+        c.server_request(1, 1, r, 40_000_010);
+        assert_eq!(c.cause(1, 1, 40_000_020), (None, false));
+        assert_eq!(c.cause(1, 1, 40_000_030), (Some(r), false));
+        // ... and once that handler answers (its wake was anonymous), the
+        // anonymous wake goes, so it does not shadow the next request.
+        let (u, v) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, u, 50_000_000);
+        assert_eq!(c.cause(1, 1, 50_000_010), (Some(u), false));
+        c.answered_call(1, 1, None, 9, 50_000_020);
+        c.server_answered(1, 1, u);
+        c.server_request(1, 1, v, 50_000_030);
+        assert_eq!(c.cause(1, 1, 50_000_040), (Some(v), false));
         // A thread with a single open request is dedicated.
         let only = SpanId::random();
         c.server_request(1, 2, only, 5);

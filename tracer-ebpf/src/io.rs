@@ -51,7 +51,9 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     let tp = &cfg.tp;
     // SAFETY: offsets come from this kernel's tracepoint format file.
     let ret: i32 = unsafe { ctx.read_at(tp.len_ret as usize) }.map_err(|_| 1u32)?;
-    if ret <= 0 {
+    // A read of 0 bytes is the peer's end of stream: it resumes whoever waited for
+    // it, which the agent's causality wants to know. Failed I/O is never interesting.
+    if ret < 0 || (ret == 0 && direction == Direction::Send) {
         return Ok(0);
     }
     // SAFETY: as above.
@@ -79,6 +81,7 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
 
     let info = match SOCKS.get_ptr_mut(sk) {
         Some(p) => p,
+        None if ret == 0 => return Ok(0),
         None => adopt_socket(sk).ok_or(0u32)?,
     };
     // SAFETY: pointer from a successful lookup or insert; the map value outlives this program run.
@@ -88,6 +91,23 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
         return Ok(0);
     }
     let now = now_ns();
+    if ret == 0 {
+        // End of stream on a connection user space follows: a bare header.
+        if info.announced == 0 {
+            return Ok(0);
+        }
+        let eof = DataHeader {
+            header: header(EventKind::Data, tgid, tid, sk, now),
+            direction: direction as u32,
+            syscall: 0,
+            total_len: 0,
+            captured_len: 0,
+            flags: 0,
+            _pad: 0,
+        };
+        emit(&eof);
+        return Ok(0);
+    }
     if info.announced == 0 {
         info.announced = 1;
         info.tgid = tgid;

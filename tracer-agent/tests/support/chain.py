@@ -6,8 +6,11 @@ survives literal obfuscation. So for each id the expected tree is:
 
   load CLIENT /r/id -> A SERVER -> A CLIENT -> B SERVER -> B CLIENT -> ... -> last SERVER -> DB CLIENT
 
+With --calls 2 an asyncio hop makes a second call, /r2/<id>, after the answer to
+its first: the next hop serves it as a second subtree (its query aliased r2_<id>).
+
 usage:
-  chain.py serve PORT [--next URL] [--pg PORT] [--model threaded|asyncio] [--propagate]
+  chain.py serve PORT [--next URL] [--pg PORT] [--model threaded|asyncio] [--calls N] [--propagate]
   chain.py load URL COUNT CONCURRENCY [--header]
 """
 import argparse
@@ -48,16 +51,23 @@ def downstream(next_url, rid, tp):
     return resp.status
 
 
-def query(pg_port, rid):
+def query(pg_port, rid, leg):
     import psycopg
 
     conn = getattr(local, "pg", None)
     if conn is None:
         conn = psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="postgres", autocommit=True)
         local.pg = conn
+    alias = "r" if leg == 1 else f"r{leg}"
     with conn.cursor() as cur:
-        cur.execute(f"SELECT 1 AS r_{int(rid)}")
+        cur.execute(f"SELECT 1 AS {alias}_{int(rid)}")
         cur.fetchone()
+
+
+def leg_of(path):
+    """/r/<id> is a request's first call into a hop, /r2/<id> its second."""
+    prefix = path.split("/")[1] if path.count("/") >= 2 else "r"
+    return int(prefix[1:]) if prefix[1:].isdigit() else 1
 
 
 def serve_threaded(args):
@@ -70,7 +80,7 @@ def serve_threaded(args):
             if args.next:
                 downstream(args.next, rid, tp)
             if args.pg:
-                query(args.pg, rid)
+                query(args.pg, rid, leg_of(self.path))
             body = b"ok\n"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -89,10 +99,11 @@ def serve_threaded(args):
 async def serve_asyncio(args):
     nxt = urllib.parse.urlsplit(args.next) if args.next else None
 
-    async def call_next(rid, tp):
+    async def call_next(rid, tp, leg):
         reader, writer = await asyncio.open_connection(nxt.hostname, nxt.port)
         extra = f"traceparent: {tp}\r\n" if tp else ""
-        writer.write(f"GET /r/{rid} HTTP/1.1\r\nHost: next\r\n{extra}Connection: close\r\n\r\n".encode())
+        prefix = "r" if leg == 1 else f"r{leg}"
+        writer.write(f"GET /{prefix}/{rid} HTTP/1.1\r\nHost: next\r\n{extra}Connection: close\r\n\r\n".encode())
         await writer.drain()
         await reader.read()
         writer.close()
@@ -111,7 +122,8 @@ async def serve_asyncio(args):
                 rid = path.rsplit("/", 1)[-1]
                 tp = traceparent_from(headers) if args.propagate else None
                 if nxt:
-                    await call_next(rid, tp)
+                    for leg in range(1, args.calls + 1):
+                        await call_next(rid, tp, leg)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -164,6 +176,7 @@ def main():
     s.add_argument("--next")
     s.add_argument("--pg", type=int)
     s.add_argument("--model", default="threaded", choices=["threaded", "asyncio"])
+    s.add_argument("--calls", type=int, default=1, help="calls per request (asyncio model)")
     s.add_argument("--propagate", action="store_true")
     l = sub.add_parser("load")
     l.add_argument("url")

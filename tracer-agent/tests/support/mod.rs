@@ -96,7 +96,11 @@ impl Agent {
         let mut child = Command::new(bin)
             .args(args)
             .args(["--listen", &listen])
-            .env("RUST_LOG", "info")
+            // TRACER_TEST_LOG raises the agent's log level when investigating.
+            .env(
+                "RUST_LOG",
+                std::env::var("TRACER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
