@@ -105,6 +105,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             parent_wait: config.parent_wait,
             max_waiting_spans: 100_000,
             leak_after: config.leak_after,
+            recovered: recover_connections(&config),
         },
         telemetry.clone(),
         red.clone(),
@@ -150,4 +151,34 @@ async fn wait_for_signal() -> std::io::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Connections open before the agent started, from /proc, within the --pid and
+/// --port filters (the kernel applies them to everything else).
+fn recover_connections(config: &Config) -> Vec<crate::recover::RecoveredSocket> {
+    let me = std::process::id();
+    match crate::recover::scan(std::path::Path::new("/proc"), me, config.max_connections) {
+        Ok((mut sockets, stats)) => {
+            sockets.retain(|s| {
+                (config.pids.is_empty() || config.pids.contains(&s.pid))
+                    && (config.ports.is_empty()
+                        || config.ports.contains(&s.local.port())
+                        || config.ports.contains(&s.remote.port()))
+            });
+            if stats.skipped_over_limit > 0 || stats.unreadable > 0 {
+                log::info!(
+                    "/proc scan: {} processes, {} sockets kept, {} over the connection limit, {} processes unreadable",
+                    stats.processes,
+                    sockets.len(),
+                    stats.skipped_over_limit,
+                    stats.unreadable
+                );
+            }
+            sockets
+        }
+        Err(e) => {
+            log::warn!("cannot scan /proc for connections open before the agent: {e}");
+            Vec::new()
+        }
+    }
 }

@@ -19,7 +19,8 @@ use crate::{
         postgres::{self, PgDecoder},
         redis::{self, RedisDecoder},
     },
-    spans::{DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
+    recover::RecoveredSocket,
+    spans::{DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, TraceId, db_span, http_span},
     stitch,
     telemetry::Telemetry,
 };
@@ -53,6 +54,9 @@ struct Causality {
     /// handler it resumes may send next, and its call then stays unlinked instead
     /// of taking a neighbour's wake.
     ready: HashMap<(u32, u32), VecDeque<QueuedWake>>,
+    /// Server requests being served: span → (method, url.path), for the database
+    /// calls made for them (the culprit of a leaked connection).
+    serving: HashMap<SpanId, (String, String)>,
 }
 
 /// A wake waiting for its handler's call: the request served (if known), the
@@ -63,6 +67,11 @@ struct QueuedWake {
     parent: Option<SpanId>,
     handler: u64,
     ts: u64,
+}
+
+/// `url.path` of a request target, bounded.
+fn request_path(target: &str) -> String {
+    crate::protocols::bounded_text(crate::spans::url_path(target).as_bytes(), 256)
 }
 
 fn handler_of(span: SpanId) -> u64 {
@@ -92,6 +101,7 @@ impl Causality {
             self.wakes.clear();
             self.open.clear();
             self.ready.clear();
+            self.serving.clear();
         }
         log::trace!(target: "tracer::causality", "{pid}/{tid} {ts} request {span}");
         self.wakes.insert((pid, tid), Wake { parent: span });
@@ -118,7 +128,26 @@ impl Causality {
         q.push_back(wake);
     }
 
+    /// Remembers what a server request is, while it is served.
+    fn serving(&mut self, span: SpanId, method: &str, path: &str) {
+        if self.serving.len() >= MAX_THREADS {
+            self.serving.clear();
+        }
+        self.serving
+            .insert(span, (method.to_string(), request_path(path)));
+    }
+
+    fn culprit(&self, span: SpanId) -> Option<Culprit> {
+        self.serving.get(&span).map(|(method, path)| Culprit {
+            method: method.clone(),
+            route: crate::metrics::url_template(path),
+            path: path.clone(),
+            span_id: span.to_string(),
+        })
+    }
+
     fn server_answered(&mut self, pid: u32, tid: u32, span: SpanId) {
+        self.serving.remove(&span);
         log::trace!(target: "tracer::causality", "{pid}/{tid} answered {span}");
         if let Some(n) = self.open.get_mut(&(pid, tid)) {
             *n = n.saturating_sub(1);
@@ -269,8 +298,94 @@ struct DbConn {
     request_tid: u32,
     /// What that thread was working for when it sent them.
     cause: (Option<SpanId>, bool),
+    /// The server request the call in flight was made for, and the one the last
+    /// completed call was made for.
+    call_culprit: Option<Culprit>,
+    last_culprit: Option<Culprit>,
+    /// The trace of the last call's span, once the stitcher settled it.
+    last_trace: Option<TraceId>,
+    /// When the current use began: a request sent on an idle connection. Over
+    /// when no call is in flight and no transaction is open.
+    in_use_since: Option<u64>,
+    /// When the connection was last idle again (its last use ended), or opened.
+    last_use_ns: u64,
+    /// The handshake's end was seen (or can no longer be timed).
+    ready: bool,
+    /// Borrows in its pool since its last use that took another connection while
+    /// this one was the pool's least recently used idle one.
+    passed_over: u32,
     scratch: Vec<DbCall>,
 }
+
+impl DbConn {
+    /// `joined_late`: the connection was open before we saw it connect, so its
+    /// handshake cannot be timed.
+    fn new(decoder: DbDecoder, tid: u32, opened_ns: u64, joined_late: bool) -> Self {
+        // Redis has no handshake to wait for.
+        let ready = joined_late || matches!(decoder, DbDecoder::Redis(_));
+        Self {
+            decoder,
+            request_tid: tid,
+            cause: (None, false),
+            last_call: None,
+            call_culprit: None,
+            last_culprit: None,
+            last_trace: None,
+            in_use_since: None,
+            last_use_ns: opened_ns,
+            ready,
+            passed_over: 0,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// What a piece of database traffic did to its connection's use.
+#[derive(Clone, Copy, Debug, Default)]
+struct DbUse {
+    /// A request started on an idle connection at this time.
+    borrowed: Option<u64>,
+}
+
+/// A timing sample for the pool metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSample {
+    pub pid: u32,
+    pub db_system: DbSystem,
+    pub server: SocketAddr,
+    pub kind: PoolSampleKind,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolSampleKind {
+    /// Connect to ready (handshake done).
+    Create,
+    /// Taken into use until idle again.
+    Use,
+}
+
+/// One pool (a process's connections to one database server) as the table
+/// watches it: its members and how it picks connections.
+#[derive(Default)]
+struct PoolTrack {
+    members: Vec<u64>,
+    /// Borrows that took the least recently used idle connection (a FIFO pool) or
+    /// the most recently used one (LIFO).
+    fifo: u32,
+    lifo: u32,
+    /// The last connection opened (seen connecting) to this destination.
+    last_open_ns: u64,
+}
+
+/// Pool samples kept when nobody takes them.
+const MAX_POOL_SAMPLES: usize = 65536;
+/// Pools watched at most; members per pool at most.
+const MAX_POOLS: usize = 16384;
+const MAX_POOL_MEMBERS: usize = 4096;
+/// A connection passed over this many times by a pool seen to take its least
+/// recently used connection no longer votes on the pool's order.
+const SUSPECT_PASSES: u32 = 2;
 
 /// The database decoders, each seeing both directions of one connection.
 enum DbDecoder {
@@ -280,6 +395,16 @@ enum DbDecoder {
 }
 
 impl DbDecoder {
+    /// A decoder for a connection met mid-stream, by its server's well-known port.
+    fn guess_by_port(port: u16) -> Option<Self> {
+        match port {
+            5432 => Some(DbDecoder::Postgres(PgDecoder::mid_stream())),
+            3306 => Some(DbDecoder::Mysql(MysqlDecoder::new())),
+            6379 => Some(DbDecoder::Redis(RedisDecoder::new())),
+            _ => None,
+        }
+    }
+
     fn system(&self) -> DbSystem {
         match self {
             DbDecoder::Postgres(_) => DbSystem::Postgresql,
@@ -362,12 +487,23 @@ pub struct Connection {
     pub bytes_recv: u64,
     /// The kernel saw this connection being connected or accepted (not adopted).
     role_from_kernel: bool,
+    /// Found in /proc at start-up, before any of its traffic; its socket inode.
+    recovered: bool,
+    inode: u64,
     protocol: Protocol,
 }
 
 /// All followed connections, keyed by kernel socket address.
 pub struct ConnectionTable {
     conns: HashMap<u64, Connection>,
+    /// (pid, server) → the pool of database connections.
+    pools: HashMap<(u32, SocketAddr), PoolTrack>,
+    /// Span of each database connection's last call → its socket.
+    last_db_span: HashMap<SpanId, u64>,
+    pool_samples: Vec<PoolSample>,
+    /// Connections recovered from /proc and not seen by the kernel yet: their
+    /// (local, remote) → the key they are kept under until then.
+    recovered: HashMap<(SocketAddr, SocketAddr), u64>,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -391,7 +527,42 @@ pub struct DbConnectionRow {
     pub idle_seconds: f64,
     pub open_seconds: f64,
     pub last_query: Option<String>,
+    /// The database span that last used the connection, and its trace once the
+    /// stitcher has settled it.
     pub last_span_id: Option<String>,
+    pub last_trace_id: Option<String>,
+    /// The incoming request that last used the connection (the culprit of a leak).
+    pub culprit: Option<Culprit>,
+    /// Recovered from /proc: open before the agent started; its protocol is a
+    /// guess from the port until traffic confirms it, and its idle time counts
+    /// from the agent's start.
+    pub recovered: bool,
+    /// Leak signals from the pool's behaviour (see `pools`): times the pool took
+    /// another connection while this one was its least recently used idle one...
+    pub passed_over: u32,
+    /// ... whether the pool is seen to take its least recently used connection
+    /// (FIFO), so that being passed over means something ...
+    #[serde(skip)]
+    pub pool_fifo: bool,
+    /// ... and whether the process opened another connection to the same server
+    /// after this one's last use (instead of reusing it).
+    #[serde(skip)]
+    pub newer_in_pool: bool,
+    /// The leak reported on this connection, if any (set by the leak detector).
+    pub leak: Option<crate::pools::LeakKind>,
+}
+
+/// The server request a database call was made for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Culprit {
+    /// `http.request.method`.
+    pub method: String,
+    /// `url.path` (never the query).
+    pub path: String,
+    /// The path as a template (`/orders/{id}`), as in the RED metrics.
+    pub route: String,
+    /// The SERVER span's id.
+    pub span_id: String,
 }
 
 /// Where the spans built from events go.
@@ -411,6 +582,7 @@ const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIE
 struct Ctx<'a, S: SpanSink> {
     procs: &'a mut ProcessTable,
     causality: &'a mut Causality,
+    pool_samples: &'a mut Vec<PoolSample>,
     telemetry: &'a Telemetry,
     options: &'a SpanOptions,
     out: &'a mut S,
@@ -424,6 +596,10 @@ impl ConnectionTable {
     pub fn with_options(limits: TableLimits, options: SpanOptions) -> Self {
         Self {
             conns: HashMap::new(),
+            pools: HashMap::new(),
+            last_db_span: HashMap::new(),
+            pool_samples: Vec::new(),
+            recovered: HashMap::new(),
             limits,
             options,
             http_limits: Http1Limits::default(),
@@ -454,6 +630,7 @@ impl ConnectionTable {
                 };
                 let tx = db.decoder.tx_status();
                 let in_tx = matches!(tx, TxStatus::InTransaction | TxStatus::Failed);
+                let pool = self.pools.get(&(c.pid, c.endpoints.remote));
                 let resource = procs.get(c.pid, &c.comm);
                 let (last_query, last_span_id, last_call_ns) = match &db.last_call {
                     Some((q, s, at)) => (q.clone(), Some(s.to_string()), *at),
@@ -484,6 +661,13 @@ impl ConnectionTable {
                     open_seconds: now_ns.saturating_sub(c.opened_ns) as f64 / 1e9,
                     last_query,
                     last_span_id,
+                    last_trace_id: db.last_trace.map(|t| t.to_string()),
+                    culprit: db.last_culprit.clone(),
+                    recovered: c.recovered,
+                    passed_over: db.passed_over,
+                    pool_fifo: pool.is_some_and(|p| p.fifo >= 3 && p.fifo >= 3 * p.lifo),
+                    newer_in_pool: pool.is_some_and(|p| p.last_open_ns > db.last_use_ns),
+                    leak: None,
                 })
             })
             .collect();
@@ -508,9 +692,11 @@ impl ConnectionTable {
     ) {
         let options = self.options.clone();
         let mut causality = std::mem::take(&mut self.causality);
+        let mut pool_samples = std::mem::take(&mut self.pool_samples);
         let mut ctx = Ctx {
             procs,
             causality: &mut causality,
+            pool_samples: &mut pool_samples,
             telemetry,
             options: &options,
             out,
@@ -521,23 +707,230 @@ impl ConnectionTable {
                 endpoints,
                 role,
             } => {
-                if let Some(old) = self.conns.remove(&meta.sock) {
+                if let Some(old) = self.remove(meta.sock) {
                     // The kernel reused the socket address: the old connection is over.
                     old.close(&mut ctx);
                 }
-                self.make_room(&mut ctx);
-                self.conns
-                    .insert(meta.sock, Connection::new(&meta, endpoints, role));
+                if let Some(key) = self.recovered.remove(&(endpoints.local, endpoints.remote))
+                    && let Some(mut conn) = self.remove(key)
+                {
+                    // A connection recovered from /proc does its first I/O under our
+                    // watch: from now on it is known by its socket.
+                    conn.sock = meta.sock;
+                    self.conns.insert(meta.sock, conn);
+                    if matches!(
+                        self.conns.get(&meta.sock).map(|c| &c.protocol),
+                        Some(Protocol::Db(_))
+                    ) {
+                        self.pool_join(meta.sock);
+                    }
+                } else {
+                    self.make_room(&mut ctx);
+                    self.conns
+                        .insert(meta.sock, Connection::new(&meta, endpoints, role));
+                }
             }
             Event::Data(rec) => self.data(rec, &mut ctx),
             Event::ConnClose { meta, .. } => {
-                if let Some(conn) = self.conns.remove(&meta.sock) {
+                if let Some(conn) = self.remove(meta.sock) {
                     conn.close(&mut ctx);
                 }
             }
             Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
         }
         self.causality = causality;
+        if pool_samples.len() > MAX_POOL_SAMPLES {
+            // Nobody drains them: keep the newest.
+            let excess = pool_samples.len() - MAX_POOL_SAMPLES;
+            pool_samples.drain(..excess);
+        }
+        self.pool_samples = pool_samples;
+    }
+
+    /// Adds connections that were open before the agent started (found in /proc).
+    /// A client connection to a well-known database port gets that database's
+    /// decoder, joining its stream wherever the next bytes start; any other
+    /// connection learns its protocol from its first traffic. Their idle time
+    /// counts from `now_ns`.
+    pub fn recover(&mut self, sockets: &[RecoveredSocket], now_ns: u64) -> usize {
+        let mut added = 0;
+        for (i, r) in sockets.iter().enumerate() {
+            if self.conns.len() >= self.limits.max_connections {
+                break;
+            }
+            // Kernel socket addresses are kernel pointers (high half): a key with
+            // the top bit clear can never collide with one.
+            let key = (1u64 << 62) | i as u64;
+            let meta = Meta {
+                ts_ns: now_ns,
+                tgid: r.pid,
+                tid: r.pid,
+                sock: key,
+                comm: r.comm.clone(),
+            };
+            let endpoints = Endpoints {
+                local: r.local,
+                remote: r.remote,
+            };
+            let mut conn = Connection::new(&meta, endpoints, r.role);
+            conn.role_from_kernel = false;
+            conn.recovered = true;
+            conn.inode = r.inode;
+            if r.role == Role::Client
+                && let Some(decoder) = DbDecoder::guess_by_port(r.remote.port())
+            {
+                conn.protocol = Protocol::Db(Box::new(DbConn::new(decoder, r.pid, now_ns, true)));
+            }
+            self.conns.insert(key, conn);
+            self.recovered.insert((r.local, r.remote), key);
+            if matches!(self.conns[&key].protocol, Protocol::Db(_)) {
+                self.pool_join(key);
+            }
+            added += 1;
+        }
+        added
+    }
+
+    /// Recovered connections not seen by the kernel yet, as (pid, socket inode),
+    /// so their owner can check they are still open.
+    pub fn recovered_sockets(&self) -> Vec<(u32, u64)> {
+        self.recovered
+            .values()
+            .filter_map(|k| self.conns.get(k).map(|c| (c.pid, c.inode)))
+            .collect()
+    }
+
+    /// Forgets recovered connections that were closed without the kernel seeing
+    /// them (they never did I/O under our watch).
+    pub fn prune_recovered(&mut self, open: impl Fn(u32, u64) -> bool) {
+        let gone: Vec<((SocketAddr, SocketAddr), u64)> = self
+            .recovered
+            .iter()
+            .filter(|(_, k)| self.conns.get(k).is_none_or(|c| !open(c.pid, c.inode)))
+            .map(|(e, k)| (*e, *k))
+            .collect();
+        for (ends, key) in gone {
+            self.recovered.remove(&ends);
+            self.remove(key);
+        }
+    }
+
+    /// Pool timing samples gathered since the last call.
+    pub fn take_pool_samples(&mut self) -> Vec<PoolSample> {
+        std::mem::take(&mut self.pool_samples)
+    }
+
+    /// The stitcher settled the trace of a span: if it is a database connection's
+    /// last call, the connection remembers it (leak reports name it).
+    pub fn note_trace(&mut self, span: SpanId, trace: TraceId) {
+        let Some(sock) = self.last_db_span.remove(&span) else {
+            return;
+        };
+        if let Some(Connection {
+            protocol: Protocol::Db(db),
+            ..
+        }) = self.conns.get_mut(&sock)
+            && db.last_call.as_ref().is_some_and(|(_, s, _)| *s == span)
+        {
+            db.last_trace = Some(trace);
+        }
+    }
+
+    /// Takes a connection out of the table and out of its pool.
+    fn remove(&mut self, sock: u64) -> Option<Connection> {
+        let conn = self.conns.remove(&sock)?;
+        if let Protocol::Db(db) = &conn.protocol {
+            if let Some((_, span, _)) = &db.last_call {
+                self.last_db_span.remove(span);
+            }
+            let key = (conn.pid, conn.endpoints.remote);
+            if let Some(pool) = self.pools.get_mut(&key) {
+                pool.members.retain(|&m| m != sock);
+                if pool.members.is_empty() {
+                    self.pools.remove(&key);
+                }
+            }
+        }
+        Some(conn)
+    }
+
+    /// A database connection joined its pool.
+    fn pool_join(&mut self, sock: u64) {
+        let Some(conn) = self.conns.get(&sock) else {
+            return;
+        };
+        let key = (conn.pid, conn.endpoints.remote);
+        if self.pools.len() >= MAX_POOLS && !self.pools.contains_key(&key) {
+            return;
+        }
+        let pool = self.pools.entry(key).or_default();
+        if pool.members.len() < MAX_POOL_MEMBERS && !pool.members.contains(&sock) {
+            pool.members.push(sock);
+        }
+        if conn.role_from_kernel {
+            pool.last_open_ns = pool.last_open_ns.max(conn.opened_ns);
+        }
+    }
+
+    /// Connection `sock` was taken into use: learn the pool's order, and count the
+    /// least recently used idle connection as passed over when another was taken.
+    fn pool_borrow(&mut self, sock: u64) {
+        let Some(conn) = self.conns.get(&sock) else {
+            return;
+        };
+        let Protocol::Db(taken) = &conn.protocol else {
+            return;
+        };
+        let taken_last = taken.last_use_ns;
+        let key = (conn.pid, conn.endpoints.remote);
+        let Some(pool) = self.pools.get_mut(&key) else {
+            return;
+        };
+        // Idle others: (sock, last use, suspect).
+        let mut lru: Option<(u64, u64)> = None;
+        let (mut older, mut newer) = (0u32, 0u32);
+        for &m in &pool.members {
+            if m == sock {
+                continue;
+            }
+            let Some(Connection {
+                protocol: Protocol::Db(db),
+                ..
+            }) = self.conns.get(&m)
+            else {
+                continue;
+            };
+            if db.in_use_since.is_some() || db.decoder.in_flight() {
+                continue;
+            }
+            if lru.is_none_or(|(_, t)| db.last_use_ns < t) {
+                lru = Some((m, db.last_use_ns));
+            }
+            if db.passed_over >= SUSPECT_PASSES {
+                continue; // likely not in the pool at all: no vote
+            }
+            if db.last_use_ns < taken_last {
+                older += 1;
+            } else {
+                newer += 1;
+            }
+        }
+        if older + newer > 0 {
+            if older == 0 {
+                pool.fifo += 1; // took the least recently used
+            } else if newer == 0 {
+                pool.lifo += 1; // took the most recently used
+            }
+        }
+        if let Some((m, last)) = lru
+            && last < taken_last
+            && let Some(Connection {
+                protocol: Protocol::Db(db),
+                ..
+            }) = self.conns.get_mut(&m)
+        {
+            db.passed_over = db.passed_over.saturating_add(1);
+        }
     }
 
     fn make_room<S: SpanSink>(&mut self, ctx: &mut Ctx<'_, S>) {
@@ -549,7 +942,7 @@ impl ConnectionTable {
             .iter()
             .min_by_key(|(_, c)| c.last_io_ns)
             .map(|(&sock, _)| sock);
-        if let Some(conn) = victim.and_then(|sock| self.conns.remove(&sock)) {
+        if let Some(conn) = victim.and_then(|sock| self.remove(sock)) {
             ctx.telemetry.connections_evicted.inc();
             log::debug!(
                 "connection table full ({}): evicting the least recently used",
@@ -590,11 +983,13 @@ impl ConnectionTable {
             Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
             Direction::Recv => conn.bytes_recv += u64::from(rec.total_len),
         }
+        let mut joined = false;
         if matches!(conn.protocol, Protocol::Unknown) {
             conn.detect(&rec, &self.http_limits);
             if matches!(conn.protocol, Protocol::Other) {
                 ctx.telemetry.dropped("unknown_protocol");
             }
+            joined = matches!(conn.protocol, Protocol::Db(_));
         }
         let chunk = Chunk {
             bytes: &rec.payload,
@@ -605,13 +1000,40 @@ impl ConnectionTable {
             Protocol::Http1(_) => {
                 conn.http_data(&rec, &chunk, self.limits.max_pending_requests, ctx)
             }
-            Protocol::Db(_) => conn.db_data(&rec, &chunk, ctx),
+            Protocol::Db(_) => {
+                let before = conn.last_db_span();
+                let usage = conn.db_data(&rec, &chunk, ctx);
+                let after = conn.last_db_span();
+                if after != before {
+                    if let Some(old) = before {
+                        self.last_db_span.remove(&old);
+                    }
+                    if let Some(new) = after
+                        && self.last_db_span.len() < self.limits.max_connections
+                    {
+                        self.last_db_span.insert(new, rec.meta.sock);
+                    }
+                }
+                if joined {
+                    self.pool_join(rec.meta.sock);
+                }
+                if usage.borrowed.is_some() {
+                    self.pool_borrow(rec.meta.sock);
+                }
+            }
             Protocol::Unknown | Protocol::Other => {}
         }
     }
 }
 
 impl Connection {
+    fn last_db_span(&self) -> Option<SpanId> {
+        match &self.protocol {
+            Protocol::Db(db) => db.last_call.as_ref().map(|(_, s, _)| *s),
+            _ => None,
+        }
+    }
+
     /// The peer ended its stream and a thread read that end: on a client
     /// connection that resumes the handler waiting for its answer (a response
     /// delimited by the close, or a reader that reads to the end).
@@ -649,6 +1071,8 @@ impl Connection {
             bytes_sent: 0,
             bytes_recv: 0,
             role_from_kernel: role != Role::Unknown,
+            recovered: false,
+            inode: 0,
             protocol: Protocol::Unknown,
         }
     }
@@ -700,13 +1124,12 @@ impl Connection {
                 self.role = Role::Client;
             }
             self.protocol = if self.role == Role::Client {
-                Protocol::Db(Box::new(DbConn {
+                Protocol::Db(Box::new(DbConn::new(
                     decoder,
-                    request_tid: rec.meta.tid,
-                    cause: (None, false),
-                    last_call: None,
-                    scratch: Vec::new(),
-                }))
+                    rec.meta.tid,
+                    self.opened_ns,
+                    !self.role_from_kernel,
+                )))
             } else {
                 // The database server's own end: its clients already make the spans.
                 Protocol::Other
@@ -792,6 +1215,9 @@ impl Connection {
                 let (span_id, woken_by, dedicated) = if self.role == Role::Server {
                     let id = SpanId::random();
                     ctx.causality.server_request(pid, tid, id, rec.meta.ts_ns);
+                    if let StartLine::Request { method, target } = &message.start {
+                        ctx.causality.serving(id, method, target);
+                    }
                     (id, None, false)
                 } else {
                     // An outgoing traceparent names this very client span.
@@ -841,9 +1267,15 @@ impl Connection {
         }
     }
 
-    fn db_data<S: SpanSink>(&mut self, rec: &DataRecord, chunk: &Chunk<'_>, ctx: &mut Ctx<'_, S>) {
+    fn db_data<S: SpanSink>(
+        &mut self,
+        rec: &DataRecord,
+        chunk: &Chunk<'_>,
+        ctx: &mut Ctx<'_, S>,
+    ) -> DbUse {
+        let mut usage = DbUse::default();
         let Protocol::Db(db) = &mut self.protocol else {
-            return;
+            return usage;
         };
         let from_client = rec.direction == Direction::Send;
         if from_client {
@@ -853,6 +1285,11 @@ impl Connection {
                 db.cause = ctx
                     .causality
                     .cause(rec.meta.tgid, rec.meta.tid, rec.meta.ts_ns);
+                db.call_culprit = db.cause.0.and_then(|p| ctx.causality.culprit(p));
+                if db.in_use_since.is_none() && db.ready {
+                    db.in_use_since = Some(rec.meta.ts_ns);
+                    usage.borrowed = Some(rec.meta.ts_ns);
+                }
             }
         }
         db.scratch.clear();
@@ -868,11 +1305,22 @@ impl Connection {
                 DbSystem::Redis => "redis_malformed",
             });
         }
+        if !from_client && !db.ready && db.decoder.tx_status() != TxStatus::Unknown {
+            // The server said it is ready for queries: the connection is made.
+            db.ready = true;
+            ctx.pool_samples.push(PoolSample {
+                pid: self.pid,
+                db_system: db.decoder.system(),
+                server: self.endpoints.remote,
+                kind: PoolSampleKind::Create,
+                seconds: rec.meta.ts_ns.saturating_sub(self.opened_ns) as f64 / 1e9,
+            });
+        }
         if db.scratch.is_empty() {
             if db.decoder.encrypted() {
                 self.protocol = Protocol::Other;
             }
-            return;
+            return usage;
         }
         if !from_client {
             ctx.causality.answered_call(
@@ -903,9 +1351,30 @@ impl Connection {
             });
             let text = span.attr("db.query.text").map(|t| t.to_string());
             db.last_call = Some((text, span.span_id, call.end_ns));
+            db.last_culprit.clone_from(&db.call_culprit);
+            db.last_trace = None;
             ctx.telemetry.spans_built.inc();
             ctx.out.span(span);
         }
+        db.passed_over = 0;
+        let in_tx = matches!(
+            db.decoder.tx_status(),
+            TxStatus::InTransaction | TxStatus::Failed
+        );
+        if !db.decoder.in_flight() && !in_tx {
+            // Given back: idle again.
+            db.last_use_ns = rec.meta.ts_ns;
+            if let Some(since) = db.in_use_since.take() {
+                ctx.pool_samples.push(PoolSample {
+                    pid: self.pid,
+                    db_system: db.decoder.system(),
+                    server: self.endpoints.remote,
+                    kind: PoolSampleKind::Use,
+                    seconds: rec.meta.ts_ns.saturating_sub(since) as f64 / 1e9,
+                });
+            }
+        }
+        usage
     }
 
     /// The connection as (client end, server end).
@@ -1601,6 +2070,259 @@ mod tests {
         let only = SpanId::random();
         c.server_request(1, 2, only, 5);
         assert_eq!(c.cause(1, 2, 6), (Some(only), true));
+    }
+
+    // ---- the pool tracker, on PostgreSQL wire sequences ----------------------
+
+    fn pg_msg(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![ty];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn pg_startup() -> Vec<u8> {
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        body.extend(b"user\0app\0database\0shop\0\0");
+        let mut m = (body.len() as u32 + 4).to_be_bytes().to_vec();
+        m.extend(body);
+        m
+    }
+
+    /// AuthenticationOk, then ReadyForQuery with transaction status `tx`.
+    fn pg_ready(tx: u8) -> Vec<u8> {
+        let mut m = pg_msg(b'R', &0u32.to_be_bytes());
+        m.extend(pg_msg(b'Z', &[tx]));
+        m
+    }
+
+    fn pg_query(sql: &str) -> Vec<u8> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        pg_msg(b'Q', &body)
+    }
+
+    /// CommandComplete, then ReadyForQuery with transaction status `tx`.
+    fn pg_done(tag: &str, tx: u8) -> Vec<u8> {
+        let mut body = tag.as_bytes().to_vec();
+        body.push(0);
+        let mut m = pg_msg(b'C', &body);
+        m.extend(pg_msg(b'Z', &[tx]));
+        m
+    }
+
+    /// One process (pid 300) and its connections to 127.0.0.1:5432, by client port.
+    struct PoolReplay {
+        r: Replay,
+        now: u64,
+    }
+
+    impl PoolReplay {
+        const SECOND: u64 = 1_000_000_000;
+
+        fn new() -> Self {
+            Self {
+                r: Replay::new(),
+                now: Self::SECOND,
+            }
+        }
+
+        fn sock(port: u16) -> u64 {
+            0xffff_8880_1000_0000 + u64::from(port)
+        }
+
+        fn io(&mut self, port: u16, dir: Direction, bytes: &[u8]) {
+            self.now += 1_000_000;
+            let ev = data(
+                Self::sock(port),
+                self.now,
+                300,
+                dir,
+                bytes,
+                bytes.len() as u32,
+            );
+            self.r.feed(vec![ev]);
+        }
+
+        fn open(&mut self, port: u16) {
+            self.now += 1_000_000;
+            self.r.feed(vec![Event::ConnOpen {
+                meta: meta(Self::sock(port), self.now, 300),
+                endpoints: Endpoints {
+                    local: SocketAddr::from(([127, 0, 0, 1], port)),
+                    remote: "127.0.0.1:5432".parse().unwrap(),
+                },
+                role: Role::Client,
+            }]);
+            self.io(port, Direction::Send, &pg_startup());
+            self.io(port, Direction::Recv, &pg_ready(b'I'));
+        }
+
+        fn query(&mut self, port: u16, sql: &str, tx_after: u8) {
+            self.io(port, Direction::Send, &pg_query(sql));
+            self.io(port, Direction::Recv, &pg_done("SELECT 1", tx_after));
+        }
+
+        fn close(&mut self, port: u16) {
+            self.now += 1_000_000;
+            self.r.feed(vec![Event::ConnClose {
+                meta: meta(Self::sock(port), self.now, 300),
+                endpoints: Some(Endpoints {
+                    local: SocketAddr::from(([127, 0, 0, 1], port)),
+                    remote: "127.0.0.1:5432".parse().unwrap(),
+                }),
+            }]);
+        }
+
+        /// Leak reports a detector with a 60 s threshold makes `later` seconds on.
+        fn leaks(&mut self, later: u64) -> Vec<(u16, crate::pools::LeakKind)> {
+            let rows = self
+                .r
+                .table
+                .db_inventory(self.now + later * Self::SECOND, &mut self.r.procs);
+            let mut d = crate::pools::LeakDetector::new(std::time::Duration::from_secs(60));
+            d.evaluate(&rows, 0.0)
+                .into_iter()
+                .map(|e| (e.row.client_port, e.kind))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_fifo_pool_reused_in_turn_is_healthy_until_it_passes_one_over() {
+        use crate::pools::LeakKind;
+        let mut p = PoolReplay::new();
+        for port in [1, 2, 3] {
+            p.open(port);
+        }
+        for _ in 0..5 {
+            for port in [1, 2, 3] {
+                p.query(port, "SELECT 1", b'I');
+            }
+        }
+        assert_eq!(p.leaks(0), [], "in turn");
+        assert_eq!(p.leaks(120), [], "traffic stopped");
+        // Connection 1 is taken and never given back: the pool rotates the others.
+        p.query(1, "SELECT * FROM orders WHERE id = 7", b'I');
+        for _ in 0..4 {
+            for port in [2, 3] {
+                p.query(port, "SELECT 1", b'I');
+            }
+        }
+        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let one = rows.iter().find(|r| r.client_port == 1).unwrap();
+        assert!(
+            one.pool_fifo && one.passed_over >= crate::pools::MIN_PASSES,
+            "{one:#?}"
+        );
+        assert_eq!(p.leaks(0), [], "not idle long enough yet");
+        assert_eq!(p.leaks(120), [(1, LeakKind::NeverReturned)]);
+    }
+
+    #[test]
+    fn a_lifo_pool_leaves_spares_idle_without_a_report() {
+        let mut p = PoolReplay::new();
+        for port in [1, 2, 3] {
+            p.open(port);
+        }
+        // A burst uses all three, then the pool keeps taking the most recent one.
+        for port in [1, 2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+        for _ in 0..20 {
+            p.query(3, "SELECT 1", b'I');
+        }
+        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        assert!(rows.iter().all(|r| !r.pool_fifo), "{rows:#?}");
+        assert_eq!(p.leaks(600), []);
+    }
+
+    #[test]
+    fn a_pool_that_opens_a_connection_instead_of_reusing_an_idle_one_leaked_it() {
+        use crate::pools::LeakKind;
+        let mut p = PoolReplay::new();
+        p.open(1);
+        p.open(2);
+        p.query(1, "SELECT 1", b'I');
+        p.query(2, "BEGIN", b'T');
+        p.query(2, "UPDATE orders SET paid = 1", b'T');
+        // Both are held: the pool opens a third and uses it.
+        p.open(3);
+        p.query(3, "SELECT 1", b'I');
+        assert_eq!(
+            p.leaks(120),
+            [
+                (1, LeakKind::NeverReturned),
+                (2, LeakKind::IdleInTransaction)
+            ]
+        );
+        // The server closes the leaked ones: nothing left to report.
+        p.close(1);
+        p.close(2);
+        assert_eq!(p.leaks(120), []);
+        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        assert_eq!(rows.len(), 1);
+        assert!(p.r.table.pools.values().all(|pool| pool.members.len() == 1));
+    }
+
+    #[test]
+    fn connections_recovered_from_proc_join_the_inventory_and_their_socket_later() {
+        let mut p = PoolReplay::new();
+        let recovered = |port: u16, remote: u16, inode: u64| RecoveredSocket {
+            pid: 300,
+            comm: "app".into(),
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            remote: SocketAddr::from(([127, 0, 0, 1], remote)),
+            role: Role::Client,
+            inode,
+        };
+        let added = p.r.table.recover(
+            &[
+                recovered(7, 5432, 70),
+                recovered(8, 5432, 80),
+                recovered(9, 8080, 90), // not a database port: learns from traffic
+            ],
+            p.now,
+        );
+        assert_eq!(added, 3);
+        let rows =
+            p.r.table
+                .db_inventory(p.now + 5 * PoolReplay::SECOND, &mut p.r.procs);
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        assert!(
+            rows.iter()
+                .all(|r| r.recovered && r.db_system == "postgresql")
+        );
+        assert!(rows.iter().all(|r| (r.idle_seconds - 5.0).abs() < 0.1));
+        // Connection 7 does I/O: the kernel announces it; it keeps its history.
+        p.now += 1_000_000;
+        p.r.feed(vec![Event::ConnOpen {
+            meta: meta(PoolReplay::sock(7), p.now, 300),
+            endpoints: Endpoints {
+                local: SocketAddr::from(([127, 0, 0, 1], 7)),
+                remote: "127.0.0.1:5432".parse().unwrap(),
+            },
+            role: Role::Unknown,
+        }]);
+        p.query(7, "SELECT 1", b'I');
+        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let seven = rows.iter().find(|r| r.client_port == 7).unwrap();
+        assert!(seven.recovered);
+        assert_eq!(seven.last_query.as_deref(), Some("SELECT ?"));
+        assert_eq!(
+            p.r.spans.len(),
+            1,
+            "the call on the recovered connection is a span"
+        );
+        // Connection 8 closes without I/O: pruned when its socket is gone.
+        assert_eq!(p.r.table.recovered_sockets().len(), 2);
+        p.r.table.prune_recovered(|_, inode| inode != 80);
+        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        assert_eq!(
+            rows.iter().map(|r| r.client_port).collect::<Vec<_>>(),
+            [7],
+            "{rows:#?}"
+        );
     }
 
     #[test]

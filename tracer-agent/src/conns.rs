@@ -74,32 +74,61 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// The table, oldest idle connection first.
+/// The table: leaking pools first, then the longest idle; under a leaking pool,
+/// one line naming its longest-idle leak and the request that last used it.
 pub fn render(pools: &[PoolRow]) -> String {
     let mut out = format!(
-        "{:<22} {:<22} {:<10} {:>4} {:>4} {:>4} {:>8}\n",
-        "PROCESS", "DESTINATION", "DB", "OPEN", "USED", "IDLE", "OLDEST"
+        "{:<18} {:<21} {:<6} {:>4} {:>4} {:>4} {:>4} {:>7}\n",
+        "PROCESS", "DESTINATION", "DB", "OPEN", "USED", "IDLE", "LEAK", "OLDEST"
     );
     if pools.is_empty() {
         out.push_str("(no database connections seen yet)\n");
     }
     for p in pools {
         out.push_str(&format!(
-            "{:<22} {:<22} {:<10} {:>4} {:>4} {:>4} {:>8}\n",
-            clip(&format!("{}[{}]", p.executable, p.pid), 22),
-            clip(&format!("{}:{}", p.server_address, p.server_port), 22),
-            clip(&p.db_system, 10),
+            "{:<18} {:<21} {:<6} {:>4} {:>4} {:>4} {:>4} {:>7}\n",
+            clip(&format!("{}[{}]", p.executable, p.pid), 18),
+            clip(&format!("{}:{}", p.server_address, p.server_port), 21),
+            clip(short_system(&p.db_system), 6),
             p.open,
             p.used,
             p.idle,
+            if p.leaked > 0 {
+                p.leaked.to_string()
+            } else {
+                "-".into()
+            },
             if p.idle > 0 {
                 human(p.oldest_idle_seconds)
             } else {
                 "-".into()
             },
         ));
+        if let Some(w) = &p.worst_leak {
+            let line = format!(
+                "  ↳ {} port {} idle {} by {}{}",
+                w.kind.as_str(),
+                w.client_port,
+                human(w.idle_seconds),
+                w.culprit.as_deref().unwrap_or("an unknown request"),
+                w.last_query
+                    .as_deref()
+                    .map(|q| format!(": {q}"))
+                    .unwrap_or_default(),
+            );
+            out.push_str(&clip(&line, 80));
+            out.push('\n');
+        }
     }
     out
+}
+
+/// `db.system.name` shortened for the table.
+fn short_system(system: &str) -> &str {
+    match system {
+        "postgresql" => "pg",
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -118,11 +147,26 @@ mod tests {
             used: 2,
             idle: 10,
             oldest_idle_seconds: 754.0,
+            leaked: 2,
+            worst_leak: Some(crate::server::LeakSummary {
+                kind: crate::pools::LeakKind::NeverReturned,
+                client_port: 41234,
+                idle_seconds: 754.0,
+                culprit: Some("GET /orders/leaky/with/a/rather/long/path".into()),
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                last_query: Some("SELECT id, total FROM orders WHERE customer_id = ?".into()),
+            }),
         }];
         let text = render(&pools);
         assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
         assert!(text.contains("12m34s"), "{text}");
         assert!(text.contains("127.0.0.1:5432"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("   2 "), "{text}");
+        assert!(
+            lines[2].starts_with("  ↳ never_returned port 41234 idle 12m34s by GET /orders/leaky"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod pools;
 pub mod process;
 pub mod protocols;
+pub mod recover;
 pub mod server;
 pub mod spans;
 pub mod stitch;

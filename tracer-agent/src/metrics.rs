@@ -5,9 +5,17 @@
 //! Cardinality is bounded: URL paths become templates (`/orders/{id}`), and past
 //! `max_series` series new attribute sets go to one overflow series per metric
 //! (`otel.metric.overflow=true`), as the OpenTelemetry SDKs do.
+//!
+//! Database connection pools, by the `db.client.connection.*` conventions: one pool is
+//! one process and one database destination ([`PoolId`]). `db.client.connection.count`
+//! (by state, `idle` | `used`), `db.client.connection.max`,
+//! `db.client.connection.create_time` and `db.client.connection.use_time`, each with
+//! `db.client.connection.pool.name`, `db.system.name`, `server.address` and
+//! `server.port`. At most `max_series` pools are tracked (apart from the RED series);
+//! see [`RedMetrics::set_pool_counts`].
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{Arc, Mutex},
 };
@@ -16,8 +24,8 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics,
-        ScopeMetrics, metric,
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+        ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
     },
 };
 
@@ -88,6 +96,12 @@ struct SeriesKey {
 struct Series {
     resource: Option<Arc<ProcessResource>>,
     start_ns: u64,
+    hist: HistogramState,
+}
+
+/// The cumulative state of one histogram series.
+#[derive(Clone, Debug)]
+struct HistogramState {
     count: u64,
     sum: f64,
     min: f64,
@@ -96,9 +110,237 @@ struct Series {
     buckets: Vec<u64>,
 }
 
-/// All RED series, shared by the pipeline (records), `/metrics` and OTLP export.
+impl HistogramState {
+    fn new(bounds: &[f64]) -> Self {
+        Self {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            buckets: vec![0; bounds.len() + 1],
+        }
+    }
+
+    fn observe(&mut self, bounds: &[f64], seconds: f64) {
+        self.count += 1;
+        self.sum += seconds;
+        self.min = self.min.min(seconds);
+        self.max = self.max.max(seconds);
+        let idx = bounds
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(bounds.len());
+        if let Some(b) = self.buckets.get_mut(idx) {
+            *b += 1;
+        }
+    }
+
+    fn point(
+        &self,
+        attributes: Vec<KeyValue>,
+        bounds: &[f64],
+        start_ns: u64,
+        now_ns: u64,
+    ) -> HistogramDataPoint {
+        HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: start_ns,
+            time_unix_nano: now_ns,
+            count: self.count,
+            sum: Some(self.sum),
+            bucket_counts: self.buckets.clone(),
+            explicit_bounds: bounds.to_vec(),
+            min: self.min.is_finite().then_some(self.min),
+            max: self.max.is_finite().then_some(self.max),
+            ..Default::default()
+        }
+    }
+}
+
+/// A pool that has had no connections and no samples for this long is forgotten
+/// (10 minutes).
+pub const POOL_FORGET_AFTER_NS: u64 = 10 * 60 * 1_000_000_000;
+
+/// Identifies one pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId {
+    pub pid: u32,
+    pub db_system: &'static str,
+    pub server_address: String,
+    pub server_port: u16,
+}
+
+impl PoolId {
+    /// `db.client.connection.pool.name`: `<executable>[<pid>] <db_system> <address>:<port>`,
+    /// an IPv6 address in brackets, e.g. `python3.11[4242] postgresql 127.0.0.1:5432`.
+    pub fn pool_name(&self, executable: &str) -> String {
+        let Self {
+            pid,
+            db_system,
+            server_address,
+            server_port,
+        } = self;
+        if server_address.contains(':') && !server_address.starts_with('[') {
+            format!("{executable}[{pid}] {db_system} [{server_address}]:{server_port}")
+        } else {
+            format!("{executable}[{pid}] {db_system} {server_address}:{server_port}")
+        }
+    }
+}
+
+/// The connection pool metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoolMetric {
+    /// `db.client.connection.count`, by `db.client.connection.state`.
+    Count,
+    /// `db.client.connection.max`: the peak number of open connections seen since the
+    /// pool was first tracked. The conventions mean the pool's configured limit, which
+    /// the agent cannot see from the wire; the observed peak is the nearest it can say.
+    Max,
+    /// `db.client.connection.create_time`: connect to ready.
+    CreateTime,
+    /// `db.client.connection.use_time`: taken into use to idle again.
+    UseTime,
+}
+
+impl PoolMetric {
+    pub fn otel_name(self) -> &'static str {
+        match self {
+            PoolMetric::Count => "db.client.connection.count",
+            PoolMetric::Max => "db.client.connection.max",
+            PoolMetric::CreateTime => "db.client.connection.create_time",
+            PoolMetric::UseTime => "db.client.connection.use_time",
+        }
+    }
+
+    fn prometheus_name(self) -> &'static str {
+        match self {
+            PoolMetric::Count => "db_client_connection_count",
+            PoolMetric::Max => "db_client_connection_max",
+            PoolMetric::CreateTime => "db_client_connection_create_time_seconds",
+            PoolMetric::UseTime => "db_client_connection_use_time_seconds",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            PoolMetric::Count => {
+                "Number of connections of the pool in the state given by db.client.connection.state"
+            }
+            PoolMetric::Max => {
+                "Peak number of open connections of the pool since it was first seen"
+            }
+            PoolMetric::CreateTime => "Time it took to create a new connection",
+            PoolMetric::UseTime => {
+                "Time between a connection being taken into use and it being idle again"
+            }
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            PoolMetric::Count | PoolMetric::Max => "{connection}",
+            PoolMetric::CreateTime | PoolMetric::UseTime => "s",
+        }
+    }
+
+    /// Bucket boundaries of the two histograms.
+    fn bounds(self) -> &'static [f64] {
+        match self {
+            PoolMetric::Count | PoolMetric::Max => &[],
+            PoolMetric::CreateTime => &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+            PoolMetric::UseTime => &[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
+            ],
+        }
+    }
+}
+
+/// The state of one pool.
+#[derive(Clone, Debug)]
+struct PoolSeries {
+    resource: Option<Arc<ProcessResource>>,
+    start_ns: u64,
+    idle: u64,
+    used: u64,
+    /// Peak of `idle + used` since the pool was first tracked.
+    max: u64,
+    create_time: HistogramState,
+    use_time: HistogramState,
+    /// When the pool last had connections or a sample.
+    last_active_ns: u64,
+}
+
+impl PoolSeries {
+    fn new(resource: Option<Arc<ProcessResource>>, now_ns: u64) -> Self {
+        Self {
+            resource,
+            start_ns: now_ns,
+            idle: 0,
+            used: 0,
+            max: 0,
+            create_time: HistogramState::new(PoolMetric::CreateTime.bounds()),
+            use_time: HistogramState::new(PoolMetric::UseTime.bounds()),
+            last_active_ns: now_ns,
+        }
+    }
+
+    fn set_counts(&mut self, idle: u64, used: u64, now_ns: u64) {
+        self.idle = idle;
+        self.used = used;
+        let open = idle.saturating_add(used);
+        self.max = self.max.max(open);
+        if open > 0 {
+            self.last_active_ns = now_ns;
+        }
+    }
+
+    /// The histogram of `metric`, if it is one.
+    fn histogram(&self, metric: PoolMetric) -> Option<&HistogramState> {
+        match metric {
+            PoolMetric::CreateTime => Some(&self.create_time),
+            PoolMetric::UseTime => Some(&self.use_time),
+            PoolMetric::Count | PoolMetric::Max => None,
+        }
+    }
+
+    /// The pool name; without a process resource the executable part is left empty
+    /// (`[4242] postgresql 127.0.0.1:5432`).
+    fn name(&self, id: &PoolId) -> String {
+        let executable = self
+            .resource
+            .as_ref()
+            .map_or("", |r| r.executable_name.as_str());
+        id.pool_name(executable)
+    }
+
+    /// The attributes every pool metric carries, as strings (Prometheus labels).
+    fn attrs(&self, id: &PoolId) -> Vec<(&'static str, String)> {
+        vec![
+            ("db.client.connection.pool.name", self.name(id)),
+            ("db.system.name", id.db_system.to_string()),
+            ("server.address", id.server_address.clone()),
+            ("server.port", id.server_port.to_string()),
+        ]
+    }
+
+    /// The same attributes for OTLP, with `server.port` an integer as the conventions
+    /// type it.
+    fn otlp_attrs(&self, id: &PoolId) -> Vec<KeyValue> {
+        vec![
+            kv("db.client.connection.pool.name", &self.name(id)),
+            kv("db.system.name", id.db_system),
+            kv("server.address", &id.server_address),
+            int_kv("server.port", i64::from(id.server_port)),
+        ]
+    }
+}
+
+/// All RED series and connection pools, shared by the pipeline (records), `/metrics`
+/// and OTLP export.
 pub struct RedMetrics {
     series: HashMap<SeriesKey, Series>,
+    pools: BTreeMap<PoolId, PoolSeries>,
     max_series: usize,
     overflowed: u64,
 }
@@ -158,6 +400,7 @@ impl RedMetrics {
     pub fn new(max_series: usize) -> Self {
         Self {
             series: HashMap::new(),
+            pools: BTreeMap::new(),
             max_series: max_series.max(1),
             overflowed: 0,
         }
@@ -167,13 +410,20 @@ impl RedMetrics {
         Arc::new(Mutex::new(Self::new(max_series)))
     }
 
-    /// Number of attribute sets that went to the overflow series.
+    /// Number of attribute sets that went to the overflow series, plus the number of
+    /// pool observations (snapshot entries and samples) dropped because `max_series`
+    /// pools were already tracked.
     pub fn overflowed(&self) -> u64 {
         self.overflowed
     }
 
     pub fn series_count(&self) -> usize {
         self.series.len()
+    }
+
+    /// Number of connection pools tracked.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
     }
 
     /// Records one finished span in its histogram.
@@ -232,23 +482,140 @@ impl RedMetrics {
         let series = self.series.entry(key).or_insert_with(|| Series {
             resource,
             start_ns: span.start_unix_nano,
-            count: 0,
-            sum: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            buckets: vec![0; bounds.len() + 1],
+            hist: HistogramState::new(bounds),
         });
-        series.count += 1;
-        series.sum += seconds;
-        series.min = series.min.min(seconds);
-        series.max = series.max.max(seconds);
-        let idx = bounds
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(bounds.len());
-        if let Some(b) = series.buckets.get_mut(idx) {
-            *b += 1;
+        series.hist.observe(bounds, seconds);
+    }
+
+    /// Replaces the connection counts of every pool with a fresh snapshot of
+    /// `(pool, idle, used)` (entries for the same pool add up). Pools absent from it
+    /// keep their max and histograms but report count 0, until forgotten: a pool with
+    /// no connections and no samples for [`POOL_FORGET_AFTER_NS`] is dropped.
+    /// `resource` gives the process resource for a pid; `now_ns` is Unix time.
+    ///
+    /// Cardinality is bounded like the RED series: at most `max_series` pools are
+    /// tracked. A new pool beyond that is not tracked, and each snapshot that names it
+    /// and each of its samples adds one to [`RedMetrics::overflowed`] (after pools
+    /// due to be forgotten have made room). An untracked pool with no
+    /// connections is not started.
+    pub fn set_pool_counts(
+        &mut self,
+        counts: &[(PoolId, u64, u64)],
+        resource: &dyn Fn(u32) -> Option<Arc<ProcessResource>>,
+        now_ns: u64,
+    ) {
+        let mut snapshot: BTreeMap<&PoolId, (u64, u64)> = BTreeMap::new();
+        for (id, idle, used) in counts {
+            let entry = snapshot.entry(id).or_default();
+            entry.0 = entry.0.saturating_add(*idle);
+            entry.1 = entry.1.saturating_add(*used);
         }
+        for (id, pool) in &mut self.pools {
+            let (idle, used) = match snapshot.remove(id) {
+                Some(counts) => {
+                    if pool.resource.is_none() {
+                        pool.resource = resource(id.pid);
+                    }
+                    counts
+                }
+                None => (0, 0),
+            };
+            pool.set_counts(idle, used, now_ns);
+        }
+        self.forget_inactive_pools(now_ns);
+        // What is left are pools not tracked yet.
+        for (id, (idle, used)) in snapshot {
+            if idle == 0 && used == 0 {
+                continue;
+            }
+            if let Some(pool) = self.pool_mut(id, || resource(id.pid), now_ns) {
+                pool.set_counts(idle, used, now_ns);
+            }
+        }
+    }
+
+    /// Records the time one connection of `pool` took to create (connect to ready),
+    /// in `db.client.connection.create_time`. Negative and non-finite values are
+    /// ignored. The pool limit is as for [`RedMetrics::set_pool_counts`].
+    pub fn record_pool_create_time(
+        &mut self,
+        pool: &PoolId,
+        seconds: f64,
+        resource: Option<Arc<ProcessResource>>,
+        now_ns: u64,
+    ) {
+        self.record_pool_sample(PoolMetric::CreateTime, pool, seconds, resource, now_ns);
+    }
+
+    /// Records the time one connection of `pool` was in use (taken into use to idle
+    /// again), in `db.client.connection.use_time`. Negative and non-finite values are
+    /// ignored. The pool limit is as for [`RedMetrics::set_pool_counts`].
+    pub fn record_pool_use_time(
+        &mut self,
+        pool: &PoolId,
+        seconds: f64,
+        resource: Option<Arc<ProcessResource>>,
+        now_ns: u64,
+    ) {
+        self.record_pool_sample(PoolMetric::UseTime, pool, seconds, resource, now_ns);
+    }
+
+    fn record_pool_sample(
+        &mut self,
+        metric: PoolMetric,
+        pool: &PoolId,
+        seconds: f64,
+        resource: Option<Arc<ProcessResource>>,
+        now_ns: u64,
+    ) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let Some(series) = self.pool_mut(pool, move || resource, now_ns) else {
+            return;
+        };
+        let hist = match metric {
+            PoolMetric::CreateTime => &mut series.create_time,
+            PoolMetric::UseTime => &mut series.use_time,
+            PoolMetric::Count | PoolMetric::Max => return,
+        };
+        hist.observe(metric.bounds(), seconds);
+        series.last_active_ns = now_ns;
+    }
+
+    /// The pool's state, started if there is room (forgetting inactive pools first
+    /// when full); `None`, counted as overflow, when there is none.
+    fn pool_mut(
+        &mut self,
+        id: &PoolId,
+        resource: impl FnOnce() -> Option<Arc<ProcessResource>>,
+        now_ns: u64,
+    ) -> Option<&mut PoolSeries> {
+        if !self.pools.contains_key(id) {
+            if self.pools.len() >= self.max_series {
+                self.forget_inactive_pools(now_ns);
+            }
+            if self.pools.len() >= self.max_series {
+                self.overflowed += 1;
+                return None;
+            }
+            self.pools
+                .insert(id.clone(), PoolSeries::new(resource(), now_ns));
+            return self.pools.get_mut(id);
+        }
+        let pool = self.pools.get_mut(id)?;
+        if pool.resource.is_none() {
+            pool.resource = resource();
+        }
+        Some(pool)
+    }
+
+    fn forget_inactive_pools(&mut self, now_ns: u64) {
+        self.pools.retain(|_, p| {
+            p.idle > 0
+                || p.used > 0
+                || now_ns.saturating_sub(p.last_active_ns) < POOL_FORGET_AFTER_NS
+        });
     }
 
     fn sorted(&self) -> Vec<(&SeriesKey, &Series)> {
@@ -266,82 +633,108 @@ impl RedMetrics {
                 continue;
             }
             let name = metric.prometheus_name();
-            let _ = writeln!(out, "# TYPE {name} histogram");
-            let _ = writeln!(out, "# UNIT {name} seconds");
-            let _ = writeln!(out, "# HELP {name} {}.", metric.description());
+            write_histogram_header(out, name, metric.description());
             for (key, s) in rows {
-                let mut labels = String::new();
-                if let Some(r) = &s.resource {
-                    let _ = write!(
-                        labels,
-                        "service_name=\"{}\",process_pid=\"{}\",",
-                        escape(&r.service_name),
-                        r.pid
-                    );
+                let labels = prometheus_labels(s.resource.as_deref(), &key.attrs);
+                write_histogram_samples(out, name, &labels, metric.bounds(), &s.hist);
+            }
+        }
+        self.render_pools_prometheus(out);
+    }
+
+    /// The pool metrics: the two counts as gauges, the histograms like the RED ones.
+    fn render_pools_prometheus(&self, out: &mut String) {
+        if self.pools.is_empty() {
+            return;
+        }
+        let rows: Vec<_> = self
+            .pools
+            .iter()
+            .map(|(id, p)| (p, prometheus_labels(p.resource.as_deref(), &p.attrs(id))))
+            .collect();
+        for metric in [PoolMetric::Count, PoolMetric::Max] {
+            let name = metric.prometheus_name();
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "# HELP {name} {}.", metric.description());
+            for (p, labels) in &rows {
+                if metric == PoolMetric::Count {
+                    for (state, value) in [("idle", p.idle), ("used", p.used)] {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{{labels}db_client_connection_state=\"{state}\"}} {value}"
+                        );
+                    }
+                } else {
+                    let labels = labels.trim_end_matches(',');
+                    let _ = writeln!(out, "{name}{{{labels}}} {}", p.max);
                 }
-                for (k, v) in &key.attrs {
-                    let _ = write!(labels, "{}=\"{}\",", k.replace('.', "_"), escape(v));
-                }
-                let mut cumulative = 0;
-                for (i, bound) in metric
-                    .bounds()
-                    .iter()
-                    .map(|b| b.to_string())
-                    .chain(["+Inf".to_string()])
-                    .enumerate()
-                {
-                    cumulative += s.buckets.get(i).copied().unwrap_or(0);
-                    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
-                }
-                let labels = labels.trim_end_matches(',');
-                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.sum);
-                let _ = writeln!(out, "{name}_count{{{labels}}} {}", s.count);
+            }
+        }
+        for metric in [PoolMetric::CreateTime, PoolMetric::UseTime] {
+            let hists: Vec<_> = rows
+                .iter()
+                .filter_map(|(p, labels)| {
+                    let hist = p.histogram(metric).filter(|h| h.count > 0)?;
+                    Some((hist, labels))
+                })
+                .collect();
+            if hists.is_empty() {
+                continue;
+            }
+            let name = metric.prometheus_name();
+            write_histogram_header(out, name, metric.description());
+            for (hist, labels) in hists {
+                write_histogram_samples(out, name, labels, metric.bounds(), hist);
             }
         }
     }
 
     /// One OTLP metrics request, one `ResourceMetrics` per process.
+    ///
+    /// The pool counts (`db.client.connection.count`, `.max`) go out as non-monotonic
+    /// cumulative Sums, not Gauges: the conventions make them UpDownCounters, and that
+    /// is how an SDK exports an UpDownCounter, so backends see the type they expect
+    /// (Prometheus shows both as gauges). The pool histograms only go out once they
+    /// have a sample.
     pub fn export_request(&self, now_ns: u64) -> ExportMetricsServiceRequest {
-        let mut by_pid: Vec<(u32, Option<Arc<ProcessResource>>, Vec<Metric>)> = Vec::new();
+        let mut by_pid: MetricsByProcess = Vec::new();
         for (key, s) in self.sorted() {
-            let idx = match by_pid.iter().position(|(pid, _, _)| *pid == key.pid) {
-                Some(i) => i,
-                None => {
-                    by_pid.push((key.pid, s.resource.clone(), Vec::new()));
-                    by_pid.len() - 1
-                }
-            };
-            let metrics = &mut by_pid[idx].2;
-            let point = HistogramDataPoint {
-                attributes: key.attrs.iter().map(|(k, v)| kv(k, v)).collect(),
-                start_time_unix_nano: s.start_ns,
+            let metrics = metrics_of(&mut by_pid, key.pid, &s.resource);
+            let attributes = key.attrs.iter().map(|(k, v)| kv(k, v)).collect();
+            let point = s
+                .hist
+                .point(attributes, key.metric.bounds(), s.start_ns, now_ns);
+            push_histogram_point(
+                metrics,
+                key.metric.otel_name(),
+                key.metric.description(),
+                point,
+            );
+        }
+        for (id, p) in &self.pools {
+            let metrics = metrics_of(&mut by_pid, id.pid, &p.resource);
+            let attrs = p.otlp_attrs(id);
+            let number = |attributes: Vec<KeyValue>, value: u64| NumberDataPoint {
+                attributes,
+                start_time_unix_nano: p.start_ns,
                 time_unix_nano: now_ns,
-                count: s.count,
-                sum: Some(s.sum),
-                bucket_counts: s.buckets.clone(),
-                explicit_bounds: key.metric.bounds().to_vec(),
-                min: s.min.is_finite().then_some(s.min),
-                max: s.max.is_finite().then_some(s.max),
+                value: Some(number_data_point::Value::AsInt(
+                    i64::try_from(value).unwrap_or(i64::MAX),
+                )),
                 ..Default::default()
             };
-            match metrics
-                .iter_mut()
-                .find(|m| m.name == key.metric.otel_name())
-            {
-                Some(Metric {
-                    data: Some(metric::Data::Histogram(h)),
-                    ..
-                }) => h.data_points.push(point),
-                _ => metrics.push(Metric {
-                    name: key.metric.otel_name().to_string(),
-                    description: key.metric.description().to_string(),
-                    unit: "s".to_string(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        data_points: vec![point],
-                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                    })),
-                    ..Default::default()
-                }),
+            for (state, value) in [("idle", p.idle), ("used", p.used)] {
+                let mut attributes = attrs.clone();
+                attributes.push(kv("db.client.connection.state", state));
+                push_sum_point(metrics, PoolMetric::Count, number(attributes, value));
+            }
+            push_sum_point(metrics, PoolMetric::Max, number(attrs.clone(), p.max));
+            for metric in [PoolMetric::CreateTime, PoolMetric::UseTime] {
+                let Some(hist) = p.histogram(metric).filter(|h| h.count > 0) else {
+                    continue;
+                };
+                let point = hist.point(attrs.clone(), metric.bounds(), p.start_ns, now_ns);
+                push_histogram_point(metrics, metric.otel_name(), metric.description(), point);
             }
         }
         let scope = InstrumentationScope {
@@ -363,6 +756,147 @@ impl RedMetrics {
                 })
                 .collect(),
         }
+    }
+}
+
+/// `key="value",` for the process resource and then each attribute (dots in keys
+/// become underscores), each followed by a comma.
+fn prometheus_labels(resource: Option<&ProcessResource>, attrs: &[(&str, String)]) -> String {
+    let mut labels = String::new();
+    if let Some(r) = resource {
+        let _ = write!(
+            labels,
+            "service_name=\"{}\",process_pid=\"{}\",",
+            escape(&r.service_name),
+            r.pid
+        );
+    }
+    for (k, v) in attrs {
+        let _ = write!(labels, "{}=\"{}\",", k.replace('.', "_"), escape(v));
+    }
+    labels
+}
+
+fn write_histogram_header(out: &mut String, name: &str, description: &str) {
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let _ = writeln!(out, "# UNIT {name} seconds");
+    let _ = writeln!(out, "# HELP {name} {description}.");
+}
+
+/// `_bucket`, `_sum` and `_count` of one series; `labels` as from [`prometheus_labels`].
+fn write_histogram_samples(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    hist: &HistogramState,
+) {
+    let mut cumulative = 0;
+    for (i, bound) in bounds
+        .iter()
+        .map(|b| b.to_string())
+        .chain(["+Inf".to_string()])
+        .enumerate()
+    {
+        cumulative += hist.buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+    }
+    let labels = labels.trim_end_matches(',');
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", hist.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", hist.count);
+}
+
+/// The metrics of each process (pid, resource), in the order first seen.
+type MetricsByProcess = Vec<(u32, Option<Arc<ProcessResource>>, Vec<Metric>)>;
+
+/// The metrics of the process `pid`, added after the others if it has none yet.
+fn metrics_of<'a>(
+    by_pid: &'a mut MetricsByProcess,
+    pid: u32,
+    resource: &Option<Arc<ProcessResource>>,
+) -> &'a mut Vec<Metric> {
+    let idx = match by_pid.iter().position(|(p, _, _)| *p == pid) {
+        Some(i) => i,
+        None => {
+            by_pid.push((pid, resource.clone(), Vec::new()));
+            by_pid.len() - 1
+        }
+    };
+    let entry = &mut by_pid[idx];
+    if entry.1.is_none() {
+        entry.1 = resource.clone();
+    }
+    &mut entry.2
+}
+
+/// The data of the metric `name`, added with `empty` data if not there yet.
+fn metric_data<'a>(
+    metrics: &'a mut Vec<Metric>,
+    name: &str,
+    description: &str,
+    unit: &str,
+    empty: fn() -> metric::Data,
+) -> &'a mut metric::Data {
+    let idx = match metrics.iter().position(|m| m.name == name) {
+        Some(i) => i,
+        None => {
+            metrics.push(Metric {
+                name: name.to_string(),
+                description: description.to_string(),
+                unit: unit.to_string(),
+                ..Default::default()
+            });
+            metrics.len() - 1
+        }
+    };
+    metrics[idx].data.get_or_insert_with(empty)
+}
+
+/// Adds a point to the cumulative histogram `name` (unit seconds).
+fn push_histogram_point(
+    metrics: &mut Vec<Metric>,
+    name: &str,
+    description: &str,
+    point: HistogramDataPoint,
+) {
+    let data = metric_data(metrics, name, description, "s", || {
+        metric::Data::Histogram(Histogram {
+            data_points: Vec::new(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })
+    });
+    if let metric::Data::Histogram(h) = data {
+        h.data_points.push(point);
+    }
+}
+
+/// Adds a point to a pool count, a non-monotonic cumulative Sum.
+fn push_sum_point(metrics: &mut Vec<Metric>, metric: PoolMetric, point: NumberDataPoint) {
+    let data = metric_data(
+        metrics,
+        metric.otel_name(),
+        metric.description(),
+        metric.unit(),
+        || {
+            metric::Data::Sum(Sum {
+                data_points: Vec::new(),
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                is_monotonic: false,
+            })
+        },
+    );
+    if let metric::Data::Sum(s) = data {
+        s.data_points.push(point);
+    }
+}
+
+fn int_kv(k: &str, v: i64) -> KeyValue {
+    KeyValue {
+        key: k.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(v)),
+        }),
+        ..Default::default()
     }
 }
 
@@ -468,5 +1002,348 @@ mod tests {
         }
         assert_eq!(m.series_count(), 4, "three series and the overflow one");
         assert_eq!(m.overflowed(), 47);
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn pool(pid: u32, address: &str, port: u16) -> PoolId {
+        PoolId {
+            pid,
+            db_system: "postgresql",
+            server_address: address.into(),
+            server_port: port,
+        }
+    }
+
+    fn python(pid: u32) -> Arc<ProcessResource> {
+        Arc::new(ProcessResource {
+            pid,
+            executable_name: "python3.11".into(),
+            service_name: "orders".into(),
+            host_name: "h".into(),
+        })
+    }
+
+    fn resources(pid: u32) -> Option<Arc<ProcessResource>> {
+        Some(python(pid))
+    }
+
+    fn has_line(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+        attrs
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref()?.value.as_ref())
+    }
+
+    fn str_val(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    #[test]
+    fn pool_names_put_ipv6_addresses_in_brackets() {
+        assert_eq!(
+            pool(4242, "127.0.0.1", 5432).pool_name("python3.11"),
+            "python3.11[4242] postgresql 127.0.0.1:5432"
+        );
+        assert_eq!(
+            pool(4242, "::1", 5432).pool_name("python3.11"),
+            "python3.11[4242] postgresql [::1]:5432"
+        );
+        assert_eq!(
+            pool(7, "db.internal", 3306).pool_name("java"),
+            "java[7] postgresql db.internal:3306"
+        );
+    }
+
+    #[test]
+    fn pool_counts_replace_and_max_keeps_the_peak() {
+        let mut m = RedMetrics::new(100);
+        let a = pool(4242, "127.0.0.1", 5432);
+        let b = pool(4242, "10.0.0.2", 5432);
+        m.set_pool_counts(&[(a.clone(), 2, 3), (b.clone(), 1, 0)], &resources, SEC);
+        let pa = &m.pools[&a];
+        assert_eq!((pa.idle, pa.used, pa.max), (2, 3, 5));
+        assert_eq!(pa.resource.as_deref(), Some(&*python(4242)));
+
+        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 2 * SEC);
+        let pa = &m.pools[&a];
+        assert_eq!((pa.idle, pa.used, pa.max), (1, 0, 5), "the peak stays");
+        let pb = &m.pools[&b];
+        assert_eq!((pb.idle, pb.used, pb.max), (0, 0, 1), "absent: count 0");
+
+        // Entries for the same pool add up; a new peak raises max.
+        m.set_pool_counts(&[(a.clone(), 4, 1), (a.clone(), 0, 2)], &resources, 3 * SEC);
+        let pa = &m.pools[&a];
+        assert_eq!((pa.idle, pa.used, pa.max), (4, 3, 7));
+        assert_eq!(m.pool_count(), 2);
+    }
+
+    #[test]
+    fn idle_pools_are_forgotten_after_ten_minutes() {
+        let mut m = RedMetrics::new(100);
+        let a = pool(1, "127.0.0.1", 5432);
+        let b = pool(2, "127.0.0.1", 5432);
+        m.set_pool_counts(&[(a.clone(), 1, 0), (b.clone(), 1, 0)], &resources, SEC);
+        // b closes its connections but records a sample at 5 minutes; a keeps one.
+        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 2 * SEC);
+        m.record_pool_use_time(&b, 0.01, None, 300 * SEC);
+        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 899 * SEC);
+        assert_eq!(m.pool_count(), 2, "b had a sample less than 10 minutes ago");
+        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 900 * SEC);
+        assert_eq!(m.pool_count(), 1);
+        assert!(m.pools.contains_key(&a), "a pool with connections is kept");
+        // An untracked pool with no connections is not started.
+        m.set_pool_counts(
+            &[(a.clone(), 1, 0), (b.clone(), 0, 0)],
+            &resources,
+            901 * SEC,
+        );
+        assert_eq!(m.pool_count(), 1);
+    }
+
+    #[test]
+    fn pool_histograms_aggregate_into_their_buckets() {
+        let mut m = RedMetrics::new(100);
+        let a = pool(4242, "127.0.0.1", 5432);
+        for s in [0.0005, 0.001, 0.003, 0.2, 1.0, 7.0] {
+            m.record_pool_create_time(&a, s, Some(python(4242)), SEC);
+        }
+        for s in [0.002, 0.7, 59.0, 60.0, 61.0, 400.0] {
+            m.record_pool_use_time(&a, s, Some(python(4242)), SEC);
+        }
+        // Not durations: ignored.
+        m.record_pool_use_time(&a, f64::NAN, None, SEC);
+        m.record_pool_use_time(&a, -1.0, None, SEC);
+        let p = &m.pools[&a];
+        // Bounds: 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, +Inf.
+        assert_eq!(p.create_time.buckets, [2, 1, 0, 0, 0, 1, 1, 0, 1]);
+        assert_eq!(p.create_time.count, 6);
+        assert!((p.create_time.sum - 8.2045).abs() < 1e-9);
+        assert_eq!((p.create_time.min, p.create_time.max), (0.0005, 7.0));
+        // Bounds: 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, +Inf.
+        assert_eq!(p.use_time.buckets, [0, 1, 0, 0, 0, 0, 1, 0, 0, 2, 1, 1]);
+        assert_eq!(p.use_time.count, 6);
+        assert_eq!((p.idle, p.used, p.max), (0, 0, 0));
+    }
+
+    #[test]
+    fn pool_metrics_render_as_prometheus_text() {
+        let mut m = RedMetrics::new(100);
+        let a = pool(4242, "127.0.0.1", 5432);
+        m.set_pool_counts(&[(a.clone(), 2, 3)], &resources, SEC);
+        m.set_pool_counts(&[(a.clone(), 2, 1)], &resources, 2 * SEC);
+        m.record_pool_create_time(&a, 0.003, None, 2 * SEC);
+        m.record_pool_create_time(&a, 0.02, None, 2 * SEC);
+        m.record_pool_use_time(&a, 0.25, None, 2 * SEC);
+        let mut text = String::new();
+        m.render_prometheus(&mut text);
+        let labels = "service_name=\"orders\",process_pid=\"4242\",db_client_connection_pool_name=\"python3.11[4242] postgresql 127.0.0.1:5432\",db_system_name=\"postgresql\",server_address=\"127.0.0.1\",server_port=\"5432\"";
+        let expected = [
+            "# TYPE db_client_connection_count gauge".to_string(),
+            format!("db_client_connection_count{{{labels},db_client_connection_state=\"idle\"}} 2"),
+            format!("db_client_connection_count{{{labels},db_client_connection_state=\"used\"}} 1"),
+            "# TYPE db_client_connection_max gauge".to_string(),
+            format!("db_client_connection_max{{{labels}}} 5"),
+            "# TYPE db_client_connection_create_time_seconds histogram".to_string(),
+            "# UNIT db_client_connection_create_time_seconds seconds".to_string(),
+            format!("db_client_connection_create_time_seconds_bucket{{{labels},le=\"0.001\"}} 0"),
+            format!("db_client_connection_create_time_seconds_bucket{{{labels},le=\"0.005\"}} 1"),
+            format!("db_client_connection_create_time_seconds_bucket{{{labels},le=\"0.05\"}} 2"),
+            format!("db_client_connection_create_time_seconds_bucket{{{labels},le=\"+Inf\"}} 2"),
+            format!("db_client_connection_create_time_seconds_sum{{{labels}}} 0.023"),
+            format!("db_client_connection_create_time_seconds_count{{{labels}}} 2"),
+            "# TYPE db_client_connection_use_time_seconds histogram".to_string(),
+            format!("db_client_connection_use_time_seconds_bucket{{{labels},le=\"0.1\"}} 0"),
+            format!("db_client_connection_use_time_seconds_bucket{{{labels},le=\"0.5\"}} 1"),
+            format!("db_client_connection_use_time_seconds_bucket{{{labels},le=\"300\"}} 1"),
+            format!("db_client_connection_use_time_seconds_bucket{{{labels},le=\"+Inf\"}} 1"),
+            format!("db_client_connection_use_time_seconds_sum{{{labels}}} 0.25"),
+            format!("db_client_connection_use_time_seconds_count{{{labels}}} 1"),
+        ];
+        for line in &expected {
+            assert!(has_line(&text, line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("db_client_connection_use_time_seconds_bucket"))
+                .count(),
+            12
+        );
+        assert!(
+            !text.contains("# UNIT db_client_connection_count"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pool_histograms_without_samples_are_not_rendered() {
+        let mut m = RedMetrics::new(100);
+        m.set_pool_counts(&[(pool(1, "127.0.0.1", 5432), 1, 0)], &|_| None, SEC);
+        let mut text = String::new();
+        m.render_prometheus(&mut text);
+        assert!(
+            has_line(
+                &text,
+                "db_client_connection_count{db_client_connection_pool_name=\"[1] postgresql 127.0.0.1:5432\",db_system_name=\"postgresql\",server_address=\"127.0.0.1\",server_port=\"5432\",db_client_connection_state=\"idle\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("create_time"), "{text}");
+        assert!(!text.contains("use_time"), "{text}");
+        let req = m.export_request(2 * SEC);
+        let names: Vec<_> = req.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["db.client.connection.count", "db.client.connection.max"]
+        );
+    }
+
+    #[test]
+    fn pool_metrics_export_over_otlp_under_the_process_resource() {
+        let mut m = RedMetrics::new(100);
+        m.record(&span(SpanKind::Server, "/orders/1", 200, 3, 7));
+        let a = pool(4242, "::1", 5432);
+        m.set_pool_counts(&[(a.clone(), 2, 1)], &resources, SEC);
+        m.record_pool_create_time(&a, 0.003, None, SEC);
+        m.record_pool_use_time(&a, 0.25, None, SEC);
+        let req = m.export_request(5 * SEC);
+        assert_eq!(req.resource_metrics.len(), 2, "process 7 and process 4242");
+        assert_eq!(
+            req.resource_metrics[0].scope_metrics[0].metrics[0].name,
+            "http.server.request.duration"
+        );
+        let rm = &req.resource_metrics[1];
+        let resource = rm.resource.as_ref().expect("a resource");
+        assert_eq!(
+            attr(&resource.attributes, "process.pid"),
+            Some(&any_value::Value::IntValue(4242))
+        );
+        assert_eq!(
+            attr(&resource.attributes, "service.name"),
+            Some(&str_val("orders"))
+        );
+        let metrics = &rm.scope_metrics[0].metrics;
+        let names: Vec<_> = metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "db.client.connection.count",
+                "db.client.connection.max",
+                "db.client.connection.create_time",
+                "db.client.connection.use_time",
+            ]
+        );
+        let pool_attrs_ok = |attrs: &[KeyValue]| {
+            assert_eq!(
+                attr(attrs, "db.client.connection.pool.name"),
+                Some(&str_val("python3.11[4242] postgresql [::1]:5432"))
+            );
+            assert_eq!(attr(attrs, "db.system.name"), Some(&str_val("postgresql")));
+            assert_eq!(attr(attrs, "server.address"), Some(&str_val("::1")));
+            assert_eq!(
+                attr(attrs, "server.port"),
+                Some(&any_value::Value::IntValue(5432))
+            );
+        };
+        let int = |p: &NumberDataPoint| match p.value {
+            Some(number_data_point::Value::AsInt(v)) => v,
+            _ => panic!("not an int point: {p:?}"),
+        };
+
+        assert_eq!(metrics[0].unit, "{connection}");
+        let Some(metric::Data::Sum(count)) = &metrics[0].data else {
+            panic!("count is not a Sum: {:?}", metrics[0].data)
+        };
+        assert!(!count.is_monotonic);
+        assert_eq!(
+            count.aggregation_temporality,
+            AggregationTemporality::Cumulative as i32
+        );
+        assert_eq!(count.data_points.len(), 2);
+        for (p, state, value) in [
+            (&count.data_points[0], "idle", 2),
+            (&count.data_points[1], "used", 1),
+        ] {
+            pool_attrs_ok(&p.attributes);
+            assert_eq!(
+                attr(&p.attributes, "db.client.connection.state"),
+                Some(&str_val(state))
+            );
+            assert_eq!(int(p), value);
+            assert_eq!((p.start_time_unix_nano, p.time_unix_nano), (SEC, 5 * SEC));
+        }
+
+        assert_eq!(metrics[1].unit, "{connection}");
+        let Some(metric::Data::Sum(max)) = &metrics[1].data else {
+            panic!("max is not a Sum: {:?}", metrics[1].data)
+        };
+        assert!(!max.is_monotonic);
+        assert_eq!(max.data_points.len(), 1);
+        pool_attrs_ok(&max.data_points[0].attributes);
+        assert_eq!(
+            attr(&max.data_points[0].attributes, "db.client.connection.state"),
+            None
+        );
+        assert_eq!(int(&max.data_points[0]), 3);
+
+        for (metric, bounds, buckets) in [
+            (&metrics[2], PoolMetric::CreateTime.bounds(), 1),
+            (&metrics[3], PoolMetric::UseTime.bounds(), 5),
+        ] {
+            assert_eq!(metric.unit, "s");
+            let Some(metric::Data::Histogram(h)) = &metric.data else {
+                panic!("{} is not a histogram", metric.name)
+            };
+            assert_eq!(
+                h.aggregation_temporality,
+                AggregationTemporality::Cumulative as i32
+            );
+            assert_eq!(h.data_points.len(), 1);
+            let p = &h.data_points[0];
+            pool_attrs_ok(&p.attributes);
+            assert_eq!(p.count, 1);
+            assert_eq!(p.explicit_bounds, bounds);
+            assert_eq!(p.bucket_counts.len(), bounds.len() + 1);
+            assert_eq!(p.bucket_counts[buckets], 1, "{}", metric.name);
+        }
+    }
+
+    #[test]
+    fn the_pool_limit_holds() {
+        let mut m = RedMetrics::new(3);
+        // RED series and pools are limited separately.
+        for i in 0..5 {
+            m.record(&span(SpanKind::Server, &format!("/p{i}"), 200, 1, 7));
+        }
+        assert_eq!(m.overflowed(), 2);
+        let pools: Vec<_> = (0..5)
+            .map(|i| (pool(100 + i, "127.0.0.1", 5432), 1, 0))
+            .collect();
+        m.set_pool_counts(&pools, &resources, SEC);
+        assert_eq!(m.pool_count(), 3);
+        assert_eq!(m.overflowed(), 4, "two pools left out");
+        let untracked = pool(999, "127.0.0.1", 5432);
+        m.record_pool_create_time(&untracked, 0.01, None, SEC);
+        m.record_pool_use_time(&untracked, 0.01, None, SEC);
+        assert_eq!(m.pool_count(), 3);
+        assert_eq!(m.overflowed(), 6);
+        assert!(!m.pools.contains_key(&untracked));
+        // Tracked pools still record.
+        m.record_pool_use_time(&pools[0].0, 0.01, None, SEC);
+        assert_eq!(m.pools[&pools[0].0].use_time.count, 1);
+        assert_eq!(m.overflowed(), 6);
+        // Once the tracked pools are forgotten, there is room again.
+        m.set_pool_counts(&[], &resources, 2 * SEC);
+        m.record_pool_use_time(&untracked, 0.01, None, 2 * SEC + POOL_FORGET_AFTER_NS);
+        assert_eq!(m.pool_count(), 1);
+        assert!(m.pools.contains_key(&untracked));
     }
 }

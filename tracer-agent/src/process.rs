@@ -136,7 +136,8 @@ fn service_name_from_environ(environ: &[u8]) -> Option<String> {
     from_attrs
 }
 
-fn host_name() -> String {
+/// This machine's host name (`host.name`), "unknown" when unreadable.
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())

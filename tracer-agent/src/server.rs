@@ -22,6 +22,24 @@ pub struct PoolRow {
     pub used: usize,
     pub idle: usize,
     pub oldest_idle_seconds: f64,
+    /// Connections with a leak reported.
+    #[serde(default)]
+    pub leaked: usize,
+    /// The longest-idle leak: its kind, local port, culprit request and last query.
+    #[serde(default)]
+    pub worst_leak: Option<LeakSummary>,
+}
+
+/// The leak a pool row names.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LeakSummary {
+    pub kind: crate::pools::LeakKind,
+    pub client_port: u16,
+    pub idle_seconds: f64,
+    /// `GET /path` of the request that last used the connection, when known.
+    pub culprit: Option<String>,
+    pub trace_id: Option<String>,
+    pub last_query: Option<String>,
 }
 
 /// Groups connections into pools (process × destination), oldest idle first.
@@ -43,6 +61,8 @@ pub fn pools(rows: &[DbConnectionRow]) -> Vec<PoolRow> {
                     used: 0,
                     idle: 0,
                     oldest_idle_seconds: 0.0,
+                    leaked: 0,
+                    worst_leak: None,
                 });
                 pools.len() - 1
             }
@@ -55,8 +75,32 @@ pub fn pools(rows: &[DbConnectionRow]) -> Vec<PoolRow> {
             p.idle += 1;
             p.oldest_idle_seconds = p.oldest_idle_seconds.max(r.idle_seconds);
         }
+        if let Some(kind) = r.leak {
+            p.leaked += 1;
+            if p.worst_leak
+                .as_ref()
+                .is_none_or(|w| w.idle_seconds < r.idle_seconds)
+            {
+                p.worst_leak = Some(LeakSummary {
+                    kind,
+                    client_port: r.client_port,
+                    idle_seconds: r.idle_seconds,
+                    culprit: r
+                        .culprit
+                        .as_ref()
+                        .map(|c| format!("{} {}", c.method, c.path)),
+                    trace_id: r.last_trace_id.clone(),
+                    last_query: r.last_query.clone(),
+                });
+            }
+        }
     }
-    pools.sort_by(|a, b| b.oldest_idle_seconds.total_cmp(&a.oldest_idle_seconds));
+    // Leaking pools first (most leaks first), then the longest idle.
+    pools.sort_by(|a, b| {
+        b.leaked
+            .cmp(&a.leaked)
+            .then(b.oldest_idle_seconds.total_cmp(&a.oldest_idle_seconds))
+    });
     pools
 }
 

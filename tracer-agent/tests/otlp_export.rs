@@ -20,6 +20,11 @@ struct Collector {
 }
 
 fn rotel() -> Collector {
+    rotel_logging("traces")
+}
+
+/// A collector that prints the `signal` it receives (`traces`, `logs`).
+fn rotel_logging(signal: &str) -> Collector {
     let bin = std::env::var("TRACER_ROTEL_AGENT").unwrap_or_else(|_| {
         panic!("TRACER_ROTEL_AGENT is not set: run the integration tests through `cargo xtask test`, which installs rotel")
     });
@@ -31,7 +36,7 @@ fn rotel() -> Collector {
             "--exporter",
             "blackhole",
             "--debug-log",
-            "traces",
+            signal,
             "--debug-log-verbosity",
             "detailed",
         ])
@@ -142,4 +147,51 @@ fn spans_reach_a_real_collector_over_otlp_http_protobuf() {
     if require_root("spans_reach_a_real_collector_over_otlp_http_protobuf") {
         spans_reach_the_collector("http/protobuf");
     }
+}
+
+/// A transaction left open past --leak-after is reported to the collector as an
+/// OTLP log record with the leak event name.
+#[test]
+fn leak_reports_reach_a_real_collector_as_log_records() {
+    if !require_root("leak_reports_reach_a_real_collector_as_log_records") {
+        return;
+    }
+    let collector = rotel_logging("logs");
+    let pg = Postgres::start();
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{}", collector.grpc),
+        "--otlp-protocol",
+        "grpc",
+        "--output",
+        "none",
+        "--leak-after",
+        "1s",
+        "--port",
+        &pg.port.to_string(),
+    ]);
+    let child = Command::new(python())
+        .arg(support_dir().join("db_clients.py"))
+        .args(["pg-hold", &pg.port.to_string(), "8"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start pg-hold");
+    let _client = Proc(child);
+    let needles = [
+        "db.client.connection.leak",
+        "idle_in_transaction",
+        "db.client.connection.pool.name",
+        "postgresql",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !needles.iter().all(|n| collector.text().contains(n)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, agent_log) = agent.stop();
+    let text = collector.text();
+    assert!(
+        needles.iter().all(|n| text.contains(n)),
+        "collector never received {needles:?}; it printed:\n{text}\nthe agent logged:\n{}",
+        agent_log.text()
+    );
 }

@@ -198,6 +198,8 @@ const PYTHON_PACKAGES: &[&str] = &[
     "redis==5.2.1",
     "mysql-connector-python==9.1.0",
     "PyMySQL==1.1.1",
+    "psycopg-pool==3.2.6",
+    "SQLAlchemy==2.0.36",
 ];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 

@@ -68,9 +68,13 @@ pub fn leak_json(e: &crate::pools::LeakEvent) -> Value {
         "server.port": r.server_port,
         "client.port": r.client_port,
         "idle_seconds": r.idle_seconds,
-        "last_trace_id": Value::Null,
+        "last_trace_id": r.last_trace_id,
         "last_span_id": r.last_span_id,
-        "last_url_path": Value::Null,
+        "last_url_path": r.culprit.as_ref().map(|c| c.path.as_str()),
+        "last_http_route": r.culprit.as_ref().map(|c| c.route.as_str()),
+        "last_http_method": r.culprit.as_ref().map(|c| c.method.as_str()),
+        "last_server_span_id": r.culprit.as_ref().map(|c| c.span_id.as_str()),
         "last_query": r.last_query,
+        "recovered": r.recovered,
     })
 }

@@ -1,4 +1,5 @@
-//! Export: spans leave the agent as OTLP, JSON lines or a live terminal view.
+//! Export: spans leave the agent as OTLP, JSON lines or a live terminal view;
+//! database connection leaks as JSON or terminal lines and as OTLP log events.
 
 pub mod json;
 pub mod otlp;
@@ -12,7 +13,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{metrics::SharedRedMetrics, spans::Span, telemetry::Telemetry};
+use crate::{metrics::SharedRedMetrics, pools::LeakEvent, spans::Span, telemetry::Telemetry};
 use otlp::OtlpExporter;
 
 /// What goes to stdout.
@@ -27,7 +28,7 @@ pub enum Output {
     None,
 }
 
-/// How spans are exported.
+/// How spans, RED metrics and leak events are exported.
 pub struct ExportStage {
     pub output: Output,
     pub otlp: Option<OtlpExporter>,
@@ -48,7 +49,7 @@ impl ExportStage {
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Vec<Span>>,
-        mut leaks: mpsc::Receiver<Vec<crate::pools::LeakEvent>>,
+        mut leaks: mpsc::Receiver<Vec<LeakEvent>>,
         telemetry: Arc<Telemetry>,
     ) {
         let mut printer = pretty::PrettyPrinter::new(std::io::stdout().is_terminal());
@@ -77,8 +78,16 @@ impl ExportStage {
                 }
                 _ = tick.tick() => self.flush(&mut pending, &telemetry).await,
                 _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
-                Some(events) = leaks.recv() => self.print_leaks(&events),
+                Some(events) = leaks.recv() => {
+                    self.print_leaks(&events);
+                    self.export_leaks(&events, &telemetry).await;
+                }
             }
+        }
+        // Leaks reported just before the pipeline stopped.
+        while let Ok(events) = leaks.try_recv() {
+            self.print_leaks(&events);
+            self.export_leaks(&events, &telemetry).await;
         }
         self.flush(&mut pending, &telemetry).await;
         self.export_metrics(&telemetry).await;
@@ -88,12 +97,8 @@ impl ExportStage {
         let Some(otlp) = self.otlp.as_mut() else {
             return;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
         let request = match self.red.lock() {
-            Ok(red) => red.export_request(now),
+            Ok(red) => red.export_request(otlp::unix_nano_now()),
             Err(_) => return,
         };
         if let Err(e) = otlp.export_metrics(request).await {
@@ -102,7 +107,19 @@ impl ExportStage {
         }
     }
 
-    fn print_leaks(&self, events: &[crate::pools::LeakEvent]) {
+    /// Sends what the pool stage reported together as one OTLP logs request. Unlike
+    /// spans, a failed request is not kept for retry: it is counted and dropped.
+    async fn export_leaks(&mut self, events: &[LeakEvent], telemetry: &Telemetry) {
+        let Some(otlp) = self.otlp.as_mut() else {
+            return;
+        };
+        if let Err(e) = otlp.export_leaks(events).await {
+            telemetry.export_failed("otlp_logs");
+            log::warn!("{e}; {} leak events dropped", events.len());
+        }
+    }
+
+    fn print_leaks(&self, events: &[LeakEvent]) {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         for e in events {

@@ -1,20 +1,24 @@
-//! OTLP trace export over gRPC or HTTP/protobuf.
+//! OTLP export over gRPC or HTTP/protobuf: spans, RED metrics, and database
+//! connection leaks as log events (`db.client.connection.leak`).
 //!
-//! Spans are grouped by process: each process is its own OpenTelemetry resource
-//! (`service.name`, `process.pid`, …), which the SDK's one-resource-per-provider
-//! model cannot express, so requests are built from the protocol types directly.
+//! Spans and leaks are grouped by process: each process is its own OpenTelemetry
+//! resource (`service.name`, `process.pid`, …), which the SDK's
+//! one-resource-per-provider model cannot express, so requests are built from the
+//! protocol types directly.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use opentelemetry_proto::tonic::{
+    collector::logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
     collector::metrics::v1::{
         ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
     },
     collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
     resource::v1::Resource,
     trace::v1::{
         ResourceSpans, ScopeSpans, Span as ProtoSpan, Status, span::SpanKind as ProtoKind,
@@ -24,9 +28,17 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 
 use crate::{
+    connections::DbConnectionRow,
+    pools::{LeakEvent, LeakState},
     process::ProcessResource,
     spans::{AttrValue, Span, SpanKind, SpanStatus},
 };
+
+/// The semantic-conventions version the attributes follow.
+const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.37.0";
+
+/// The `event_name` of every leak log record.
+pub const LEAK_EVENT_NAME: &str = "db.client.connection.leak";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OtlpProtocol {
@@ -87,15 +99,47 @@ fn int_value(i: i64) -> AnyValue {
     }
 }
 
+fn double_value(d: f64) -> AnyValue {
+    AnyValue {
+        value: Some(any_value::Value::DoubleValue(d)),
+    }
+}
+
+fn bool_value(b: bool) -> AnyValue {
+    AnyValue {
+        value: Some(any_value::Value::BoolValue(b)),
+    }
+}
+
 fn attr(key: &str, v: &AttrValue) -> KeyValue {
     let value = match v {
         AttrValue::Str(s) => str_value(s),
         AttrValue::Int(i) => int_value(*i),
-        AttrValue::Double(d) => AnyValue {
-            value: Some(any_value::Value::DoubleValue(*d)),
-        },
+        AttrValue::Double(d) => double_value(*d),
     };
     kv(key, value)
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "tracer".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
+}
+
+/// `items` split by process, in the order each process first appears.
+fn by_process<T>(items: &[T], pid: impl Fn(&T) -> u32) -> Vec<Vec<&T>> {
+    let mut index: HashMap<u32, usize> = HashMap::new();
+    let mut groups: Vec<Vec<&T>> = Vec::new();
+    for item in items {
+        let i = *index.entry(pid(item)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(item);
+    }
+    groups
 }
 
 /// The OTLP resource of one traced process.
@@ -122,9 +166,7 @@ fn proto_span(s: &Span) -> ProtoSpan {
     ));
     attributes.push(kv(
         "tracer.parent.confidence",
-        AnyValue {
-            value: Some(any_value::Value::DoubleValue(s.parent_confidence)),
-        },
+        double_value(s.parent_confidence),
     ));
     ProtoSpan {
         trace_id: s.trace_id.0.to_vec(),
@@ -152,35 +194,182 @@ fn proto_span(s: &Span) -> ProtoSpan {
 
 /// Builds one export request, one `ResourceSpans` per process.
 pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
-    let mut by_process: HashMap<u32, (Arc<ProcessResource>, Vec<ProtoSpan>)> = HashMap::new();
-    let mut order = Vec::new();
-    for s in spans {
-        let entry = by_process.entry(s.resource.pid).or_insert_with(|| {
-            order.push(s.resource.pid);
-            (s.resource.clone(), Vec::new())
-        });
-        entry.1.push(proto_span(s));
-    }
-    let scope = InstrumentationScope {
-        name: "tracer".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        ..Default::default()
-    };
     ExportTraceServiceRequest {
-        resource_spans: order
+        resource_spans: by_process(spans, |s| s.resource.pid)
             .into_iter()
-            .filter_map(|pid| by_process.remove(&pid))
-            .map(|(res, spans)| ResourceSpans {
-                resource: Some(resource(&res)),
+            .map(|group| ResourceSpans {
+                resource: Some(resource(&group[0].resource)),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(scope.clone()),
-                    spans,
+                    scope: Some(scope()),
+                    spans: group.into_iter().map(proto_span).collect(),
                     schema_url: String::new(),
                 }],
-                schema_url: "https://opentelemetry.io/schemas/1.37.0".into(),
+                schema_url: SCHEMA_URL.into(),
             })
             .collect(),
     }
+}
+
+/// `address:port`, with an IPv6 address in brackets.
+fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// `db.client.connection.pool.name`: the process and the destination it connects to,
+/// which is what the leak detector treats as one pool.
+fn pool_name(r: &DbConnectionRow) -> String {
+    format!(
+        "{}[{}] {} {}",
+        r.executable,
+        r.pid,
+        r.db_system,
+        host_port(&r.server_address, r.server_port)
+    )
+}
+
+/// The record's one-line message. Built from the row's metadata only: the query is
+/// left to `db.query.text` (already obfuscated), nothing else from traffic is added.
+fn leak_body(e: &LeakEvent) -> String {
+    let r = &e.row;
+    let state = match e.state {
+        LeakState::Found => "",
+        LeakState::Resolved => " resolved",
+    };
+    let mut body = format!(
+        "{kind}{state}: connection from local port {local} → {server} idle {idle:.0}s",
+        kind = e.kind.as_str(),
+        local = r.client_port,
+        server = host_port(&r.server_address, r.server_port),
+        idle = r.idle_seconds,
+    );
+    if let Some(c) = &r.culprit {
+        body.push_str(&format!(", last used by {} {}", c.method, c.path));
+    }
+    body
+}
+
+/// A W3C trace or span id from its lowercase or uppercase hex form; `None` when the
+/// length or a digit is wrong, or the id is all zeros (invalid in OTLP).
+fn id_bytes<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    let digits = hex.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |c: u8| char::from(c).to_digit(16).map(|v| v as u8);
+    let mut id = [0u8; N];
+    for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    (id != [0; N]).then_some(id)
+}
+
+fn leak_record(e: &LeakEvent, now_unix_nano: u64) -> LogRecord {
+    let r = &e.row;
+    let (severity_number, severity_text) = match e.state {
+        LeakState::Found => (SeverityNumber::Warn, "WARN"),
+        LeakState::Resolved => (SeverityNumber::Info, "INFO"),
+    };
+    let state = match e.state {
+        LeakState::Found => "found",
+        LeakState::Resolved => "resolved",
+    };
+    let mut attributes = vec![
+        kv("db.client.connection.leak.kind", str_value(e.kind.as_str())),
+        kv("db.client.connection.leak.state", str_value(state)),
+        kv("db.system.name", str_value(r.db_system)),
+    ];
+    if let Some(ns) = &r.namespace {
+        attributes.push(kv("db.namespace", str_value(ns)));
+    }
+    attributes.extend([
+        kv("server.address", str_value(&r.server_address)),
+        kv("server.port", int_value(i64::from(r.server_port))),
+        kv("client.port", int_value(i64::from(r.client_port))),
+        kv("db.client.connection.pool.name", str_value(&pool_name(r))),
+        kv(
+            "db.client.connection.idle_time",
+            double_value(r.idle_seconds),
+        ),
+    ]);
+    if let Some(q) = &r.last_query {
+        attributes.push(kv("db.query.text", str_value(q)));
+    }
+    if let Some(c) = &r.culprit {
+        attributes.extend([
+            kv("url.path", str_value(&c.path)),
+            kv("http.route", str_value(&c.route)),
+            kv("http.request.method", str_value(&c.method)),
+        ]);
+    }
+    attributes.push(kv("tracer.recovered", bool_value(r.recovered)));
+    // A span id without its trace is not a valid span context: both or neither.
+    let ids = r
+        .last_trace_id
+        .as_deref()
+        .and_then(id_bytes::<16>)
+        .zip(r.last_span_id.as_deref().and_then(id_bytes::<8>));
+    let (trace_id, span_id) = ids
+        .map(|(t, s)| (t.to_vec(), s.to_vec()))
+        .unwrap_or_default();
+    LogRecord {
+        time_unix_nano: now_unix_nano,
+        observed_time_unix_nano: now_unix_nano,
+        severity_number: severity_number as i32,
+        severity_text: severity_text.into(),
+        body: Some(str_value(&leak_body(e))),
+        attributes,
+        trace_id,
+        span_id,
+        event_name: LEAK_EVENT_NAME.into(),
+        ..Default::default()
+    }
+}
+
+/// Builds one logs export request for leak events, one `ResourceLogs` per process
+/// with the same resource its spans have. Rows carry no host, so it is passed in.
+pub fn leak_export_request(
+    events: &[LeakEvent],
+    host_name: &str,
+    now_unix_nano: u64,
+) -> ExportLogsServiceRequest {
+    ExportLogsServiceRequest {
+        resource_logs: by_process(events, |e| e.row.pid)
+            .into_iter()
+            .map(|group| {
+                let row = &group[0].row;
+                let process = ProcessResource {
+                    pid: row.pid,
+                    executable_name: row.executable.clone(),
+                    service_name: row.service.clone(),
+                    host_name: host_name.to_string(),
+                };
+                ResourceLogs {
+                    resource: Some(resource(&process)),
+                    scope_logs: vec![ScopeLogs {
+                        scope: Some(scope()),
+                        log_records: group
+                            .into_iter()
+                            .map(|e| leak_record(e, now_unix_nano))
+                            .collect(),
+                        schema_url: String::new(),
+                    }],
+                    schema_url: SCHEMA_URL.into(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_nano_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 enum Transport {
@@ -198,6 +387,7 @@ enum Transport {
 enum Payload {
     Traces(ExportTraceServiceRequest),
     Metrics(ExportMetricsServiceRequest),
+    Logs(ExportLogsServiceRequest),
 }
 
 impl Payload {
@@ -205,20 +395,24 @@ impl Payload {
         match self {
             Payload::Traces(_) => "/v1/traces",
             Payload::Metrics(_) => "/v1/metrics",
+            Payload::Logs(_) => "/v1/logs",
         }
     }
 }
 
-/// Sends span batches to one OTLP endpoint.
+/// Sends spans, metrics and leak events to one OTLP endpoint.
 pub struct OtlpExporter {
     transport: Transport,
     timeout: Duration,
+    /// `host.name` of leak resources (span resources carry their own).
+    host_name: String,
 }
 
 impl OtlpExporter {
     /// `endpoint` follows `OTEL_EXPORTER_OTLP_ENDPOINT`: for gRPC the collector
-    /// address (`http://host:4317`); for HTTP the base URL, to which `/v1/traces` is
-    /// appended unless the URL already ends with it.
+    /// address (`http://host:4317`); for HTTP the base URL, to which each signal's
+    /// path (`/v1/traces`, `/v1/metrics`, `/v1/logs`) is appended (a trailing
+    /// `/v1/traces` is taken off first).
     pub fn new(
         endpoint: &str,
         protocol: OtlpProtocol,
@@ -260,7 +454,11 @@ impl OtlpExporter {
                 }
             }
         };
-        Ok(Self { transport, timeout })
+        Ok(Self {
+            transport,
+            timeout,
+            host_name: crate::process::host_name(),
+        })
     }
 
     pub fn name(&self) -> &'static str {
@@ -287,6 +485,15 @@ impl OtlpExporter {
             return Ok(());
         }
         self.send(Payload::Metrics(request)).await
+    }
+
+    /// Exports leak events as one logs request, stamped now.
+    pub async fn export_leaks(&mut self, events: &[LeakEvent]) -> Result<(), OtlpError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let request = leak_export_request(events, &self.host_name, unix_nano_now());
+        self.send(Payload::Logs(request)).await
     }
 
     async fn send(&mut self, payload: Payload) -> Result<(), OtlpError> {
@@ -319,6 +526,7 @@ impl OtlpExporter {
                     Payload::Metrics(req) => {
                         MetricsServiceClient::new(ch).export(req).await.map(|_| ())
                     }
+                    Payload::Logs(req) => LogsServiceClient::new(ch).export(req).await.map(|_| ()),
                 };
                 if let Err(status) = result {
                     // Reconnect next time: the channel may be broken.
@@ -335,6 +543,7 @@ impl OtlpExporter {
                 let body = match &payload {
                     Payload::Traces(r) => r.encode_to_vec(),
                     Payload::Metrics(r) => r.encode_to_vec(),
+                    Payload::Logs(r) => r.encode_to_vec(),
                 };
                 let req = hyper::Request::post(url.as_str())
                     .header("content-type", "application/x-protobuf")
@@ -368,8 +577,14 @@ impl OtlpExporter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::spans::{ParentSource, SpanId, TraceId};
+    use crate::{
+        connections::Culprit,
+        pools::LeakKind,
+        spans::{ParentSource, SpanId, TraceId},
+    };
 
     fn span(pid: u32, name: &str) -> Span {
         Span {
@@ -430,5 +645,307 @@ mod tests {
         assert!(OtlpExporter::new("ftp://x", OtlpProtocol::Grpc, Duration::from_secs(1)).is_err());
         assert_eq!("grpc".parse::<OtlpProtocol>(), Ok(OtlpProtocol::Grpc));
         assert!("thrift".parse::<OtlpProtocol>().is_err());
+    }
+
+    fn leak(pid: u32, state: LeakState, kind: LeakKind) -> LeakEvent {
+        LeakEvent {
+            state,
+            kind,
+            row: DbConnectionRow {
+                pid,
+                executable: format!("app{pid}"),
+                service: format!("svc{pid}"),
+                db_system: "postgresql",
+                namespace: None,
+                server_address: "127.0.0.1".into(),
+                server_port: 5432,
+                client_port: 41234,
+                state: "idle",
+                tx_status: "idle",
+                idle_seconds: 75.4,
+                open_seconds: 300.0,
+                last_query: None,
+                last_span_id: None,
+                last_trace_id: None,
+                culprit: None,
+                recovered: false,
+                passed_over: 0,
+                pool_fifo: false,
+                newer_in_pool: false,
+                leak: None,
+            },
+        }
+    }
+
+    /// A found `never_returned` leak with everything known, and a resolved
+    /// `idle_in_transaction` one over IPv6 with nothing optional, in two processes.
+    fn two_leaks() -> Vec<LeakEvent> {
+        let mut found = leak(7, LeakState::Found, LeakKind::NeverReturned);
+        found.row.namespace = Some("shop".into());
+        found.row.last_query = Some("SELECT * FROM orders WHERE id = ?".into());
+        found.row.last_trace_id = Some("0af7651916cd43dd8448eb211c80319c".into());
+        found.row.last_span_id = Some("b7ad6b7169203331".into());
+        found.row.culprit = Some(Culprit {
+            method: "GET".into(),
+            path: "/leak/42".into(),
+            route: "/leak/{id}".into(),
+            span_id: "00f067aa0ba902b7".into(),
+        });
+        let mut resolved = leak(9, LeakState::Resolved, LeakKind::IdleInTransaction);
+        resolved.row.db_system = "mysql";
+        resolved.row.server_address = "::1".into();
+        resolved.row.server_port = 3306;
+        resolved.row.client_port = 50000;
+        resolved.row.idle_seconds = 0.5;
+        resolved.row.recovered = true;
+        // Malformed ids are left out, not guessed at.
+        resolved.row.last_trace_id = Some("not-hex".into());
+        resolved.row.last_span_id = Some("b7ad6b7169203331".into());
+        vec![found, resolved]
+    }
+
+    fn attrs(kvs: &[KeyValue]) -> Vec<(&str, any_value::Value)> {
+        kvs.iter()
+            .map(|kv| {
+                let value = kv.value.clone().and_then(|v| v.value);
+                (kv.key.as_str(), value.expect("attribute without a value"))
+            })
+            .collect()
+    }
+
+    fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    fn i(v: i64) -> any_value::Value {
+        any_value::Value::IntValue(v)
+    }
+
+    fn d(v: f64) -> any_value::Value {
+        any_value::Value::DoubleValue(v)
+    }
+
+    fn b(v: bool) -> any_value::Value {
+        any_value::Value::BoolValue(v)
+    }
+
+    fn assert_two_leaks(req: &ExportLogsServiceRequest, now: u64) {
+        assert_eq!(req.resource_logs.len(), 2, "one ResourceLogs per process");
+        let version = env!("CARGO_PKG_VERSION");
+
+        let found_res = &req.resource_logs[0];
+        assert_eq!(
+            attrs(&found_res.resource.as_ref().unwrap().attributes),
+            vec![
+                ("service.name", s("svc7")),
+                ("process.pid", i(7)),
+                ("process.executable.name", s("app7")),
+                ("host.name", s("box")),
+                ("telemetry.sdk.name", s("tracer")),
+                ("telemetry.sdk.language", s("rust")),
+                ("telemetry.distro.name", s("tracer-agent")),
+            ]
+        );
+        assert_eq!(found_res.schema_url, SCHEMA_URL);
+        assert_eq!(found_res.scope_logs.len(), 1);
+        let scope = found_res.scope_logs[0].scope.as_ref().unwrap();
+        assert_eq!(
+            (scope.name.as_str(), scope.version.as_str()),
+            ("tracer", version)
+        );
+        assert_eq!(found_res.scope_logs[0].log_records.len(), 1);
+        let found = &found_res.scope_logs[0].log_records[0];
+        assert_eq!(found.event_name, "db.client.connection.leak");
+        assert_eq!(
+            (found.time_unix_nano, found.observed_time_unix_nano),
+            (now, now)
+        );
+        assert_eq!(found.severity_number, 13);
+        assert_eq!(found.severity_text, "WARN");
+        assert_eq!(
+            found.body.clone().and_then(|v| v.value),
+            Some(s(
+                "never_returned: connection from local port 41234 → 127.0.0.1:5432 idle 75s, \
+                 last used by GET /leak/42"
+            ))
+        );
+        assert_eq!(
+            attrs(&found.attributes),
+            vec![
+                ("db.client.connection.leak.kind", s("never_returned")),
+                ("db.client.connection.leak.state", s("found")),
+                ("db.system.name", s("postgresql")),
+                ("db.namespace", s("shop")),
+                ("server.address", s("127.0.0.1")),
+                ("server.port", i(5432)),
+                ("client.port", i(41234)),
+                (
+                    "db.client.connection.pool.name",
+                    s("app7[7] postgresql 127.0.0.1:5432")
+                ),
+                ("db.client.connection.idle_time", d(75.4)),
+                ("db.query.text", s("SELECT * FROM orders WHERE id = ?")),
+                ("url.path", s("/leak/42")),
+                ("http.route", s("/leak/{id}")),
+                ("http.request.method", s("GET")),
+                ("tracer.recovered", b(false)),
+            ]
+        );
+        assert_eq!(
+            found.trace_id,
+            [
+                0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80,
+                0x31, 0x9c
+            ]
+        );
+        assert_eq!(
+            found.span_id,
+            [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]
+        );
+
+        let resolved_res = &req.resource_logs[1];
+        let resource = attrs(&resolved_res.resource.as_ref().unwrap().attributes);
+        assert_eq!(
+            resource[..4],
+            [
+                ("service.name", s("svc9")),
+                ("process.pid", i(9)),
+                ("process.executable.name", s("app9")),
+                ("host.name", s("box")),
+            ]
+        );
+        let resolved = &resolved_res.scope_logs[0].log_records[0];
+        assert_eq!(resolved.event_name, "db.client.connection.leak");
+        assert_eq!(resolved.severity_number, 9);
+        assert_eq!(resolved.severity_text, "INFO");
+        assert_eq!(
+            resolved.body.clone().and_then(|v| v.value),
+            Some(s(
+                "idle_in_transaction resolved: connection from local port 50000 → [::1]:3306 idle 0s"
+            ))
+        );
+        assert_eq!(
+            attrs(&resolved.attributes),
+            vec![
+                ("db.client.connection.leak.kind", s("idle_in_transaction")),
+                ("db.client.connection.leak.state", s("resolved")),
+                ("db.system.name", s("mysql")),
+                ("server.address", s("::1")),
+                ("server.port", i(3306)),
+                ("client.port", i(50000)),
+                (
+                    "db.client.connection.pool.name",
+                    s("app9[9] mysql [::1]:3306")
+                ),
+                ("db.client.connection.idle_time", d(0.5)),
+                ("tracer.recovered", b(true)),
+            ]
+        );
+        assert!(resolved.trace_id.is_empty(), "malformed trace id");
+        assert!(resolved.span_id.is_empty(), "a span id without its trace");
+    }
+
+    #[test]
+    fn leak_events_become_one_log_record_each_under_their_process() {
+        let now = 1_700_000_000_123_456_789;
+        assert_two_leaks(&leak_export_request(&two_leaks(), "box", now), now);
+    }
+
+    #[test]
+    fn leak_events_of_one_process_share_its_resource() {
+        let events = [
+            leak(1, LeakState::Found, LeakKind::PoolGrowth),
+            leak(2, LeakState::Found, LeakKind::NeverReturned),
+            leak(1, LeakState::Resolved, LeakKind::NeverReturned),
+        ];
+        let req = leak_export_request(&events, "box", 1);
+        assert_eq!(req.resource_logs.len(), 2);
+        let kinds: Vec<_> = req.resource_logs[0].scope_logs[0]
+            .log_records
+            .iter()
+            .map(|r| attrs(&r.attributes)[0].1.clone())
+            .collect();
+        assert_eq!(kinds, [s("pool_growth"), s("never_returned")]);
+    }
+
+    #[test]
+    fn ids_are_parsed_from_hex_or_left_out() {
+        assert_eq!(
+            id_bytes::<8>("B7AD6B7169203331"),
+            Some([0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31])
+        );
+        assert_eq!(id_bytes::<8>("b7ad6b716920333"), None);
+        assert_eq!(id_bytes::<8>("b7ad6b71692033311"), None);
+        assert_eq!(id_bytes::<8>("b7ad6b716920333g"), None);
+        assert_eq!(id_bytes::<8>("+7ad6b7169203331"), None);
+        assert_eq!(id_bytes::<8>("0000000000000000"), None);
+        assert_eq!(id_bytes::<8>("é7ad6b716920333"), None);
+    }
+
+    /// A collector stand-in: answers 200 on `/v1/logs` and hands over each body.
+    async fn http_collector() -> (String, tokio::sync::mpsc::Receiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let app = axum::Router::new().route(
+            "/v1/logs",
+            axum::routing::post(move |body: Bytes| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(body).await;
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the test collector on a free local port");
+        let addr = listener.local_addr().expect("test collector address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), rx)
+    }
+
+    #[tokio::test]
+    async fn leak_events_are_posted_to_v1_logs_over_http_protobuf() {
+        let (endpoint, mut received) = http_collector().await;
+        let mut exporter = OtlpExporter::new(
+            &endpoint,
+            OtlpProtocol::HttpProtobuf,
+            Duration::from_secs(5),
+        )
+        .expect("a valid endpoint");
+        exporter.host_name = "box".into();
+        let before = unix_nano_now();
+        exporter
+            .export_leaks(&two_leaks())
+            .await
+            .expect("the test collector accepts the logs");
+        let body = tokio::time::timeout(Duration::from_secs(5), received.recv())
+            .await
+            .expect("the collector got a request within 5s")
+            .expect("the collector got a request");
+        let req = ExportLogsServiceRequest::decode(body).expect("a protobuf logs request");
+        let now = req.resource_logs[0].scope_logs[0].log_records[0].time_unix_nano;
+        assert!(
+            now >= before && now <= unix_nano_now(),
+            "stamped at export time"
+        );
+        assert_two_leaks(&req, now);
+        // Nothing to send: no request.
+        exporter.export_leaks(&[]).await.unwrap();
+        assert!(received.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_logs_export_is_an_error_not_a_panic() {
+        // A port nobody listens on: bind, note it, close.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free local port");
+        let mut exporter = OtlpExporter::new(
+            &format!("http://{addr}"),
+            OtlpProtocol::HttpProtobuf,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let err = exporter.export_leaks(&two_leaks()).await.unwrap_err();
+        assert!(err.to_string().contains("/v1/logs"), "{err}");
     }
 }

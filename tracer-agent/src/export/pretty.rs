@@ -151,9 +151,17 @@ pub fn leak_line(e: &crate::pools::LeakEvent, color: bool) -> String {
     } else {
         label.to_string()
     };
+    let culprit = match &r.culprit {
+        Some(c) => format!(" by {} {}", c.method, c.path),
+        None => String::new(),
+    };
+    let trace = match &r.last_trace_id {
+        Some(t) => format!(" trace {t}"),
+        None => String::new(),
+    };
     format!(
-        "{label} {kind:?} {exe}[{pid}] → {db} {addr}:{port} (local port {local}) idle {idle:.0}s last query: {query}",
-        kind = e.kind,
+        "{label} {kind} {exe}[{pid}] → {db} {addr}:{port} (local port {local}) idle {idle:.0}s{culprit}{trace} last query: {query}",
+        kind = e.kind.as_str(),
         exe = r.executable,
         pid = r.pid,
         db = r.db_system,
