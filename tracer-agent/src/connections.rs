@@ -552,6 +552,36 @@ pub struct DbConnectionRow {
     pub leak: Option<crate::pools::LeakKind>,
 }
 
+#[cfg(test)]
+impl DbConnectionRow {
+    /// An idle PostgreSQL connection of `pid` to 127.0.0.1:5432, for tests to adjust.
+    pub(crate) fn sample(pid: u32, client_port: u16) -> Self {
+        Self {
+            pid,
+            executable: format!("app{pid}"),
+            service: format!("svc{pid}"),
+            db_system: "postgresql",
+            namespace: None,
+            server_address: "127.0.0.1".into(),
+            server_port: 5432,
+            client_port,
+            state: "idle",
+            tx_status: "idle",
+            idle_seconds: 0.0,
+            open_seconds: 600.0,
+            last_query: None,
+            last_span_id: None,
+            last_trace_id: None,
+            culprit: None,
+            recovered: false,
+            passed_over: 0,
+            pool_fifo: false,
+            newer_in_pool: false,
+            leak: None,
+        }
+    }
+}
+
 /// The server request a database call was made for.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Culprit {

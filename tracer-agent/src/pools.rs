@@ -238,14 +238,9 @@ mod tests {
 
     fn row(port: u16, idle: f64, tx: &'static str, last: &str) -> DbConnectionRow {
         DbConnectionRow {
-            pid: 7,
             executable: "app".into(),
             service: "app".into(),
-            db_system: "postgresql",
             namespace: Some("shop".into()),
-            server_address: "127.0.0.1".into(),
-            server_port: 5432,
-            client_port: port,
             state: if tx == "in_transaction" {
                 "used"
             } else {
@@ -253,16 +248,8 @@ mod tests {
             },
             tx_status: tx,
             idle_seconds: idle,
-            open_seconds: 600.0,
             last_query: Some(last.into()),
-            last_span_id: None,
-            last_trace_id: None,
-            culprit: None,
-            recovered: false,
-            passed_over: 0,
-            pool_fifo: false,
-            newer_in_pool: false,
-            leak: None,
+            ..DbConnectionRow::sample(7, port)
         }
     }
 

@@ -652,27 +652,9 @@ mod tests {
             state,
             kind,
             row: DbConnectionRow {
-                pid,
-                executable: format!("app{pid}"),
-                service: format!("svc{pid}"),
-                db_system: "postgresql",
-                namespace: None,
-                server_address: "127.0.0.1".into(),
-                server_port: 5432,
-                client_port: 41234,
-                state: "idle",
-                tx_status: "idle",
                 idle_seconds: 75.4,
                 open_seconds: 300.0,
-                last_query: None,
-                last_span_id: None,
-                last_trace_id: None,
-                culprit: None,
-                recovered: false,
-                passed_over: 0,
-                pool_fifo: false,
-                newer_in_pool: false,
-                leak: None,
+                ..DbConnectionRow::sample(pid, 41234)
             },
         }
     }
