@@ -61,7 +61,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ports: config.ports.clone(),
         ringbuf_bytes: config.ringbuf_bytes,
         max_sockets: config.max_connections as u32,
+        empty_probes: config.empty_probes,
     })?;
+    if config.empty_probes {
+        log::warn!("--empty-probes: the probes do nothing; this agent traces nothing");
+    }
+    let ignorer = capture.socket_ignorer();
     log::info!(
         "tracing TCP traffic{}{}; metrics on http://{}/metrics",
         if config.pids.is_empty() {
@@ -106,6 +111,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             max_waiting_spans: 100_000,
             leak_after: config.leak_after,
             recovered: recover_connections(&config),
+            ignorer,
         },
         telemetry.clone(),
         red.clone(),

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// SQL literals may hold personal data or secrets).
     #[arg(long)]
     pub keep_sql_literals: bool,
+    /// Benchmark floor: attach the same tracepoints with programs that do nothing
+    /// (`cargo xtask bench overhead`). Traces nothing.
+    #[arg(long, hide = true)]
+    pub empty_probes: bool,
     /// Address of the agent's own HTTP endpoint (/metrics, /healthz) [default: 127.0.0.1:9464].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -121,6 +125,7 @@ pub struct Config {
     pub max_connections: usize,
     pub keep_sql_literals: bool,
     pub parent_wait: Duration,
+    pub empty_probes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +243,7 @@ impl Config {
                 .parent_wait
                 .or(file.parent_wait)
                 .unwrap_or(Duration::from_secs(2)),
+            empty_probes: args.empty_probes,
         })
     }
 }

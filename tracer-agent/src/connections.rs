@@ -504,6 +504,8 @@ pub struct ConnectionTable {
     /// Connections recovered from /proc and not seen by the kernel yet: their
     /// (local, remote) → the key they are kept under until then.
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// Sockets no longer decoded, for the kernel to skip.
+    not_decoded: Vec<u64>,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -630,6 +632,7 @@ impl ConnectionTable {
             last_db_span: HashMap::new(),
             pool_samples: Vec::new(),
             recovered: HashMap::new(),
+            not_decoded: Vec::new(),
             limits,
             options,
             http_limits: Http1Limits::default(),
@@ -1000,6 +1003,7 @@ impl ConnectionTable {
             return;
         };
         conn.pid = rec.meta.tgid;
+        let was_other = matches!(conn.protocol, Protocol::Other);
         if !rec.meta.comm.is_empty() && conn.comm != rec.meta.comm {
             conn.comm.clone_from(&rec.meta.comm);
         }
@@ -1053,6 +1057,24 @@ impl ConnectionTable {
             }
             Protocol::Unknown | Protocol::Other => {}
         }
+        let now_other = matches!(
+            self.conns.get(&rec.meta.sock).map(|c| &c.protocol),
+            Some(Protocol::Other)
+        );
+        // Kernel sockets have kernel (high half) addresses; recovered ones do not.
+        if now_other && !was_other && rec.meta.sock >> 63 == 1 {
+            if self.not_decoded.len() >= MAX_POOL_SAMPLES {
+                self.not_decoded.remove(0);
+            }
+            self.not_decoded.push(rec.meta.sock);
+        }
+    }
+
+    /// Sockets that user space stopped decoding since the last call (unknown
+    /// protocol, a database server's end, a tunnel, encryption): the kernel can
+    /// skip their I/O from now on.
+    pub fn take_not_decoded(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.not_decoded)
     }
 }
 
@@ -1788,6 +1810,9 @@ mod tests {
                 .render()
                 .contains("reason=\"unknown_protocol\"} 1")
         );
+        // The kernel is told once to skip it.
+        assert_eq!(r.table.take_not_decoded(), [SOCK_CLIENT]);
+        assert!(r.table.take_not_decoded().is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    capture::Event,
+    capture::{Event, loader::SocketIgnorer},
     connections::{
         ConnectionTable, DbConnectionRow, PoolSample, PoolSampleKind, SpanOptions, TableLimits,
     },
@@ -41,6 +41,8 @@ pub struct PipelineConfig {
     pub leak_after: Duration,
     /// Connections open before the agent started, found in /proc.
     pub recovered: Vec<RecoveredSocket>,
+    /// Has the kernel skip sockets user space does not decode.
+    pub ignorer: Option<SocketIgnorer>,
 }
 
 /// How often recovered connections that never did I/O are checked for being closed.
@@ -87,6 +89,12 @@ pub async fn process_events(
             _ = tick.tick() => stitch.expire(Instant::now().into_std(), &mut ready),
         }
         record_pool_samples(table.take_pool_samples(), &red, &mut procs);
+        let not_decoded = table.take_not_decoded();
+        if let Some(ignorer) = &config.ignorer {
+            for sock in not_decoded {
+                ignorer.ignore(sock);
+            }
+        }
         // Database connections remember the trace their last call ended up in.
         for span in ready.iter().filter(|s| s.attr("db.system.name").is_some()) {
             table.note_trace(span.span_id, span.trace_id);

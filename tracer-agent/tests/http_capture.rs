@@ -313,3 +313,58 @@ fn port_filter_excludes_other_traffic_and_ipv6_is_traced() {
         "{v6_spans:#?}"
     );
 }
+
+/// A connection speaking a protocol the agent does not decode is looked at once,
+/// then skipped in the kernel: its later I/O never reaches user space, and the
+/// skipped reads and writes are counted.
+#[test]
+fn an_undecoded_protocol_is_skipped_in_the_kernel_after_a_first_look() {
+    use std::io::{Read, Write};
+    if !require_root("an_undecoded_protocol_is_skipped_in_the_kernel_after_a_first_look") {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_nodelay(true).unwrap();
+    // A TLS ClientHello-like start: not HTTP, not a database.
+    c.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..200 {
+        c.write_all(&[0x17; 300]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(c);
+    assert_eq!(server.join().unwrap(), 11 + 200 * 300);
+    std::thread::sleep(Duration::from_millis(1500));
+    let metrics = agent.get("/metrics");
+    let value = |needle: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let skipped = value("tracer_kernel_total{counter=\"not_decoded\"}");
+    let read = value("tracer_events_read_total");
+    assert!(skipped >= 200.0, "skipped {skipped}:\n{metrics}");
+    assert!(
+        read < 100.0,
+        "events that reached user space: {read}:\n{metrics}"
+    );
+    agent.stop();
+}

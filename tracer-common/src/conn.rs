@@ -58,10 +58,16 @@ pub struct SockInfo {
     pub opened_ns: u64,
     /// 1 once a `ConnOpen` event was sent for this socket.
     pub announced: u32,
-    /// 1 when the `--port` filter excludes this socket: its I/O is skipped after
-    /// one map lookup.
+    /// Non-zero when this socket's I/O is skipped after one map lookup:
+    /// [`IGNORED_FILTERED`] (the `--port` filter) or [`IGNORED_NOT_DECODED`] (user
+    /// space looked at its first bytes and decodes nothing on it).
     pub ignored: u32,
 }
+
+/// `SockInfo::ignored`: excluded by the `--port` filter.
+pub const IGNORED_FILTERED: u32 = 1;
+/// `SockInfo::ignored`: user space does not decode this socket.
+pub const IGNORED_NOT_DECODED: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 

@@ -18,10 +18,13 @@ pub enum Counter {
     Filtered = 5,
     /// Payload bytes copied into the ring buffer.
     BytesCaptured = 6,
+    /// Socket reads/writes skipped because user space does not decode the socket
+    /// (unknown protocol after a first look, a database server's end, a tunnel).
+    NotDecoded = 7,
 }
 
 /// Number of counters (size of the `STATS` array).
-pub const COUNTERS: u32 = 7;
+pub const COUNTERS: u32 = 8;
 
 impl Counter {
     pub const ALL: [Counter; COUNTERS as usize] = [
@@ -32,6 +35,7 @@ impl Counter {
         Counter::PayloadUnreadable,
         Counter::Filtered,
         Counter::BytesCaptured,
+        Counter::NotDecoded,
     ];
 
     /// Name used in the agent's metrics.
@@ -44,6 +48,7 @@ impl Counter {
             Counter::PayloadUnreadable => "payload_unreadable",
             Counter::Filtered => "filtered",
             Counter::BytesCaptured => "bytes_captured",
+            Counter::NotDecoded => "not_decoded",
         }
     }
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     MAX_CAPTURE,
-    conn::{AF_INET, AF_INET6, ConnEvent, Role, SockInfo, Tuple},
+    conn::{AF_INET, AF_INET6, ConnEvent, IGNORED_NOT_DECODED, Role, SockInfo, Tuple},
     data::{DataEvent, DataHeader, Direction, flags},
     event::EventKind,
     stats::Counter,
@@ -87,7 +87,12 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     // SAFETY: pointer from a successful lookup or insert; the map value outlives this program run.
     let info = unsafe { &mut *info };
     if info.ignored != 0 {
-        count(Counter::Filtered, 1);
+        let why = if info.ignored == IGNORED_NOT_DECODED {
+            Counter::NotDecoded
+        } else {
+            Counter::Filtered
+        };
+        count(why, 1);
         return Ok(0);
     }
     let now = now_ns();

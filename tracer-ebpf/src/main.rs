@@ -144,3 +144,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// The benchmark floor (`--empty-probes`): attached to every tracepoint the agent
+/// uses, does nothing. What any tracepoint-based agent costs at least.
+#[aya_ebpf::macros::tracepoint]
+pub fn empty_probe(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    0
+}

@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod overhead;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -39,14 +41,22 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `parents` (parent-inference accuracy on generated real workloads).
+    /// Benchmarks: `parents` (parent-inference accuracy on generated real workloads),
+    /// `overhead` (the agent's cost to nginx, PostgreSQL and Redis, against runs
+    /// without it and against empty programs).
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["parents"])]
+        #[arg(value_parser = ["parents", "overhead"])]
         which: String,
-        /// Requests per run.
+        /// Requests per run (parents).
         #[arg(long, default_value_t = 200)]
         requests: usize,
+        /// Pairs of runs without and with the agent (overhead).
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        /// Seconds per run (overhead).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
@@ -67,8 +77,27 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Test { fuzz_seconds, args } => test(fuzz_seconds, &args),
-        Cmd::Bench { which, requests } => {
+        Cmd::Bench {
+            which,
+            requests,
+            pairs,
+            seconds,
+        } => {
             setup(true)?;
+            if which == "overhead" {
+                run(cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+                let venv = tools_dir().join("venv");
+                let opts = overhead::Options {
+                    pairs: pairs.max(1),
+                    seconds: seconds.max(1),
+                    agent: workspace_root().join("target/release/tracer-agent"),
+                    rotel: rotel_agent(&venv).context("rotel-agent not installed")?,
+                };
+                if !is_root() {
+                    bail!("the overhead benchmark loads BPF programs: run it as root");
+                }
+                return overhead::run(&opts);
+            }
             bench(&which, requests)
         }
         Cmd::Fuzz { seconds } => {
@@ -191,6 +220,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-server",
     "mariadb-server",
     "mariadb-client",
+    "wrk",
+    "redis-tools",
 ];
 /// Python clients the integration tests drive (in the private venv).
 const PYTHON_PACKAGES: &[&str] = &[

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracer_common::{
     MAX_CAPTURE,
     config::KernelConfig,
+    conn::{IGNORED_NOT_DECODED, SockInfo},
     names,
     stats::{COUNTERS, Counter},
 };
@@ -32,6 +33,22 @@ pub const TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("sock_recv_length", "sock", "sock_recv_length"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
+
+/// The do-nothing program of the benchmark floor.
+const EMPTY_PROBE: &str = "empty_probe";
+
+fn tracepoint_program<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut TracePoint, CaptureError> {
+    ebpf.program_mut(program)
+        .ok_or(CaptureError::Program {
+            program,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| CaptureError::Program { program, source })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -69,12 +86,45 @@ pub struct CaptureConfig {
     pub ports: Vec<u16>,
     pub ringbuf_bytes: u32,
     pub max_sockets: u32,
+    /// Benchmark floor: attach the same tracepoints with a program that does
+    /// nothing (no event ever reaches user space).
+    pub empty_probes: bool,
+}
+
+/// Tells the kernel to skip sockets user space decodes nothing on. Cheap to clone;
+/// each call is two map syscalls, once per such connection.
+#[derive(Clone)]
+pub struct SocketIgnorer {
+    socks: Arc<std::sync::Mutex<BpfHashMap<MapData, u64, SockInfo>>>,
+}
+
+impl std::fmt::Debug for SocketIgnorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SocketIgnorer")
+    }
+}
+
+impl SocketIgnorer {
+    /// Marks socket `sock` as not decoded, if the kernel still follows it (a socket
+    /// closed meanwhile is not re-created). Returns whether it was marked.
+    pub fn ignore(&self, sock: u64) -> bool {
+        let Ok(mut socks) = self.socks.lock() else {
+            return false;
+        };
+        let Ok(mut info) = socks.get(&sock, 0) else {
+            return false;
+        };
+        info.ignored = IGNORED_NOT_DECODED;
+        // BPF_EXIST: update only; never resurrect an entry the kernel removed.
+        socks.insert(sock, info, 2).is_ok()
+    }
 }
 
 /// The loaded and attached kernel programs.
 pub struct BpfCapture {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
+    ignorer: Option<SocketIgnorer>,
 }
 
 /// True when the process can load BPF programs (root or the needed capabilities).
@@ -166,20 +216,33 @@ impl BpfCapture {
             }
         }
 
-        for (program, category, name) in TRACEPOINTS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or(CaptureError::Program {
-                    program,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(|source| CaptureError::Program { program, source })?;
+        if cfg.empty_probes {
+            let program = EMPTY_PROBE;
+            let prog = tracepoint_program(&mut ebpf, program)?;
             prog.load()
                 .map_err(|source| CaptureError::Program { program, source })?;
-            prog.attach(category, name)
-                .map_err(|source| CaptureError::Program { program, source })?;
+            for (_, category, name) in TRACEPOINTS {
+                prog.attach(category, name)
+                    .map_err(|source| CaptureError::Program { program, source })?;
+            }
+        } else {
+            for (program, category, name) in TRACEPOINTS {
+                let prog = tracepoint_program(&mut ebpf, program)?;
+                prog.load()
+                    .map_err(|source| CaptureError::Program { program, source })?;
+                prog.attach(category, name)
+                    .map_err(|source| CaptureError::Program { program, source })?;
+            }
         }
+        let socks = ebpf
+            .take_map(names::SOCKS)
+            .ok_or(CaptureError::MissingMap(names::SOCKS))?;
+        let ignorer = BpfHashMap::try_from(socks)
+            .map(|socks| SocketIgnorer {
+                socks: Arc::new(std::sync::Mutex::new(socks)),
+            })
+            .map_err(|e| log::warn!("sockets cannot be skipped in the kernel: {e}"))
+            .ok();
 
         let stats = ebpf
             .take_map(names::STATS)
@@ -188,7 +251,16 @@ impl BpfCapture {
             map: names::STATS,
             source,
         })?;
-        Ok(Self { ebpf, stats })
+        Ok(Self {
+            ebpf,
+            stats,
+            ignorer,
+        })
+    }
+
+    /// The handle user space uses to have the kernel skip sockets.
+    pub fn socket_ignorer(&self) -> Option<SocketIgnorer> {
+        self.ignorer.clone()
     }
 
     /// Sums of the kernel's per-CPU counters, indexed by [`Counter`].
