@@ -75,7 +75,7 @@ fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
             direction,
             syscall: 0,
             total_len: payload.len() as u32,
-            payload,
+            payload: payload.into(),
             flags: 0,
         })
     };

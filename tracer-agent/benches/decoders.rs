@@ -193,7 +193,7 @@ fn pipeline(c: &mut Criterion) {
             direction: Direction::Recv,
             syscall: 45,
             total_len: req.len() as u32,
-            payload: req.clone(),
+            payload: req.clone().into(),
             flags: 0,
         }));
         events.push(Event::Data(DataRecord {
@@ -201,7 +201,7 @@ fn pipeline(c: &mut Criterion) {
             direction: Direction::Send,
             syscall: 20,
             total_len: resp.len() as u32 + 512,
-            payload: resp.clone(),
+            payload: resp.clone().into(),
             flags: 2,
         }));
     }

@@ -480,7 +480,7 @@ pub struct Connection {
     pub role: Role,
     /// Last process that did I/O on it.
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::capture::Comm,
     pub opened_ns: u64,
     pub last_io_ns: u64,
     pub bytes_sent: u64,
@@ -799,7 +799,7 @@ impl ConnectionTable {
                 tgid: r.pid,
                 tid: r.pid,
                 sock: key,
-                comm: r.comm.clone(),
+                comm: r.comm.as_str().into(),
             };
             let endpoints = Endpoints {
                 local: r.local,
@@ -1004,8 +1004,8 @@ impl ConnectionTable {
         };
         conn.pid = rec.meta.tgid;
         let was_other = matches!(conn.protocol, Protocol::Other);
-        if !rec.meta.comm.is_empty() && conn.comm != rec.meta.comm {
-            conn.comm.clone_from(&rec.meta.comm);
+        if !rec.meta.comm.is_empty() {
+            conn.comm = rec.meta.comm;
         }
         if rec.total_len == 0 {
             // Not a use of the connection: only its end.
@@ -1117,7 +1117,7 @@ impl Connection {
             endpoints,
             role,
             pid: meta.tgid,
-            comm: meta.comm.clone(),
+            comm: meta.comm,
             opened_ns: meta.ts_ns,
             last_io_ns: meta.ts_ns,
             bytes_sent: 0,
@@ -1570,7 +1570,7 @@ mod tests {
             direction,
             syscall: 44,
             total_len: total,
-            payload: bytes.to_vec(),
+            payload: bytes.to_vec().into(),
             flags: 0,
         })
     }

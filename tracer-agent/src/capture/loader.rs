@@ -17,7 +17,7 @@ use tracer_common::{
     stats::{COUNTERS, Counter},
 };
 
-use super::{Clock, Event, decode, kernel_info};
+use super::{Clock, Event, decode, decode_into, kernel_info};
 use crate::telemetry::Telemetry;
 
 /// The kernel object built by build.rs from `tracer-ebpf`.
@@ -339,6 +339,8 @@ impl BpfCapture {
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Events per batch handed to the pipeline.
 const BATCH: usize = 1024;
+/// Bytes the payload arena grows by at a time.
+const ARENA_BLOCK: usize = 256 << 10;
 
 /// Reads everything waiting in the ring buffer into batches.
 fn drain(
@@ -348,8 +350,13 @@ fn drain(
     telemetry: &Telemetry,
 ) {
     let mut batch = Vec::new();
+    // Payloads are copied into one shared arena, refilled in large blocks.
+    let mut arena = bytes::BytesMut::new();
     while let Some(item) = ring.next() {
-        match decode(&item, clock) {
+        if arena.capacity() < item.len() {
+            arena.reserve(ARENA_BLOCK.max(item.len()));
+        }
+        match decode_into(&item, clock, &mut arena) {
             Ok(ev) => batch.push(ev),
             Err(e) => telemetry.record_decode_error(&e),
         }

@@ -28,7 +28,59 @@ pub struct Meta {
     /// Kernel socket address: the connection's identity while it lives.
     pub sock: u64,
     /// Thread name, when known.
-    pub comm: String,
+    pub comm: Comm,
+}
+
+/// A thread name (`comm`, at most 15 bytes), kept inline: copying it costs no
+/// allocation per event.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Comm {
+    /// From the kernel's NUL-padded field; invalid UTF-8 is replaced.
+    pub fn from_kernel(raw: &[u8; 16]) -> Self {
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        match std::str::from_utf8(&raw[..end]) {
+            Ok(s) => Self::from(s),
+            Err(_) => Self::from(String::from_utf8_lossy(&raw[..end]).as_ref()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever filled from a `&str` cut at a char boundary.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(s: &str) -> Self {
+        let mut end = s.len().min(16);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; 16];
+        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self {
+            bytes,
+            len: end as u8,
+        }
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// A TCP connection's endpoints, seen from the local socket.
@@ -75,8 +127,8 @@ pub struct DataRecord {
     pub syscall: u32,
     /// Bytes the syscall moved.
     pub total_len: u32,
-    /// The captured prefix (≤ `total_len`).
-    pub payload: Vec<u8>,
+    /// The captured prefix (≤ `total_len`), a slice of its batch's buffer.
+    pub payload: bytes::Bytes,
     /// [`tracer_common::data::flags`].
     pub flags: u32,
 }
@@ -171,23 +223,28 @@ fn read_pod<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 fn meta(h: &EventHeader, clock: &Clock) -> Meta {
     Meta {
         ts_ns: clock.to_unix_ns(h.ts_ns),
         tgid: h.tgid,
         tid: h.tid,
         sock: h.sock,
-        comm: comm(&h.comm),
+        comm: Comm::from_kernel(&h.comm),
     }
 }
 
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
+    decode_into(bytes, clock, &mut bytes::BytesMut::new())
+}
+
+/// Decodes one ring-buffer record, copying its payload into `arena`: the payloads
+/// of a batch share the arena's allocations instead of one allocation each.
+pub fn decode_into(
+    bytes: &[u8],
+    clock: &Clock,
+    arena: &mut bytes::BytesMut,
+) -> Result<Event, DecodeError> {
     let h: EventHeader = read_pod(bytes).ok_or(DecodeError::Short(bytes.len()))?;
     let kind = EventKind::from_u32(h.kind).ok_or(DecodeError::UnknownKind(h.kind))?;
     let truncated = |need| DecodeError::Truncated {
@@ -231,7 +288,10 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
                 direction,
                 syscall: d.syscall,
                 total_len: d.total_len,
-                payload: payload.to_vec(),
+                payload: {
+                    arena.extend_from_slice(payload);
+                    arena.split().freeze()
+                },
                 flags: d.flags & (flags::UNREADABLE | flags::TRUNCATED | flags::NO_USER_BUFFER),
             }))
         }
@@ -281,10 +341,10 @@ mod tests {
         let Event::Data(rec) = ev else {
             panic!("not data: {ev:?}")
         };
-        assert_eq!(rec.payload, b"GET /");
+        assert_eq!(&rec.payload[..], b"GET /");
         assert_eq!(rec.total_len, 100);
         assert_eq!(rec.meta.ts_ns, 1_010);
-        assert_eq!(rec.meta.comm, "curl");
+        assert_eq!(rec.meta.comm.as_str(), "curl");
         assert_eq!(rec.meta.tgid, 42);
     }
 
@@ -345,5 +405,23 @@ mod tests {
             decode(&h, &Clock::with_offset(0)),
             Err(DecodeError::UnknownKind(99))
         );
+    }
+
+    #[test]
+    fn comm_is_kept_inline_and_always_valid_text() {
+        let mut raw = [0u8; 16];
+        raw[..6].copy_from_slice(b"nginx\0");
+        assert_eq!(Comm::from_kernel(&raw).as_str(), "nginx");
+        // All 16 bytes used (no NUL): kept whole.
+        assert_eq!(
+            Comm::from_kernel(b"abcdefghijklmnop").as_str(),
+            "abcdefghijklmnop"
+        );
+        // Invalid UTF-8 is replaced; a multi-byte char is never cut in half.
+        let mut bad = [b'a'; 16];
+        bad[3] = 0xff;
+        assert!(Comm::from_kernel(&bad).as_str().starts_with("aaa\u{fffd}"));
+        assert_eq!(Comm::from("ééééééééé").as_str(), "éééééééé");
+        assert!(Comm::default().is_empty());
     }
 }
