@@ -33,9 +33,9 @@ pub enum AgentError {
 }
 
 /// Event batches waiting between capture and the pipeline.
-const EVENT_QUEUE: usize = 1024;
+const EVENT_QUEUE: usize = 64;
 /// Span batches waiting between the pipeline and export.
-const SPAN_QUEUE: usize = 1024;
+const SPAN_QUEUE: usize = 64;
 /// RED metric series kept at most (then one overflow series per metric).
 const MAX_METRIC_SERIES: usize = 2000;
 
@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ExportStage {
             output: config.output,
             otlp,
-            batch_size: 512,
+            batch_size: 2048,
             batch_timeout: Duration::from_secs(1),
             max_buffered: 65536,
             red,

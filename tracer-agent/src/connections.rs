@@ -2,9 +2,13 @@
 //! its protocol state. Socket events go in; finished spans come out.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
+
+// The hot maps are keyed by kernel addresses, pids and random span ids: a fast,
+// randomly seeded hasher is enough.
+use foldhash::{HashMap, HashMapExt};
 
 use tracer_common::{conn::Role, data::Direction};
 

@@ -17,12 +17,16 @@
 //! Spans wait for their relatives at most `wait`; the buffer is bounded.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use crate::spans::{ParentSource, Span, SpanId, SpanKind, TraceId};
+// The hot maps are keyed by kernel addresses, pids and random span ids: a fast,
+// randomly seeded hasher is enough.
+use foldhash::{HashMap, HashMapExt};
+
+use crate::spans::{AttrValue, ParentSource, Span, SpanId, SpanKind, TraceId};
 
 /// A parsed W3C trace context (`traceparent` version 00).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,27 +103,32 @@ struct Pending {
 /// Bounded FIFO map: the oldest entries go first when full.
 struct Recent<K, V> {
     map: HashMap<K, V>,
-    order: VecDeque<K>,
+    order: VecDeque<(K, Instant)>,
     capacity: usize,
+    /// Entries older than this are forgotten.
+    keep: Duration,
 }
 
 impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, keep: Duration) -> Self {
         Self {
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            keep,
         }
     }
 
-    fn insert(&mut self, k: K, v: V) {
+    fn insert(&mut self, k: K, v: V, now: Instant) {
         if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
+            self.order.push_back((k, now));
         }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+        while let Some((old, at)) = self.order.front() {
+            if self.order.len() <= self.capacity && now.duration_since(*at) <= self.keep {
+                break;
             }
+            self.map.remove(old);
+            self.order.pop_front();
         }
     }
 
@@ -144,7 +153,7 @@ pub struct ParentInference {
     /// arrive later.
     released: Recent<SpanId, (TraceId, u64, u64)>,
     /// CLIENT spans by connection exchange (pending or released), for the socket rule.
-    clients: Recent<ExchangeKey, (SpanId, String)>,
+    clients: Recent<ExchangeKey, (SpanId, u64)>,
     /// SERVER spans waiting for the CLIENT span at the other end.
     servers_waiting: HashMap<ExchangeKey, SpanId>,
     /// Spans waiting for a pending span, by the span they wait for.
@@ -165,11 +174,19 @@ fn unlink(span: &mut Span) {
     span.parent_confidence = 0.0;
 }
 
-fn path_of(span: &Span) -> String {
-    span.attr("url.path")
-        .map(|v| v.to_string())
-        .unwrap_or_default()
+/// The span's `url.path`, hashed: all the socket rule compares.
+fn path_of(span: &Span) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = PATH_HASHER.build_hasher();
+    if let Some(AttrValue::Str(path)) = span.attr("url.path") {
+        path.hash(&mut h);
+    }
+    h.finish()
 }
+
+/// A fixed-seed hasher: path hashes only ever meet each other in this process.
+const PATH_HASHER: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher> =
+    std::hash::BuildHasherDefault::new();
 
 /// Both ends on this host: loopback, or the same address at both ends.
 fn same_host(conn: (SocketAddr, SocketAddr)) -> bool {
@@ -179,13 +196,15 @@ fn same_host(conn: (SocketAddr, SocketAddr)) -> bool {
 impl ParentInference {
     pub fn new(wait: Duration, max_pending: usize) -> Self {
         let recent = max_pending.max(1024) * 4;
+        // Relatives arrive within their own wait: keep released spans twice that.
+        let keep = (wait * 2).max(Duration::from_secs(1));
         Self {
             wait,
             max_pending: max_pending.max(1),
             pending: HashMap::new(),
             arrivals: VecDeque::new(),
-            released: Recent::new(recent),
-            clients: Recent::new(recent),
+            released: Recent::new(recent, keep),
+            clients: Recent::new(recent, keep),
             servers_waiting: HashMap::new(),
             waiters: HashMap::new(),
             evicted: 0,
@@ -235,7 +254,7 @@ impl ParentInference {
             }
             SpanKind::Client => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
-                    self.clients.insert((conn, n), (id, path_of(&span)));
+                    self.clients.insert((conn, n), (id, path_of(&span)), now);
                     if let Some(server) = self.servers_waiting.remove(&(conn, n)) {
                         self.adopt_waiting_server(server, &span);
                     }
@@ -265,7 +284,7 @@ impl ParentInference {
             }
         }
         if !wait {
-            self.release(span, out);
+            self.release(span, now, out);
             return;
         }
         if let Some(on) = waiting_on {
@@ -286,7 +305,7 @@ impl ParentInference {
             };
             if self.pending.contains_key(&oldest) {
                 self.evicted += 1;
-                self.give_up(oldest, out);
+                self.give_up(oldest, now, out);
             }
         }
     }
@@ -331,7 +350,7 @@ impl ParentInference {
                         self.arrivals.push_back(id);
                         continue;
                     }
-                    self.give_up(id, out);
+                    self.give_up(id, now, out);
                 }
                 Some(_) => break,
             }
@@ -341,16 +360,17 @@ impl ParentInference {
     /// Releases everything (shutdown).
     pub fn flush(&mut self, out: &mut Vec<Span>) {
         let ids: Vec<SpanId> = self.arrivals.drain(..).collect();
+        let now = Instant::now();
         for id in ids {
             if self.pending.contains_key(&id) {
-                self.give_up(id, out);
+                self.give_up(id, now, out);
             }
         }
     }
 
     /// Releases a span whose relative never came: it keeps the links it already has
     /// only if they were made by a rule that needs no waiting.
-    fn give_up(&mut self, id: SpanId, out: &mut Vec<Span>) {
+    fn give_up(&mut self, id: SpanId, now: Instant, out: &mut Vec<Span>) {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
@@ -375,17 +395,18 @@ impl ParentInference {
         {
             self.servers_waiting.remove(&(conn, n));
         }
-        self.release(span, out);
+        self.release(span, now, out);
     }
 
     /// The span's trace is final: hand it out, then everything that waited on it.
-    fn release(&mut self, span: Span, out: &mut Vec<Span>) {
+    fn release(&mut self, span: Span, now: Instant, out: &mut Vec<Span>) {
         let mut work = vec![span];
         while let Some(span) = work.pop() {
             let id = span.span_id;
             self.released.insert(
                 id,
                 (span.trace_id, span.start_unix_nano, span.end_unix_nano),
+                now,
             );
             if let Some(children) = self.waiters.remove(&id) {
                 for child in children {
@@ -409,7 +430,7 @@ mod tests {
     use super::*;
     use crate::{
         process::ProcessResource,
-        spans::{AttrValue, Link, SpanStatus},
+        spans::{Link, SpanStatus},
     };
     use std::sync::Arc;
 

@@ -649,7 +649,6 @@ pub fn run(opts: &Options) -> Result<()> {
         let end = agent.usage();
         let lost = agent.counter("tracer_events_lost_total");
         let dropped = agent.counter("tracer_queue_dropped_total");
-        agent.stop();
         fixed.push((
             rate,
             load,
@@ -686,15 +685,22 @@ pub fn run(opts: &Options) -> Result<()> {
         "CPU s/10k",
         "RSS MB"
     );
+    let ratio = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.3}")
+        } else {
+            "-".into()
+        }
+    };
     let row = |name: &str, p: &Pairs| {
         println!(
-            "{:<30} {:>11.0} {:>11.0} {:>9.3} {:>9.3} {:>13.3} {:>8.3} {:>7.1}",
+            "{:<30} {:>11.0} {:>11.0} {:>9} {:>9} {:>13} {:>8.3} {:>7.1}",
             name,
             median(p.off.iter().map(|l| l.rate).collect()),
             median(p.on.iter().map(|l| l.rate).collect()),
-            p.ratio(|l| l.rate),
-            p.ratio(|l| l.p50),
-            p.ratio(|l| l.p99),
+            ratio(p.ratio(|l| l.rate)),
+            ratio(p.ratio(|l| l.p50)),
+            ratio(p.ratio(|l| l.p99)),
             p.cpu_per_10k(),
             p.usage.peak_rss_mb,
         );
@@ -724,6 +730,7 @@ pub fn run(opts: &Options) -> Result<()> {
             rss,
             lost,
             dropped,
+            exported,
         );
     }
     println!();

@@ -161,19 +161,25 @@ impl ExportStage {
         let Some(otlp) = self.otlp.as_mut() else {
             return;
         };
-        while !pending.is_empty() {
-            let n = pending.len().min(self.batch_size.max(1));
-            match otlp.export(&pending[..n]).await {
+        // Exported spans leave the buffer in one go at the end: draining the front
+        // of a large buffer per request would move all the rest each time.
+        let mut done = 0;
+        for chunk in pending.chunks(self.batch_size.max(1)) {
+            match otlp.export(chunk).await {
                 Ok(()) => {
-                    telemetry.exported(otlp.name(), n as u64);
-                    pending.drain(..n);
+                    telemetry.exported(otlp.name(), chunk.len() as u64);
+                    done += chunk.len();
                 }
                 Err(e) => {
                     telemetry.export_failed(otlp.name());
-                    log::warn!("{e}; keeping {} spans for the next attempt", pending.len());
-                    return;
+                    log::warn!(
+                        "{e}; keeping {} spans for the next attempt",
+                        pending.len() - done
+                    );
+                    break;
                 }
             }
         }
+        pending.drain(..done);
     }
 }
