@@ -711,18 +711,19 @@ pub fn run(opts: &Options) -> Result<()> {
     row("redis-benchmark GET c16", &rb);
     println!();
     println!(
-        "{:<30} {:>11} {:>11} {:>11} {:>8} {:>11} {:>9}",
+        "{:<30} {:>11} {:>11} {:>11} {:>8} {:>11} {:>9} {:>9}",
         "fixed rate (agent on)",
         "achieved/s",
         "agent cores",
         "CPU s/10k",
         "RSS MB",
         "events lost",
-        "dropped"
+        "dropped",
+        "exported"
     );
-    for (rate, load, cpu, rss, lost, dropped) in &fixed {
+    for (rate, load, cpu, rss, lost, dropped, exported) in &fixed {
         println!(
-            "{:<30} {:>11.0} {:>11.3} {:>11.3} {:>8.1} {:>11.0} {:>9.0}",
+            "{:<30} {:>11.0} {:>11.3} {:>11.3} {:>8.1} {:>11.0} {:>9.0} {:>9.0}",
             format!("nginx at {rate:.0} req/s"),
             load.rate,
             cpu / secs as f64,
