@@ -649,6 +649,8 @@ pub fn run(opts: &Options) -> Result<()> {
         let end = agent.usage();
         let lost = agent.counter("tracer_events_lost_total");
         let dropped = agent.counter("tracer_queue_dropped_total");
+        let exported = agent.counter("tracer_spans_exported_total");
+        agent.stop();
         fixed.push((
             rate,
             load,
@@ -656,6 +658,7 @@ pub fn run(opts: &Options) -> Result<()> {
             end.peak_rss_mb,
             lost,
             dropped,
+            exported,
         ));
     }
 
