@@ -67,6 +67,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         log::warn!("--empty-probes: the probes do nothing; this agent traces nothing");
     }
     let ignorer = capture.socket_ignorer();
+    // Loading parsed this kernel's BTF (megabytes), now freed: give those pages
+    // back to the system rather than keep them as the agent's resident set.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     log::info!(
         "tracing TCP traffic{}{}; metrics on http://{}/metrics",
         if config.pids.is_empty() {

@@ -196,8 +196,8 @@ fn same_host(conn: (SocketAddr, SocketAddr)) -> bool {
 impl ParentInference {
     pub fn new(wait: Duration, max_pending: usize) -> Self {
         let recent = max_pending.max(1024) * 4;
-        // Relatives arrive within their own wait: keep released spans twice that.
-        let keep = (wait * 2).max(Duration::from_secs(1));
+        // Relatives arrive within their own wait: keep released spans that long.
+        let keep = wait.max(Duration::from_secs(1));
         Self {
             wait,
             max_pending: max_pending.max(1),

@@ -87,6 +87,7 @@ struct Agent {
 struct Usage {
     cpu_s: f64,
     peak_rss_mb: f64,
+    rss_mb: f64,
 }
 
 impl Agent {
@@ -143,17 +144,18 @@ impl Agent {
                 Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
             })
             .unwrap_or(0.0);
-        let peak_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            })
-            .unwrap_or(0.0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         Usage {
             cpu_s: ticks / 100.0, // USER_HZ
-            peak_rss_mb: peak_kb / 1024.0,
+            peak_rss_mb: kb("VmHWM:") / 1024.0,
+            rss_mb: kb("VmRSS:") / 1024.0,
         }
     }
 
@@ -655,7 +657,7 @@ pub fn run(opts: &Options) -> Result<()> {
             rate,
             load,
             end.cpu_s - start.cpu_s,
-            end.peak_rss_mb,
+            (end.peak_rss_mb, end.rss_mb),
             lost,
             dropped,
             exported,
@@ -714,24 +716,24 @@ pub fn run(opts: &Options) -> Result<()> {
     row("redis-benchmark GET c16", &rb);
     println!();
     println!(
-        "{:<30} {:>11} {:>11} {:>11} {:>8} {:>11} {:>9} {:>9}",
+        "{:<24} {:>10} {:>11} {:>9} {:>13} {:>11} {:>8} {:>9}",
         "fixed rate (agent on)",
         "achieved/s",
         "agent cores",
         "CPU s/10k",
-        "RSS MB",
+        "RSS MB pk/now",
         "events lost",
         "dropped",
         "exported"
     );
     for (rate, load, cpu, rss, lost, dropped, exported) in &fixed {
         println!(
-            "{:<30} {:>11.0} {:>11.3} {:>11.3} {:>8.1} {:>11.0} {:>9.0} {:>9.0}",
+            "{:<24} {:>10.0} {:>11.3} {:>9.3} {:>13} {:>11.0} {:>8.0} {:>9.0}",
             format!("nginx at {rate:.0} req/s"),
             load.rate,
             cpu / secs as f64,
             cpu / (load.ops / 10_000.0),
-            rss,
+            format!("{:.1}/{:.1}", rss.0, rss.1),
             lost,
             dropped,
             exported,
