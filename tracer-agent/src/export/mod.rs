@@ -44,6 +44,9 @@ pub struct ExportStage {
     pub metrics_interval: Duration,
 }
 
+/// OTLP span requests in flight at once.
+const IN_FLIGHT: usize = 4;
+
 impl ExportStage {
     /// Runs until the span channel closes, then flushes everything buffered.
     pub async fn run(
@@ -161,25 +164,163 @@ impl ExportStage {
         let Some(otlp) = self.otlp.as_mut() else {
             return;
         };
-        // Exported spans leave the buffer in one go at the end: draining the front
-        // of a large buffer per request would move all the rest each time.
-        let mut done = 0;
-        for chunk in pending.chunks(self.batch_size.max(1)) {
-            match otlp.export(chunk).await {
-                Ok(()) => {
-                    telemetry.exported(otlp.name(), chunk.len() as u64);
-                    done += chunk.len();
-                }
-                Err(e) => {
-                    telemetry.export_failed(otlp.name());
-                    log::warn!(
-                        "{e}; keeping {} spans for the next attempt",
-                        pending.len() - done
-                    );
-                    break;
+        if pending.is_empty() {
+            return;
+        }
+        let size = self.batch_size.max(1);
+        let chunks = pending.len().div_ceil(size);
+        let mut sent = vec![false; chunks];
+        // The first request goes alone (it connects when needed); the rest go
+        // [`IN_FLIGHT`] at a time over the same channel: the collector's round trip,
+        // not our CPU, bounds a one-at-a-time exporter.
+        let mut failed = None;
+        if let Err(e) = otlp.export(&pending[..size.min(pending.len())]).await {
+            failed = Some(e);
+        } else {
+            sent[0] = true;
+        }
+        let mut next = 1;
+        while failed.is_none() && next < chunks {
+            let group: Vec<usize> = (next..chunks.min(next + IN_FLIGHT)).collect();
+            next += group.len();
+            let spans: &[Span] = pending;
+            let results = futures_util::future::join_all(group.iter().map(|&i| {
+                let mut exporter = otlp.clone();
+                let chunk = &spans[i * size..((i + 1) * size).min(spans.len())];
+                async move { (i, exporter.export(chunk).await) }
+            }))
+            .await;
+            for (i, result) in results {
+                match result {
+                    Ok(()) => sent[i] = true,
+                    Err(e) => failed = Some(e),
                 }
             }
         }
-        pending.drain(..done);
+        let done = sent.iter().filter(|&&s| s).count();
+        let exported: usize = (0..chunks)
+            .filter(|&i| sent[i])
+            .map(|i| ((i + 1) * size).min(pending.len()) - i * size)
+            .sum();
+        telemetry.exported(otlp.name(), exported as u64);
+        if done == chunks {
+            pending.clear();
+            return;
+        }
+        // Keep what was not sent, in order, for the next attempt.
+        let old = std::mem::take(pending);
+        pending.extend(
+            old.into_iter()
+                .enumerate()
+                .filter(|(j, _)| !sent[j / size])
+                .map(|(_, s)| s),
+        );
+        if let Some(e) = failed {
+            telemetry.export_failed(otlp.name());
+            log::warn!("{e}; keeping {} spans for the next attempt", pending.len());
+            // The channel may be broken (a clone's reset does not reach us).
+            otlp.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+    use crate::{
+        export::otlp::OtlpProtocol,
+        metrics::RedMetrics,
+        process::ProcessResource,
+        spans::{AttrValue, ParentSource, SpanId, SpanKind, SpanStatus, TraceId},
+    };
+
+    fn span(n: u8) -> Span {
+        Span {
+            trace_id: TraceId([1; 16]),
+            span_id: SpanId([n; 8]),
+            parent_span_id: None,
+            parent_source: ParentSource::None,
+            parent_confidence: 0.0,
+            name: "GET".into(),
+            kind: SpanKind::Server,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            status: SpanStatus::Unset,
+            attributes: vec![("url.path", AttrValue::Str("/x".into()))],
+            resource: Arc::new(ProcessResource {
+                pid: 1,
+                executable_name: "p".into(),
+                service_name: "p".into(),
+                host_name: "h".into(),
+            }),
+            tid: 1,
+            link: Default::default(),
+        }
+    }
+
+    /// Requests go out several at a time; what a failed request carried, and what
+    /// was not tried, stays buffered in order, nothing is sent twice.
+    #[tokio::test]
+    async fn a_failed_request_keeps_its_spans_and_the_rest_go_out_once() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 2 {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::OK
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let otlp = OtlpExporter::new(
+            &format!("http://{addr}"),
+            OtlpProtocol::HttpProtobuf,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let mut stage = ExportStage {
+            output: Output::None,
+            otlp: Some(otlp),
+            batch_size: 2,
+            batch_timeout: Duration::from_secs(1),
+            max_buffered: 1000,
+            red: RedMetrics::shared(10),
+            metrics_interval: Duration::from_secs(60),
+        };
+        let telemetry = Telemetry::new();
+        // Five requests of two spans: the first alone, then four at once, of which
+        // the second overall-after-the-first (the third request) fails.
+        let mut pending: Vec<Span> = (0..10).map(span).collect();
+        stage.flush(&mut pending, &telemetry).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 5);
+        assert_eq!(pending.len(), 2, "one failed request's spans stay");
+        let kept: Vec<u8> = pending.iter().map(|s| s.span_id.0[0]).collect();
+        // Concurrent requests reach the server in any order: the failed one is one
+        // of chunks 1..=4.
+        assert!(
+            [[2, 3], [4, 5], [6, 7], [8, 9]]
+                .iter()
+                .any(|c| kept == c.to_vec()),
+            "{kept:?}"
+        );
+        let text = telemetry.render();
+        assert!(text.contains("} 8"), "eight spans exported:\n{text}");
+        // The next flush sends only what was kept.
+        stage.flush(&mut pending, &telemetry).await;
+        assert!(pending.is_empty());
+        assert_eq!(seen.load(Ordering::SeqCst), 6);
     }
 }

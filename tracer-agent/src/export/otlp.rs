@@ -372,6 +372,7 @@ pub(crate) fn unix_nano_now() -> u64 {
         .unwrap_or(0)
 }
 
+#[derive(Clone)]
 enum Transport {
     Grpc {
         channel: Option<tonic::transport::Channel>,
@@ -401,6 +402,9 @@ impl Payload {
 }
 
 /// Sends spans, metrics and leak events to one OTLP endpoint.
+/// Cheap to clone: clones share the gRPC channel or HTTP connection pool, so
+/// several requests can be in flight at once.
+#[derive(Clone)]
 pub struct OtlpExporter {
     transport: Transport,
     timeout: Duration,
@@ -474,6 +478,13 @@ impl OtlpExporter {
             return Ok(());
         }
         self.send(Payload::Traces(export_request(spans))).await
+    }
+
+    /// Forgets the gRPC channel: the next export connects anew.
+    pub fn reset(&mut self) {
+        if let Transport::Grpc { channel, .. } = &mut self.transport {
+            *channel = None;
+        }
     }
 
     /// Exports a metrics snapshot.
