@@ -32,10 +32,11 @@ pub enum AgentError {
     Signal(std::io::Error),
 }
 
-/// Event batches waiting between capture and the pipeline.
-const EVENT_QUEUE: usize = 64;
+/// Event batches waiting between capture and the pipeline (small batches are the
+/// norm at low rates; the items they hold are bounded separately).
+const EVENT_QUEUE: usize = 1024;
 /// Span batches waiting between the pipeline and export.
-const SPAN_QUEUE: usize = 64;
+const SPAN_QUEUE: usize = 1024;
 /// RED metric series kept at most (then one overflow series per metric).
 const MAX_METRIC_SERIES: usize = 2000;
 

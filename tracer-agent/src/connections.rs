@@ -63,6 +63,16 @@ struct Causality {
     serving: HashMap<SpanId, (String, String)>,
 }
 
+/// A socket user space stopped decoding, with the ports that identify its
+/// connection: the kernel may have reused the socket's address for another one by
+/// the time it is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotDecoded {
+    pub sock: u64,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
 /// A wake waiting for its handler's call: the request served (if known), the
 /// handler it resumes (the request, or for a call of unknown cause the connection
 /// it was made on) and when.
@@ -509,7 +519,7 @@ pub struct ConnectionTable {
     /// (local, remote) → the key they are kept under until then.
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Sockets no longer decoded, for the kernel to skip.
-    not_decoded: Vec<u64>,
+    not_decoded: Vec<NotDecoded>,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -1070,14 +1080,21 @@ impl ConnectionTable {
             if self.not_decoded.len() >= MAX_POOL_SAMPLES {
                 self.not_decoded.remove(0);
             }
-            self.not_decoded.push(rec.meta.sock);
+            let ends = self.conns.get(&rec.meta.sock).map(|c| c.endpoints);
+            if let Some(ends) = ends {
+                self.not_decoded.push(NotDecoded {
+                    sock: rec.meta.sock,
+                    local_port: ends.local.port(),
+                    remote_port: ends.remote.port(),
+                });
+            }
         }
     }
 
     /// Sockets that user space stopped decoding since the last call (unknown
     /// protocol, a database server's end, a tunnel, encryption): the kernel can
     /// skip their I/O from now on.
-    pub fn take_not_decoded(&mut self) -> Vec<u64> {
+    pub fn take_not_decoded(&mut self) -> Vec<NotDecoded> {
         std::mem::take(&mut self.not_decoded)
     }
 }
@@ -1815,7 +1832,14 @@ mod tests {
                 .contains("reason=\"unknown_protocol\"} 1")
         );
         // The kernel is told once to skip it.
-        assert_eq!(r.table.take_not_decoded(), [SOCK_CLIENT]);
+        assert_eq!(
+            r.table
+                .take_not_decoded()
+                .iter()
+                .map(|n| (n.sock, n.local_port, n.remote_port))
+                .collect::<Vec<_>>(),
+            [(SOCK_CLIENT, 40000, 8000)]
+        );
         assert!(r.table.take_not_decoded().is_empty());
     }
 

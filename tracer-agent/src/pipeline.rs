@@ -45,6 +45,9 @@ pub struct PipelineConfig {
     pub ignorer: Option<SocketIgnorer>,
 }
 
+/// Spans waiting for export at most; beyond it batches are dropped, counted.
+const MAX_QUEUED_SPANS: usize = 32768;
+
 /// How often recovered connections that never did I/O are checked for being closed.
 const RECOVERED_CHECK: Duration = Duration::from_secs(10);
 
@@ -78,6 +81,7 @@ pub async fn process_events(
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
+                telemetry.events_backlog.take(batch.len());
                 for event in batch {
                     table.handle(event, &mut procs, &telemetry, &mut built);
                 }
@@ -91,8 +95,8 @@ pub async fn process_events(
         record_pool_samples(table.take_pool_samples(), &red, &mut procs);
         let not_decoded = table.take_not_decoded();
         if let Some(ignorer) = &config.ignorer {
-            for sock in not_decoded {
-                ignorer.ignore(sock);
+            for n in not_decoded {
+                ignorer.ignore(n.sock, n.local_port, n.remote_port);
             }
         }
         // Database connections remember the trace their last call ended up in.
@@ -215,7 +219,13 @@ fn send(
         spans.iter().for_each(|s| red.record(s));
     }
     let n = spans.len() as u64;
-    if tx.try_send(spans).is_err() {
+    let room = telemetry
+        .spans_backlog
+        .try_add(spans.len(), MAX_QUEUED_SPANS);
+    if !room || tx.try_send(spans).is_err() {
+        if room {
+            telemetry.spans_backlog.take(n as usize);
+        }
         telemetry
             .queue_dropped
             .get_or_create(&QueueLabel::new("spans"))

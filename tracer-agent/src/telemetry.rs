@@ -62,6 +62,36 @@ pub struct Telemetry {
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
     pub connections_evicted: Counter,
+    /// Events waiting between capture and the pipeline, and spans waiting between
+    /// the pipeline and export: the channels are bounded in batches, these in items.
+    pub events_backlog: Backlog,
+    pub spans_backlog: Backlog,
+}
+
+/// Items waiting in a channel of batches, counted by both of its ends.
+#[derive(Debug, Default)]
+pub struct Backlog(std::sync::atomic::AtomicUsize);
+
+impl Backlog {
+    /// Reserves room for `n` more items if the backlog stays within `max`.
+    pub fn try_add(&self, n: usize, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur + n <= max).then_some(cur + n)
+            })
+            .is_ok()
+    }
+
+    /// `n` items left the channel (or never entered it).
+    pub fn take(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                Some(cur.saturating_sub(n))
+            });
+    }
 }
 
 impl Default for Telemetry {
@@ -75,6 +105,8 @@ impl Telemetry {
         let mut registry = Registry::with_prefix("tracer");
         let t = Self {
             registry: Registry::default(),
+            events_backlog: Backlog::default(),
+            spans_backlog: Backlog::default(),
             events_read: Counter::default(),
             events_lost: Counter::default(),
             bytes_captured: Counter::default(),
@@ -239,5 +271,20 @@ mod tests {
             text.contains("tracer_spans_exported_total{exporter=\"json\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_backlog_bounds_items_not_batches() {
+        let b = Backlog::default();
+        assert!(b.try_add(60, 100));
+        assert!(
+            !b.try_add(41, 100),
+            "over the bound: refused, nothing reserved"
+        );
+        assert!(b.try_add(40, 100));
+        b.take(70);
+        assert!(b.try_add(70, 100));
+        b.take(1000); // never below zero
+        assert!(b.try_add(100, 100));
     }
 }

@@ -105,15 +105,19 @@ impl std::fmt::Debug for SocketIgnorer {
 }
 
 impl SocketIgnorer {
-    /// Marks socket `sock` as not decoded, if the kernel still follows it (a socket
+    /// Marks socket `sock` as not decoded, if the kernel still follows that very
+    /// connection (same ports: the address may have been reused since; a socket
     /// closed meanwhile is not re-created). Returns whether it was marked.
-    pub fn ignore(&self, sock: u64) -> bool {
+    pub fn ignore(&self, sock: u64, local_port: u16, remote_port: u16) -> bool {
         let Ok(mut socks) = self.socks.lock() else {
             return false;
         };
         let Ok(mut info) = socks.get(&sock, 0) else {
             return false;
         };
+        if info.tuple.local_port != local_port || info.tuple.remote_port != remote_port {
+            return false;
+        }
         info.ignored = IGNORED_NOT_DECODED;
         // BPF_EXIST: update only; never resurrect an entry the kernel removed.
         socks.insert(sock, info, 2).is_ok()
@@ -339,6 +343,8 @@ impl BpfCapture {
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Events per batch handed to the pipeline.
 const BATCH: usize = 1024;
+/// Events waiting for the pipeline at most; beyond it batches are dropped, counted.
+const MAX_QUEUED_EVENTS: usize = 65536;
 /// Bytes the payload arena grows by at a time.
 const ARENA_BLOCK: usize = 256 << 10;
 
@@ -372,7 +378,13 @@ fn drain(
 fn send(tx: &mpsc::Sender<Vec<Event>>, batch: Vec<Event>, telemetry: &Telemetry) {
     let n = batch.len() as u64;
     telemetry.events_read.inc_by(n);
-    if tx.try_send(batch).is_err() {
+    let room = telemetry
+        .events_backlog
+        .try_add(batch.len(), MAX_QUEUED_EVENTS);
+    if !room || tx.try_send(batch).is_err() {
+        if room {
+            telemetry.events_backlog.take(n as usize);
+        }
         telemetry
             .queue_dropped
             .get_or_create(&crate::telemetry::QueueLabel::new("events"))

@@ -66,6 +66,7 @@ impl ExportStage {
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { break };
+                    telemetry.spans_backlog.take(batch.len());
                     self.print(&batch, &mut printer, &telemetry);
                     if self.otlp.is_some() {
                         pending.extend(batch);
