@@ -10,6 +10,7 @@ use crate::{
     connections::{
         ConnectionTable, DbConnectionRow, PoolSample, PoolSampleKind, SpanOptions, TableLimits,
     },
+    export::otlp::unix_nano_now,
     metrics::{PoolId, SharedRedMetrics},
     process::{ProcessResource, ProcessTable},
     recover::RecoveredSocket,
@@ -20,13 +21,6 @@ use crate::{
 
 /// The latest database connection inventory, published about once a second.
 pub type SharedInventory = Arc<std::sync::Mutex<Vec<DbConnectionRow>>>;
-
-fn unix_now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
 
 /// How the span stages are set up.
 #[derive(Clone, Debug)]
@@ -73,7 +67,7 @@ pub async fn process_events(
     let started = Instant::now();
     let mut last_recovered_check = Instant::now();
     if !config.recovered.is_empty() {
-        let added = table.recover(&config.recovered, unix_now_ns());
+        let added = table.recover(&config.recovered, unix_nano_now());
         log::info!("recovered {added} connections open before the agent started (from /proc)");
     }
     loop {
@@ -106,7 +100,7 @@ pub async fn process_events(
         send(ready, &tx, &telemetry, &red);
         if last_inventory.elapsed() >= Duration::from_secs(1) {
             last_inventory = Instant::now();
-            let mut rows = table.db_inventory(unix_now_ns(), &mut procs);
+            let mut rows = table.db_inventory(unix_nano_now(), &mut procs);
             let events = leaks.evaluate(&rows, started.elapsed().as_secs_f64());
             leaks.annotate(&mut rows);
             record_pool_counts(&rows, &red, &mut procs);
@@ -164,7 +158,7 @@ fn record_pool_samples(samples: Vec<PoolSample>, red: &SharedRedMetrics, procs: 
     if samples.is_empty() {
         return;
     }
-    let now = unix_now_ns();
+    let now = unix_nano_now();
     let Ok(mut red) = red.lock() else { return };
     for s in samples {
         let pool = pool_id(s.pid, s.db_system.as_str(), s.server);
@@ -202,7 +196,11 @@ fn record_pool_counts(rows: &[DbConnectionRow], red: &SharedRedMetrics, procs: &
         .map(|r| (r.pid, procs.get(r.pid, &r.executable)))
         .collect();
     if let Ok(mut red) = red.lock() {
-        red.set_pool_counts(&counts, &|pid| resources.get(&pid).cloned(), unix_now_ns());
+        red.set_pool_counts(
+            &counts,
+            &|pid| resources.get(&pid).cloned(),
+            unix_nano_now(),
+        );
     }
 }
 

@@ -56,6 +56,18 @@ fn wait_for_port(port: u16, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Starts a server quietly and waits until it listens on `port`.
+fn serve(cmd: &mut Command, port: u16, what: &str) -> Result<Proc> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let proc = Proc(child);
+    wait_for_port(port, what)?;
+    Ok(proc)
+}
+
 fn scratch_dir(name: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("tracer-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -192,20 +204,18 @@ impl Agent {
 
 fn collector(rotel: &Path, dir: &Path) -> Result<(Proc, u16)> {
     let (grpc, http) = (free_port()?, free_port()?);
-    let child = Command::new(rotel)
-        .args(["start", "--exporter", "blackhole"])
-        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
-        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
-        .arg("--pid-file")
-        .arg(dir.join("rotel.pid"))
-        .arg("--log-file")
-        .arg(dir.join("rotel.log"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting rotel-agent")?;
-    let proc = Proc(child);
-    wait_for_port(grpc, "rotel")?;
+    let proc = serve(
+        Command::new(rotel)
+            .args(["start", "--exporter", "blackhole"])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
+            .arg("--pid-file")
+            .arg(dir.join("rotel.pid"))
+            .arg("--log-file")
+            .arg(dir.join("rotel.log")),
+        grpc,
+        "rotel",
+    )?;
     Ok((proc, grpc))
 }
 
@@ -228,17 +238,15 @@ fn nginx(dir: &Path) -> Result<(Proc, u16)> {
             w = www.display(),
         ),
     )?;
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")?;
-    let proc = Proc(child);
-    wait_for_port(port, "nginx")?;
+    let proc = serve(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir),
+        port,
+        "nginx",
+    )?;
     Ok((proc, port))
 }
 
@@ -269,25 +277,23 @@ fn postgres() -> Result<Postgres> {
             .arg(&data),
     )?;
     let port = free_port()?;
-    let child = as_postgres(&bin.join("postgres"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-k"])
-        .arg(&dir)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting postgres")?;
-    let proc = Proc(child);
-    wait_for_port(port, "postgres")?;
+    let proc = serve(
+        as_postgres(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ]),
+        port,
+        "postgres",
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     output_of(Command::new("pgbench").args([
         "-i",
@@ -311,25 +317,23 @@ fn postgres() -> Result<Postgres> {
 
 fn redis(dir: &Path) -> Result<(Proc, u16)> {
     let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting redis-server")?;
-    let proc = Proc(child);
-    wait_for_port(port, "redis")?;
+    let proc = serve(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(dir),
+        port,
+        "redis",
+    )?;
     Ok((proc, port))
 }
 
