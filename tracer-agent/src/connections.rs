@@ -24,7 +24,10 @@ use crate::{
         redis::{self, RedisDecoder},
     },
     recover::RecoveredSocket,
-    spans::{DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, TraceId, db_span, http_span},
+    spans::{
+        AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, TraceId, db_span,
+        http_span,
+    },
     stitch,
     telemetry::Telemetry,
 };
@@ -505,6 +508,8 @@ pub struct Connection {
     recovered: bool,
     inode: u64,
     protocol: Protocol,
+    /// The endpoints' addresses as text, made at the first span.
+    addr_text: Option<AddrText>,
 }
 
 /// All followed connections, keyed by kernel socket address.
@@ -1147,6 +1152,7 @@ impl Connection {
             recovered: false,
             inode: 0,
             protocol: Protocol::Unknown,
+            addr_text: None,
         }
     }
 
@@ -1347,6 +1353,7 @@ impl Connection {
         ctx: &mut Ctx<'_, S>,
     ) -> DbUse {
         let mut usage = DbUse::default();
+        let ips = self.addr_text();
         let Protocol::Db(db) = &mut self.protocol else {
             return usage;
         };
@@ -1417,6 +1424,7 @@ impl Connection {
                 call: &call,
                 local: self.endpoints.local,
                 remote: self.endpoints.remote,
+                ips: &ips,
                 resource: resource.clone(),
                 tid: db.request_tid,
                 keep_literals: ctx.options.keep_sql_literals,
@@ -1451,6 +1459,14 @@ impl Connection {
     }
 
     /// The connection as (client end, server end).
+    /// The endpoints' addresses as text (shared with every span of the connection).
+    fn addr_text(&mut self) -> AddrText {
+        let ends = self.endpoints;
+        self.addr_text
+            .get_or_insert_with(|| AddrText::of(ends.local, ends.remote))
+            .clone()
+    }
+
     fn conn_key(&self) -> Option<(SocketAddr, SocketAddr)> {
         let e = &self.endpoints;
         match self.role {
@@ -1465,6 +1481,7 @@ impl Connection {
     fn answer<S: SpanSink>(&mut self, response: &Http1Message, reader: u32, ctx: &mut Ctx<'_, S>) {
         let conn = self.conn_key();
         let sock = self.sock;
+        let ips = self.addr_text();
         let Protocol::Http1(http) = &mut self.protocol else {
             return;
         };
@@ -1506,6 +1523,7 @@ impl Connection {
             response,
             local: self.endpoints.local,
             remote: self.endpoints.remote,
+            ips: &ips,
             resource,
             tid: req.tid,
             span_id: req.span_id,

@@ -82,6 +82,32 @@ impl RedMetric {
         RedMetric::HttpClient,
         RedMetric::DbClient,
     ];
+
+    /// The span attributes that make a series key (in key order); HTTP series add
+    /// `url.template` last.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            RedMetric::HttpServer => &[
+                "http.request.method",
+                "http.response.status_code",
+                "server.port",
+            ],
+            RedMetric::HttpClient => &[
+                "http.request.method",
+                "http.response.status_code",
+                "server.address",
+                "server.port",
+            ],
+            RedMetric::DbClient => &[
+                "db.system.name",
+                "db.operation.name",
+                "db.namespace",
+                "db.response.status_code",
+                "server.address",
+                "server.port",
+            ],
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -339,7 +365,15 @@ impl PoolSeries {
 /// All RED series and connection pools, shared by the pipeline (records), `/metrics`
 /// and OTLP export.
 pub struct RedMetrics {
-    series: HashMap<SeriesKey, Series>,
+    /// Every series, in the order they started (never removed).
+    series: Vec<(SeriesKey, Series)>,
+    /// Where each key's series is.
+    index: HashMap<SeriesKey, usize, foldhash::fast::RandomState>,
+    /// Series by a fingerprint of the span values that make their key, so that
+    /// recording a span builds no key (see [`RedMetrics::record`]).
+    prints: HashMap<u64, usize, foldhash::fast::RandomState>,
+    /// Scratch for the URL template of the span being recorded.
+    template: String,
     pools: BTreeMap<PoolId, PoolSeries>,
     max_series: usize,
     overflowed: u64,
@@ -352,6 +386,13 @@ pub type SharedRedMetrics = Arc<Mutex<RedMetrics>>;
 /// mix letters and digits. At most 8 segments are kept.
 pub fn url_template(path: &str) -> String {
     let mut out = String::with_capacity(path.len().min(128));
+    url_template_into(path, &mut out);
+    out
+}
+
+/// [`url_template`] into `out` (cleared first).
+fn url_template_into(path: &str, out: &mut String) {
+    out.clear();
     for (i, seg) in path.split('/').enumerate() {
         if i == 0 {
             continue;
@@ -367,7 +408,9 @@ pub fn url_template(path: &str) -> String {
             out.push_str(seg);
         }
     }
-    if out.is_empty() { "/".to_string() } else { out }
+    if out.is_empty() {
+        out.push('/');
+    }
 }
 
 fn looks_like_id(seg: &str) -> bool {
@@ -389,9 +432,18 @@ fn looks_like_id(seg: &str) -> bool {
     alnum && seg.len() >= 16 && digits >= 2
 }
 
+/// Whether a span attribute's value is the string a series key holds for it.
+fn attr_eq(v: &AttrValue, stored: &str) -> bool {
+    match v {
+        AttrValue::Str(s) => s == stored,
+        AttrValue::Int(i) => stored.parse::<i64>().ok() == Some(*i),
+        other => other.to_string() == stored,
+    }
+}
+
 fn str_attr(span: &Span, key: &str) -> Option<String> {
     span.attr(key).map(|v| match v {
-        AttrValue::Str(s) => s.clone(),
+        AttrValue::Str(s) => s.to_string(),
         other => other.to_string(),
     })
 }
@@ -399,7 +451,10 @@ fn str_attr(span: &Span, key: &str) -> Option<String> {
 impl RedMetrics {
     pub fn new(max_series: usize) -> Self {
         Self {
-            series: HashMap::new(),
+            series: Vec::new(),
+            index: HashMap::default(),
+            prints: HashMap::default(),
+            template: String::new(),
             pools: BTreeMap::new(),
             max_series: max_series.max(1),
             overflowed: 0,
@@ -427,6 +482,10 @@ impl RedMetrics {
     }
 
     /// Records one finished span in its histogram.
+    ///
+    /// The series is found by a fingerprint of the span's key values, checked
+    /// against the series' key, so a span of a known series allocates nothing; a
+    /// new series (or a fingerprint taken by another) builds its key.
     pub fn record(&mut self, span: &Span) {
         let is_db = span.attr("db.system.name").is_some();
         let metric = match (is_db, span.kind) {
@@ -434,57 +493,124 @@ impl RedMetrics {
             (false, SpanKind::Server) => RedMetric::HttpServer,
             (false, SpanKind::Client) => RedMetric::HttpClient,
         };
-        let keys: &[&'static str] = match metric {
-            RedMetric::HttpServer => &[
-                "http.request.method",
-                "http.response.status_code",
-                "server.port",
-            ],
-            RedMetric::HttpClient => &[
-                "http.request.method",
-                "http.response.status_code",
-                "server.address",
-                "server.port",
-            ],
-            RedMetric::DbClient => &[
-                "db.system.name",
-                "db.operation.name",
-                "db.namespace",
-                "db.response.status_code",
-                "server.address",
-                "server.port",
-            ],
+        let keys = metric.keys();
+        let templated = metric != RedMetric::DbClient;
+        if templated {
+            let path = match span.attr("url.path") {
+                Some(AttrValue::Str(p)) => p.as_str(),
+                _ => "",
+            };
+            url_template_into(path, &mut self.template);
+        }
+        let print = {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = self.prints.hasher().build_hasher();
+            (metric, span.resource.pid).hash(&mut h);
+            for &k in keys {
+                match span.attr(k) {
+                    None => 0u8.hash(&mut h),
+                    Some(AttrValue::Str(v)) => (1u8, v.as_str()).hash(&mut h),
+                    Some(AttrValue::Int(i)) => (2u8, i).hash(&mut h),
+                    Some(AttrValue::Double(d)) => (3u8, d.to_bits()).hash(&mut h),
+                }
+            }
+            if templated {
+                self.template.hash(&mut h);
+            }
+            h.finish()
         };
+        let known = self
+            .prints
+            .get(&print)
+            .copied()
+            .filter(|&i| self.key_matches(&self.series[i].0, span, keys, templated));
+        let i = match known {
+            Some(i) => i,
+            None => {
+                let i = self.series_index(metric, span, keys, templated);
+                // The overflow series matches no span's key: spans that go there take
+                // the slow path each time, and their fingerprints are not kept.
+                if self.series[i].0.pid != 0 {
+                    if self.prints.len() >= 4 * self.max_series {
+                        self.prints.clear();
+                    }
+                    self.prints.insert(print, i);
+                }
+                i
+            }
+        };
+        let seconds = span.duration_ns() as f64 / 1e9;
+        self.series[i].1.hist.observe(metric.bounds(), seconds);
+    }
+
+    /// Whether `key` is the key `span` would make (`self.template` holds its template).
+    fn key_matches(&self, key: &SeriesKey, span: &Span, keys: &[&str], templated: bool) -> bool {
+        if key.pid != span.resource.pid {
+            return false;
+        }
+        let mut stored = key.attrs.iter();
+        for &k in keys {
+            match span.attr(k) {
+                None => continue,
+                Some(v) => match stored.next() {
+                    Some((sk, sv)) if *sk == k && attr_eq(v, sv) => {}
+                    _ => return false,
+                },
+            }
+        }
+        if templated {
+            match stored.next() {
+                Some((sk, sv)) if *sk == "url.template" && *sv == self.template => {}
+                _ => return false,
+            }
+        }
+        stored.next().is_none()
+    }
+
+    /// The index of the series `span` belongs to, started when new (or the
+    /// metric's overflow series when `max_series` are already tracked).
+    fn series_index(
+        &mut self,
+        metric: RedMetric,
+        span: &Span,
+        keys: &[&'static str],
+        templated: bool,
+    ) -> usize {
         let mut attrs: Vec<(&'static str, String)> = keys
             .iter()
             .filter_map(|&k| str_attr(span, k).map(|v| (k, v)))
             .collect();
-        if metric != RedMetric::DbClient {
-            let path = str_attr(span, "url.path").unwrap_or_default();
-            attrs.push(("url.template", url_template(&path)));
+        if templated {
+            attrs.push(("url.template", self.template.clone()));
         }
         let mut key = SeriesKey {
             metric,
             pid: span.resource.pid,
             attrs,
         };
-        if !self.series.contains_key(&key) && self.series.len() >= self.max_series {
+        if let Some(&i) = self.index.get(&key) {
+            return i;
+        }
+        if self.series.len() >= self.max_series {
             self.overflowed += 1;
             key = SeriesKey {
                 metric,
                 pid: 0,
                 attrs: vec![("otel.metric.overflow", "true".to_string())],
             };
+            if let Some(&i) = self.index.get(&key) {
+                return i;
+            }
         }
-        let seconds = span.duration_ns() as f64 / 1e9;
-        let bounds = metric.bounds();
         let resource = (key.pid != 0).then(|| span.resource.clone());
-        let series = self.series.entry(key).or_insert_with(|| Series {
+        let series = Series {
             resource,
             start_ns: span.start_unix_nano,
-            hist: HistogramState::new(bounds),
-        });
-        series.hist.observe(bounds, seconds);
+            hist: HistogramState::new(metric.bounds()),
+        };
+        self.index.insert(key.clone(), self.series.len());
+        self.series.push((key, series));
+        self.series.len() - 1
     }
 
     /// Replaces the connection counts of every pool with a fresh snapshot of
@@ -619,7 +745,7 @@ impl RedMetrics {
     }
 
     fn sorted(&self) -> Vec<(&SeriesKey, &Series)> {
-        let mut v: Vec<_> = self.series.iter().collect();
+        let mut v: Vec<_> = self.series.iter().map(|(k, s)| (k, s)).collect();
         v.sort_by(|a, b| (a.0.metric, a.0.pid, &a.0.attrs).cmp(&(b.0.metric, b.0.pid, &b.0.attrs)));
         v
     }
@@ -935,7 +1061,7 @@ mod tests {
             status: SpanStatus::Unset,
             attributes: vec![
                 ("http.request.method", AttrValue::Str("GET".into())),
-                ("url.path", AttrValue::Str(path.into())),
+                ("url.path", AttrValue::Str(path.to_string().into())),
                 ("http.response.status_code", AttrValue::Int(status)),
                 ("server.port", AttrValue::Int(8000)),
             ],
@@ -1002,6 +1128,48 @@ mod tests {
         }
         assert_eq!(m.series_count(), 4, "three series and the overflow one");
         assert_eq!(m.overflowed(), 47);
+        assert!(m.prints.len() <= 3, "overflowed spans keep no fingerprint");
+    }
+
+    /// The fingerprint shortcut finds exactly the series the full key names: spans
+    /// that differ in any key value (or in having it), pid or template go apart;
+    /// spans equal in all of them go together, whatever their other attributes.
+    #[test]
+    fn spans_find_their_series_by_fingerprint_exactly() {
+        let mut m = RedMetrics::new(100);
+        let base = || span(SpanKind::Server, "/orders/1", 200, 1, 7);
+        let mut no_port = base();
+        no_port.attributes.retain(|(k, _)| *k != "server.port");
+        let mut str_status = base();
+        str_status.attributes[2].1 = AttrValue::Str("200".into());
+        let mut extra = base();
+        extra
+            .attributes
+            .push(("network.peer.address", AttrValue::Str("10.0.0.1".into())));
+        let spans = [
+            base(),
+            span(SpanKind::Server, "/orders/2", 200, 1, 7), // same template
+            extra,                                          // not a key attribute
+            str_status,                                     // "200" is 200
+            span(SpanKind::Server, "/orders/1", 404, 1, 7),
+            span(SpanKind::Server, "/carts/1", 200, 1, 7),
+            span(SpanKind::Server, "/orders/1", 200, 1, 8),
+            span(SpanKind::Client, "/orders/1", 200, 1, 7),
+            no_port,
+        ];
+        for _ in 0..3 {
+            for s in &spans {
+                m.record(s);
+            }
+        }
+        let counts: Vec<u64> = m.series.iter().map(|(_, s)| s.hist.count).collect();
+        assert_eq!(counts, [12, 3, 3, 3, 3, 3]);
+        // The keys are the ones the spans make.
+        for (key, _) in &m.series {
+            let index = m.index[key];
+            assert_eq!(m.series[index].0, *key);
+        }
+        assert_eq!(m.series[5].0.attrs.len(), 3, "method, status, template");
     }
 
     const SEC: u64 = 1_000_000_000;

@@ -89,9 +89,107 @@ pub struct Link {
     pub header: bool,
 }
 
+/// A string a span holds: a constant, one shared with other spans (a connection's
+/// addresses), or its own. Cloning never copies the text of the first two, so
+/// building a span allocates only for what is new in it.
+#[derive(Clone)]
+pub enum Text {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+}
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text::Static(s)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Text::Shared(s)
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A connection's two IP addresses as text, made once per connection and shared by
+/// all its spans.
+#[derive(Clone, Debug)]
+pub struct AddrText {
+    pub local: Arc<str>,
+    pub remote: Arc<str>,
+}
+
+impl AddrText {
+    pub fn of(local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            local: local.ip().to_string().into(),
+            remote: remote.ip().to_string().into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttrValue {
-    Str(String),
+    Str(Text),
     Int(i64),
     Double(f64),
 }
@@ -99,7 +197,7 @@ pub enum AttrValue {
 impl fmt::Display for AttrValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Str(s) => f.write_str(s.as_str()),
             AttrValue::Int(i) => write!(f, "{i}"),
             AttrValue::Double(d) => write!(f, "{d}"),
         }
@@ -158,7 +256,7 @@ pub struct Span {
     pub parent_source: ParentSource,
     /// `tracer.parent.confidence`, in [0, 1].
     pub parent_confidence: f64,
-    pub name: String,
+    pub name: Text,
     pub kind: SpanKind,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
@@ -192,6 +290,8 @@ pub struct HttpExchange<'a> {
     pub response: &'a Http1Message,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// `local` and `remote`'s addresses as text.
+    pub ips: &'a AddrText,
     pub resource: Arc<ProcessResource>,
     pub tid: u32,
     /// Assigned when the request was first seen, so children can name it early.
@@ -232,26 +332,19 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         StartLine::Request { .. } => 0,
     };
     let path = url_path(target);
-    let (server, client) = match x.kind {
-        SpanKind::Server => (x.local, x.remote),
-        SpanKind::Client => (x.remote, x.local),
+    let (server, server_ip, client_ip) = match x.kind {
+        SpanKind::Server => (x.local, &x.ips.local, &x.ips.remote),
+        SpanKind::Client => (x.remote, &x.ips.remote, &x.ips.local),
     };
-    let server_address = x
-        .request
-        .headers
-        .host
-        .as_deref()
-        .map(host_only)
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
-        .unwrap_or_else(|| server.ip().to_string());
-
-    let mut attributes: Vec<(&'static str, AttrValue)> = vec![
-        (
-            "http.request.method",
-            AttrValue::Str(known_method(method).to_string()),
-        ),
-        ("url.path", AttrValue::Str(path.to_string())),
+    let server_address: Text = match x.request.headers.host.as_deref().map(host_only) {
+        Some(h) if !h.is_empty() => Text::Owned(h.to_string()),
+        _ => Text::Shared(server_ip.clone()),
+    };
+    let known = known_method(method);
+    let mut attributes: Vec<(&'static str, AttrValue)> = Vec::with_capacity(12);
+    attributes.extend([
+        ("http.request.method", AttrValue::Str(known.clone())),
+        ("url.path", AttrValue::Str(Text::Owned(path.to_string()))),
         (
             "http.response.status_code",
             AttrValue::Int(i64::from(status)),
@@ -261,49 +354,62 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         ("network.protocol.name", AttrValue::Str("http".into())),
         (
             "network.protocol.version",
-            AttrValue::Str(format!("1.{}", x.request.version_minor)),
+            AttrValue::Str(match x.request.version_minor {
+                0 => "1.0".into(),
+                1 => "1.1".into(),
+                n => Text::Owned(format!("1.{n}")),
+            }),
         ),
         (
             "network.peer.address",
-            AttrValue::Str(x.remote.ip().to_string()),
+            AttrValue::Str(Text::Shared(x.ips.remote.clone())),
         ),
         (
             "network.peer.port",
             AttrValue::Int(i64::from(x.remote.port())),
         ),
-    ];
-    if known_method(method) != method {
+    ]);
+    if known != method {
         attributes.push((
             "http.request.method_original",
-            AttrValue::Str(method.to_string()),
+            AttrValue::Str(Text::Owned(method.to_string())),
         ));
     }
     match x.kind {
         SpanKind::Server => {
-            attributes.push(("client.address", AttrValue::Str(client.ip().to_string())));
+            attributes.push((
+                "client.address",
+                AttrValue::Str(Text::Shared(client_ip.clone())),
+            ));
+            let client = x.remote;
             attributes.push(("client.port", AttrValue::Int(i64::from(client.port()))));
             attributes.push(("url.scheme", AttrValue::Str("http".into())));
         }
         SpanKind::Client => {
-            let host = match server_address.contains(':') {
-                true => format!("[{server_address}]"),
-                false => server_address,
+            let host = server_address.as_str();
+            let full = if host.contains(':') {
+                format!("http://[{host}]:{}{path}", server.port())
+            } else {
+                format!("http://{host}:{}{path}", server.port())
             };
-            attributes.push((
-                "url.full",
-                AttrValue::Str(format!("http://{host}:{}{path}", server.port())),
-            ));
+            attributes.push(("url.full", AttrValue::Str(Text::Owned(full))));
         }
     }
     if let Some(ua) = &x.request.headers.user_agent {
-        attributes.push(("user_agent.original", AttrValue::Str(ua.clone())));
+        attributes.push((
+            "user_agent.original",
+            AttrValue::Str(Text::Owned(ua.clone())),
+        ));
     }
     let error = match x.kind {
         SpanKind::Server => status >= 500,
         SpanKind::Client => status >= 400,
     };
     if error {
-        attributes.push(("error.type", AttrValue::Str(status.to_string())));
+        attributes.push((
+            "error.type",
+            AttrValue::Str(Text::Owned(status.to_string())),
+        ));
     }
     Span {
         trace_id: TraceId::random(),
@@ -313,7 +419,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         parent_confidence: 0.0,
         // Semantic conventions: "{method} {http.route}" when the route is known,
         // else just the method. Routes are not known from the wire.
-        name: known_method(method).to_string(),
+        name: known,
         kind: x.kind,
         start_unix_nano: x.request.start_ns,
         end_unix_nano: x.response.end_ns.max(x.request.start_ns),
@@ -334,6 +440,8 @@ pub struct DbExchange<'a> {
     pub call: &'a DbCall,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// `local` and `remote`'s addresses as text.
+    pub ips: &'a AddrText,
     pub resource: Arc<ProcessResource>,
     pub tid: u32,
     /// Keep SQL literals in `db.query.text` (off by default).
@@ -358,16 +466,16 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         .and_then(sql::collection);
     let mut attributes: Vec<(&'static str, AttrValue)> = vec![(
         "db.system.name",
-        AttrValue::Str(call.system.as_str().to_string()),
+        AttrValue::Str(Text::Static(call.system.as_str())),
     )];
     if let Some(ns) = &call.namespace {
-        attributes.push(("db.namespace", AttrValue::Str(ns.clone())));
+        attributes.push(("db.namespace", AttrValue::Str(Text::Owned(ns.clone()))));
     }
     if let Some(op) = &operation {
-        attributes.push(("db.operation.name", AttrValue::Str(op.clone())));
+        attributes.push(("db.operation.name", AttrValue::Str(Text::Owned(op.clone()))));
     }
     if let Some(c) = &collection {
-        attributes.push(("db.collection.name", AttrValue::Str(c.clone())));
+        attributes.push(("db.collection.name", AttrValue::Str(Text::Owned(c.clone()))));
     }
     if let Some(text) = &call.query_text {
         let text = if is_sql && !x.keep_literals {
@@ -375,11 +483,14 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         } else {
             text.clone()
         };
-        attributes.push(("db.query.text", AttrValue::Str(text)));
+        attributes.push(("db.query.text", AttrValue::Str(Text::Owned(text))));
     }
     if let Some(code) = &call.error_code {
-        attributes.push(("db.response.status_code", AttrValue::Str(code.clone())));
-        attributes.push(("error.type", AttrValue::Str(code.clone())));
+        attributes.push((
+            "db.response.status_code",
+            AttrValue::Str(Text::Owned(code.clone())),
+        ));
+        attributes.push(("error.type", AttrValue::Str(Text::Owned(code.clone()))));
     }
     if let Some(rows) = call.rows {
         attributes.push((
@@ -388,11 +499,14 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         ));
     }
     attributes.extend([
-        ("server.address", AttrValue::Str(x.remote.ip().to_string())),
+        (
+            "server.address",
+            AttrValue::Str(Text::Shared(x.ips.remote.clone())),
+        ),
         ("server.port", AttrValue::Int(i64::from(x.remote.port()))),
         (
             "network.peer.address",
-            AttrValue::Str(x.remote.ip().to_string()),
+            AttrValue::Str(Text::Shared(x.ips.remote.clone())),
         ),
         (
             "network.peer.port",
@@ -401,9 +515,9 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
     ]);
     // "{db.operation.name} {db.collection.name}", else the operation, else the system.
     let name = match (&operation, &collection) {
-        (Some(op), Some(c)) => format!("{op} {c}"),
-        (Some(op), None) => op.clone(),
-        _ => call.system.as_str().to_string(),
+        (Some(op), Some(c)) => Text::Owned(format!("{op} {c}")),
+        (Some(op), None) => Text::Owned(op.clone()),
+        _ => Text::Static(call.system.as_str()),
     };
     Span {
         trace_id: TraceId::random(),
@@ -428,11 +542,19 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
 }
 
 /// Methods the HTTP semantic conventions know; anything else is `_OTHER`.
-fn known_method(m: &str) -> &str {
-    match m {
-        "GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" | "PATCH" | "CONNECT" | "TRACE" => m,
+fn known_method(m: &str) -> Text {
+    Text::Static(match m {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
         _ => "_OTHER",
-    }
+    })
 }
 
 #[cfg(test)]
@@ -481,6 +603,10 @@ mod tests {
             call: &call,
             local: "127.0.0.1:40000".parse().unwrap(),
             remote: "127.0.0.1:5432".parse().unwrap(),
+            ips: &AddrText::of(
+                "127.0.0.1:40000".parse().unwrap(),
+                "127.0.0.1:5432".parse().unwrap(),
+            ),
             resource: resource(),
             tid: 3,
             keep_literals: false,
@@ -529,6 +655,10 @@ mod tests {
             response: &resp,
             local: "127.0.0.1:8000".parse().unwrap(),
             remote: "127.0.0.1:5000".parse().unwrap(),
+            ips: &AddrText::of(
+                "127.0.0.1:8000".parse().unwrap(),
+                "127.0.0.1:5000".parse().unwrap(),
+            ),
             resource: resource(),
             tid: 9,
             span_id: SpanId::random(),
@@ -573,6 +703,7 @@ mod tests {
             response: &resp,
             local: "[::1]:5000".parse().unwrap(),
             remote: "[::1]:80".parse().unwrap(),
+            ips: &AddrText::of("[::1]:5000".parse().unwrap(), "[::1]:80".parse().unwrap()),
             resource: resource(),
             tid: 9,
             span_id: SpanId::random(),

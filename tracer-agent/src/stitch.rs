@@ -446,7 +446,7 @@ mod tests {
             start_unix_nano: start,
             end_unix_nano: end,
             status: SpanStatus::Unset,
-            attributes: vec![("url.path", AttrValue::Str(path.into()))],
+            attributes: vec![("url.path", AttrValue::Str(path.to_string().into()))],
             resource: Arc::new(ProcessResource {
                 pid,
                 executable_name: "svc".into(),

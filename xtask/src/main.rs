@@ -57,6 +57,10 @@ enum Cmd {
         /// Seconds per run (overhead).
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Only these parts of the overhead benchmark (comma-separated:
+        /// saturation, floor, fixed, pgbench, redis); all when absent.
+        #[arg(long, value_delimiter = ',', value_parser = overhead::PARTS)]
+        only: Vec<String>,
     },
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
@@ -82,6 +86,7 @@ fn main() -> Result<()> {
             requests,
             pairs,
             seconds,
+            only,
         } => {
             setup(true)?;
             if which == "overhead" {
@@ -90,6 +95,7 @@ fn main() -> Result<()> {
                 let opts = overhead::Options {
                     pairs: pairs.max(1),
                     seconds: seconds.max(1),
+                    only,
                     agent: workspace_root().join("target/release/tracer-agent"),
                     rotel: rotel_agent(&venv).context("rotel-agent not installed")?,
                 };

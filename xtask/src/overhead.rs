@@ -27,8 +27,19 @@ use anyhow::{Context, Result, bail};
 pub struct Options {
     pub pairs: usize,
     pub seconds: u64,
+    /// Parts to run (names from [`PARTS`]); every part when empty.
+    pub only: Vec<String>,
     pub agent: PathBuf,
     pub rotel: PathBuf,
+}
+
+/// The parts of the benchmark, for `--only`.
+pub const PARTS: [&str; 5] = ["saturation", "floor", "fixed", "pgbench", "redis"];
+
+impl Options {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 /// A child process killed when dropped.
@@ -637,16 +648,35 @@ fn pairs(
 pub fn run(opts: &Options) -> Result<()> {
     let dir = scratch_dir("overhead")?;
     let (_rotel, collector) = collector(&opts.rotel, &dir)?;
-    let (_nginx, http) = nginx(&dir)?;
     let secs = opts.seconds;
+    let nginx_needed = ["saturation", "floor", "fixed"]
+        .iter()
+        .any(|p| opts.runs(p));
+    let (_nginx, http) = if nginx_needed {
+        let (p, port) = nginx(&dir)?;
+        (Some(p), port)
+    } else {
+        (None, 0)
+    };
 
-    eprintln!("xtask: nginx + wrk at saturation, agent off/on");
-    let sat = pairs(opts, collector, &[], || wrk(http, secs))?;
-    eprintln!("xtask: the floor: empty programs on the same tracepoints");
-    let floor = pairs(opts, collector, &["--empty-probes"], || wrk(http, secs))?;
+    let mut sat = None;
+    if opts.runs("saturation") {
+        eprintln!("xtask: nginx + wrk at saturation, agent off/on");
+        sat = Some(pairs(opts, collector, &[], || wrk(http, secs))?);
+    }
+    let mut floor = None;
+    if opts.runs("floor") {
+        eprintln!("xtask: the floor: empty programs on the same tracepoints");
+        floor = Some(pairs(opts, collector, &["--empty-probes"], || {
+            wrk(http, secs)
+        })?);
+    }
 
     let mut fixed = Vec::new();
     for rate in [10_000.0, 20_000.0] {
+        if !opts.runs("fixed") {
+            break;
+        }
         eprintln!("xtask: nginx at a fixed {rate} requests/s with the agent");
         let agent = Agent::start(opts, collector, &[])?;
         let start = agent.usage();
@@ -668,13 +698,21 @@ pub fn run(opts: &Options) -> Result<()> {
         ));
     }
 
-    eprintln!("xtask: PostgreSQL under pgbench -S");
-    let pg = postgres()?;
-    let pgb = pairs(opts, collector, &[], || pgbench(pg.port, secs))?;
-    eprintln!("xtask: Redis under redis-benchmark");
-    let (_redis, rport) = redis(&dir)?;
-    let rb = pairs(opts, collector, &[], || redis_benchmark(rport, secs))?;
-    let _ = std::fs::remove_dir_all(&pg.dir);
+    let mut pgb = None;
+    if opts.runs("pgbench") {
+        eprintln!("xtask: PostgreSQL under pgbench -S");
+        let pg = postgres()?;
+        pgb = Some(pairs(opts, collector, &[], || pgbench(pg.port, secs))?);
+        let _ = std::fs::remove_dir_all(&pg.dir);
+    }
+    let mut rb = None;
+    if opts.runs("redis") {
+        eprintln!("xtask: Redis under redis-benchmark");
+        let (_redis, rport) = redis(&dir)?;
+        rb = Some(pairs(opts, collector, &[], || {
+            redis_benchmark(rport, secs)
+        })?);
+    }
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!();
@@ -701,7 +739,8 @@ pub fn run(opts: &Options) -> Result<()> {
             "-".into()
         }
     };
-    let row = |name: &str, p: &Pairs| {
+    let row = |name: &str, p: &Option<Pairs>| {
+        let Some(p) = p else { return };
         println!(
             "{:<30} {:>11.0} {:>11.0} {:>9} {:>9} {:>13} {:>8.3} {:>7.1}",
             name,
@@ -719,34 +758,42 @@ pub fn run(opts: &Options) -> Result<()> {
     row("pgbench -S c8 (p50 = avg)", &pgb);
     row("redis-benchmark GET c16", &rb);
     println!();
-    println!(
-        "{:<24} {:>10} {:>11} {:>9} {:>13} {:>11} {:>8} {:>9}",
-        "fixed rate (agent on)",
-        "achieved/s",
-        "agent cores",
-        "CPU s/10k",
-        "RSS MB pk/now",
-        "events lost",
-        "dropped",
-        "exported"
-    );
-    for (rate, load, cpu, rss, lost, dropped, exported) in &fixed {
+    if !fixed.is_empty() {
         println!(
-            "{:<24} {:>10.0} {:>11.3} {:>9.3} {:>13} {:>11.0} {:>8.0} {:>9.0}",
-            format!("nginx at {rate:.0} req/s"),
-            load.rate,
-            cpu / secs as f64,
-            cpu / (load.ops / 10_000.0),
-            format!("{:.1}/{:.1}", rss.0, rss.1),
-            lost,
-            dropped,
-            exported,
+            "{:<24} {:>10} {:>11} {:>9} {:>13} {:>11} {:>8} {:>9}",
+            "fixed rate (agent on)",
+            "achieved/s",
+            "agent cores",
+            "CPU s/10k",
+            "RSS MB pk/now",
+            "events lost",
+            "dropped",
+            "exported"
         );
+        for (rate, load, cpu, rss, lost, dropped, exported) in &fixed {
+            println!(
+                "{:<24} {:>10.0} {:>11.3} {:>9.3} {:>13} {:>11.0} {:>8.0} {:>9.0}",
+                format!("nginx at {rate:.0} req/s"),
+                load.rate,
+                cpu / secs as f64,
+                cpu / (load.ops / 10_000.0),
+                format!("{:.1}/{:.1}", rss.0, rss.1),
+                lost,
+                dropped,
+                exported,
+            );
+        }
     }
     println!();
+    let lost = |p: &Option<Pairs>| {
+        p.as_ref()
+            .map_or("-".to_string(), |p| format!("{:.0}", p.lost))
+    };
     println!(
-        "events lost at saturation: nginx {:.0}, pgbench {:.0}, redis {:.0} (tracer_events_lost_total, summed over runs)",
-        sat.lost, pgb.lost, rb.lost
+        "events lost at saturation: nginx {}, pgbench {}, redis {} (tracer_events_lost_total, summed over runs)",
+        lost(&sat),
+        lost(&pgb),
+        lost(&rb)
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -6,7 +6,7 @@ use crate::spans::{AttrValue, Span};
 
 fn attr_json(v: &AttrValue) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(s.clone()),
+        AttrValue::Str(s) => Value::String(s.to_string()),
         AttrValue::Int(i) => json!(i),
         AttrValue::Double(d) => json!(d),
     }

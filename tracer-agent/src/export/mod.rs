@@ -4,6 +4,7 @@
 pub mod json;
 pub mod otlp;
 pub mod pretty;
+pub mod wire;
 
 use std::{
     io::{IsTerminal, Write},

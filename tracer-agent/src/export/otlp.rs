@@ -16,14 +16,9 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::{
         ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
     },
-    collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
     resource::v1::Resource,
-    trace::v1::{
-        ResourceSpans, ScopeSpans, Span as ProtoSpan, Status, span::SpanKind as ProtoKind,
-        status::StatusCode,
-    },
 };
 use prost::Message;
 
@@ -31,11 +26,11 @@ use crate::{
     connections::DbConnectionRow,
     pools::{LeakEvent, LeakState},
     process::ProcessResource,
-    spans::{AttrValue, Span, SpanKind, SpanStatus},
+    spans::Span,
 };
 
 /// The semantic-conventions version the attributes follow.
-const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.37.0";
+pub(crate) const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.37.0";
 
 /// The `event_name` of every leak log record.
 pub const LEAK_EVENT_NAME: &str = "db.client.connection.leak";
@@ -111,15 +106,6 @@ fn bool_value(b: bool) -> AnyValue {
     }
 }
 
-fn attr(key: &str, v: &AttrValue) -> KeyValue {
-    let value = match v {
-        AttrValue::Str(s) => str_value(s),
-        AttrValue::Int(i) => int_value(*i),
-        AttrValue::Double(d) => double_value(*d),
-    };
-    kv(key, value)
-}
-
 fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: "tracer".into(),
@@ -155,58 +141,6 @@ pub fn resource(r: &ProcessResource) -> Resource {
             kv("telemetry.distro.name", str_value("tracer-agent")),
         ],
         ..Default::default()
-    }
-}
-
-fn proto_span(s: &Span) -> ProtoSpan {
-    let mut attributes: Vec<KeyValue> = s.attributes.iter().map(|(k, v)| attr(k, v)).collect();
-    attributes.push(kv(
-        "tracer.parent.source",
-        str_value(s.parent_source.as_str()),
-    ));
-    attributes.push(kv(
-        "tracer.parent.confidence",
-        double_value(s.parent_confidence),
-    ));
-    ProtoSpan {
-        trace_id: s.trace_id.0.to_vec(),
-        span_id: s.span_id.0.to_vec(),
-        parent_span_id: s.parent_span_id.map(|p| p.0.to_vec()).unwrap_or_default(),
-        name: s.name.clone(),
-        kind: match s.kind {
-            SpanKind::Server => ProtoKind::Server as i32,
-            SpanKind::Client => ProtoKind::Client as i32,
-        },
-        start_time_unix_nano: s.start_unix_nano,
-        end_time_unix_nano: s.end_unix_nano,
-        attributes,
-        status: Some(Status {
-            code: match s.status {
-                SpanStatus::Unset => StatusCode::Unset as i32,
-                SpanStatus::Ok => StatusCode::Ok as i32,
-                SpanStatus::Error => StatusCode::Error as i32,
-            },
-            message: String::new(),
-        }),
-        ..Default::default()
-    }
-}
-
-/// Builds one export request, one `ResourceSpans` per process.
-pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: by_process(spans, |s| s.resource.pid)
-            .into_iter()
-            .map(|group| ResourceSpans {
-                resource: Some(resource(&group[0].resource)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope()),
-                    spans: group.into_iter().map(proto_span).collect(),
-                    schema_url: String::new(),
-                }],
-                schema_url: SCHEMA_URL.into(),
-            })
-            .collect(),
     }
 }
 
@@ -386,7 +320,8 @@ enum Transport {
 
 /// What an export carries: the signal's HTTP path and its protobuf body.
 enum Payload {
-    Traces(ExportTraceServiceRequest),
+    /// An encoded `ExportTraceServiceRequest` (see [`super::wire`]).
+    Traces(Vec<u8>),
     Metrics(ExportMetricsServiceRequest),
     Logs(ExportLogsServiceRequest),
 }
@@ -477,7 +412,8 @@ impl OtlpExporter {
         if spans.is_empty() {
             return Ok(());
         }
-        self.send(Payload::Traces(export_request(spans))).await
+        self.send(Payload::Traces(super::wire::trace_request(spans)))
+            .await
     }
 
     /// Forgets the gRPC channel: the next export connects anew.
@@ -531,9 +467,7 @@ impl OtlpExporter {
                     return Ok(());
                 };
                 let result = match payload {
-                    Payload::Traces(req) => {
-                        TraceServiceClient::new(ch).export(req).await.map(|_| ())
-                    }
+                    Payload::Traces(body) => export_encoded(ch, body).await,
                     Payload::Metrics(req) => {
                         MetricsServiceClient::new(ch).export(req).await.map(|_| ())
                     }
@@ -551,8 +485,8 @@ impl OtlpExporter {
             }
             Transport::Http { client, base } => {
                 let url = format!("{base}{}", payload.path());
-                let body = match &payload {
-                    Payload::Traces(r) => r.encode_to_vec(),
+                let body = match payload {
+                    Payload::Traces(body) => body,
                     Payload::Metrics(r) => r.encode_to_vec(),
                     Payload::Logs(r) => r.encode_to_vec(),
                 };
@@ -586,58 +520,72 @@ impl OtlpExporter {
     }
 }
 
+/// The trace service's `Export` over gRPC with a request already encoded.
+async fn export_encoded(
+    channel: tonic::transport::Channel,
+    body: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("collector not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    );
+    grpc.unary(tonic::Request::new(Bytes::from(body)), path, Encoded)
+        .await
+        .map(|_| ())
+}
+
+/// A gRPC codec for requests encoded beforehand; the answer
+/// (`ExportTraceServiceResponse`) is read and not interpreted.
+#[derive(Clone, Copy)]
+struct Encoded;
+
+impl tonic::codec::Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = Encoded;
+    type Decoder = Encoded;
+    fn encoder(&mut self) -> Self::Encoder {
+        Encoded
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        Encoded
+    }
+}
+
+impl tonic::codec::Encoder for Encoded {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Encoded {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::{
-        connections::Culprit,
-        pools::LeakKind,
-        spans::{ParentSource, SpanId, TraceId},
-    };
-
-    fn span(pid: u32, name: &str) -> Span {
-        Span {
-            trace_id: TraceId([1; 16]),
-            span_id: SpanId([2; 8]),
-            parent_span_id: None,
-            parent_source: ParentSource::None,
-            parent_confidence: 0.0,
-            name: name.into(),
-            kind: SpanKind::Server,
-            start_unix_nano: 1,
-            end_unix_nano: 2,
-            status: SpanStatus::Error,
-            attributes: vec![("url.path", AttrValue::Str("/x".into()))],
-            resource: Arc::new(ProcessResource {
-                pid,
-                executable_name: "p".into(),
-                service_name: format!("svc{pid}"),
-                host_name: "h".into(),
-            }),
-            tid: 1,
-            link: Default::default(),
-        }
-    }
-
-    #[test]
-    fn groups_spans_by_process_resource() {
-        let req = export_request(&[span(1, "a"), span(2, "b"), span(1, "c")]);
-        assert_eq!(req.resource_spans.len(), 2);
-        let first = &req.resource_spans[0];
-        assert_eq!(first.scope_spans[0].spans.len(), 2);
-        let attrs = &first.resource.as_ref().unwrap().attributes;
-        assert!(
-            attrs
-                .iter()
-                .any(|kv| kv.key == "service.name" && kv.value == Some(str_value("svc1")))
-        );
-        let s = &first.scope_spans[0].spans[0];
-        assert_eq!(s.kind, ProtoKind::Server as i32);
-        assert_eq!(s.status.as_ref().unwrap().code, StatusCode::Error as i32);
-        assert!(s.parent_span_id.is_empty());
-    }
+    use crate::{connections::Culprit, pools::LeakKind};
 
     #[test]
     fn endpoints_are_validated() {

@@ -77,7 +77,7 @@ impl PrettyPrinter {
         self.placed.insert(span.span_id, at);
 
         let str_attr = |k: &str| match span.attr(k) {
-            Some(AttrValue::Str(s)) => s.clone(),
+            Some(AttrValue::Str(s)) => s.to_string(),
             Some(other) => other.to_string(),
             None => String::new(),
         };
@@ -197,7 +197,7 @@ mod tests {
             status: SpanStatus::Unset,
             attributes: vec![
                 ("http.request.method", AttrValue::Str("GET".into())),
-                ("url.path", AttrValue::Str(path.into())),
+                ("url.path", AttrValue::Str(path.to_string().into())),
                 ("http.response.status_code", AttrValue::Int(200)),
             ],
             resource: Arc::new(ProcessResource {
