@@ -400,6 +400,16 @@ impl ParentInference {
 
     /// The span's trace is final: hand it out, then everything that waited on it.
     fn release(&mut self, span: Span, now: Instant, out: &mut Vec<Span>) {
+        if !self.waiters.contains_key(&span.span_id) {
+            // Nothing waits on it (most spans): no work list.
+            self.released.insert(
+                span.span_id,
+                (span.trace_id, span.start_unix_nano, span.end_unix_nano),
+                now,
+            );
+            out.push(span);
+            return;
+        }
         let mut work = vec![span];
         while let Some(span) = work.pop() {
             let id = span.span_id;
