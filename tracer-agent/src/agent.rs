@@ -136,6 +136,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         .run(span_rx, leak_rx, telemetry.clone()),
     );
     let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone()));
+    tokio::spawn(return_free_memory(cancel.clone()));
 
     wait_for_signal().await.map_err(AgentError::Signal)?;
     log::info!("stopping: flushing spans");
@@ -151,6 +152,27 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let _ = export.await;
     let _ = server.await;
     Ok(())
+}
+
+/// How often heap pages freed by bursts are handed back to the system.
+const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The allocator keeps freed memory for reuse; after a burst (a backlog of spans, a
+/// collector outage) that would stay in the agent's resident set for good. Every
+/// [`TRIM_INTERVAL`] the free pages go back (a few hundred microseconds of work).
+async fn return_free_memory(cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

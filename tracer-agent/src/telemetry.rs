@@ -83,6 +83,15 @@ impl Backlog {
             .is_ok()
     }
 
+    /// Items waiting now.
+    pub fn len(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// `n` items left the channel (or never entered it).
     pub fn take(&self, n: usize) {
         use std::sync::atomic::Ordering;

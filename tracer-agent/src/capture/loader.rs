@@ -343,12 +343,15 @@ impl BpfCapture {
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Events per batch handed to the pipeline.
 const BATCH: usize = 1024;
-/// Events waiting for the pipeline at most; beyond it batches are dropped, counted.
-const MAX_QUEUED_EVENTS: usize = 65536;
+/// Events waiting for the pipeline at most. When the pipeline is this far behind,
+/// reading stops and events wait in the ring buffer, whose fixed size is then the
+/// only buffer (what does not fit is counted by the kernel as lost): memory stays
+/// bounded by the ring, not by how far behind we are.
+const MAX_QUEUED_EVENTS: usize = 16384;
 /// Bytes the payload arena grows by at a time.
 const ARENA_BLOCK: usize = 256 << 10;
 
-/// Reads everything waiting in the ring buffer into batches.
+/// Reads what waits in the ring buffer into batches, as far as the pipeline keeps up.
 fn drain(
     ring: &mut RingBuf<MapData>,
     clock: &Clock,
@@ -358,7 +361,12 @@ fn drain(
     let mut batch = Vec::new();
     // Payloads are copied into one shared arena, refilled in large blocks.
     let mut arena = bytes::BytesMut::new();
-    while let Some(item) = ring.next() {
+    loop {
+        if telemetry.events_backlog.len() + batch.len() >= MAX_QUEUED_EVENTS {
+            // The pipeline is behind: leave the rest in the ring buffer.
+            break;
+        }
+        let Some(item) = ring.next() else { break };
         if arena.capacity() < item.len() {
             arena.reserve(ARENA_BLOCK.max(item.len()));
         }
