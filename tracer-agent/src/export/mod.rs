@@ -57,7 +57,7 @@ impl ExportStage {
         telemetry: Arc<Telemetry>,
     ) {
         let mut printer = pretty::PrettyPrinter::new(std::io::stdout().is_terminal());
-        let mut pending: Vec<Span> = Vec::new();
+        let mut pending = Encoded::default();
         let mut tick = tokio::time::interval(self.batch_timeout);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut metrics_tick = tokio::time::interval(self.metrics_interval);
@@ -70,13 +70,13 @@ impl ExportStage {
                     telemetry.spans_backlog.take(batch.len());
                     self.print(&batch, &mut printer, &telemetry);
                     if self.otlp.is_some() {
-                        pending.extend(batch);
-                        if pending.len() > self.max_buffered {
-                            let excess = pending.len() - self.max_buffered;
-                            pending.drain(..excess);
-                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).inc_by(excess as u64);
+                        pending.push_spans(&batch, self.batch_size);
+                        drop(batch);
+                        let dropped = pending.shed(self.max_buffered);
+                        if dropped > 0 {
+                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).inc_by(dropped as u64);
                         }
-                        if pending.len() >= self.batch_size {
+                        if pending.spans >= self.batch_size {
                             self.flush(&mut pending, &telemetry).await;
                         }
                     }
@@ -162,34 +162,31 @@ impl ExportStage {
         telemetry.exported(name, ok);
     }
 
-    async fn flush(&mut self, pending: &mut Vec<Span>, telemetry: &Telemetry) {
+    async fn flush(&mut self, pending: &mut Encoded, telemetry: &Telemetry) {
         let Some(otlp) = self.otlp.as_mut() else {
             return;
         };
-        if pending.is_empty() {
+        let mut requests = pending.take_requests(self.batch_size.max(1));
+        if requests.is_empty() {
             return;
         }
-        let size = self.batch_size.max(1);
-        let chunks = pending.len().div_ceil(size);
-        let mut sent = vec![false; chunks];
+        let mut sent = vec![false; requests.len()];
         // The first request goes alone (it connects when needed); the rest go
         // [`IN_FLIGHT`] at a time over the same channel: the collector's round trip,
         // not our CPU, bounds a one-at-a-time exporter.
         let mut failed = None;
-        if let Err(e) = otlp.export(&pending[..size.min(pending.len())]).await {
-            failed = Some(e);
-        } else {
-            sent[0] = true;
+        match otlp.export_encoded(requests[0].bytes.clone()).await {
+            Ok(()) => sent[0] = true,
+            Err(e) => failed = Some(e),
         }
         let mut next = 1;
-        while failed.is_none() && next < chunks {
-            let group: Vec<usize> = (next..chunks.min(next + IN_FLIGHT)).collect();
+        while failed.is_none() && next < requests.len() {
+            let group: Vec<usize> = (next..requests.len().min(next + IN_FLIGHT)).collect();
             next += group.len();
-            let spans: &[Span] = pending;
             let results = futures_util::future::join_all(group.iter().map(|&i| {
                 let mut exporter = otlp.clone();
-                let chunk = &spans[i * size..((i + 1) * size).min(spans.len())];
-                async move { (i, exporter.export(chunk).await) }
+                let body = requests[i].bytes.clone();
+                async move { (i, exporter.export_encoded(body).await) }
             }))
             .await;
             for (i, result) in results {
@@ -199,30 +196,112 @@ impl ExportStage {
                 }
             }
         }
-        let done = sent.iter().filter(|&&s| s).count();
-        let exported: usize = (0..chunks)
-            .filter(|&i| sent[i])
-            .map(|i| ((i + 1) * size).min(pending.len()) - i * size)
+        let exported: usize = requests
+            .iter()
+            .zip(&sent)
+            .filter(|(_, sent)| **sent)
+            .map(|(r, _)| r.spans)
             .sum();
         telemetry.exported(otlp.name(), exported as u64);
-        if done == chunks {
-            pending.clear();
-            return;
+        // Keep what was not sent, in order and ahead of anything newer, for the
+        // next attempt.
+        let mut unsent = 0;
+        for (part, _) in requests.drain(..).zip(sent).filter(|(_, sent)| !sent).rev() {
+            unsent += part.spans;
+            pending.push_front(part);
         }
-        // Keep what was not sent, in order, for the next attempt.
-        let old = std::mem::take(pending);
-        pending.extend(
-            old.into_iter()
-                .enumerate()
-                .filter(|(j, _)| !sent[j / size])
-                .map(|(_, s)| s),
-        );
         if let Some(e) = failed {
             telemetry.export_failed(otlp.name());
-            log::warn!("{e}; keeping {} spans for the next attempt", pending.len());
+            log::warn!("{e}; keeping {unsent} spans for the next attempt");
             // The channel may be broken (a clone's reset does not reach us).
             otlp.reset();
         }
+    }
+}
+
+/// Largest OTLP request body built from several parts (collectors commonly refuse
+/// gRPC messages over 4 MiB).
+const MAX_REQUEST_BYTES: usize = 2 << 20;
+
+/// One part of an OTLP trace request: encoded `ResourceSpans` (see [`wire`]) for
+/// `spans` spans. Parts joined end to end are a request.
+struct Part {
+    bytes: bytes::Bytes,
+    spans: usize,
+}
+
+/// Spans waiting for OTLP export, already encoded: a span costs its wire size
+/// (about 400 bytes) while it waits rather than its structure, and is encoded once
+/// however often it is retried.
+#[derive(Default)]
+struct Encoded {
+    parts: std::collections::VecDeque<Part>,
+    spans: usize,
+}
+
+impl Encoded {
+    /// Encodes `batch` in parts of at most `per_part` spans.
+    fn push_spans(&mut self, batch: &[Span], per_part: usize) {
+        for chunk in batch.chunks(per_part.max(1)) {
+            self.parts.push_back(Part {
+                bytes: wire::trace_request(chunk).into(),
+                spans: chunk.len(),
+            });
+            self.spans += chunk.len();
+        }
+    }
+
+    fn push_front(&mut self, part: Part) {
+        self.spans += part.spans;
+        self.parts.push_front(part);
+    }
+
+    /// Drops the oldest parts until at most `max` spans wait; returns how many spans
+    /// were dropped.
+    fn shed(&mut self, max: usize) -> usize {
+        let mut dropped = 0;
+        while self.spans > max {
+            let Some(part) = self.parts.pop_front() else {
+                break;
+            };
+            self.spans -= part.spans;
+            dropped += part.spans;
+        }
+        dropped
+    }
+
+    /// Everything waiting, joined into requests of at most `per_request` spans and
+    /// [`MAX_REQUEST_BYTES`] (a part larger than that goes alone).
+    fn take_requests(&mut self, per_request: usize) -> Vec<Part> {
+        let mut requests: Vec<Part> = Vec::new();
+        let mut current: Option<(bytes::BytesMut, usize)> = None;
+        for part in self.parts.drain(..) {
+            if let Some((body, spans)) = &mut current {
+                if *spans + part.spans <= per_request
+                    && body.len() + part.bytes.len() <= MAX_REQUEST_BYTES
+                {
+                    body.extend_from_slice(&part.bytes);
+                    *spans += part.spans;
+                    continue;
+                }
+                let (body, spans) = current.take().unwrap_or_default();
+                requests.push(Part {
+                    bytes: body.freeze(),
+                    spans,
+                });
+            }
+            let mut body = bytes::BytesMut::with_capacity(part.bytes.len().max(64 << 10));
+            body.extend_from_slice(&part.bytes);
+            current = Some((body, part.spans));
+        }
+        if let Some((body, spans)) = current {
+            requests.push(Part {
+                bytes: body.freeze(),
+                spans,
+            });
+        }
+        self.spans = 0;
+        requests
     }
 }
 
@@ -304,14 +383,24 @@ mod tests {
         };
         let telemetry = Telemetry::new();
         // Five requests of two spans: the first alone, then four at once, of which
-        // the second overall-after-the-first (the third request) fails.
-        let mut pending: Vec<Span> = (0..10).map(span).collect();
+        // the second overall-after-the-first (the third request) fails. Spans
+        // arrive one at a time and parts are joined up to two spans a request.
+        let mut pending = Encoded::default();
+        let all: Vec<Span> = (0..10).map(span).collect();
+        for batch in all.chunks(1) {
+            pending.push_spans(batch, stage.batch_size);
+        }
+        assert_eq!(pending.spans, 10);
         stage.flush(&mut pending, &telemetry).await;
         assert_eq!(seen.load(Ordering::SeqCst), 5);
-        assert_eq!(pending.len(), 2, "one failed request's spans stay");
-        let kept: Vec<u8> = pending.iter().map(|s| s.span_id.0[0]).collect();
+        assert_eq!(pending.spans, 2, "one failed request's spans stay");
+        let kept: Vec<u8> = pending
+            .parts
+            .iter()
+            .flat_map(|p| span_ids(&p.bytes))
+            .collect();
         // Concurrent requests reach the server in any order: the failed one is one
-        // of chunks 1..=4.
+        // of requests 1..=4.
         assert!(
             [[2, 3], [4, 5], [6, 7], [8, 9]]
                 .iter()
@@ -322,7 +411,40 @@ mod tests {
         assert!(text.contains("} 8"), "eight spans exported:\n{text}");
         // The next flush sends only what was kept.
         stage.flush(&mut pending, &telemetry).await;
-        assert!(pending.is_empty());
+        assert_eq!(pending.spans, 0);
+        assert!(pending.parts.is_empty());
         assert_eq!(seen.load(Ordering::SeqCst), 6);
+    }
+
+    /// The first byte of each span id in an encoded request, in order.
+    fn span_ids(body: &[u8]) -> Vec<u8> {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let req = ExportTraceServiceRequest::decode(body).unwrap();
+        req.resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| s.span_id[0])
+            .collect()
+    }
+
+    /// Parts join into requests up to the span count; the oldest parts go first
+    /// when too many spans wait; a joined request decodes to every span in order.
+    #[test]
+    fn parts_join_into_requests_and_the_oldest_are_shed() {
+        let mut pending = Encoded::default();
+        let all: Vec<Span> = (0..10).map(span).collect();
+        pending.push_spans(&all[..4], 3); // parts of 3 and 1
+        pending.push_spans(&all[4..], 3); // 3, 3
+        assert_eq!(pending.parts.len(), 4);
+        assert_eq!(pending.shed(7), 3, "the first part of three goes");
+        assert_eq!(pending.spans, 7);
+        let requests = pending.take_requests(4);
+        let sizes: Vec<usize> = requests.iter().map(|r| r.spans).collect();
+        assert_eq!(sizes, [4, 3], "1+3 joined, then 3");
+        assert_eq!(span_ids(&requests[0].bytes), [3, 4, 5, 6]);
+        assert_eq!(span_ids(&requests[1].bytes), [7, 8, 9]);
+        assert_eq!(pending.spans, 0);
     }
 }

@@ -26,7 +26,6 @@ use crate::{
     connections::DbConnectionRow,
     pools::{LeakEvent, LeakState},
     process::ProcessResource,
-    spans::Span,
 };
 
 /// The semantic-conventions version the attributes follow.
@@ -321,7 +320,7 @@ enum Transport {
 /// What an export carries: the signal's HTTP path and its protobuf body.
 enum Payload {
     /// An encoded `ExportTraceServiceRequest` (see [`super::wire`]).
-    Traces(Vec<u8>),
+    Traces(Bytes),
     Metrics(ExportMetricsServiceRequest),
     Logs(ExportLogsServiceRequest),
 }
@@ -407,13 +406,13 @@ impl OtlpExporter {
         }
     }
 
-    /// Exports one batch of spans; an error leaves the exporter usable for the next batch.
-    pub async fn export(&mut self, spans: &[Span]) -> Result<(), OtlpError> {
-        if spans.is_empty() {
+    /// Exports an encoded `ExportTraceServiceRequest` (see [`super::wire`]); an error
+    /// leaves the exporter usable for the next request.
+    pub async fn export_encoded(&mut self, body: Bytes) -> Result<(), OtlpError> {
+        if body.is_empty() {
             return Ok(());
         }
-        self.send(Payload::Traces(super::wire::trace_request(spans)))
-            .await
+        self.send(Payload::Traces(body)).await
     }
 
     /// Forgets the gRPC channel: the next export connects anew.
@@ -467,7 +466,7 @@ impl OtlpExporter {
                     return Ok(());
                 };
                 let result = match payload {
-                    Payload::Traces(body) => export_encoded(ch, body).await,
+                    Payload::Traces(body) => grpc_export_encoded(ch, body).await,
                     Payload::Metrics(req) => {
                         MetricsServiceClient::new(ch).export(req).await.map(|_| ())
                     }
@@ -487,12 +486,12 @@ impl OtlpExporter {
                 let url = format!("{base}{}", payload.path());
                 let body = match payload {
                     Payload::Traces(body) => body,
-                    Payload::Metrics(r) => r.encode_to_vec(),
-                    Payload::Logs(r) => r.encode_to_vec(),
+                    Payload::Metrics(r) => Bytes::from(r.encode_to_vec()),
+                    Payload::Logs(r) => Bytes::from(r.encode_to_vec()),
                 };
                 let req = hyper::Request::post(url.as_str())
                     .header("content-type", "application/x-protobuf")
-                    .body(Full::new(Bytes::from(body)))
+                    .body(Full::new(body))
                     .map_err(|e| OtlpError::Http {
                         url: url.clone(),
                         reason: e.to_string(),
@@ -521,9 +520,9 @@ impl OtlpExporter {
 }
 
 /// The trace service's `Export` over gRPC with a request already encoded.
-async fn export_encoded(
+async fn grpc_export_encoded(
     channel: tonic::transport::Channel,
-    body: Vec<u8>,
+    body: Bytes,
 ) -> Result<(), tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
@@ -532,7 +531,7 @@ async fn export_encoded(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
     );
-    grpc.unary(tonic::Request::new(Bytes::from(body)), path, Encoded)
+    grpc.unary(tonic::Request::new(body), path, Encoded)
         .await
         .map(|_| ())
 }

@@ -192,7 +192,9 @@ fn span(w: &mut Writer, s: &Span) {
 }
 
 /// One `ExportTraceServiceRequest` holding `spans`, one `ResourceSpans` per process
-/// in the order each process first appears.
+/// in the order each process first appears. The request's only field is its
+/// repeated `ResourceSpans`, so two such encodings joined end to end are one request
+/// holding both (the export stage queues spans encoded and joins them).
 pub fn trace_request(spans: &[Span]) -> Vec<u8> {
     // Group by process without reordering a process's spans.
     let mut index: HashMap<u32, usize, foldhash::fast::RandomState> = HashMap::default();
