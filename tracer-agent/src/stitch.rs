@@ -90,7 +90,22 @@ pub fn apply_traceparent(span: &mut Span, traceparent: Option<&str>) {
     }
 }
 
-type ExchangeKey = ((SocketAddr, SocketAddr), u64);
+/// One exchange on one connection, as a 64-bit fingerprint of the connection's
+/// endpoints and the exchange's number: the socket rule keeps tens of thousands of
+/// these per second of traffic, and a fingerprint is a ninth of the key's size. Two
+/// exchanges would be confused only if their fingerprints and their paths' hashes
+/// were both equal.
+type ExchangeKey = u64;
+
+fn exchange_key(conn: (SocketAddr, SocketAddr), n: u64) -> ExchangeKey {
+    use std::hash::BuildHasher;
+    FIXED_HASHER.hash_one((conn, n))
+}
+
+/// A fixed seed: path hashes and exchange keys only ever meet each other in this
+/// process.
+const FIXED_HASHER: foldhash::fast::FixedState =
+    foldhash::fast::FixedState::with_seed(0x7472_6163_6572);
 
 struct Pending {
     span: Span,
@@ -103,7 +118,9 @@ struct Pending {
 /// Bounded FIFO map: the oldest entries go first when full.
 struct Recent<K, V> {
     map: HashMap<K, V>,
-    order: VecDeque<(K, Instant)>,
+    /// Keys in insertion order, with when they came (nanoseconds since `base`).
+    order: VecDeque<(K, u64)>,
+    base: Instant,
     capacity: usize,
     /// Entries older than this are forgotten.
     keep: Duration,
@@ -114,17 +131,20 @@ impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
         Self {
             map: HashMap::default(),
             order: VecDeque::new(),
+            base: Instant::now(),
             capacity: capacity.max(1),
             keep,
         }
     }
 
     fn insert(&mut self, k: K, v: V, now: Instant) {
+        let now = now.saturating_duration_since(self.base).as_nanos() as u64;
         if self.map.insert(k.clone(), v).is_none() {
             self.order.push_back((k, now));
         }
+        let keep = self.keep.as_nanos() as u64;
         while let Some((old, at)) = self.order.front() {
-            if self.order.len() <= self.capacity && now.duration_since(*at) <= self.keep {
+            if self.order.len() <= self.capacity && now.saturating_sub(*at) <= keep {
                 break;
             }
             self.map.remove(old);
@@ -177,16 +197,12 @@ fn unlink(span: &mut Span) {
 /// The span's `url.path`, hashed: all the socket rule compares.
 fn path_of(span: &Span) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = PATH_HASHER.build_hasher();
+    let mut h = FIXED_HASHER.build_hasher();
     if let Some(AttrValue::Str(path)) = span.attr("url.path") {
         path.hash(&mut h);
     }
     h.finish()
 }
-
-/// A fixed-seed hasher: path hashes only ever meet each other in this process.
-const PATH_HASHER: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher> =
-    std::hash::BuildHasherDefault::new();
 
 /// Both ends on this host: loopback, or the same address at both ends.
 fn same_host(conn: (SocketAddr, SocketAddr)) -> bool {
@@ -234,7 +250,7 @@ impl ParentInference {
             }
             SpanKind::Server => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
-                    match self.clients.get(&(conn, n)) {
+                    match self.clients.get(&exchange_key(conn, n)) {
                         Some((client, path)) if *path == path_of(&span) => {
                             let client = *client;
                             self.link(&mut span, client, ParentSource::Socket, CONFIDENCE_SOCKET);
@@ -245,7 +261,7 @@ impl ParentInference {
                         }
                         Some(_) => {} // exchanges do not line up: do not guess
                         None if same_host(conn) => {
-                            self.servers_waiting.insert((conn, n), id);
+                            self.servers_waiting.insert(exchange_key(conn, n), id);
                             wait = true;
                         }
                         None => {}
@@ -254,8 +270,9 @@ impl ParentInference {
             }
             SpanKind::Client => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
-                    self.clients.insert((conn, n), (id, path_of(&span)), now);
-                    if let Some(server) = self.servers_waiting.remove(&(conn, n)) {
+                    self.clients
+                        .insert(exchange_key(conn, n), (id, path_of(&span)), now);
+                    if let Some(server) = self.servers_waiting.remove(&exchange_key(conn, n)) {
                         self.adopt_waiting_server(server, &span);
                     }
                 }
@@ -393,7 +410,7 @@ impl ParentInference {
         if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange)
             && span.kind == SpanKind::Server
         {
-            self.servers_waiting.remove(&(conn, n));
+            self.servers_waiting.remove(&exchange_key(conn, n));
         }
         self.release(span, now, out);
     }
