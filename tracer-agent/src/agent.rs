@@ -129,7 +129,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             otlp,
             batch_size: 2048,
             batch_timeout: Duration::from_secs(1),
-            max_buffered: 65536,
+            // About 40,000 spans: bounded memory through a collector outage.
+            max_buffered_bytes: 16 << 20,
             red,
             metrics_interval: Duration::from_secs(15),
         }

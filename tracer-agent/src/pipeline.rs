@@ -40,7 +40,7 @@ pub struct PipelineConfig {
 }
 
 /// Spans waiting for export at most; beyond it batches are dropped, counted.
-const MAX_QUEUED_SPANS: usize = 32768;
+const MAX_QUEUED_SPANS: usize = 8192;
 
 /// How often recovered connections that never did I/O are checked for being closed.
 const RECOVERED_CHECK: Duration = Duration::from_secs(10);

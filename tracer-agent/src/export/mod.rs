@@ -37,9 +37,9 @@ pub struct ExportStage {
     pub batch_size: usize,
     /// Longest a span waits in the OTLP batch.
     pub batch_timeout: Duration,
-    /// Spans held for OTLP at most while the collector is slow or down; older ones
-    /// are dropped and counted.
-    pub max_buffered: usize,
+    /// Encoded spans held for OTLP at most, in bytes, while the collector is slow or
+    /// down; the oldest are dropped and counted beyond it.
+    pub max_buffered_bytes: usize,
     /// RED histograms, exported over OTLP every `metrics_interval` and at the end.
     pub red: SharedRedMetrics,
     pub metrics_interval: Duration,
@@ -72,7 +72,7 @@ impl ExportStage {
                     if self.otlp.is_some() {
                         pending.push_spans(&batch, self.batch_size);
                         drop(batch);
-                        let dropped = pending.shed(self.max_buffered);
+                        let dropped = pending.shed(self.max_buffered_bytes);
                         if dropped > 0 {
                             telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).inc_by(dropped as u64);
                         }
@@ -237,6 +237,7 @@ struct Part {
 struct Encoded {
     parts: std::collections::VecDeque<Part>,
     spans: usize,
+    bytes: usize,
 }
 
 impl Encoded {
@@ -248,23 +249,26 @@ impl Encoded {
                 spans: chunk.len(),
             });
             self.spans += chunk.len();
+            self.bytes += self.parts.back().map_or(0, |p| p.bytes.len());
         }
     }
 
     fn push_front(&mut self, part: Part) {
         self.spans += part.spans;
+        self.bytes += part.bytes.len();
         self.parts.push_front(part);
     }
 
-    /// Drops the oldest parts until at most `max` spans wait; returns how many spans
+    /// Drops the oldest parts until at most `max_bytes` wait; returns how many spans
     /// were dropped.
-    fn shed(&mut self, max: usize) -> usize {
+    fn shed(&mut self, max_bytes: usize) -> usize {
         let mut dropped = 0;
-        while self.spans > max {
+        while self.bytes > max_bytes {
             let Some(part) = self.parts.pop_front() else {
                 break;
             };
             self.spans -= part.spans;
+            self.bytes -= part.bytes.len();
             dropped += part.spans;
         }
         dropped
@@ -301,6 +305,7 @@ impl Encoded {
             });
         }
         self.spans = 0;
+        self.bytes = 0;
         requests
     }
 }
@@ -377,7 +382,7 @@ mod tests {
             otlp: Some(otlp),
             batch_size: 2,
             batch_timeout: Duration::from_secs(1),
-            max_buffered: 1000,
+            max_buffered_bytes: 1 << 20,
             red: RedMetrics::shared(10),
             metrics_interval: Duration::from_secs(60),
         };
@@ -438,8 +443,17 @@ mod tests {
         pending.push_spans(&all[..4], 3); // parts of 3 and 1
         pending.push_spans(&all[4..], 3); // 3, 3
         assert_eq!(pending.parts.len(), 4);
-        assert_eq!(pending.shed(7), 3, "the first part of three goes");
+        let first = pending.parts[0].bytes.len();
+        assert_eq!(
+            pending.shed(pending.bytes - 1),
+            3,
+            "the first part of three goes"
+        );
         assert_eq!(pending.spans, 7);
+        assert_eq!(pending.shed(pending.bytes), 0, "within the budget");
+        let total: usize = pending.parts.iter().map(|p| p.bytes.len()).sum();
+        assert_eq!(pending.bytes, total);
+        assert!(first > 0);
         let requests = pending.take_requests(4);
         let sizes: Vec<usize> = requests.iter().map(|r| r.spans).collect();
         assert_eq!(sizes, [4, 3], "1+3 joined, then 3");
