@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
@@ -52,6 +52,8 @@ pub struct Telemetry {
     pub decode_errors: Counter,
     /// Batches or spans dropped because a bounded queue was full.
     pub queue_dropped: Family<QueueLabel, Counter>,
+    /// Items waiting in each bounded queue now (events, spans, otlp).
+    pub queue_depth: Family<QueueLabel, Gauge>,
     /// Spans built from traffic.
     pub spans_built: Counter,
     /// Spans handed to each exporter successfully.
@@ -122,6 +124,7 @@ impl Telemetry {
             kernel: Family::default(),
             decode_errors: Counter::default(),
             queue_dropped: Family::default(),
+            queue_depth: Family::default(),
             spans_built: Counter::default(),
             spans_exported: Family::default(),
             export_errors: Family::default(),
@@ -153,6 +156,11 @@ impl Telemetry {
             "queue_dropped",
             "Items dropped because a bounded queue was full",
             t.queue_dropped.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Items waiting in each bounded queue (events, spans, otlp)",
+            t.queue_depth.clone(),
         );
         registry.register(
             "spans_built",
@@ -248,6 +256,14 @@ impl Telemetry {
 
     /// Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
+        for (queue, backlog) in [
+            ("events", &self.events_backlog),
+            ("spans", &self.spans_backlog),
+        ] {
+            self.queue_depth
+                .get_or_create(&QueueLabel::new(queue))
+                .set(backlog.len() as i64);
+        }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -269,8 +285,13 @@ mod tests {
         now[KernelCounter::RingbufFull as usize] = 3;
         t.add_kernel_counters(&before, &now);
         t.exported("json", 2);
+        assert!(t.events_backlog.try_add(7, 10));
         let text = t.render();
         assert!(text.contains("tracer_events_read_total 5"), "{text}");
+        assert!(
+            text.contains("tracer_queue_depth{queue=\"events\"} 7"),
+            "{text}"
+        );
         assert!(text.contains("tracer_events_lost_total 3"), "{text}");
         assert!(
             text.contains("tracer_kernel_total{counter=\"ringbuf_full\"} 3"),

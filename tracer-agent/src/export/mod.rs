@@ -79,9 +79,13 @@ impl ExportStage {
                         if pending.spans >= self.batch_size {
                             self.flush(&mut pending, &telemetry).await;
                         }
+                        telemetry.queue_depth.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).set(pending.spans as i64);
                     }
                 }
-                _ = tick.tick() => self.flush(&mut pending, &telemetry).await,
+                _ = tick.tick() => {
+                    self.flush(&mut pending, &telemetry).await;
+                    telemetry.queue_depth.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).set(pending.spans as i64);
+                }
                 _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
                 Some(events) = leaks.recv() => {
                     self.print_leaks(&events);
