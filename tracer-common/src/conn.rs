@@ -52,7 +52,8 @@ pub struct SockInfo {
     pub tuple: Tuple,
     /// A [`Role`] as `u32`.
     pub role: u32,
-    /// Process that called `connect()`, when known; 0 otherwise.
+    /// Process that called `connect()`, then the last process that did I/O on the
+    /// socket (whose thread name was last sent); 0 when unknown.
     pub tgid: u32,
     /// `CLOCK_BOOTTIME` ns when the socket was first seen.
     pub opened_ns: u64,

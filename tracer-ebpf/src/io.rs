@@ -23,7 +23,8 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header, now_ns,
+    EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header,
+    header_without_comm, now_ns,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -102,7 +103,7 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
             return Ok(0);
         }
         let eof = DataHeader {
-            header: header(EventKind::Data, tgid, tid, sk, now),
+            header: header_without_comm(EventKind::Data, tgid, tid, sk, now),
             direction: direction as u32,
             syscall: 0,
             total_len: 0,
@@ -124,12 +125,22 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
         };
         emit(&open);
     }
+    // The thread's name goes out with the socket's first event (above) and again
+    // only when another process uses the socket: user space keeps it per connection.
+    let owner_changed = info.tgid != tgid;
+    if owner_changed {
+        info.tgid = tgid;
+    }
 
     let event = SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
     // SAFETY: per-CPU scratch slot, used only by this program run.
     let event = unsafe { &mut *event };
     event.hdr = DataHeader {
-        header: header(EventKind::Data, tgid, tid, sk, now),
+        header: if owner_changed {
+            header(EventKind::Data, tgid, tid, sk, now)
+        } else {
+            header_without_comm(EventKind::Data, tgid, tid, sk, now)
+        },
         direction: direction as u32,
         syscall: 0,
         total_len: ret as u32,
@@ -283,43 +294,55 @@ fn copy_contiguous(event: &mut DataEvent, src: u64, want: usize) -> bool {
 }
 
 fn copy_iovecs(event: &mut DataEvent, iov: u64, cnt: u64, want: usize) -> bool {
+    let n = if cnt > MAX_IOVECS as u64 {
+        MAX_IOVECS as usize
+    } else {
+        cnt as usize
+    };
+    if n == 0 {
+        return true;
+    }
+    // struct iovec { void *iov_base; size_t iov_len; }: the entries looked at are
+    // read in one go.
+    let mut vecs = [0u64; 2 * MAX_IOVECS as usize];
+    // 16 to 128 bytes, in a form the verifier can bound (n is 1..=8).
+    let size = (((n - 1) & (MAX_IOVECS as usize - 1)) + 1) * 16;
+    // SAFETY: destination is the local array (size checked); source is user memory
+    // read through the helper.
+    let rc = unsafe { probe_read_user_raw(vecs.as_mut_ptr().cast(), size as u32, iov as *const _) };
+    if rc != 0 {
+        return false;
+    }
     let mut off: usize = 0;
-    let mut i: u32 = 0;
-    while i < MAX_IOVECS {
-        if (i as u64) >= cnt || off >= want {
+    let mut i: usize = 0;
+    while i < MAX_IOVECS as usize {
+        if i >= n || off >= want {
             break;
         }
-        // struct iovec { void *iov_base; size_t iov_len; }
-        let entry = iov + (i as u64) * 16;
-        // SAFETY: user memory read through the helper.
-        let (base, len) = unsafe {
-            match (
-                bpf_probe_read_user(entry as *const u64),
-                bpf_probe_read_user((entry + 8) as *const u64),
-            ) {
-                (Ok(b), Ok(l)) => (b, l),
-                _ => return off > 0,
-            }
-        };
-        let room = want - off;
-        let n = bounded(if (len as usize) < room {
+        let base = vecs[(2 * i) & (2 * MAX_IOVECS as usize - 1)];
+        let len = vecs[(2 * i + 1) & (2 * MAX_IOVECS as usize - 1)];
+        // Laundered so that the compiler keeps `bounded`'s clamp, which the verifier
+        // needs: it cannot follow `off < want` through this loop.
+        // SAFETY: a plain read of a local.
+        let room = unsafe { core::ptr::read_volatile(&(want - off)) };
+        let take = bounded(if (len as usize) < room {
             len as usize
         } else {
             room
         });
         let at = off & MASK;
-        // SAFETY: at ≤ MAX_CAPTURE-1 and n ≤ MAX_CAPTURE, inside the 2×MAX_CAPTURE payload.
+        // SAFETY: at ≤ MAX_CAPTURE-1 and take ≤ MAX_CAPTURE, inside the 2×MAX_CAPTURE payload.
         let rc = unsafe {
             probe_read_user_raw(
                 event.payload.as_mut_ptr().add(at).cast(),
-                n as u32,
+                take as u32,
                 base as *const _,
             )
         };
         if rc != 0 {
             return off > 0;
         }
-        off += n;
+        off += take;
         event.hdr.captured_len = off as u32;
         i += 1;
     }

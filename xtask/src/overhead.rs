@@ -42,11 +42,18 @@ impl Options {
     }
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped. Servers started by [`serve`] lead their own
+/// process group, and the whole group goes: killing only nginx's master would leave
+/// its worker running.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -69,7 +76,9 @@ fn wait_for_port(port: u16, what: &str) -> Result<()> {
 
 /// Starts a server quietly and waits until it listens on `port`.
 fn serve(cmd: &mut Command, port: u16, what: &str) -> Result<Proc> {
+    use std::os::unix::process::CommandExt;
     let child = cmd
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
