@@ -1045,34 +1045,18 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{ParentSource, SpanId, SpanStatus, TraceId};
 
     fn span(kind: SpanKind, path: &str, status: i64, dur_ms: u64, pid: u32) -> Span {
         Span {
-            trace_id: TraceId([1; 16]),
-            span_id: SpanId([2; 8]),
-            parent_span_id: None,
-            parent_source: ParentSource::None,
-            parent_confidence: 0.0,
-            name: "GET".into(),
             kind,
-            start_unix_nano: 1_000_000_000,
             end_unix_nano: 1_000_000_000 + dur_ms * 1_000_000,
-            status: SpanStatus::Unset,
             attributes: vec![
                 ("http.request.method", AttrValue::Str("GET".into())),
                 ("url.path", AttrValue::Str(path.to_string().into())),
                 ("http.response.status_code", AttrValue::Int(status)),
                 ("server.port", AttrValue::Int(8000)),
             ],
-            resource: Arc::new(ProcessResource {
-                pid,
-                executable_name: "app".into(),
-                service_name: "app".into(),
-                host_name: "h".into(),
-            }),
-            tid: 1,
-            link: Default::default(),
+            ..crate::spans::sample_span(pid)
         }
     }
 
@@ -1105,10 +1089,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("http_server_request_duration_seconds_bucket{service_name=\"app\",process_pid=\"7\",http_request_method=\"GET\",http_response_status_code=\"200\",server_port=\"8000\",url_template=\"/orders/{id}\",le=\"0.005\"} 1"),
+            text.contains("http_server_request_duration_seconds_bucket{service_name=\"svc7\",process_pid=\"7\",http_request_method=\"GET\",http_response_status_code=\"200\",server_port=\"8000\",url_template=\"/orders/{id}\",le=\"0.005\"} 1"),
             "{text}"
         );
-        assert!(text.contains("http_server_request_duration_seconds_count{service_name=\"app\",process_pid=\"7\",http_request_method=\"GET\",http_response_status_code=\"200\",server_port=\"8000\",url_template=\"/orders/{id}\"} 2"), "{text}");
+        assert!(text.contains("http_server_request_duration_seconds_count{service_name=\"svc7\",process_pid=\"7\",http_request_method=\"GET\",http_response_status_code=\"200\",server_port=\"8000\",url_template=\"/orders/{id}\"} 2"), "{text}");
         let req = m.export_request(2_000_000_000);
         assert_eq!(req.resource_metrics.len(), 2);
         let metric = &req.resource_metrics[0].scope_metrics[0].metrics[0];

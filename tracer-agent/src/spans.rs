@@ -557,6 +557,33 @@ fn known_method(m: &str) -> Text {
     })
 }
 
+/// A span for tests of the stages after span building: SERVER, `GET`, fixed ids,
+/// one microsecond long, no attributes, from process `pid` (service `svc<pid>`).
+#[cfg(test)]
+pub fn sample_span(pid: u32) -> Span {
+    Span {
+        trace_id: TraceId([1; 16]),
+        span_id: SpanId([2; 8]),
+        parent_span_id: None,
+        parent_source: ParentSource::None,
+        parent_confidence: 0.0,
+        name: "GET".into(),
+        kind: SpanKind::Server,
+        start_unix_nano: 1_000_000_000,
+        end_unix_nano: 1_000_001_000,
+        status: SpanStatus::Unset,
+        attributes: Vec::new(),
+        resource: Arc::new(ProcessResource {
+            pid,
+            executable_name: "app".into(),
+            service_name: format!("svc{pid}"),
+            host_name: "h".into(),
+        }),
+        tid: 1,
+        link: Link::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,22 +77,14 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// An event header with the current thread's name (none for kernel context).
 #[inline(always)]
 fn header(kind: EventKind, tgid: u32, tid: u32, sock: u64, ts_ns: u64) -> EventHeader {
-    EventHeader {
-        kind: kind as u32,
-        // SAFETY: plain helper call.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        ts_ns,
-        tgid,
-        tid,
-        sock,
-        comm: if tgid != 0 {
-            bpf_get_current_comm().unwrap_or([0; 16])
-        } else {
-            [0; 16]
-        },
+    let mut h = header_without_comm(kind, tgid, tid, sock, ts_ns);
+    if tgid != 0 {
+        h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
+    h
 }
 
 /// A header without the thread's name (user space keeps it per connection; see

@@ -325,31 +325,14 @@ mod tests {
     use crate::{
         export::otlp::OtlpProtocol,
         metrics::RedMetrics,
-        process::ProcessResource,
-        spans::{AttrValue, ParentSource, SpanId, SpanKind, SpanStatus, TraceId},
+        spans::{AttrValue, SpanId},
     };
 
     fn span(n: u8) -> Span {
         Span {
-            trace_id: TraceId([1; 16]),
             span_id: SpanId([n; 8]),
-            parent_span_id: None,
-            parent_source: ParentSource::None,
-            parent_confidence: 0.0,
-            name: "GET".into(),
-            kind: SpanKind::Server,
-            start_unix_nano: 1,
-            end_unix_nano: 2,
-            status: SpanStatus::Unset,
             attributes: vec![("url.path", AttrValue::Str("/x".into()))],
-            resource: Arc::new(ProcessResource {
-                pid: 1,
-                executable_name: "p".into(),
-                service_name: "p".into(),
-                host_name: "h".into(),
-            }),
-            tid: 1,
-            link: Default::default(),
+            ..crate::spans::sample_span(1)
         }
     }
 

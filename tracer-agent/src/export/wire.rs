@@ -233,29 +233,16 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::spans::{ParentSource, SpanId, TraceId};
+    use crate::spans::{ParentSource, SpanId, sample_span};
 
     fn span(pid: u32, name: &str) -> Span {
         Span {
-            trace_id: TraceId([1; 16]),
-            span_id: SpanId([2; 8]),
-            parent_span_id: None,
-            parent_source: ParentSource::None,
-            parent_confidence: 0.0,
             name: name.to_string().into(),
-            kind: SpanKind::Server,
             start_unix_nano: 1_700_000_000_000_000_001,
             end_unix_nano: 1_700_000_000_000_500_000,
             status: SpanStatus::Error,
             attributes: vec![("url.path", AttrValue::Str("/x".into()))],
-            resource: Arc::new(ProcessResource {
-                pid,
-                executable_name: "p".into(),
-                service_name: format!("svc{pid}"),
-                host_name: "h".into(),
-            }),
-            tid: 1,
-            link: Default::default(),
+            ..sample_span(pid)
         }
     }
 
