@@ -84,7 +84,13 @@ pub async fn process_events(
                     stitch.push(span, now, &mut ready);
                 }
             }
-            _ = tick.tick() => stitch.expire(Instant::now().into_std(), &mut ready),
+            _ = tick.tick() => {
+                stitch.expire(Instant::now().into_std(), &mut ready);
+                telemetry
+                    .queue_depth
+                    .get_or_create(&QueueLabel::new("waiting"))
+                    .set(stitch.pending() as i64);
+            }
         }
         record_pool_samples(table.take_pool_samples(), &red, &mut procs);
         let not_decoded = table.take_not_decoded();

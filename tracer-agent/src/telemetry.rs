@@ -52,7 +52,8 @@ pub struct Telemetry {
     pub decode_errors: Counter,
     /// Batches or spans dropped because a bounded queue was full.
     pub queue_dropped: Family<QueueLabel, Counter>,
-    /// Items waiting in each bounded queue now (events, spans, otlp).
+    /// Items waiting in each bounded queue now (events, spans, otlp), and spans
+    /// waiting for their relatives in parent inference (waiting).
     pub queue_depth: Family<QueueLabel, Gauge>,
     /// Spans built from traffic.
     pub spans_built: Counter,
@@ -159,7 +160,7 @@ impl Telemetry {
         );
         registry.register(
             "queue_depth",
-            "Items waiting in each bounded queue (events, spans, otlp)",
+            "Items waiting in each bounded queue (events, spans, otlp) and spans waiting for relatives (waiting)",
             t.queue_depth.clone(),
         );
         registry.register(
