@@ -202,7 +202,8 @@ impl Agent {
                 rest.starts_with(' ') || rest.starts_with('{')
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            // Not `sum`: an empty float sum is -0, printed "-0".
+            .fold(0.0, |a, b| a + b)
     }
 
     fn stop(self) {
