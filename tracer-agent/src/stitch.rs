@@ -250,7 +250,8 @@ impl ParentInference {
             }
             SpanKind::Server => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
-                    match self.clients.get(&exchange_key(conn, n)) {
+                    let key = exchange_key(conn, n);
+                    match self.clients.get(&key) {
                         Some((client, path)) if *path == path_of(&span) => {
                             let client = *client;
                             self.link(&mut span, client, ParentSource::Socket, CONFIDENCE_SOCKET);
@@ -261,7 +262,7 @@ impl ParentInference {
                         }
                         Some(_) => {} // exchanges do not line up: do not guess
                         None if same_host(conn) => {
-                            self.servers_waiting.insert(exchange_key(conn, n), id);
+                            self.servers_waiting.insert(key, id);
                             wait = true;
                         }
                         None => {}
@@ -270,9 +271,9 @@ impl ParentInference {
             }
             SpanKind::Client => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
-                    self.clients
-                        .insert(exchange_key(conn, n), (id, path_of(&span)), now);
-                    if let Some(server) = self.servers_waiting.remove(&exchange_key(conn, n)) {
+                    let key = exchange_key(conn, n);
+                    self.clients.insert(key, (id, path_of(&span)), now);
+                    if let Some(server) = self.servers_waiting.remove(&key) {
                         self.adopt_waiting_server(server, &span);
                     }
                 }

@@ -316,19 +316,7 @@ fn postgres() -> Result<Postgres> {
         "postgres",
     )?;
     std::thread::sleep(Duration::from_millis(500));
-    output_of(Command::new("pgbench").args([
-        "-i",
-        "-q",
-        "-s",
-        "2",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]))?;
+    output_of(&mut pgbench_cmd(port, &["-i", "-q", "-s", "2"]))?;
     Ok(Postgres {
         _proc: proc,
         port,
@@ -501,23 +489,21 @@ fn read_response(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
     }
 }
 
+/// `pgbench` with `args` against the `postgres` database on 127.0.0.1:`port`.
+fn pgbench_cmd(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "postgres"]);
+    cmd
+}
+
 fn pgbench(port: u16, seconds: u64) -> Result<Load> {
-    let out = output_of(Command::new("pgbench").args([
-        "-S",
-        "-c",
-        "8",
-        "-j",
-        "2",
-        "-T",
-        &seconds.to_string(),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]))?;
+    let secs = seconds.to_string();
+    let out = output_of(&mut pgbench_cmd(
+        port,
+        &["-S", "-c", "8", "-j", "2", "-T", &secs],
+    ))?;
     let mut load = Load::default();
     for line in out.lines() {
         if let Some(v) = line.strip_prefix("tps = ") {

@@ -58,6 +58,10 @@ impl ExportStage {
     ) {
         let mut printer = pretty::PrettyPrinter::new(std::io::stdout().is_terminal());
         let mut pending = Encoded::default();
+        let otlp_depth = telemetry
+            .queue_depth
+            .get_or_create(&crate::telemetry::QueueLabel::new("otlp"))
+            .clone();
         let mut tick = tokio::time::interval(self.batch_timeout);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut metrics_tick = tokio::time::interval(self.metrics_interval);
@@ -79,12 +83,12 @@ impl ExportStage {
                         if pending.spans >= self.batch_size {
                             self.flush(&mut pending, &telemetry).await;
                         }
-                        telemetry.queue_depth.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).set(pending.spans as i64);
+                        otlp_depth.set(pending.spans as i64);
                     }
                 }
                 _ = tick.tick() => {
                     self.flush(&mut pending, &telemetry).await;
-                    telemetry.queue_depth.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).set(pending.spans as i64);
+                    otlp_depth.set(pending.spans as i64);
                 }
                 _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
                 Some(events) = leaks.recv() => {
@@ -248,12 +252,13 @@ impl Encoded {
     /// Encodes `batch` in parts of at most `per_part` spans.
     fn push_spans(&mut self, batch: &[Span], per_part: usize) {
         for chunk in batch.chunks(per_part.max(1)) {
+            let bytes = bytes::Bytes::from(wire::trace_request(chunk));
+            self.spans += chunk.len();
+            self.bytes += bytes.len();
             self.parts.push_back(Part {
-                bytes: wire::trace_request(chunk).into(),
+                bytes,
                 spans: chunk.len(),
             });
-            self.spans += chunk.len();
-            self.bytes += self.parts.back().map_or(0, |p| p.bytes.len());
         }
     }
 

@@ -105,12 +105,37 @@ fn bool_value(b: bool) -> AnyValue {
     }
 }
 
+/// The instrumentation scope every signal is reported under.
+pub(crate) const SCOPE_NAME: &str = "tracer";
+pub(crate) const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 fn scope() -> InstrumentationScope {
     InstrumentationScope {
-        name: "tracer".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
+        name: SCOPE_NAME.into(),
+        version: SCOPE_VERSION.into(),
         ..Default::default()
     }
+}
+
+/// A value of a resource attribute.
+pub(crate) enum ResourceValue<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+/// The attributes of one traced process's OTLP resource, in export order; both
+/// encoders (the generated types here, and `wire` for spans) write this list.
+pub(crate) fn resource_attributes(r: &ProcessResource) -> [(&'static str, ResourceValue<'_>); 7] {
+    use ResourceValue::{Int, Str};
+    [
+        ("service.name", Str(&r.service_name)),
+        ("process.pid", Int(i64::from(r.pid))),
+        ("process.executable.name", Str(&r.executable_name)),
+        ("host.name", Str(&r.host_name)),
+        ("telemetry.sdk.name", Str("tracer")),
+        ("telemetry.sdk.language", Str("rust")),
+        ("telemetry.distro.name", Str("tracer-agent")),
+    ]
 }
 
 /// `items` split by process, in the order each process first appears.
@@ -130,15 +155,13 @@ fn by_process<T>(items: &[T], pid: impl Fn(&T) -> u32) -> Vec<Vec<&T>> {
 /// The OTLP resource of one traced process.
 pub fn resource(r: &ProcessResource) -> Resource {
     Resource {
-        attributes: vec![
-            kv("service.name", str_value(&r.service_name)),
-            kv("process.pid", int_value(i64::from(r.pid))),
-            kv("process.executable.name", str_value(&r.executable_name)),
-            kv("host.name", str_value(&r.host_name)),
-            kv("telemetry.sdk.name", str_value("tracer")),
-            kv("telemetry.sdk.language", str_value("rust")),
-            kv("telemetry.distro.name", str_value("tracer-agent")),
-        ],
+        attributes: resource_attributes(r)
+            .into_iter()
+            .map(|(key, value)| match value {
+                ResourceValue::Str(v) => kv(key, str_value(v)),
+                ResourceValue::Int(v) => kv(key, int_value(v)),
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     spans::{AttrValue, Span, SpanKind, SpanStatus},
 };
 
-use super::otlp::SCHEMA_URL;
+use super::otlp::{ResourceValue, SCHEMA_URL, SCOPE_NAME, SCOPE_VERSION, resource_attributes};
 
 const VARINT: u32 = 0;
 const FIXED64: u32 = 1;
@@ -142,19 +142,18 @@ impl Writer {
 
 /// `Resource` of one traced process (field numbers of `resource.v1.Resource`).
 fn resource(w: &mut Writer, r: &ProcessResource) {
-    w.str_attr(1, "service.name", &r.service_name);
-    w.int_attr(1, "process.pid", i64::from(r.pid));
-    w.str_attr(1, "process.executable.name", &r.executable_name);
-    w.str_attr(1, "host.name", &r.host_name);
-    w.str_attr(1, "telemetry.sdk.name", "tracer");
-    w.str_attr(1, "telemetry.sdk.language", "rust");
-    w.str_attr(1, "telemetry.distro.name", "tracer-agent");
+    for (key, value) in resource_attributes(r) {
+        match value {
+            ResourceValue::Str(v) => w.str_attr(1, key, v),
+            ResourceValue::Int(v) => w.int_attr(1, key, v),
+        }
+    }
 }
 
 /// `InstrumentationScope`.
 fn scope(w: &mut Writer) {
-    w.bytes(1, b"tracer");
-    w.bytes(2, env!("CARGO_PKG_VERSION").as_bytes());
+    w.bytes(1, SCOPE_NAME.as_bytes());
+    w.bytes(2, SCOPE_VERSION.as_bytes());
 }
 
 /// `trace.v1.Span`.

@@ -61,20 +61,22 @@ def main():
             c.execute("SELECT 1 AS healthy").fetchone()
         return "ok"
 
+    def keep(c, port_of):
+        """Holds on to a connection (never given back) and answers its local port."""
+        with LOCK:
+            LEAKED.append(c)
+        return str(port_of(c))
+
     def pg_leak():
         c = pg.getconn()
         c.execute("SELECT count(*) FROM pg_class WHERE relname = 'orders'").fetchone()
-        with LOCK:
-            LEAKED.append(c)
-        return str(pg_port_of(c))
+        return keep(c, pg_port_of)
 
     def pg_tx():
         c = pg.getconn()
         c.execute("BEGIN")
         c.execute("SELECT 2 AS held").fetchone()
-        with LOCK:
-            LEAKED.append(c)
-        return str(pg_port_of(c))
+        return keep(c, pg_port_of)
 
     def my_ok():
         with engine.connect() as c:
@@ -84,17 +86,13 @@ def main():
     def my_leak():
         c = engine.connect()
         c.execute(text("SELECT 3 AS leaked")).fetchone()
-        with LOCK:
-            LEAKED.append(c)
-        return str(my_port_of(c))
+        return keep(c, my_port_of)
 
     def my_tx():
         c = engine.connect()
         c.exec_driver_sql("START TRANSACTION")
         c.exec_driver_sql("SELECT 4 AS held").fetchone()
-        with LOCK:
-            LEAKED.append(c)
-        return str(my_port_of(c))
+        return keep(c, my_port_of)
 
     def release():
         with LOCK:
