@@ -12,6 +12,7 @@ use std::{
 use tracer_agent::{
     capture::{DataRecord, Endpoints, Event, Meta},
     connections::{ConnectionTable, TableLimits},
+    pipeline::Downstream,
     process::ProcessTable,
     telemetry::Telemetry,
 };
@@ -142,30 +143,32 @@ fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
 fn main() {
     let telemetry = Telemetry::new();
     let mut procs = ProcessTable::with_proc_root(16, "/nonexistent");
-    let mut spans = Vec::new();
+    let mut warm = Downstream::default();
     let mut table = ConnectionTable::new(TableLimits::default());
     // Warm up the table's own maps, so the growth measured is per connection.
     for i in 0..64u64 {
         for e in session(0xffff_0000_0000 + i, 1000 + i as u16, i * 1_000) {
-            table.handle(e, &mut procs, &telemetry, &mut spans);
+            table.handle(e, &mut procs, &telemetry, &mut warm);
         }
     }
-    spans.clear();
-    spans.shrink_to_fit();
+    drop(warm);
     for n in [1_000u64, 10_000] {
         let before = LIVE.load(Ordering::Relaxed);
         let mut t = ConnectionTable::new(TableLimits::default());
+        // The pool tracker and causality state count too: they hold what the
+        // table reports of each connection.
+        let mut down = Downstream::default();
         for i in 0..n {
             for e in session(
                 0xffff_1000_0000 + i,
                 (10_000 + i) as u16,
                 1_000_000 + i * 1_000,
             ) {
-                t.handle(e, &mut procs, &telemetry, &mut spans);
+                t.handle(e, &mut procs, &telemetry, &mut down);
             }
-            spans.clear();
+            down.spans.clear();
         }
-        let rows = t.db_inventory(2_000_000_000, &mut procs);
+        let rows = t.db_inventory(2_000_000_000, &mut procs, &down.pools);
         assert_eq!(rows.len() as u64, n, "every connection is in the inventory");
         drop(rows);
         let held = LIVE.load(Ordering::Relaxed) - before;

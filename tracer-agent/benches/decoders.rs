@@ -7,6 +7,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tracer_agent::{
     capture::{DataRecord, Endpoints, Event, Meta},
     connections::{ConnectionTable, TableLimits},
+    pipeline::Downstream,
     process::ProcessTable,
     protocols::{
         Chunk,
@@ -212,11 +213,11 @@ fn pipeline(c: &mut Criterion) {
         b.iter(|| {
             let mut table = ConnectionTable::new(TableLimits::default());
             let mut procs = ProcessTable::with_proc_root(16, "/nonexistent");
-            let mut spans = Vec::new();
+            let mut down = Downstream::default();
             for e in events.iter().cloned() {
-                table.handle(e, &mut procs, &telemetry, &mut spans);
+                table.handle(e, &mut procs, &telemetry, &mut down);
             }
-            black_box(spans.len())
+            black_box(down.spans.len())
         })
     });
     g.finish();

@@ -1,5 +1,8 @@
 //! The connection table: every followed TCP connection, its role, its process and
-//! its protocol state. Socket events go in; finished spans come out.
+//! its protocol state. Socket events go in; what the table sees goes out through one
+//! seam, [`Observer`]: finished spans, what threads read and send (parent
+//! inference's causality), and each database connection's life and use (the pool
+//! tracker). The table keeps no state of those stages.
 
 use std::{
     collections::VecDeque,
@@ -14,6 +17,10 @@ use tracer_common::{conn::Role, data::Direction};
 
 use crate::{
     capture::{DataRecord, Endpoints, Event, Meta},
+    pools::{
+        inventory::{ConnState, DbConnectionRow, PoolKey},
+        tracker::{DbObservation, DbUse, PoolTracker},
+    },
     process::ProcessTable,
     protocols::{
         Chunk,
@@ -24,46 +31,28 @@ use crate::{
         redis::{self, RedisDecoder},
     },
     recover::RecoveredSocket,
-    spans::{
-        AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, TraceId, db_span,
-        http_span,
+    spans::{AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
+    stitch::{
+        causality::{Cause, Culprit, ThreadEvent},
+        traceparent::{self, TraceParent},
     },
-    stitch,
     telemetry::Telemetry,
 };
 
-/// What woke a thread last: the server request it is working for.
-#[derive(Clone, Copy, Debug)]
-struct Wake {
-    parent: SpanId,
-}
-
-/// Per-thread causality: which server request each thread is handling, so that the
-/// requests it sends can name their parent (`Link::woken_by`).
-///
-/// A thread that serves one request at a time (thread per request, blocking I/O)
-/// works for the request it read last, or for the one whose call it just got an
-/// answer to. A thread that interleaves requests (an event loop) resumes its
-/// handlers in the order their input arrived, whether that input is a new request
-/// or the answer to a call a handler made: every such read queues a wake for the
-/// request it serves, a handler that answers its own request takes its wakes out,
-/// and a call takes the oldest wake still queued, provided it came within
-/// [`MAX_WAKE_TO_SEND_NS`]. Anything less clear is left without a cause.
-#[derive(Default)]
-struct Causality {
-    /// (pid, tid) → the server request whose bytes (or whose child call's answer)
-    /// the thread read last.
-    wakes: HashMap<(u32, u32), Wake>,
-    /// (pid, tid) → server requests read by that thread and not yet answered.
-    open: HashMap<(u32, u32), u32>,
-    /// (pid, tid) → wakes (request served, when) not yet followed by a call, oldest
-    /// first. An answer to a call made for no known request queues `None`: the
-    /// handler it resumes may send next, and its call then stays unlinked instead
-    /// of taking a neighbour's wake.
-    ready: HashMap<(u32, u32), VecDeque<QueuedWake>>,
-    /// Server requests being served: span → (method, url.path), for the database
-    /// calls made for them (the culprit of a leaked connection).
-    serving: HashMap<SpanId, (String, String)>,
+/// What the table reports as it follows connections: the one seam between it and
+/// the stages that keep state of their own. Statically dispatched: the table is
+/// generic over it.
+pub trait Observer {
+    /// A span was built.
+    fn span(&mut self, span: Span);
+    /// A thread read or answered a request, or read the answer to a call.
+    fn thread(&mut self, event: ThreadEvent<'_>);
+    /// What a call that thread `tid` of `pid` sends at `ts_ns` is made for.
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause;
+    /// The server request `span` being served, as leak reports name it.
+    fn culprit(&mut self, span: SpanId) -> Option<Culprit>;
+    /// A database client connection's life and use.
+    fn db(&mut self, observation: DbObservation);
 }
 
 /// A socket user space stopped decoding, with the ports that identify its
@@ -74,177 +63,6 @@ pub struct NotDecoded {
     pub sock: u64,
     pub local_port: u16,
     pub remote_port: u16,
-}
-
-/// A wake waiting for its handler's call: the request served (if known), the
-/// handler it resumes (the request, or for a call of unknown cause the connection
-/// it was made on) and when.
-#[derive(Clone, Copy, Debug)]
-struct QueuedWake {
-    parent: Option<SpanId>,
-    handler: u64,
-    ts: u64,
-}
-
-/// `url.path` of a request target, bounded.
-fn request_path(target: &str) -> String {
-    crate::protocols::bounded_text(crate::spans::url_path(target).as_bytes(), 256)
-}
-
-fn handler_of(span: SpanId) -> u64 {
-    u64::from_be_bytes(span.0)
-}
-
-/// Threads remembered at most; beyond it the table is cleared (threads re-learn
-/// on their next request).
-const MAX_THREADS: usize = 65536;
-/// Wakes remembered per thread at most.
-const MAX_READY: usize = 1024;
-/// Longest an event-loop handler may take between being woken and sending its call
-/// for the two to be tied together.
-const MAX_WAKE_TO_SEND_NS: u64 = 2_000_000;
-/// More handlers than this woken together and still to send: their order is not
-/// trusted.
-const MAX_CONTENDERS: usize = 4;
-/// Wakes older than this are dropped from a thread's queue.
-const STALE_WAKE_NS: u64 = 100 * MAX_WAKE_TO_SEND_NS;
-
-impl Causality {
-    fn server_request(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
-        if self.wakes.len() >= MAX_THREADS
-            || self.open.len() >= MAX_THREADS
-            || self.ready.len() >= MAX_THREADS
-        {
-            self.wakes.clear();
-            self.open.clear();
-            self.ready.clear();
-            self.serving.clear();
-        }
-        log::trace!(target: "tracer::causality", "{pid}/{tid} {ts} request {span}");
-        self.wakes.insert((pid, tid), Wake { parent: span });
-        *self.open.entry((pid, tid)).or_default() += 1;
-        self.push_ready(
-            pid,
-            tid,
-            QueuedWake {
-                parent: Some(span),
-                handler: handler_of(span),
-                ts,
-            },
-        );
-    }
-
-    /// Queues a wake; a handler woken again (more of an answer, or its end,
-    /// arrived) resumes at its latest wake, so an earlier one of it goes.
-    fn push_ready(&mut self, pid: u32, tid: u32, wake: QueuedWake) {
-        let q = self.ready.entry((pid, tid)).or_default();
-        q.retain(|w| w.handler != wake.handler);
-        if q.len() >= MAX_READY {
-            q.pop_front();
-        }
-        q.push_back(wake);
-    }
-
-    /// Remembers what a server request is, while it is served.
-    fn serving(&mut self, span: SpanId, method: &str, path: &str) {
-        if self.serving.len() >= MAX_THREADS {
-            self.serving.clear();
-        }
-        self.serving
-            .insert(span, (method.to_string(), request_path(path)));
-    }
-
-    fn culprit(&self, span: SpanId) -> Option<Culprit> {
-        self.serving.get(&span).map(|(method, path)| Culprit {
-            method: method.clone(),
-            route: crate::metrics::url_template(path),
-            path: path.clone(),
-            span_id: span.to_string(),
-        })
-    }
-
-    fn server_answered(&mut self, pid: u32, tid: u32, span: SpanId) {
-        self.serving.remove(&span);
-        log::trace!(target: "tracer::causality", "{pid}/{tid} answered {span}");
-        if let Some(n) = self.open.get_mut(&(pid, tid)) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.open.remove(&(pid, tid));
-            }
-        }
-        if self
-            .wakes
-            .get(&(pid, tid))
-            .is_some_and(|w| w.parent == span)
-        {
-            self.wakes.remove(&(pid, tid));
-        }
-        // Its handler is done: none of its wakes can lead to a call any more. A
-        // handler with no wake of its own queued was resumed by an answer to a
-        // call of unknown cause (or by input we do not see): the oldest such
-        // anonymous wake is its.
-        if let Some(q) = self.ready.get_mut(&(pid, tid)) {
-            let before = q.len();
-            q.retain(|w| w.parent != Some(span));
-            if q.len() == before
-                && let Some(i) = q.iter().position(|w| w.parent.is_none())
-            {
-                q.remove(i);
-            }
-            if q.is_empty() {
-                self.ready.remove(&(pid, tid));
-            }
-        }
-    }
-
-    /// The parent candidate of a request this thread sends at `ts`, and whether the
-    /// thread serves one request at a time.
-    fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
-        let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
-        let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
-            // Wakes long before `ts` can no longer be anybody's cause.
-            q.retain(|w| w.ts.saturating_add(STALE_WAKE_NS) >= ts);
-            let fits = |w: &QueuedWake| w.ts <= ts && ts - w.ts <= MAX_WAKE_TO_SEND_NS;
-            let candidates = q.iter().filter(|w| fits(w)).count();
-            if candidates > MAX_CONTENDERS {
-                // Too many handlers woken at once to trust their order: do not
-                // guess, and forget them.
-                q.retain(|w| !fits(w));
-                return None;
-            }
-            // Handlers resume in the order their input arrived: the oldest first.
-            let first = q.iter().position(fits);
-            first.and_then(|i| q.remove(i)).and_then(|w| w.parent)
-        });
-        if dedicated {
-            return (self.wakes.get(&(pid, tid)).map(|w| w.parent), true);
-        }
-        (queued, false)
-    }
-
-    /// The thread read the answer to a call made for `parent`: that handler
-    /// resumes. On a dedicated thread its next call is for the same request; on an
-    /// event loop it takes its turn among the other woken handlers.
-    /// `conn` names the call's connection, which stands for the handler when its
-    /// cause is unknown.
-    fn answered_call(&mut self, pid: u32, tid: u32, parent: Option<SpanId>, conn: u64, ts: u64) {
-        log::trace!(target: "tracer::causality", "{pid}/{tid} {ts} answer for {:?}", parent.map(|s| s.to_string()));
-        if let Some(parent) = parent {
-            self.wakes.insert((pid, tid), Wake { parent });
-        }
-        if self.ready.len() < MAX_THREADS || self.ready.contains_key(&(pid, tid)) {
-            let handler = parent.map_or(conn, handler_of);
-            self.push_ready(
-                pid,
-                tid,
-                QueuedWake {
-                    parent,
-                    handler,
-                    ts,
-                },
-            );
-        }
-    }
 }
 
 /// Limits of the connection table.
@@ -304,6 +122,8 @@ struct PendingRequest {
     exchange: u64,
     woken_by: Option<SpanId>,
     dedicated: bool,
+    /// The request's `traceparent`, parsed once when the request is read.
+    traceparent: Option<TraceParent>,
 }
 
 /// The client end of a database connection.
@@ -314,95 +134,37 @@ struct DbConn {
     /// Thread that sent the latest request bytes.
     request_tid: u32,
     /// What that thread was working for when it sent them.
-    cause: (Option<SpanId>, bool),
+    cause: Cause,
     /// The server request the call in flight was made for, and the one the last
     /// completed call was made for.
     call_culprit: Option<Culprit>,
     last_culprit: Option<Culprit>,
-    /// The trace of the last call's span, once the stitcher settled it.
-    last_trace: Option<TraceId>,
-    /// When the current use began: a request sent on an idle connection. Over
-    /// when no call is in flight and no transaction is open.
-    in_use_since: Option<u64>,
-    /// When the connection was last idle again (its last use ended), or opened.
-    last_use_ns: u64,
     /// The handshake's end was seen (or can no longer be timed).
     ready: bool,
-    /// Borrows in its pool since its last use that took another connection while
-    /// this one was the pool's least recently used idle one.
-    passed_over: u32,
     scratch: Vec<DbCall>,
 }
 
 impl DbConn {
     /// `joined_late`: the connection was open before we saw it connect, so its
     /// handshake cannot be timed.
-    fn new(decoder: DbDecoder, tid: u32, opened_ns: u64, joined_late: bool) -> Self {
+    fn new(decoder: DbDecoder, tid: u32, joined_late: bool) -> Self {
         // Redis has no handshake to wait for.
         let ready = joined_late || matches!(decoder, DbDecoder::Redis(_));
         Self {
             decoder,
             request_tid: tid,
-            cause: (None, false),
+            cause: Cause::default(),
             last_call: None,
             call_culprit: None,
             last_culprit: None,
-            last_trace: None,
-            in_use_since: None,
-            last_use_ns: opened_ns,
             ready,
-            passed_over: 0,
             scratch: Vec::new(),
         }
     }
 }
 
-/// What a piece of database traffic did to its connection's use.
-#[derive(Clone, Copy, Debug, Default)]
-struct DbUse {
-    /// A request started on an idle connection at this time.
-    borrowed: Option<u64>,
-}
-
-/// A timing sample for the pool metrics.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PoolSample {
-    pub pid: u32,
-    pub db_system: DbSystem,
-    pub server: SocketAddr,
-    pub kind: PoolSampleKind,
-    pub seconds: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PoolSampleKind {
-    /// Connect to ready (handshake done).
-    Create,
-    /// Taken into use until idle again.
-    Use,
-}
-
-/// One pool (a process's connections to one database server) as the table
-/// watches it: its members and how it picks connections.
-#[derive(Default)]
-struct PoolTrack {
-    members: Vec<u64>,
-    /// Borrows that took the least recently used idle connection (a FIFO pool) or
-    /// the most recently used one (LIFO).
-    fifo: u32,
-    lifo: u32,
-    /// The last connection opened (seen connecting) to this destination.
-    last_open_ns: u64,
-}
-
-/// Pool samples kept when nobody takes them.
-const MAX_POOL_SAMPLES: usize = 65536;
-/// Pools watched at most; members per pool at most.
-const MAX_POOLS: usize = 16384;
-const MAX_POOL_MEMBERS: usize = 4096;
-/// A connection passed over this many times by a pool seen to take its least
-/// recently used connection no longer votes on the pool's order.
-const SUSPECT_PASSES: u32 = 2;
+/// Sockets no longer decoded kept for the kernel when nobody takes them.
+const MAX_NOT_DECODED: usize = 65536;
 
 /// The database decoders, each seeing both directions of one connection.
 enum DbDecoder {
@@ -515,11 +277,6 @@ pub struct Connection {
 /// All followed connections, keyed by kernel socket address.
 pub struct ConnectionTable {
     conns: HashMap<u64, Connection>,
-    /// (pid, server) → the pool of database connections.
-    pools: HashMap<(u32, SocketAddr), PoolTrack>,
-    /// Span of each database connection's last call → its socket.
-    last_db_span: HashMap<SpanId, u64>,
-    pool_samples: Vec<PoolSample>,
     /// Connections recovered from /proc and not seen by the kernel yet: their
     /// (local, remote) → the key they are kept under until then.
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
@@ -528,115 +285,16 @@ pub struct ConnectionTable {
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
-    causality: Causality,
-}
-
-/// One database client connection in the inventory (`/connections`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct DbConnectionRow {
-    pub pid: u32,
-    pub executable: String,
-    pub service: String,
-    pub db_system: &'static str,
-    pub namespace: Option<String>,
-    pub server_address: String,
-    pub server_port: u16,
-    pub client_port: u16,
-    /// `used` (a call in flight or a transaction open) or `idle`.
-    pub state: &'static str,
-    pub tx_status: &'static str,
-    pub idle_seconds: f64,
-    pub open_seconds: f64,
-    pub last_query: Option<String>,
-    /// The database span that last used the connection, and its trace once the
-    /// stitcher has settled it.
-    pub last_span_id: Option<String>,
-    pub last_trace_id: Option<String>,
-    /// The incoming request that last used the connection (the culprit of a leak).
-    pub culprit: Option<Culprit>,
-    /// Recovered from /proc: open before the agent started; its protocol is a
-    /// guess from the port until traffic confirms it, and its idle time counts
-    /// from the agent's start.
-    pub recovered: bool,
-    /// Leak signals from the pool's behaviour (see `pools`): times the pool took
-    /// another connection while this one was its least recently used idle one...
-    pub passed_over: u32,
-    /// ... whether the pool is seen to take its least recently used connection
-    /// (FIFO), so that being passed over means something ...
-    #[serde(skip)]
-    pub pool_fifo: bool,
-    /// ... and whether the process opened another connection to the same server
-    /// after this one's last use (instead of reusing it).
-    #[serde(skip)]
-    pub newer_in_pool: bool,
-    /// The leak reported on this connection, if any (set by the leak detector).
-    pub leak: Option<crate::pools::LeakKind>,
-}
-
-#[cfg(test)]
-impl DbConnectionRow {
-    /// An idle PostgreSQL connection of `pid` to 127.0.0.1:5432, for tests to adjust.
-    pub(crate) fn sample(pid: u32, client_port: u16) -> Self {
-        Self {
-            pid,
-            executable: format!("app{pid}"),
-            service: format!("svc{pid}"),
-            db_system: "postgresql",
-            namespace: None,
-            server_address: "127.0.0.1".into(),
-            server_port: 5432,
-            client_port,
-            state: "idle",
-            tx_status: "idle",
-            idle_seconds: 0.0,
-            open_seconds: 600.0,
-            last_query: None,
-            last_span_id: None,
-            last_trace_id: None,
-            culprit: None,
-            recovered: false,
-            passed_over: 0,
-            pool_fifo: false,
-            newer_in_pool: false,
-            leak: None,
-        }
-    }
-}
-
-/// The server request a database call was made for.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Culprit {
-    /// `http.request.method`.
-    pub method: String,
-    /// `url.path` (never the query).
-    pub path: String,
-    /// The path as a template (`/orders/{id}`), as in the RED metrics.
-    pub route: String,
-    /// The SERVER span's id.
-    pub span_id: String,
-}
-
-/// Where the spans built from events go.
-pub trait SpanSink {
-    fn span(&mut self, span: Span);
-}
-
-impl SpanSink for Vec<Span> {
-    fn span(&mut self, span: Span) {
-        self.push(span);
-    }
 }
 
 const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 /// Everything a connection needs from the table to turn messages into spans.
-struct Ctx<'a, S: SpanSink> {
+struct Ctx<'a, O: Observer> {
     procs: &'a mut ProcessTable,
-    causality: &'a mut Causality,
-    pool_samples: &'a mut Vec<PoolSample>,
     telemetry: &'a Telemetry,
     options: &'a SpanOptions,
-    out: &'a mut S,
+    out: &'a mut O,
 }
 
 impl ConnectionTable {
@@ -647,15 +305,11 @@ impl ConnectionTable {
     pub fn with_options(limits: TableLimits, options: SpanOptions) -> Self {
         Self {
             conns: HashMap::new(),
-            pools: HashMap::new(),
-            last_db_span: HashMap::new(),
-            pool_samples: Vec::new(),
             recovered: HashMap::new(),
             not_decoded: Vec::new(),
             limits,
             options,
             http_limits: Http1Limits::default(),
-            causality: Causality::default(),
         }
     }
 
@@ -671,8 +325,14 @@ impl ConnectionTable {
         self.conns.get(&sock)
     }
 
-    /// One row per database client connection, for `/connections` and `conns`.
-    pub fn db_inventory(&self, now_ns: u64, procs: &mut ProcessTable) -> Vec<DbConnectionRow> {
+    /// One row per database client connection, for `/connections` and `conns`:
+    /// what the table knows of it, with what `pools` tracks of it.
+    pub fn db_inventory(
+        &self,
+        now_ns: u64,
+        procs: &mut ProcessTable,
+        pools: &PoolTracker,
+    ) -> Vec<DbConnectionRow> {
         let mut rows: Vec<DbConnectionRow> = self
             .conns
             .values()
@@ -681,56 +341,44 @@ impl ConnectionTable {
                     return None;
                 };
                 let tx = db.decoder.tx_status();
-                let in_tx = matches!(tx, TxStatus::InTransaction | TxStatus::Failed);
-                let pool = self.pools.get(&(c.pid, c.endpoints.remote));
+                let member = pools.member(c.sock);
+                let pool = member.map_or_else(|| c.pool_key(db), |m| m.pool);
+                let order = pools.order(&pool);
                 let resource = procs.get(c.pid, &c.comm);
                 let (last_query, last_span_id, last_call_ns) = match &db.last_call {
                     Some((q, s, at)) => (q.clone(), Some(s.to_string()), *at),
                     None => (None, None, c.opened_ns),
                 };
                 Some(DbConnectionRow {
-                    pid: c.pid,
+                    pool,
                     executable: resource.executable_name.clone(),
                     service: resource.service_name.clone(),
-                    db_system: db.decoder.system().as_str(),
                     namespace: db.decoder.namespace().map(str::to_string),
-                    server_address: c.endpoints.remote.ip().to_string(),
-                    server_port: c.endpoints.remote.port(),
                     client_port: c.endpoints.local.port(),
-                    state: if db.decoder.in_flight() || in_tx {
-                        "used"
+                    state: if db.decoder.in_flight() || tx.in_transaction() {
+                        ConnState::Used
                     } else {
-                        "idle"
+                        ConnState::Idle
                     },
-                    tx_status: match tx {
-                        TxStatus::Unknown => "unknown",
-                        TxStatus::Idle => "idle",
-                        TxStatus::InTransaction => "in_transaction",
-                        TxStatus::Failed => "failed",
-                    },
+                    tx_status: tx,
                     idle_seconds: now_ns.saturating_sub(c.last_io_ns.max(last_call_ns)) as f64
                         / 1e9,
                     open_seconds: now_ns.saturating_sub(c.opened_ns) as f64 / 1e9,
                     last_query,
                     last_span_id,
-                    last_trace_id: db.last_trace.map(|t| t.to_string()),
+                    last_trace_id: member.and_then(|m| m.last_trace).map(|t| t.to_string()),
                     culprit: db.last_culprit.clone(),
                     recovered: c.recovered,
-                    passed_over: db.passed_over,
-                    pool_fifo: pool.is_some_and(|p| p.fifo >= 3 && p.fifo >= 3 * p.lifo),
-                    newer_in_pool: pool.is_some_and(|p| p.last_open_ns > db.last_use_ns),
+                    passed_over: member.map_or(0, |m| m.passed_over),
+                    pool_fifo: order.is_some_and(|o| o.fifo),
+                    newer_in_pool: member
+                        .zip(order)
+                        .is_some_and(|(m, o)| o.last_open_ns > m.last_use_ns),
                     leak: None,
                 })
             })
             .collect();
-        rows.sort_by(|a, b| {
-            (a.pid, &a.server_address, a.server_port, a.client_port).cmp(&(
-                b.pid,
-                &b.server_address,
-                b.server_port,
-                b.client_port,
-            ))
-        });
+        rows.sort_by_key(|r| (r.pool.pid, r.pool.server, r.client_port));
         rows
     }
 
@@ -740,15 +388,11 @@ impl ConnectionTable {
         event: Event,
         procs: &mut ProcessTable,
         telemetry: &Telemetry,
-        out: &mut impl SpanSink,
+        out: &mut impl Observer,
     ) {
         let options = self.options.clone();
-        let mut causality = std::mem::take(&mut self.causality);
-        let mut pool_samples = std::mem::take(&mut self.pool_samples);
         let mut ctx = Ctx {
             procs,
-            causality: &mut causality,
-            pool_samples: &mut pool_samples,
             telemetry,
             options: &options,
             out,
@@ -759,23 +403,23 @@ impl ConnectionTable {
                 endpoints,
                 role,
             } => {
-                if let Some(old) = self.remove(meta.sock) {
+                if let Some(old) = self.remove(meta.sock, ctx.out) {
                     // The kernel reused the socket address: the old connection is over.
                     old.close(&mut ctx);
                 }
                 if let Some(key) = self.recovered.remove(&(endpoints.local, endpoints.remote))
-                    && let Some(mut conn) = self.remove(key)
+                    && let Some(mut conn) = self.conns.remove(&key)
                 {
                     // A connection recovered from /proc does its first I/O under our
                     // watch: from now on it is known by its socket.
                     conn.sock = meta.sock;
-                    self.conns.insert(meta.sock, conn);
-                    if matches!(
-                        self.conns.get(&meta.sock).map(|c| &c.protocol),
-                        Some(Protocol::Db(_))
-                    ) {
-                        self.pool_join(meta.sock);
+                    if matches!(conn.protocol, Protocol::Db(_)) {
+                        ctx.out.db(DbObservation::Rekeyed {
+                            from: key,
+                            to: meta.sock,
+                        });
                     }
+                    self.conns.insert(meta.sock, conn);
                 } else {
                     self.make_room(&mut ctx);
                     self.conns
@@ -784,19 +428,12 @@ impl ConnectionTable {
             }
             Event::Data(rec) => self.data(rec, &mut ctx),
             Event::ConnClose { meta, .. } => {
-                if let Some(conn) = self.remove(meta.sock) {
+                if let Some(conn) = self.remove(meta.sock, ctx.out) {
                     conn.close(&mut ctx);
                 }
             }
             Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
         }
-        self.causality = causality;
-        if pool_samples.len() > MAX_POOL_SAMPLES {
-            // Nobody drains them: keep the newest.
-            let excess = pool_samples.len() - MAX_POOL_SAMPLES;
-            pool_samples.drain(..excess);
-        }
-        self.pool_samples = pool_samples;
     }
 
     /// Adds connections that were open before the agent started (found in /proc).
@@ -804,7 +441,12 @@ impl ConnectionTable {
     /// decoder, joining its stream wherever the next bytes start; any other
     /// connection learns its protocol from its first traffic. Their idle time
     /// counts from `now_ns`.
-    pub fn recover(&mut self, sockets: &[RecoveredSocket], now_ns: u64) -> usize {
+    pub fn recover(
+        &mut self,
+        sockets: &[RecoveredSocket],
+        now_ns: u64,
+        out: &mut impl Observer,
+    ) -> usize {
         let mut added = 0;
         for (i, r) in sockets.iter().enumerate() {
             if self.conns.len() >= self.limits.max_connections {
@@ -831,13 +473,17 @@ impl ConnectionTable {
             if r.role == Role::Client
                 && let Some(decoder) = DbDecoder::guess_by_port(r.remote.port())
             {
-                conn.protocol = Protocol::Db(Box::new(DbConn::new(decoder, r.pid, now_ns, true)));
+                let db = DbConn::new(decoder, r.pid, true);
+                out.db(DbObservation::Joined {
+                    sock: key,
+                    pool: conn.pool_key(&db),
+                    opened_ns: now_ns,
+                    opened_by_kernel: false,
+                });
+                conn.protocol = Protocol::Db(Box::new(db));
             }
             self.conns.insert(key, conn);
             self.recovered.insert((r.local, r.remote), key);
-            if matches!(self.conns[&key].protocol, Protocol::Db(_)) {
-                self.pool_join(key);
-            }
             added += 1;
         }
         added
@@ -854,7 +500,7 @@ impl ConnectionTable {
 
     /// Forgets recovered connections that were closed without the kernel seeing
     /// them (they never did I/O under our watch).
-    pub fn prune_recovered(&mut self, open: impl Fn(u32, u64) -> bool) {
+    pub fn prune_recovered(&mut self, open: impl Fn(u32, u64) -> bool, out: &mut impl Observer) {
         let gone: Vec<((SocketAddr, SocketAddr), u64)> = self
             .recovered
             .iter()
@@ -863,129 +509,20 @@ impl ConnectionTable {
             .collect();
         for (ends, key) in gone {
             self.recovered.remove(&ends);
-            self.remove(key);
+            self.remove(key, out);
         }
     }
 
-    /// Pool timing samples gathered since the last call.
-    pub fn take_pool_samples(&mut self) -> Vec<PoolSample> {
-        std::mem::take(&mut self.pool_samples)
-    }
-
-    /// The stitcher settled the trace of a span: if it is a database connection's
-    /// last call, the connection remembers it (leak reports name it).
-    pub fn note_trace(&mut self, span: SpanId, trace: TraceId) {
-        let Some(sock) = self.last_db_span.remove(&span) else {
-            return;
-        };
-        if let Some(Connection {
-            protocol: Protocol::Db(db),
-            ..
-        }) = self.conns.get_mut(&sock)
-            && db.last_call.as_ref().is_some_and(|(_, s, _)| *s == span)
-        {
-            db.last_trace = Some(trace);
-        }
-    }
-
-    /// Takes a connection out of the table and out of its pool.
-    fn remove(&mut self, sock: u64) -> Option<Connection> {
+    /// Takes a connection out of the table (and, through `out`, out of its pool).
+    fn remove(&mut self, sock: u64, out: &mut impl Observer) -> Option<Connection> {
         let conn = self.conns.remove(&sock)?;
-        if let Protocol::Db(db) = &conn.protocol {
-            if let Some((_, span, _)) = &db.last_call {
-                self.last_db_span.remove(span);
-            }
-            let key = (conn.pid, conn.endpoints.remote);
-            if let Some(pool) = self.pools.get_mut(&key) {
-                pool.members.retain(|&m| m != sock);
-                if pool.members.is_empty() {
-                    self.pools.remove(&key);
-                }
-            }
+        if matches!(conn.protocol, Protocol::Db(_)) {
+            out.db(DbObservation::Left { sock });
         }
         Some(conn)
     }
 
-    /// A database connection joined its pool.
-    fn pool_join(&mut self, sock: u64) {
-        let Some(conn) = self.conns.get(&sock) else {
-            return;
-        };
-        let key = (conn.pid, conn.endpoints.remote);
-        if self.pools.len() >= MAX_POOLS && !self.pools.contains_key(&key) {
-            return;
-        }
-        let pool = self.pools.entry(key).or_default();
-        if pool.members.len() < MAX_POOL_MEMBERS && !pool.members.contains(&sock) {
-            pool.members.push(sock);
-        }
-        if conn.role_from_kernel {
-            pool.last_open_ns = pool.last_open_ns.max(conn.opened_ns);
-        }
-    }
-
-    /// Connection `sock` was taken into use: learn the pool's order, and count the
-    /// least recently used idle connection as passed over when another was taken.
-    fn pool_borrow(&mut self, sock: u64) {
-        let Some(conn) = self.conns.get(&sock) else {
-            return;
-        };
-        let Protocol::Db(taken) = &conn.protocol else {
-            return;
-        };
-        let taken_last = taken.last_use_ns;
-        let key = (conn.pid, conn.endpoints.remote);
-        let Some(pool) = self.pools.get_mut(&key) else {
-            return;
-        };
-        // Idle others: (sock, last use, suspect).
-        let mut lru: Option<(u64, u64)> = None;
-        let (mut older, mut newer) = (0u32, 0u32);
-        for &m in &pool.members {
-            if m == sock {
-                continue;
-            }
-            let Some(Connection {
-                protocol: Protocol::Db(db),
-                ..
-            }) = self.conns.get(&m)
-            else {
-                continue;
-            };
-            if db.in_use_since.is_some() || db.decoder.in_flight() {
-                continue;
-            }
-            if lru.is_none_or(|(_, t)| db.last_use_ns < t) {
-                lru = Some((m, db.last_use_ns));
-            }
-            if db.passed_over >= SUSPECT_PASSES {
-                continue; // likely not in the pool at all: no vote
-            }
-            if db.last_use_ns < taken_last {
-                older += 1;
-            } else {
-                newer += 1;
-            }
-        }
-        if older + newer > 0 {
-            if older == 0 {
-                pool.fifo += 1; // took the least recently used
-            } else if newer == 0 {
-                pool.lifo += 1; // took the most recently used
-            }
-        }
-        if let Some((m, last)) = lru
-            && last < taken_last
-            && let Some(Connection {
-                protocol: Protocol::Db(db),
-                ..
-            }) = self.conns.get_mut(&m)
-        {
-            db.passed_over = db.passed_over.saturating_add(1);
-        }
-    }
-
-    fn make_room<S: SpanSink>(&mut self, ctx: &mut Ctx<'_, S>) {
+    fn make_room<O: Observer>(&mut self, ctx: &mut Ctx<'_, O>) {
         if self.conns.len() < self.limits.max_connections {
             return;
         }
@@ -994,7 +531,7 @@ impl ConnectionTable {
             .iter()
             .min_by_key(|(_, c)| c.last_io_ns)
             .map(|(&sock, _)| sock);
-        if let Some(conn) = victim.and_then(|sock| self.remove(sock)) {
+        if let Some(conn) = victim.and_then(|sock| self.remove(sock, ctx.out)) {
             ctx.telemetry.connections_evicted.inc();
             log::debug!(
                 "connection table full ({}): evicting the least recently used",
@@ -1004,7 +541,7 @@ impl ConnectionTable {
         }
     }
 
-    fn data<S: SpanSink>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, S>) {
+    fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
         if !self.conns.contains_key(&rec.meta.sock) {
             // Its open event was lost (ring buffer full): follow it with what we know.
             ctx.telemetry.dropped("connection_open_missed");
@@ -1036,13 +573,19 @@ impl ConnectionTable {
             Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
             Direction::Recv => conn.bytes_recv += u64::from(rec.total_len),
         }
-        let mut joined = false;
         if matches!(conn.protocol, Protocol::Unknown) {
             conn.detect(&rec, &self.http_limits);
             if matches!(conn.protocol, Protocol::Other) {
                 ctx.telemetry.dropped("unknown_protocol");
             }
-            joined = matches!(conn.protocol, Protocol::Db(_));
+            if let Protocol::Db(db) = &conn.protocol {
+                ctx.out.db(DbObservation::Joined {
+                    sock: rec.meta.sock,
+                    pool: conn.pool_key(db),
+                    opened_ns: conn.opened_ns,
+                    opened_by_kernel: conn.role_from_kernel,
+                });
+            }
         }
         let chunk = Chunk {
             bytes: &rec.payload,
@@ -1053,27 +596,7 @@ impl ConnectionTable {
             Protocol::Http1(_) => {
                 conn.http_data(&rec, &chunk, self.limits.max_pending_requests, ctx)
             }
-            Protocol::Db(_) => {
-                let before = conn.last_db_span();
-                let usage = conn.db_data(&rec, &chunk, ctx);
-                let after = conn.last_db_span();
-                if after != before {
-                    if let Some(old) = before {
-                        self.last_db_span.remove(&old);
-                    }
-                    if let Some(new) = after
-                        && self.last_db_span.len() < self.limits.max_connections
-                    {
-                        self.last_db_span.insert(new, rec.meta.sock);
-                    }
-                }
-                if joined {
-                    self.pool_join(rec.meta.sock);
-                }
-                if usage.borrowed.is_some() {
-                    self.pool_borrow(rec.meta.sock);
-                }
-            }
+            Protocol::Db(_) => conn.db_data(&rec, &chunk, ctx),
             Protocol::Unknown | Protocol::Other => {}
         }
         let now_other = matches!(
@@ -1082,7 +605,7 @@ impl ConnectionTable {
         );
         // Kernel sockets have kernel (high half) addresses; recovered ones do not.
         if now_other && !was_other && rec.meta.sock >> 63 == 1 {
-            if self.not_decoded.len() >= MAX_POOL_SAMPLES {
+            if self.not_decoded.len() >= MAX_NOT_DECODED {
                 self.not_decoded.remove(0);
             }
             let ends = self.conns.get(&rec.meta.sock).map(|c| c.endpoints);
@@ -1105,17 +628,19 @@ impl ConnectionTable {
 }
 
 impl Connection {
-    fn last_db_span(&self) -> Option<SpanId> {
-        match &self.protocol {
-            Protocol::Db(db) => db.last_call.as_ref().map(|(_, s, _)| *s),
-            _ => None,
+    /// The pool a database client connection belongs to.
+    fn pool_key(&self, db: &DbConn) -> PoolKey {
+        PoolKey {
+            pid: self.pid,
+            db_system: db.decoder.system(),
+            server: self.endpoints.remote,
         }
     }
 
     /// The peer ended its stream and a thread read that end: on a client
     /// connection that resumes the handler waiting for its answer (a response
     /// delimited by the close, or a reader that reads to the end).
-    fn end_of_stream<S: SpanSink>(&mut self, rec: &DataRecord, ctx: &mut Ctx<'_, S>) {
+    fn end_of_stream<O: Observer>(&mut self, rec: &DataRecord, ctx: &mut Ctx<'_, O>) {
         let Protocol::Http1(http) = &self.protocol else {
             return;
         };
@@ -1127,13 +652,13 @@ impl Connection {
             None => http.last_woken_by,
         };
         if let Some(parent) = cause {
-            ctx.causality.answered_call(
-                rec.meta.tgid,
-                rec.meta.tid,
+            ctx.out.thread(ThreadEvent::CallAnswered {
+                pid: rec.meta.tgid,
+                tid: rec.meta.tid,
+                ts_ns: rec.meta.ts_ns,
                 parent,
-                self.sock,
-                rec.meta.ts_ns,
-            );
+                conn: self.sock,
+            });
         }
     }
 
@@ -1206,7 +731,6 @@ impl Connection {
                 Protocol::Db(Box::new(DbConn::new(
                     decoder,
                     rec.meta.tid,
-                    self.opened_ns,
                     !self.role_from_kernel,
                 )))
             } else {
@@ -1256,12 +780,12 @@ impl Connection {
         }));
     }
 
-    fn http_data<S: SpanSink>(
+    fn http_data<O: Observer>(
         &mut self,
         rec: &DataRecord,
         chunk: &Chunk<'_>,
         max_pending: usize,
-        ctx: &mut Ctx<'_, S>,
+        ctx: &mut Ctx<'_, O>,
     ) {
         let Protocol::Http1(http) = &mut self.protocol else {
             return;
@@ -1290,13 +814,22 @@ impl Connection {
                     .headers
                     .traceparent
                     .as_deref()
-                    .and_then(stitch::parse_traceparent);
+                    .and_then(traceparent::parse_traceparent);
                 let (span_id, woken_by, dedicated) = if self.role == Role::Server {
                     let id = SpanId::random();
-                    ctx.causality.server_request(pid, tid, id, rec.meta.ts_ns);
-                    if let StartLine::Request { method, target } = &message.start {
-                        ctx.causality.serving(id, method, target);
-                    }
+                    let request = match &message.start {
+                        StartLine::Request { method, target } => {
+                            Some((method.as_str(), target.as_str()))
+                        }
+                        StartLine::Response { .. } => None,
+                    };
+                    ctx.out.thread(ThreadEvent::ServerRequest {
+                        pid,
+                        tid,
+                        ts_ns: rec.meta.ts_ns,
+                        span: id,
+                        request,
+                    });
                     (id, None, false)
                 } else {
                     // An outgoing traceparent names this very client span.
@@ -1310,7 +843,10 @@ impl Connection {
                     } else {
                         message.start_ns
                     };
-                    let (woken_by, dedicated) = ctx.causality.cause(pid, tid, at);
+                    let Cause {
+                        parent: woken_by,
+                        dedicated,
+                    } = ctx.out.cause(pid, tid, at);
                     log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
                     (id, woken_by, dedicated)
                 };
@@ -1321,6 +857,7 @@ impl Connection {
                     exchange: http.next_exchange,
                     woken_by,
                     dedicated,
+                    traceparent,
                 });
                 http.next_exchange += 1;
             }
@@ -1346,30 +883,21 @@ impl Connection {
         }
     }
 
-    fn db_data<S: SpanSink>(
-        &mut self,
-        rec: &DataRecord,
-        chunk: &Chunk<'_>,
-        ctx: &mut Ctx<'_, S>,
-    ) -> DbUse {
-        let mut usage = DbUse::default();
+    fn db_data<O: Observer>(&mut self, rec: &DataRecord, chunk: &Chunk<'_>, ctx: &mut Ctx<'_, O>) {
         let ips = self.addr_text();
         let Protocol::Db(db) = &mut self.protocol else {
-            return usage;
+            return;
         };
+        let sock = rec.meta.sock;
         let from_client = rec.direction == Direction::Send;
+        let mut request_started = false;
         if from_client {
             db.request_tid = rec.meta.tid;
             if !db.decoder.in_flight() {
                 // A new request starts: what is this thread working for?
-                db.cause = ctx
-                    .causality
-                    .cause(rec.meta.tgid, rec.meta.tid, rec.meta.ts_ns);
-                db.call_culprit = db.cause.0.and_then(|p| ctx.causality.culprit(p));
-                if db.in_use_since.is_none() && db.ready {
-                    db.in_use_since = Some(rec.meta.ts_ns);
-                    usage.borrowed = Some(rec.meta.ts_ns);
-                }
+                db.cause = ctx.out.cause(rec.meta.tgid, rec.meta.tid, rec.meta.ts_ns);
+                db.call_culprit = db.cause.parent.and_then(|p| ctx.out.culprit(p));
+                request_started = db.ready;
             }
         }
         db.scratch.clear();
@@ -1388,35 +916,44 @@ impl Connection {
         if !from_client && !db.ready && db.decoder.tx_status() != TxStatus::Unknown {
             // The server said it is ready for queries: the connection is made.
             db.ready = true;
-            ctx.pool_samples.push(PoolSample {
-                pid: self.pid,
-                db_system: db.decoder.system(),
-                server: self.endpoints.remote,
-                kind: PoolSampleKind::Create,
-                seconds: rec.meta.ts_ns.saturating_sub(self.opened_ns) as f64 / 1e9,
+            ctx.out.db(DbObservation::Ready {
+                sock,
+                ts_ns: rec.meta.ts_ns,
             });
         }
+        let mut usage = DbUse {
+            sock,
+            ts_ns: rec.meta.ts_ns,
+            request_started,
+            completed: None,
+            in_flight: db.decoder.in_flight(),
+            in_transaction: db.decoder.tx_status().in_transaction(),
+        };
         if db.scratch.is_empty() {
-            if db.decoder.encrypted() {
+            let encrypted = db.decoder.encrypted();
+            ctx.out.db(DbObservation::Used(usage));
+            if encrypted {
+                // Nothing more to decode: it leaves the table's database connections.
+                ctx.out.db(DbObservation::Left { sock });
                 self.protocol = Protocol::Other;
             }
-            return usage;
+            return;
         }
         if !from_client {
-            ctx.causality.answered_call(
-                rec.meta.tgid,
-                rec.meta.tid,
-                db.cause.0,
-                rec.meta.sock,
-                rec.meta.ts_ns,
-            );
+            ctx.out.thread(ThreadEvent::CallAnswered {
+                pid: rec.meta.tgid,
+                tid: rec.meta.tid,
+                ts_ns: rec.meta.ts_ns,
+                parent: db.cause.parent,
+                conn: sock,
+            });
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let link = Link {
             conn: None,
             exchange: None,
-            woken_by: db.cause.0,
-            dedicated_thread: db.cause.1,
+            woken_by: db.cause.parent,
+            dedicated_thread: db.cause.dedicated,
             header: false,
         };
         for call in db.scratch.drain(..) {
@@ -1433,29 +970,11 @@ impl Connection {
             let text = span.attr("db.query.text").map(|t| t.to_string());
             db.last_call = Some((text, span.span_id, call.end_ns));
             db.last_culprit.clone_from(&db.call_culprit);
-            db.last_trace = None;
+            usage.completed = Some(span.span_id);
             ctx.telemetry.spans_built.inc();
             ctx.out.span(span);
         }
-        db.passed_over = 0;
-        let in_tx = matches!(
-            db.decoder.tx_status(),
-            TxStatus::InTransaction | TxStatus::Failed
-        );
-        if !db.decoder.in_flight() && !in_tx {
-            // Given back: idle again.
-            db.last_use_ns = rec.meta.ts_ns;
-            if let Some(since) = db.in_use_since.take() {
-                ctx.pool_samples.push(PoolSample {
-                    pid: self.pid,
-                    db_system: db.decoder.system(),
-                    server: self.endpoints.remote,
-                    kind: PoolSampleKind::Use,
-                    seconds: rec.meta.ts_ns.saturating_sub(since) as f64 / 1e9,
-                });
-            }
-        }
-        usage
+        ctx.out.db(DbObservation::Used(usage));
     }
 
     /// The connection as (client end, server end).
@@ -1478,7 +997,7 @@ impl Connection {
 
     /// Pairs a response with the oldest waiting request and emits the span.
     /// `reader` is the thread that read the response (0 when the connection closed).
-    fn answer<S: SpanSink>(&mut self, response: &Http1Message, reader: u32, ctx: &mut Ctx<'_, S>) {
+    fn answer<O: Observer>(&mut self, response: &Http1Message, reader: u32, ctx: &mut Ctx<'_, O>) {
         let conn = self.conn_key();
         let sock = self.sock;
         let ips = self.addr_text();
@@ -1502,21 +1021,23 @@ impl Connection {
         };
         let from_start = http.from_start;
         if kind == SpanKind::Server {
-            ctx.causality
-                .server_answered(self.pid, req.tid, req.span_id);
+            ctx.out.thread(ThreadEvent::ServerAnswered {
+                pid: self.pid,
+                tid: req.tid,
+                span: req.span_id,
+            });
         } else if reader != 0 {
-            ctx.causality
-                .answered_call(self.pid, reader, req.woken_by, sock, response.end_ns);
+            ctx.out.thread(ThreadEvent::CallAnswered {
+                pid: self.pid,
+                tid: reader,
+                ts_ns: response.end_ns,
+                parent: req.woken_by,
+                conn: sock,
+            });
             http.last_woken_by = Some(req.woken_by);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
-        let header = req
-            .message
-            .headers
-            .traceparent
-            .as_deref()
-            .and_then(stitch::parse_traceparent)
-            .is_some();
+        let header = req.traceparent.is_some();
         let mut span = http_span(&HttpExchange {
             kind,
             request: &req.message,
@@ -1535,14 +1056,14 @@ impl Connection {
                 header,
             },
         });
-        stitch::apply_traceparent(&mut span, req.message.headers.traceparent.as_deref());
+        traceparent::apply_traceparent(&mut span, req.traceparent);
         ctx.telemetry.spans_built.inc();
         ctx.out.span(span);
     }
 
     /// Ends a connection: a close-delimited response finishes; requests that never
     /// got an answer are counted.
-    fn close<S: SpanSink>(mut self, ctx: &mut Ctx<'_, S>) {
+    fn close<O: Observer>(mut self, ctx: &mut Ctx<'_, O>) {
         let unanswered = match &mut self.protocol {
             Protocol::Http1(http) => {
                 let mut finished = Vec::new();
@@ -1566,7 +1087,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::AttrValue;
+    use crate::{pipeline::Downstream, spans::AttrValue};
 
     const SOCK_SERVER: u64 = 0xffff_8880_0000_1000;
     const SOCK_CLIENT: u64 = 0xffff_8880_0000_2000;
@@ -1618,6 +1139,7 @@ mod tests {
         table: ConnectionTable,
         procs: ProcessTable,
         telemetry: Telemetry,
+        down: Downstream,
         spans: Vec<Span>,
     }
 
@@ -1627,6 +1149,7 @@ mod tests {
                 table: ConnectionTable::new(TableLimits::default()),
                 procs: ProcessTable::with_proc_root(64, "/nonexistent"),
                 telemetry: Telemetry::new(),
+                down: Downstream::default(),
                 spans: Vec::new(),
             }
         }
@@ -1634,8 +1157,9 @@ mod tests {
         fn feed(&mut self, events: Vec<Event>) {
             for e in events {
                 self.table
-                    .handle(e, &mut self.procs, &self.telemetry, &mut self.spans);
+                    .handle(e, &mut self.procs, &self.telemetry, &mut self.down);
             }
+            self.spans.append(&mut self.down.spans);
         }
     }
 
@@ -2108,71 +1632,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_event_loop_ties_calls_to_wakes_in_order_and_refuses_crowds() {
-        let mut c = Causality::default();
-        let (a, b) = (SpanId::random(), SpanId::random());
-        // One thread reads two requests, then its handlers send in that order.
-        c.server_request(1, 1, a, 1_000);
-        c.server_request(1, 1, b, 1_100);
-        assert_eq!(c.cause(1, 1, 1_200), (Some(a), false));
-        assert_eq!(c.cause(1, 1, 1_300), (Some(b), false));
-        assert_eq!(c.cause(1, 1, 1_400), (None, false), "no wake left");
-        // A wake long before the send is nobody's cause any more.
-        let late = SpanId::random();
-        c.server_request(1, 1, late, 2_000);
-        assert_eq!(
-            c.cause(1, 1, 2_000 + MAX_WAKE_TO_SEND_NS + 1),
-            (None, false)
-        );
-        // Too many handlers woken at once: no guess.
-        for i in 0..=MAX_CONTENDERS as u64 {
-            c.server_request(1, 1, SpanId::random(), 10_000_000 + i);
-        }
-        assert_eq!(c.cause(1, 1, 10_000_100), (None, false));
-        // Handlers resumed by answers take their turn in the same queue.
-        let (x, y, z) = (SpanId::random(), SpanId::random(), SpanId::random());
-        c.server_request(1, 1, x, 20_000_000);
-        assert_eq!(c.cause(1, 1, 20_000_010), (Some(x), false));
-        c.server_request(1, 1, y, 20_000_020);
-        c.answered_call(1, 1, Some(x), 7, 20_000_030);
-        c.answered_call(1, 1, Some(x), 7, 20_000_035); // more of the same answer
-        c.server_request(1, 1, z, 20_000_040);
-        assert_eq!(c.cause(1, 1, 20_000_050), (Some(y), false), "y woke first");
-        assert_eq!(
-            c.cause(1, 1, 20_000_060),
-            (Some(x), false),
-            "x's second call"
-        );
-        assert_eq!(c.cause(1, 1, 20_000_070), (Some(z), false));
-        // A handler that answers its request takes its wake out of the queue.
-        let (p, q) = (SpanId::random(), SpanId::random());
-        c.server_request(1, 1, p, 30_000_000);
-        c.server_request(1, 1, q, 30_000_010);
-        c.server_answered(1, 1, p);
-        assert_eq!(c.cause(1, 1, 30_000_020), (Some(q), false));
-        // An answer to a call of unknown cause: whoever sends next stays unlinked
-        // rather than take a neighbour's wake.
-        let r = SpanId::random();
-        c.answered_call(1, 1, None, 8, 40_000_000);
-        c.server_request(1, 1, r, 40_000_010);
-        assert_eq!(c.cause(1, 1, 40_000_020), (None, false));
-        assert_eq!(c.cause(1, 1, 40_000_030), (Some(r), false));
-        // ... and once that handler answers (its wake was anonymous), the
-        // anonymous wake goes, so it does not shadow the next request.
-        let (u, v) = (SpanId::random(), SpanId::random());
-        c.server_request(1, 1, u, 50_000_000);
-        assert_eq!(c.cause(1, 1, 50_000_010), (Some(u), false));
-        c.answered_call(1, 1, None, 9, 50_000_020);
-        c.server_answered(1, 1, u);
-        c.server_request(1, 1, v, 50_000_030);
-        assert_eq!(c.cause(1, 1, 50_000_040), (Some(v), false));
-        // A thread with a single open request is dedicated.
-        let only = SpanId::random();
-        c.server_request(1, 2, only, 5);
-        assert_eq!(c.cause(1, 2, 6), (Some(only), true));
-    }
-
     // ---- the pool tracker, on PostgreSQL wire sequences ----------------------
 
     fn pg_msg(ty: u8, body: &[u8]) -> Vec<u8> {
@@ -2277,10 +1736,11 @@ mod tests {
 
         /// Leak reports a detector with a 60 s threshold makes `later` seconds on.
         fn leaks(&mut self, later: u64) -> Vec<(u16, crate::pools::LeakKind)> {
-            let rows = self
-                .r
-                .table
-                .db_inventory(self.now + later * Self::SECOND, &mut self.r.procs);
+            let rows = self.r.table.db_inventory(
+                self.now + later * Self::SECOND,
+                &mut self.r.procs,
+                &self.r.down.pools,
+            );
             let mut d = crate::pools::LeakDetector::new(std::time::Duration::from_secs(60));
             d.evaluate(&rows, 0.0)
                 .into_iter()
@@ -2310,7 +1770,9 @@ mod tests {
                 p.query(port, "SELECT 1", b'I');
             }
         }
-        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let rows =
+            p.r.table
+                .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
         let one = rows.iter().find(|r| r.client_port == 1).unwrap();
         assert!(
             one.pool_fifo && one.passed_over >= crate::pools::MIN_PASSES,
@@ -2333,7 +1795,9 @@ mod tests {
         for _ in 0..20 {
             p.query(3, "SELECT 1", b'I');
         }
-        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let rows =
+            p.r.table
+                .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
         assert!(rows.iter().all(|r| !r.pool_fifo), "{rows:#?}");
         assert_eq!(p.leaks(600), []);
     }
@@ -2361,9 +1825,11 @@ mod tests {
         p.close(1);
         p.close(2);
         assert_eq!(p.leaks(120), []);
-        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let rows =
+            p.r.table
+                .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
         assert_eq!(rows.len(), 1);
-        assert!(p.r.table.pools.values().all(|pool| pool.members.len() == 1));
+        assert!(p.r.down.pools.pool_sizes().iter().all(|&n| n == 1));
     }
 
     #[test]
@@ -2384,15 +1850,18 @@ mod tests {
                 recovered(9, 8080, 90), // not a database port: learns from traffic
             ],
             p.now,
+            &mut p.r.down,
         );
         assert_eq!(added, 3);
-        let rows =
-            p.r.table
-                .db_inventory(p.now + 5 * PoolReplay::SECOND, &mut p.r.procs);
+        let rows = p.r.table.db_inventory(
+            p.now + 5 * PoolReplay::SECOND,
+            &mut p.r.procs,
+            &p.r.down.pools,
+        );
         assert_eq!(rows.len(), 2, "{rows:#?}");
         assert!(
             rows.iter()
-                .all(|r| r.recovered && r.db_system == "postgresql")
+                .all(|r| r.recovered && r.pool.db_system.as_str() == "postgresql")
         );
         assert!(rows.iter().all(|r| (r.idle_seconds - 5.0).abs() < 0.1));
         // Connection 7 does I/O: the kernel announces it; it keeps its history.
@@ -2406,7 +1875,9 @@ mod tests {
             role: Role::Unknown,
         }]);
         p.query(7, "SELECT 1", b'I');
-        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        let rows =
+            p.r.table
+                .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
         let seven = rows.iter().find(|r| r.client_port == 7).unwrap();
         assert!(seven.recovered);
         assert_eq!(seven.last_query.as_deref(), Some("SELECT ?"));
@@ -2417,8 +1888,11 @@ mod tests {
         );
         // Connection 8 closes without I/O: pruned when its socket is gone.
         assert_eq!(p.r.table.recovered_sockets().len(), 2);
-        p.r.table.prune_recovered(|_, inode| inode != 80);
-        let rows = p.r.table.db_inventory(p.now, &mut p.r.procs);
+        p.r.table
+            .prune_recovered(|_, inode| inode != 80, &mut p.r.down);
+        let rows =
+            p.r.table
+                .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
         assert_eq!(
             rows.iter().map(|r| r.client_port).collect::<Vec<_>>(),
             [7],

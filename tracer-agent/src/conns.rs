@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::server::PoolRow;
+use crate::pools::inventory::PoolRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnsError {
@@ -148,7 +148,7 @@ mod tests {
             idle: 10,
             oldest_idle_seconds: 754.0,
             leaked: 2,
-            worst_leak: Some(crate::server::LeakSummary {
+            worst_leak: Some(crate::pools::inventory::LeakSummary {
                 kind: crate::pools::LeakKind::NeverReturned,
                 client_port: 41234,
                 idle_seconds: 754.0,

@@ -11,6 +11,8 @@ pub mod connections;
 pub mod conns;
 pub mod export;
 pub mod metrics;
+#[cfg(test)]
+mod module_graph;
 pub mod pipeline;
 pub mod pools;
 pub mod process;

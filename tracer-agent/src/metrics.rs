@@ -7,7 +7,7 @@
 //! (`otel.metric.overflow=true`), as the OpenTelemetry SDKs do.
 //!
 //! Database connection pools, by the `db.client.connection.*` conventions: one pool is
-//! one process and one database destination ([`PoolId`]). `db.client.connection.count`
+//! one process and one database destination (`pools::PoolKey`). `db.client.connection.count`
 //! (by state, `idle` | `used`), `db.client.connection.max`,
 //! `db.client.connection.create_time` and `db.client.connection.use_time`, each with
 //! `db.client.connection.pool.name`, `db.system.name`, `server.address` and
@@ -16,20 +16,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
     sync::{Arc, Mutex},
 };
 
-use opentelemetry_proto::tonic::{
-    collector::metrics::v1::ExportMetricsServiceRequest,
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
-    metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-        ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
-    },
-};
-
 use crate::{
+    pools::PoolKey,
     process::ProcessResource,
     spans::{AttrValue, Span, SpanKind},
 };
@@ -51,7 +42,7 @@ impl RedMetric {
         }
     }
 
-    fn prometheus_name(self) -> &'static str {
+    pub fn prometheus_name(self) -> &'static str {
         match self {
             RedMetric::HttpServer => "http_server_request_duration_seconds",
             RedMetric::HttpClient => "http_client_request_duration_seconds",
@@ -59,7 +50,7 @@ impl RedMetric {
         }
     }
 
-    fn description(self) -> &'static str {
+    pub fn description(self) -> &'static str {
         match self {
             RedMetric::HttpServer => "Duration of HTTP server requests",
             RedMetric::HttpClient => "Duration of HTTP client requests",
@@ -68,7 +59,7 @@ impl RedMetric {
     }
 
     /// Bucket boundaries advised by the semantic conventions.
-    fn bounds(self) -> &'static [f64] {
+    pub fn bounds(self) -> &'static [f64] {
         match self {
             RedMetric::HttpServer | RedMetric::HttpClient => &[
                 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -77,7 +68,7 @@ impl RedMetric {
         }
     }
 
-    const ALL: [RedMetric; 3] = [
+    pub const ALL: [RedMetric; 3] = [
         RedMetric::HttpServer,
         RedMetric::HttpClient,
         RedMetric::DbClient,
@@ -111,29 +102,29 @@ impl RedMetric {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct SeriesKey {
-    metric: RedMetric,
+pub struct SeriesKey {
+    pub metric: RedMetric,
     /// 0 for the overflow series.
-    pid: u32,
-    attrs: Vec<(&'static str, String)>,
+    pub pid: u32,
+    pub attrs: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug)]
-struct Series {
-    resource: Option<Arc<ProcessResource>>,
-    start_ns: u64,
-    hist: HistogramState,
+pub struct Series {
+    pub resource: Option<Arc<ProcessResource>>,
+    pub start_ns: u64,
+    pub hist: HistogramState,
 }
 
 /// The cumulative state of one histogram series.
 #[derive(Clone, Debug)]
-struct HistogramState {
-    count: u64,
-    sum: f64,
-    min: f64,
-    max: f64,
+pub struct HistogramState {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
     /// One more than the bounds: the last is `+Inf`.
-    buckets: Vec<u64>,
+    pub buckets: Vec<u64>,
 }
 
 impl HistogramState {
@@ -160,59 +151,11 @@ impl HistogramState {
             *b += 1;
         }
     }
-
-    fn point(
-        &self,
-        attributes: Vec<KeyValue>,
-        bounds: &[f64],
-        start_ns: u64,
-        now_ns: u64,
-    ) -> HistogramDataPoint {
-        HistogramDataPoint {
-            attributes,
-            start_time_unix_nano: start_ns,
-            time_unix_nano: now_ns,
-            count: self.count,
-            sum: Some(self.sum),
-            bucket_counts: self.buckets.clone(),
-            explicit_bounds: bounds.to_vec(),
-            min: self.min.is_finite().then_some(self.min),
-            max: self.max.is_finite().then_some(self.max),
-            ..Default::default()
-        }
-    }
 }
 
 /// A pool that has had no connections and no samples for this long is forgotten
 /// (10 minutes).
 pub const POOL_FORGET_AFTER_NS: u64 = 10 * 60 * 1_000_000_000;
-
-/// Identifies one pool.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PoolId {
-    pub pid: u32,
-    pub db_system: &'static str,
-    pub server_address: String,
-    pub server_port: u16,
-}
-
-impl PoolId {
-    /// `db.client.connection.pool.name`: `<executable>[<pid>] <db_system> <address>:<port>`,
-    /// an IPv6 address in brackets, e.g. `python3.11[4242] postgresql 127.0.0.1:5432`.
-    pub fn pool_name(&self, executable: &str) -> String {
-        let Self {
-            pid,
-            db_system,
-            server_address,
-            server_port,
-        } = self;
-        if server_address.contains(':') && !server_address.starts_with('[') {
-            format!("{executable}[{pid}] {db_system} [{server_address}]:{server_port}")
-        } else {
-            format!("{executable}[{pid}] {db_system} {server_address}:{server_port}")
-        }
-    }
-}
 
 /// The connection pool metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -239,7 +182,7 @@ impl PoolMetric {
         }
     }
 
-    fn prometheus_name(self) -> &'static str {
+    pub fn prometheus_name(self) -> &'static str {
         match self {
             PoolMetric::Count => "db_client_connection_count",
             PoolMetric::Max => "db_client_connection_max",
@@ -248,7 +191,7 @@ impl PoolMetric {
         }
     }
 
-    fn description(self) -> &'static str {
+    pub fn description(self) -> &'static str {
         match self {
             PoolMetric::Count => {
                 "Number of connections of the pool in the state given by db.client.connection.state"
@@ -263,7 +206,7 @@ impl PoolMetric {
         }
     }
 
-    fn unit(self) -> &'static str {
+    pub fn unit(self) -> &'static str {
         match self {
             PoolMetric::Count | PoolMetric::Max => "{connection}",
             PoolMetric::CreateTime | PoolMetric::UseTime => "s",
@@ -271,7 +214,7 @@ impl PoolMetric {
     }
 
     /// Bucket boundaries of the two histograms.
-    fn bounds(self) -> &'static [f64] {
+    pub fn bounds(self) -> &'static [f64] {
         match self {
             PoolMetric::Count | PoolMetric::Max => &[],
             PoolMetric::CreateTime => &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
@@ -284,13 +227,13 @@ impl PoolMetric {
 
 /// The state of one pool.
 #[derive(Clone, Debug)]
-struct PoolSeries {
-    resource: Option<Arc<ProcessResource>>,
-    start_ns: u64,
-    idle: u64,
-    used: u64,
+pub struct PoolSeries {
+    pub resource: Option<Arc<ProcessResource>>,
+    pub start_ns: u64,
+    pub idle: u64,
+    pub used: u64,
     /// Peak of `idle + used` since the pool was first tracked.
-    max: u64,
+    pub max: u64,
     create_time: HistogramState,
     use_time: HistogramState,
     /// When the pool last had connections or a sample.
@@ -322,7 +265,7 @@ impl PoolSeries {
     }
 
     /// The histogram of `metric`, if it is one.
-    fn histogram(&self, metric: PoolMetric) -> Option<&HistogramState> {
+    pub fn histogram(&self, metric: PoolMetric) -> Option<&HistogramState> {
         match metric {
             PoolMetric::CreateTime => Some(&self.create_time),
             PoolMetric::UseTime => Some(&self.use_time),
@@ -332,32 +275,21 @@ impl PoolSeries {
 
     /// The pool name; without a process resource the executable part is left empty
     /// (`[4242] postgresql 127.0.0.1:5432`).
-    fn name(&self, id: &PoolId) -> String {
+    pub fn name(&self, id: &PoolKey) -> String {
         let executable = self
             .resource
             .as_ref()
             .map_or("", |r| r.executable_name.as_str());
-        id.pool_name(executable)
+        id.name(executable)
     }
 
     /// The attributes every pool metric carries, as strings (Prometheus labels).
-    fn attrs(&self, id: &PoolId) -> Vec<(&'static str, String)> {
+    pub fn attrs(&self, id: &PoolKey) -> Vec<(&'static str, String)> {
         vec![
             ("db.client.connection.pool.name", self.name(id)),
-            ("db.system.name", id.db_system.to_string()),
-            ("server.address", id.server_address.clone()),
-            ("server.port", id.server_port.to_string()),
-        ]
-    }
-
-    /// The same attributes for OTLP, with `server.port` an integer as the conventions
-    /// type it.
-    fn otlp_attrs(&self, id: &PoolId) -> Vec<KeyValue> {
-        vec![
-            kv("db.client.connection.pool.name", &self.name(id)),
-            kv("db.system.name", id.db_system),
-            kv("server.address", &id.server_address),
-            int_kv("server.port", i64::from(id.server_port)),
+            ("db.system.name", id.db_system.as_str().to_string()),
+            ("server.address", id.server.ip().to_string()),
+            ("server.port", id.server.port().to_string()),
         ]
     }
 }
@@ -374,63 +306,12 @@ pub struct RedMetrics {
     prints: HashMap<u64, usize, foldhash::fast::RandomState>,
     /// Scratch for the URL template of the span being recorded.
     template: String,
-    pools: BTreeMap<PoolId, PoolSeries>,
+    pools: BTreeMap<PoolKey, PoolSeries>,
     max_series: usize,
     overflowed: u64,
 }
 
 pub type SharedRedMetrics = Arc<Mutex<RedMetrics>>;
-
-/// Replaces path segments that look like identifiers with `{id}` so that metric
-/// cardinality stays bounded: numbers, UUIDs, long hex strings and long tokens that
-/// mix letters and digits. At most 8 segments are kept.
-pub fn url_template(path: &str) -> String {
-    let mut out = String::with_capacity(path.len().min(128));
-    url_template_into(path, &mut out);
-    out
-}
-
-/// [`url_template`] into `out` (cleared first).
-fn url_template_into(path: &str, out: &mut String) {
-    out.clear();
-    for (i, seg) in path.split('/').enumerate() {
-        if i == 0 {
-            continue;
-        }
-        if i > 8 {
-            out.push_str("/{…}");
-            break;
-        }
-        out.push('/');
-        if looks_like_id(seg) {
-            out.push_str("{id}");
-        } else {
-            out.push_str(seg);
-        }
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-}
-
-fn looks_like_id(seg: &str) -> bool {
-    if seg.is_empty() {
-        return false;
-    }
-    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-    if digits == seg.len() {
-        return true;
-    }
-    let hexish = seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-    if hexish && seg.len() >= 8 && digits > 0 {
-        return true; // UUIDs, hashes, object ids
-    }
-    let alnum = seg
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    // Long tokens that mix digits in: session ids, base64-ish keys.
-    alnum && seg.len() >= 16 && digits >= 2
-}
 
 /// Whether a span attribute's value is the string a series key holds for it.
 fn attr_eq(v: &AttrValue, stored: &str) -> bool {
@@ -500,7 +381,7 @@ impl RedMetrics {
                 Some(AttrValue::Str(p)) => p.as_str(),
                 _ => "",
             };
-            url_template_into(path, &mut self.template);
+            crate::spans::route::url_template_into(path, &mut self.template);
         }
         let print = {
             use std::hash::{BuildHasher, Hash, Hasher};
@@ -626,11 +507,11 @@ impl RedMetrics {
     /// connections is not started.
     pub fn set_pool_counts(
         &mut self,
-        counts: &[(PoolId, u64, u64)],
+        counts: &[(PoolKey, u64, u64)],
         resource: &dyn Fn(u32) -> Option<Arc<ProcessResource>>,
         now_ns: u64,
     ) {
-        let mut snapshot: BTreeMap<&PoolId, (u64, u64)> = BTreeMap::new();
+        let mut snapshot: BTreeMap<&PoolKey, (u64, u64)> = BTreeMap::new();
         for (id, idle, used) in counts {
             let entry = snapshot.entry(id).or_default();
             entry.0 = entry.0.saturating_add(*idle);
@@ -665,7 +546,7 @@ impl RedMetrics {
     /// ignored. The pool limit is as for [`RedMetrics::set_pool_counts`].
     pub fn record_pool_create_time(
         &mut self,
-        pool: &PoolId,
+        pool: &PoolKey,
         seconds: f64,
         resource: Option<Arc<ProcessResource>>,
         now_ns: u64,
@@ -678,7 +559,7 @@ impl RedMetrics {
     /// ignored. The pool limit is as for [`RedMetrics::set_pool_counts`].
     pub fn record_pool_use_time(
         &mut self,
-        pool: &PoolId,
+        pool: &PoolKey,
         seconds: f64,
         resource: Option<Arc<ProcessResource>>,
         now_ns: u64,
@@ -689,7 +570,7 @@ impl RedMetrics {
     fn record_pool_sample(
         &mut self,
         metric: PoolMetric,
-        pool: &PoolId,
+        pool: &PoolKey,
         seconds: f64,
         resource: Option<Arc<ProcessResource>>,
         now_ns: u64,
@@ -713,7 +594,7 @@ impl RedMetrics {
     /// when full); `None`, counted as overflow, when there is none.
     fn pool_mut(
         &mut self,
-        id: &PoolId,
+        id: &PoolKey,
         resource: impl FnOnce() -> Option<Arc<ProcessResource>>,
         now_ns: u64,
     ) -> Option<&mut PoolSeries> {
@@ -725,8 +606,7 @@ impl RedMetrics {
                 self.overflowed += 1;
                 return None;
             }
-            self.pools
-                .insert(id.clone(), PoolSeries::new(resource(), now_ns));
+            self.pools.insert(*id, PoolSeries::new(resource(), now_ns));
             return self.pools.get_mut(id);
         }
         let pool = self.pools.get_mut(id)?;
@@ -734,6 +614,11 @@ impl RedMetrics {
             pool.resource = resource();
         }
         Some(pool)
+    }
+
+    /// Every tracked pool, in key order.
+    pub fn pools(&self) -> impl Iterator<Item = (&PoolKey, &PoolSeries)> {
+        self.pools.iter()
     }
 
     fn forget_inactive_pools(&mut self, now_ns: u64) {
@@ -744,307 +629,26 @@ impl RedMetrics {
         });
     }
 
-    fn sorted(&self) -> Vec<(&SeriesKey, &Series)> {
+    /// Every series, in (metric, pid, attributes) order.
+    pub fn sorted(&self) -> Vec<(&SeriesKey, &Series)> {
         let mut v: Vec<_> = self.series.iter().map(|(k, s)| (k, s)).collect();
         v.sort_by(|a, b| (a.0.metric, a.0.pid, &a.0.attrs).cmp(&(b.0.metric, b.0.pid, &b.0.attrs)));
         v
     }
-
-    /// OpenMetrics text for the histograms (appended to the agent's own counters).
-    pub fn render_prometheus(&self, out: &mut String) {
-        let sorted = self.sorted();
-        for metric in RedMetric::ALL {
-            let rows: Vec<_> = sorted.iter().filter(|(k, _)| k.metric == metric).collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let name = metric.prometheus_name();
-            write_histogram_header(out, name, metric.description());
-            for (key, s) in rows {
-                let labels = prometheus_labels(s.resource.as_deref(), &key.attrs);
-                write_histogram_samples(out, name, &labels, metric.bounds(), &s.hist);
-            }
-        }
-        self.render_pools_prometheus(out);
-    }
-
-    /// The pool metrics: the two counts as gauges, the histograms like the RED ones.
-    fn render_pools_prometheus(&self, out: &mut String) {
-        if self.pools.is_empty() {
-            return;
-        }
-        let rows: Vec<_> = self
-            .pools
-            .iter()
-            .map(|(id, p)| (p, prometheus_labels(p.resource.as_deref(), &p.attrs(id))))
-            .collect();
-        for metric in [PoolMetric::Count, PoolMetric::Max] {
-            let name = metric.prometheus_name();
-            let _ = writeln!(out, "# TYPE {name} gauge");
-            let _ = writeln!(out, "# HELP {name} {}.", metric.description());
-            for (p, labels) in &rows {
-                if metric == PoolMetric::Count {
-                    for (state, value) in [("idle", p.idle), ("used", p.used)] {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{{labels}db_client_connection_state=\"{state}\"}} {value}"
-                        );
-                    }
-                } else {
-                    let labels = labels.trim_end_matches(',');
-                    let _ = writeln!(out, "{name}{{{labels}}} {}", p.max);
-                }
-            }
-        }
-        for metric in [PoolMetric::CreateTime, PoolMetric::UseTime] {
-            let hists: Vec<_> = rows
-                .iter()
-                .filter_map(|(p, labels)| {
-                    let hist = p.histogram(metric).filter(|h| h.count > 0)?;
-                    Some((hist, labels))
-                })
-                .collect();
-            if hists.is_empty() {
-                continue;
-            }
-            let name = metric.prometheus_name();
-            write_histogram_header(out, name, metric.description());
-            for (hist, labels) in hists {
-                write_histogram_samples(out, name, labels, metric.bounds(), hist);
-            }
-        }
-    }
-
-    /// One OTLP metrics request, one `ResourceMetrics` per process.
-    ///
-    /// The pool counts (`db.client.connection.count`, `.max`) go out as non-monotonic
-    /// cumulative Sums, not Gauges: the conventions make them UpDownCounters, and that
-    /// is how an SDK exports an UpDownCounter, so backends see the type they expect
-    /// (Prometheus shows both as gauges). The pool histograms only go out once they
-    /// have a sample.
-    pub fn export_request(&self, now_ns: u64) -> ExportMetricsServiceRequest {
-        let mut by_pid: MetricsByProcess = Vec::new();
-        for (key, s) in self.sorted() {
-            let metrics = metrics_of(&mut by_pid, key.pid, &s.resource);
-            let attributes = key.attrs.iter().map(|(k, v)| kv(k, v)).collect();
-            let point = s
-                .hist
-                .point(attributes, key.metric.bounds(), s.start_ns, now_ns);
-            push_histogram_point(
-                metrics,
-                key.metric.otel_name(),
-                key.metric.description(),
-                point,
-            );
-        }
-        for (id, p) in &self.pools {
-            let metrics = metrics_of(&mut by_pid, id.pid, &p.resource);
-            let attrs = p.otlp_attrs(id);
-            let number = |attributes: Vec<KeyValue>, value: u64| NumberDataPoint {
-                attributes,
-                start_time_unix_nano: p.start_ns,
-                time_unix_nano: now_ns,
-                value: Some(number_data_point::Value::AsInt(
-                    i64::try_from(value).unwrap_or(i64::MAX),
-                )),
-                ..Default::default()
-            };
-            for (state, value) in [("idle", p.idle), ("used", p.used)] {
-                let mut attributes = attrs.clone();
-                attributes.push(kv("db.client.connection.state", state));
-                push_sum_point(metrics, PoolMetric::Count, number(attributes, value));
-            }
-            push_sum_point(metrics, PoolMetric::Max, number(attrs.clone(), p.max));
-            for metric in [PoolMetric::CreateTime, PoolMetric::UseTime] {
-                let Some(hist) = p.histogram(metric).filter(|h| h.count > 0) else {
-                    continue;
-                };
-                let point = hist.point(attrs.clone(), metric.bounds(), p.start_ns, now_ns);
-                push_histogram_point(metrics, metric.otel_name(), metric.description(), point);
-            }
-        }
-        let scope = InstrumentationScope {
-            name: "tracer".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        };
-        ExportMetricsServiceRequest {
-            resource_metrics: by_pid
-                .into_iter()
-                .map(|(_, resource, metrics)| ResourceMetrics {
-                    resource: resource.map(|r| crate::export::otlp::resource(&r)),
-                    scope_metrics: vec![ScopeMetrics {
-                        scope: Some(scope.clone()),
-                        metrics,
-                        schema_url: String::new(),
-                    }],
-                    schema_url: String::new(),
-                })
-                .collect(),
-        }
-    }
-}
-
-/// `key="value",` for the process resource and then each attribute (dots in keys
-/// become underscores), each followed by a comma.
-fn prometheus_labels(resource: Option<&ProcessResource>, attrs: &[(&str, String)]) -> String {
-    let mut labels = String::new();
-    if let Some(r) = resource {
-        let _ = write!(
-            labels,
-            "service_name=\"{}\",process_pid=\"{}\",",
-            escape(&r.service_name),
-            r.pid
-        );
-    }
-    for (k, v) in attrs {
-        let _ = write!(labels, "{}=\"{}\",", k.replace('.', "_"), escape(v));
-    }
-    labels
-}
-
-fn write_histogram_header(out: &mut String, name: &str, description: &str) {
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    let _ = writeln!(out, "# UNIT {name} seconds");
-    let _ = writeln!(out, "# HELP {name} {description}.");
-}
-
-/// `_bucket`, `_sum` and `_count` of one series; `labels` as from [`prometheus_labels`].
-fn write_histogram_samples(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    bounds: &[f64],
-    hist: &HistogramState,
-) {
-    let mut cumulative = 0;
-    for (i, bound) in bounds
-        .iter()
-        .map(|b| b.to_string())
-        .chain(["+Inf".to_string()])
-        .enumerate()
-    {
-        cumulative += hist.buckets.get(i).copied().unwrap_or(0);
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
-    }
-    let labels = labels.trim_end_matches(',');
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", hist.sum);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", hist.count);
-}
-
-/// The metrics of each process (pid, resource), in the order first seen.
-type MetricsByProcess = Vec<(u32, Option<Arc<ProcessResource>>, Vec<Metric>)>;
-
-/// The metrics of the process `pid`, added after the others if it has none yet.
-fn metrics_of<'a>(
-    by_pid: &'a mut MetricsByProcess,
-    pid: u32,
-    resource: &Option<Arc<ProcessResource>>,
-) -> &'a mut Vec<Metric> {
-    let idx = match by_pid.iter().position(|(p, _, _)| *p == pid) {
-        Some(i) => i,
-        None => {
-            by_pid.push((pid, resource.clone(), Vec::new()));
-            by_pid.len() - 1
-        }
-    };
-    let entry = &mut by_pid[idx];
-    if entry.1.is_none() {
-        entry.1 = resource.clone();
-    }
-    &mut entry.2
-}
-
-/// The data of the metric `name`, added with `empty` data if not there yet.
-fn metric_data<'a>(
-    metrics: &'a mut Vec<Metric>,
-    name: &str,
-    description: &str,
-    unit: &str,
-    empty: fn() -> metric::Data,
-) -> &'a mut metric::Data {
-    let idx = match metrics.iter().position(|m| m.name == name) {
-        Some(i) => i,
-        None => {
-            metrics.push(Metric {
-                name: name.to_string(),
-                description: description.to_string(),
-                unit: unit.to_string(),
-                ..Default::default()
-            });
-            metrics.len() - 1
-        }
-    };
-    metrics[idx].data.get_or_insert_with(empty)
-}
-
-/// Adds a point to the cumulative histogram `name` (unit seconds).
-fn push_histogram_point(
-    metrics: &mut Vec<Metric>,
-    name: &str,
-    description: &str,
-    point: HistogramDataPoint,
-) {
-    let data = metric_data(metrics, name, description, "s", || {
-        metric::Data::Histogram(Histogram {
-            data_points: Vec::new(),
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-        })
-    });
-    if let metric::Data::Histogram(h) = data {
-        h.data_points.push(point);
-    }
-}
-
-/// Adds a point to a pool count, a non-monotonic cumulative Sum.
-fn push_sum_point(metrics: &mut Vec<Metric>, metric: PoolMetric, point: NumberDataPoint) {
-    let data = metric_data(
-        metrics,
-        metric.otel_name(),
-        metric.description(),
-        metric.unit(),
-        || {
-            metric::Data::Sum(Sum {
-                data_points: Vec::new(),
-                aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                is_monotonic: false,
-            })
-        },
-    );
-    if let metric::Data::Sum(s) = data {
-        s.data_points.push(point);
-    }
-}
-
-fn int_kv(k: &str, v: i64) -> KeyValue {
-    KeyValue {
-        key: k.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(v)),
-        }),
-        ..Default::default()
-    }
-}
-
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.to_string())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use opentelemetry_proto::tonic::{
+        collector::metrics::v1::ExportMetricsServiceRequest,
+        common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+        metrics::v1::{
+            AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+            ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+        },
+    };
 
     fn span(kind: SpanKind, path: &str, status: i64, dur_ms: u64, pid: u32) -> Span {
         Span {
@@ -1061,21 +665,6 @@ mod tests {
     }
 
     #[test]
-    fn paths_become_templates() {
-        assert_eq!(url_template("/orders/12345"), "/orders/{id}");
-        assert_eq!(
-            url_template("/users/550e8400-e29b-41d4-a716-446655440000/cart"),
-            "/users/{id}/cart"
-        );
-        assert_eq!(url_template("/blob/deadbeef01"), "/blob/{id}");
-        assert_eq!(url_template("/static/app.js"), "/static/app.js");
-        assert_eq!(url_template("/session/aZ3kq9Lm2pQ8rT5v"), "/session/{id}");
-        assert_eq!(url_template("/"), "/");
-        assert_eq!(url_template(""), "/");
-        assert_eq!(url_template("/a/b/c/d/e/f/g/h/i/j"), "/a/b/c/d/e/f/g/h/{…}");
-    }
-
-    #[test]
     fn histograms_aggregate_by_template_and_render() {
         let mut m = RedMetrics::new(100);
         m.record(&span(SpanKind::Server, "/orders/1", 200, 3, 7));
@@ -1083,7 +672,7 @@ mod tests {
         m.record(&span(SpanKind::Client, "/orders/3", 500, 3, 8));
         assert_eq!(m.series_count(), 2);
         let mut text = String::new();
-        m.render_prometheus(&mut text);
+        crate::export::prometheus::render(&m, &mut text);
         assert!(
             text.contains("# TYPE http_server_request_duration_seconds histogram"),
             "{text}"
@@ -1093,7 +682,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("http_server_request_duration_seconds_count{service_name=\"svc7\",process_pid=\"7\",http_request_method=\"GET\",http_response_status_code=\"200\",server_port=\"8000\",url_template=\"/orders/{id}\"} 2"), "{text}");
-        let req = m.export_request(2_000_000_000);
+        let req = crate::export::otlp_metrics::export_request(&m, 2_000_000_000);
         assert_eq!(req.resource_metrics.len(), 2);
         let metric = &req.resource_metrics[0].scope_metrics[0].metrics[0];
         assert_eq!(metric.name, "http.server.request.duration");
@@ -1158,12 +747,11 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
-    fn pool(pid: u32, address: &str, port: u16) -> PoolId {
-        PoolId {
+    fn pool(pid: u32, address: &str, port: u16) -> PoolKey {
+        PoolKey {
             pid,
-            db_system: "postgresql",
-            server_address: address.into(),
-            server_port: port,
+            db_system: crate::protocols::db::DbSystem::Postgresql,
+            server: std::net::SocketAddr::new(address.parse().expect("an IP address"), port),
         }
     }
 
@@ -1196,39 +784,23 @@ mod tests {
     }
 
     #[test]
-    fn pool_names_put_ipv6_addresses_in_brackets() {
-        assert_eq!(
-            pool(4242, "127.0.0.1", 5432).pool_name("python3.11"),
-            "python3.11[4242] postgresql 127.0.0.1:5432"
-        );
-        assert_eq!(
-            pool(4242, "::1", 5432).pool_name("python3.11"),
-            "python3.11[4242] postgresql [::1]:5432"
-        );
-        assert_eq!(
-            pool(7, "db.internal", 3306).pool_name("java"),
-            "java[7] postgresql db.internal:3306"
-        );
-    }
-
-    #[test]
     fn pool_counts_replace_and_max_keeps_the_peak() {
         let mut m = RedMetrics::new(100);
         let a = pool(4242, "127.0.0.1", 5432);
         let b = pool(4242, "10.0.0.2", 5432);
-        m.set_pool_counts(&[(a.clone(), 2, 3), (b.clone(), 1, 0)], &resources, SEC);
+        m.set_pool_counts(&[(a, 2, 3), (b, 1, 0)], &resources, SEC);
         let pa = &m.pools[&a];
         assert_eq!((pa.idle, pa.used, pa.max), (2, 3, 5));
         assert_eq!(pa.resource.as_deref(), Some(&*python(4242)));
 
-        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 2 * SEC);
+        m.set_pool_counts(&[(a, 1, 0)], &resources, 2 * SEC);
         let pa = &m.pools[&a];
         assert_eq!((pa.idle, pa.used, pa.max), (1, 0, 5), "the peak stays");
         let pb = &m.pools[&b];
         assert_eq!((pb.idle, pb.used, pb.max), (0, 0, 1), "absent: count 0");
 
         // Entries for the same pool add up; a new peak raises max.
-        m.set_pool_counts(&[(a.clone(), 4, 1), (a.clone(), 0, 2)], &resources, 3 * SEC);
+        m.set_pool_counts(&[(a, 4, 1), (a, 0, 2)], &resources, 3 * SEC);
         let pa = &m.pools[&a];
         assert_eq!((pa.idle, pa.used, pa.max), (4, 3, 7));
         assert_eq!(m.pool_count(), 2);
@@ -1239,21 +811,17 @@ mod tests {
         let mut m = RedMetrics::new(100);
         let a = pool(1, "127.0.0.1", 5432);
         let b = pool(2, "127.0.0.1", 5432);
-        m.set_pool_counts(&[(a.clone(), 1, 0), (b.clone(), 1, 0)], &resources, SEC);
+        m.set_pool_counts(&[(a, 1, 0), (b, 1, 0)], &resources, SEC);
         // b closes its connections but records a sample at 5 minutes; a keeps one.
-        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 2 * SEC);
+        m.set_pool_counts(&[(a, 1, 0)], &resources, 2 * SEC);
         m.record_pool_use_time(&b, 0.01, None, 300 * SEC);
-        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 899 * SEC);
+        m.set_pool_counts(&[(a, 1, 0)], &resources, 899 * SEC);
         assert_eq!(m.pool_count(), 2, "b had a sample less than 10 minutes ago");
-        m.set_pool_counts(&[(a.clone(), 1, 0)], &resources, 900 * SEC);
+        m.set_pool_counts(&[(a, 1, 0)], &resources, 900 * SEC);
         assert_eq!(m.pool_count(), 1);
         assert!(m.pools.contains_key(&a), "a pool with connections is kept");
         // An untracked pool with no connections is not started.
-        m.set_pool_counts(
-            &[(a.clone(), 1, 0), (b.clone(), 0, 0)],
-            &resources,
-            901 * SEC,
-        );
+        m.set_pool_counts(&[(a, 1, 0), (b, 0, 0)], &resources, 901 * SEC);
         assert_eq!(m.pool_count(), 1);
     }
 
@@ -1286,13 +854,13 @@ mod tests {
     fn pool_metrics_render_as_prometheus_text() {
         let mut m = RedMetrics::new(100);
         let a = pool(4242, "127.0.0.1", 5432);
-        m.set_pool_counts(&[(a.clone(), 2, 3)], &resources, SEC);
-        m.set_pool_counts(&[(a.clone(), 2, 1)], &resources, 2 * SEC);
+        m.set_pool_counts(&[(a, 2, 3)], &resources, SEC);
+        m.set_pool_counts(&[(a, 2, 1)], &resources, 2 * SEC);
         m.record_pool_create_time(&a, 0.003, None, 2 * SEC);
         m.record_pool_create_time(&a, 0.02, None, 2 * SEC);
         m.record_pool_use_time(&a, 0.25, None, 2 * SEC);
         let mut text = String::new();
-        m.render_prometheus(&mut text);
+        crate::export::prometheus::render(&m, &mut text);
         let labels = "service_name=\"orders\",process_pid=\"4242\",db_client_connection_pool_name=\"python3.11[4242] postgresql 127.0.0.1:5432\",db_system_name=\"postgresql\",server_address=\"127.0.0.1\",server_port=\"5432\"";
         let expected = [
             "# TYPE db_client_connection_count gauge".to_string(),
@@ -1336,7 +904,7 @@ mod tests {
         let mut m = RedMetrics::new(100);
         m.set_pool_counts(&[(pool(1, "127.0.0.1", 5432), 1, 0)], &|_| None, SEC);
         let mut text = String::new();
-        m.render_prometheus(&mut text);
+        crate::export::prometheus::render(&m, &mut text);
         assert!(
             has_line(
                 &text,
@@ -1346,7 +914,7 @@ mod tests {
         );
         assert!(!text.contains("create_time"), "{text}");
         assert!(!text.contains("use_time"), "{text}");
-        let req = m.export_request(2 * SEC);
+        let req = crate::export::otlp_metrics::export_request(&m, 2 * SEC);
         let names: Vec<_> = req.resource_metrics[0].scope_metrics[0]
             .metrics
             .iter()
@@ -1363,10 +931,10 @@ mod tests {
         let mut m = RedMetrics::new(100);
         m.record(&span(SpanKind::Server, "/orders/1", 200, 3, 7));
         let a = pool(4242, "::1", 5432);
-        m.set_pool_counts(&[(a.clone(), 2, 1)], &resources, SEC);
+        m.set_pool_counts(&[(a, 2, 1)], &resources, SEC);
         m.record_pool_create_time(&a, 0.003, None, SEC);
         m.record_pool_use_time(&a, 0.25, None, SEC);
-        let req = m.export_request(5 * SEC);
+        let req = crate::export::otlp_metrics::export_request(&m, 5 * SEC);
         assert_eq!(req.resource_metrics.len(), 2, "process 7 and process 4242");
         assert_eq!(
             req.resource_metrics[0].scope_metrics[0].metrics[0].name,

@@ -1,5 +1,9 @@
-//! The stages after capture, joined by bounded channels:
-//! events → connections/protocols/spans → stitch (parent inference) → export.
+//! The stage after capture: one task that turns event batches into spans and pool
+//! state, synchronously, in this order for every batch:
+//! events → [`ConnectionTable`] (connections, protocols, spans) → [`Downstream`]
+//! (causality, pool tracker) → [`ParentInference`] (stitch) → pool tracker (settled
+//! traces) → span queue → export; once a second [`PoolStage`] takes the inventory,
+//! evaluates leaks and sets the pool metrics.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,17 +11,53 @@ use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     capture::{Event, loader::SocketIgnorer},
-    connections::{
-        ConnectionTable, DbConnectionRow, PoolSample, PoolSampleKind, SpanOptions, TableLimits,
-    },
+    connections::{ConnectionTable, Observer, SpanOptions, TableLimits},
     export::otlp::unix_nano_now,
-    metrics::{PoolId, SharedRedMetrics},
+    metrics::SharedRedMetrics,
+    pools::{
+        DbConnectionRow, LeakEvent, PoolKey, PoolStage, PoolTracker,
+        tracker::{DbObservation, PoolSample, PoolSampleKind},
+    },
     process::{ProcessResource, ProcessTable},
     recover::RecoveredSocket,
-    spans::Span,
-    stitch::ParentInference,
+    spans::{Span, SpanId},
+    stitch::{
+        ParentInference,
+        causality::{Causality, Cause, Culprit, ThreadEvent},
+    },
     telemetry::{QueueLabel, Telemetry},
 };
+
+/// What the connection table reports to: parent inference's per-thread causality,
+/// the pool tracker, and the spans it built (taken by the caller after each event).
+#[derive(Default)]
+pub struct Downstream {
+    pub causality: Causality,
+    pub pools: PoolTracker,
+    pub spans: Vec<Span>,
+}
+
+impl Observer for Downstream {
+    fn span(&mut self, span: Span) {
+        self.spans.push(span);
+    }
+
+    fn thread(&mut self, event: ThreadEvent<'_>) {
+        self.causality.observe(event);
+    }
+
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause {
+        self.causality.cause(pid, tid, ts_ns)
+    }
+
+    fn culprit(&mut self, span: SpanId) -> Option<Culprit> {
+        self.causality.culprit(span)
+    }
+
+    fn db(&mut self, observation: DbObservation) {
+        self.pools.observe(observation);
+    }
+}
 
 /// The latest database connection inventory, published about once a second.
 pub type SharedInventory = Arc<std::sync::Mutex<Vec<DbConnectionRow>>>;
@@ -54,20 +94,18 @@ pub async fn process_events(
     telemetry: Arc<Telemetry>,
     red: SharedRedMetrics,
     inventory: SharedInventory,
-    leaks_tx: mpsc::Sender<Vec<crate::pools::LeakEvent>>,
+    leaks_tx: mpsc::Sender<Vec<LeakEvent>>,
 ) {
-    let mut leaks = crate::pools::LeakDetector::new(config.leak_after);
+    let mut pools = PoolStage::new(config.leak_after);
     let mut table = ConnectionTable::with_options(config.limits, config.options);
     let mut procs = ProcessTable::new(16384);
+    let mut down = Downstream::default();
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut built = Vec::new();
-    let mut last_inventory = Instant::now();
-    let started = Instant::now();
     let mut last_recovered_check = Instant::now();
     if !config.recovered.is_empty() {
-        let added = table.recover(&config.recovered, unix_nano_now());
+        let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
         log::info!("recovered {added} connections open before the agent started (from /proc)");
     }
     loop {
@@ -77,10 +115,10 @@ pub async fn process_events(
                 let Some(batch) = batch else { break };
                 telemetry.events_backlog.take(batch.len());
                 for event in batch {
-                    table.handle(event, &mut procs, &telemetry, &mut built);
+                    table.handle(event, &mut procs, &telemetry, &mut down);
                 }
                 let now = Instant::now().into_std();
-                for span in built.drain(..) {
+                for span in down.spans.drain(..) {
                     stitch.push(span, now, &mut ready);
                 }
             }
@@ -92,7 +130,7 @@ pub async fn process_events(
                     .set(stitch.pending() as i64);
             }
         }
-        record_pool_samples(table.take_pool_samples(), &red, &mut procs);
+        record_pool_samples(down.pools.take_samples(), &red, &mut procs);
         let not_decoded = table.take_not_decoded();
         if let Some(ignorer) = &config.ignorer {
             for n in not_decoded {
@@ -101,16 +139,15 @@ pub async fn process_events(
         }
         // Database connections remember the trace their last call ended up in.
         for span in ready.iter().filter(|s| s.attr("db.system.name").is_some()) {
-            table.note_trace(span.span_id, span.trace_id);
+            down.pools.settled(span.span_id, span.trace_id);
         }
         send(ready, &tx, &telemetry, &red);
-        if last_inventory.elapsed() >= Duration::from_secs(1) {
-            last_inventory = Instant::now();
-            let mut rows = table.db_inventory(unix_nano_now(), &mut procs);
-            let events = leaks.evaluate(&rows, started.elapsed().as_secs_f64());
-            leaks.annotate(&mut rows);
-            record_pool_counts(&rows, &red, &mut procs);
-            if !events.is_empty() && leaks_tx.try_send(events).is_err() {
+        let now = Instant::now();
+        if pools.due(now.into_std()) {
+            let rows = table.db_inventory(unix_nano_now(), &mut procs, &down.pools);
+            let round = pools.round(rows, now.into_std());
+            record_pool_counts(&round.counts, &round.rows, &red, &mut procs);
+            if !round.leaks.is_empty() && leaks_tx.try_send(round.leaks).is_err() {
                 telemetry
                     .queue_dropped
                     .get_or_create(&QueueLabel::new("leaks"))
@@ -118,10 +155,10 @@ pub async fn process_events(
             }
             if last_recovered_check.elapsed() >= RECOVERED_CHECK {
                 last_recovered_check = Instant::now();
-                prune_recovered(&mut table);
+                prune_recovered(&mut table, &mut down);
             }
             if let Ok(mut shared) = inventory.lock() {
-                *shared = rows;
+                *shared = round.rows;
             }
         }
     }
@@ -131,7 +168,7 @@ pub async fn process_events(
 }
 
 /// Forgets recovered connections whose socket their process no longer holds.
-fn prune_recovered(table: &mut ConnectionTable) {
+fn prune_recovered(table: &mut ConnectionTable, down: &mut Downstream) {
     let sockets = table.recovered_sockets();
     if sockets.is_empty() {
         return;
@@ -143,20 +180,14 @@ fn prune_recovered(table: &mut ConnectionTable) {
             crate::recover::open_socket_inodes(std::path::Path::new("/proc"), *pid)
         });
     }
-    table.prune_recovered(|pid, inode| {
-        open.get(&pid)
-            .and_then(Option::as_ref)
-            .is_some_and(|inodes| inodes.contains(&inode))
-    });
-}
-
-fn pool_id(pid: u32, db_system: &'static str, server: std::net::SocketAddr) -> PoolId {
-    PoolId {
-        pid,
-        db_system,
-        server_address: server.ip().to_string(),
-        server_port: server.port(),
-    }
+    table.prune_recovered(
+        |pid, inode| {
+            open.get(&pid)
+                .and_then(Option::as_ref)
+                .is_some_and(|inodes| inodes.contains(&inode))
+        },
+        down,
+    );
 }
 
 /// Connection create and use times into the pool histograms.
@@ -167,46 +198,29 @@ fn record_pool_samples(samples: Vec<PoolSample>, red: &SharedRedMetrics, procs: 
     let now = unix_nano_now();
     let Ok(mut red) = red.lock() else { return };
     for s in samples {
-        let pool = pool_id(s.pid, s.db_system.as_str(), s.server);
-        let resource = Some(procs.get(s.pid, ""));
+        let resource = Some(procs.get(s.pool.pid, ""));
         match s.kind {
-            PoolSampleKind::Create => red.record_pool_create_time(&pool, s.seconds, resource, now),
-            PoolSampleKind::Use => red.record_pool_use_time(&pool, s.seconds, resource, now),
+            PoolSampleKind::Create => {
+                red.record_pool_create_time(&s.pool, s.seconds, resource, now)
+            }
+            PoolSampleKind::Use => red.record_pool_use_time(&s.pool, s.seconds, resource, now),
         }
     }
 }
 
 /// The inventory's idle and used connections per pool into the pool gauges.
-fn record_pool_counts(rows: &[DbConnectionRow], red: &SharedRedMetrics, procs: &mut ProcessTable) {
-    let mut by_pool: std::collections::BTreeMap<PoolId, (u64, u64)> = Default::default();
-    for r in rows {
-        let pool = PoolId {
-            pid: r.pid,
-            db_system: r.db_system,
-            server_address: r.server_address.clone(),
-            server_port: r.server_port,
-        };
-        let (idle, used) = by_pool.entry(pool).or_default();
-        if r.state == "used" {
-            *used += 1;
-        } else {
-            *idle += 1;
-        }
-    }
-    let counts: Vec<(PoolId, u64, u64)> = by_pool
-        .into_iter()
-        .map(|(pool, (idle, used))| (pool, idle, used))
-        .collect();
+fn record_pool_counts(
+    counts: &[(PoolKey, u64, u64)],
+    rows: &[DbConnectionRow],
+    red: &SharedRedMetrics,
+    procs: &mut ProcessTable,
+) {
     let resources: std::collections::HashMap<u32, Arc<ProcessResource>> = rows
         .iter()
-        .map(|r| (r.pid, procs.get(r.pid, &r.executable)))
+        .map(|r| (r.pool.pid, procs.get(r.pool.pid, &r.executable)))
         .collect();
     if let Ok(mut red) = red.lock() {
-        red.set_pool_counts(
-            &counts,
-            &|pid| resources.get(&pid).cloned(),
-            unix_nano_now(),
-        );
+        red.set_pool_counts(counts, &|pid| resources.get(&pid).cloned(), unix_nano_now());
     }
 }
 

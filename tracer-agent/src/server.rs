@@ -6,103 +6,9 @@ use axum::{Router, http::header, response::IntoResponse, routing::get};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    connections::DbConnectionRow, metrics::SharedRedMetrics, pipeline::SharedInventory,
+    metrics::SharedRedMetrics, pipeline::SharedInventory, pools::inventory::pools,
     telemetry::Telemetry,
 };
-
-/// Connections of one process to one database destination.
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct PoolRow {
-    pub pid: u32,
-    pub executable: String,
-    pub db_system: String,
-    pub server_address: String,
-    pub server_port: u16,
-    pub open: usize,
-    pub used: usize,
-    pub idle: usize,
-    pub oldest_idle_seconds: f64,
-    /// Connections with a leak reported.
-    #[serde(default)]
-    pub leaked: usize,
-    /// The longest-idle leak: its kind, local port, culprit request and last query.
-    #[serde(default)]
-    pub worst_leak: Option<LeakSummary>,
-}
-
-/// The leak a pool row names.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct LeakSummary {
-    pub kind: crate::pools::LeakKind,
-    pub client_port: u16,
-    pub idle_seconds: f64,
-    /// `GET /path` of the request that last used the connection, when known.
-    pub culprit: Option<String>,
-    pub trace_id: Option<String>,
-    pub last_query: Option<String>,
-}
-
-/// Groups connections into pools (process × destination), oldest idle first.
-pub fn pools(rows: &[DbConnectionRow]) -> Vec<PoolRow> {
-    let mut pools: Vec<PoolRow> = Vec::new();
-    for r in rows {
-        let i = match pools.iter().position(|p| {
-            p.pid == r.pid && p.server_address == r.server_address && p.server_port == r.server_port
-        }) {
-            Some(i) => i,
-            None => {
-                pools.push(PoolRow {
-                    pid: r.pid,
-                    executable: r.executable.clone(),
-                    db_system: r.db_system.to_string(),
-                    server_address: r.server_address.clone(),
-                    server_port: r.server_port,
-                    open: 0,
-                    used: 0,
-                    idle: 0,
-                    oldest_idle_seconds: 0.0,
-                    leaked: 0,
-                    worst_leak: None,
-                });
-                pools.len() - 1
-            }
-        };
-        let p = &mut pools[i];
-        p.open += 1;
-        if r.state == "used" {
-            p.used += 1;
-        } else {
-            p.idle += 1;
-            p.oldest_idle_seconds = p.oldest_idle_seconds.max(r.idle_seconds);
-        }
-        if let Some(kind) = r.leak {
-            p.leaked += 1;
-            if p.worst_leak
-                .as_ref()
-                .is_none_or(|w| w.idle_seconds < r.idle_seconds)
-            {
-                p.worst_leak = Some(LeakSummary {
-                    kind,
-                    client_port: r.client_port,
-                    idle_seconds: r.idle_seconds,
-                    culprit: r
-                        .culprit
-                        .as_ref()
-                        .map(|c| format!("{} {}", c.method, c.path)),
-                    trace_id: r.last_trace_id.clone(),
-                    last_query: r.last_query.clone(),
-                });
-            }
-        }
-    }
-    // Leaking pools first (most leaks first), then the longest idle.
-    pools.sort_by(|a, b| {
-        b.leaked
-            .cmp(&a.leaked)
-            .then(b.oldest_idle_seconds.total_cmp(&a.oldest_idle_seconds))
-    });
-    pools
-}
 
 /// The agent's counters followed by the RED histograms, in one OpenMetrics document.
 fn render(telemetry: &Telemetry, red: &SharedRedMetrics) -> String {
@@ -110,7 +16,7 @@ fn render(telemetry: &Telemetry, red: &SharedRedMetrics) -> String {
     let body_end = text.rfind("# EOF").unwrap_or(text.len());
     text.truncate(body_end);
     if let Ok(red) = red.lock() {
-        red.render_prometheus(&mut text);
+        crate::export::prometheus::render(&red, &mut text);
     }
     text.push_str("# EOF\n");
     text

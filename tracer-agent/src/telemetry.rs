@@ -7,8 +7,6 @@ use prometheus_client::{
 };
 use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
 
-use crate::capture::DecodeError;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
     pub queue: String,
@@ -217,11 +215,6 @@ impl Telemetry {
                 _ => {}
             }
         }
-    }
-
-    pub fn record_decode_error(&self, e: &DecodeError) {
-        log::debug!("undecodable ring buffer record: {e}");
-        self.decode_errors.inc();
     }
 
     /// Counts one piece of traffic skipped or rejected, by reason.

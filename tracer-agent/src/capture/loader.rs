@@ -372,7 +372,10 @@ fn drain(
         }
         match decode_into(&item, clock, &mut arena) {
             Ok(ev) => batch.push(ev),
-            Err(e) => telemetry.record_decode_error(&e),
+            Err(e) => {
+                log::debug!("undecodable ring buffer record: {e}");
+                telemetry.decode_errors.inc();
+            }
         }
         if batch.len() >= BATCH {
             send(tx, std::mem::take(&mut batch), telemetry);

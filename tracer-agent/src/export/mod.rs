@@ -3,7 +3,9 @@
 
 pub mod json;
 pub mod otlp;
+pub mod otlp_metrics;
 pub mod pretty;
+pub mod prometheus;
 pub mod wire;
 
 use std::{
@@ -111,7 +113,7 @@ impl ExportStage {
             return;
         };
         let request = match self.red.lock() {
-            Ok(red) => red.export_request(otlp::unix_nano_now()),
+            Ok(red) => otlp_metrics::export_request(&red, otlp::unix_nano_now()),
             Err(_) => return,
         };
         if let Err(e) = otlp.export_metrics(request).await {

@@ -23,7 +23,6 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 
 use crate::{
-    connections::DbConnectionRow,
     pools::{LeakEvent, LeakState},
     process::ProcessResource,
 };
@@ -167,26 +166,6 @@ pub fn resource(r: &ProcessResource) -> Resource {
 }
 
 /// `address:port`, with an IPv6 address in brackets.
-fn host_port(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
-}
-
-/// `db.client.connection.pool.name`: the process and the destination it connects to,
-/// which is what the leak detector treats as one pool.
-fn pool_name(r: &DbConnectionRow) -> String {
-    format!(
-        "{}[{}] {} {}",
-        r.executable,
-        r.pid,
-        r.db_system,
-        host_port(&r.server_address, r.server_port)
-    )
-}
-
 /// The record's one-line message. Built from the row's metadata only: the query is
 /// left to `db.query.text` (already obfuscated), nothing else from traffic is added.
 fn leak_body(e: &LeakEvent) -> String {
@@ -199,7 +178,7 @@ fn leak_body(e: &LeakEvent) -> String {
         "{kind}{state}: connection from local port {local} → {server} idle {idle:.0}s",
         kind = e.kind.as_str(),
         local = r.client_port,
-        server = host_port(&r.server_address, r.server_port),
+        server = r.pool.server,
         idle = r.idle_seconds,
     );
     if let Some(c) = &r.culprit {
@@ -236,16 +215,19 @@ fn leak_record(e: &LeakEvent, now_unix_nano: u64) -> LogRecord {
     let mut attributes = vec![
         kv("db.client.connection.leak.kind", str_value(e.kind.as_str())),
         kv("db.client.connection.leak.state", str_value(state)),
-        kv("db.system.name", str_value(r.db_system)),
+        kv("db.system.name", str_value(r.pool.db_system.as_str())),
     ];
     if let Some(ns) = &r.namespace {
         attributes.push(kv("db.namespace", str_value(ns)));
     }
     attributes.extend([
-        kv("server.address", str_value(&r.server_address)),
-        kv("server.port", int_value(i64::from(r.server_port))),
+        kv("server.address", str_value(&r.pool.server.ip().to_string())),
+        kv("server.port", int_value(i64::from(r.pool.server.port()))),
         kv("client.port", int_value(i64::from(r.client_port))),
-        kv("db.client.connection.pool.name", str_value(&pool_name(r))),
+        kv(
+            "db.client.connection.pool.name",
+            str_value(&r.pool.name(&r.executable)),
+        ),
         kv(
             "db.client.connection.idle_time",
             double_value(r.idle_seconds),
@@ -293,12 +275,12 @@ pub fn leak_export_request(
     now_unix_nano: u64,
 ) -> ExportLogsServiceRequest {
     ExportLogsServiceRequest {
-        resource_logs: by_process(events, |e| e.row.pid)
+        resource_logs: by_process(events, |e| e.row.pool.pid)
             .into_iter()
             .map(|group| {
                 let row = &group[0].row;
                 let process = ProcessResource {
-                    pid: row.pid,
+                    pid: row.pool.pid,
                     executable_name: row.executable.clone(),
                     service_name: row.service.clone(),
                     host_name: host_name.to_string(),
@@ -607,7 +589,10 @@ impl tonic::codec::Decoder for Encoded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{connections::Culprit, pools::LeakKind};
+    use crate::{
+        pools::{DbConnectionRow, LeakKind},
+        stitch::causality::Culprit,
+    };
 
     #[test]
     fn endpoints_are_validated() {
@@ -655,9 +640,8 @@ mod tests {
             span_id: "00f067aa0ba902b7".into(),
         });
         let mut resolved = leak(9, LeakState::Resolved, LeakKind::IdleInTransaction);
-        resolved.row.db_system = "mysql";
-        resolved.row.server_address = "::1".into();
-        resolved.row.server_port = 3306;
+        resolved.row.pool.db_system = crate::protocols::db::DbSystem::Mysql;
+        resolved.row.pool.server = "[::1]:3306".parse().unwrap();
         resolved.row.client_port = 50000;
         resolved.row.idle_seconds = 0.5;
         resolved.row.recovered = true;

@@ -7,7 +7,7 @@
 //! its response is complete.
 
 /// `db.system.name` values (OpenTelemetry database conventions).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DbSystem {
     Postgresql,
     Mysql,
@@ -36,6 +36,22 @@ pub enum TxStatus {
     InTransaction,
     /// Inside a failed transaction block (PostgreSQL 'E'): only ROLLBACK will do.
     Failed,
+}
+
+impl TxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxStatus::Unknown => "unknown",
+            TxStatus::Idle => "idle",
+            TxStatus::InTransaction => "in_transaction",
+            TxStatus::Failed => "failed",
+        }
+    }
+
+    /// A transaction is open (possibly failed): the connection is in use.
+    pub fn in_transaction(self) -> bool {
+        matches!(self, TxStatus::InTransaction | TxStatus::Failed)
+    }
 }
 
 /// One database operation: a request and its complete response.

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::connections::DbConnectionRow;
+use super::inventory::{DbConnectionRow, PoolKey};
 
 /// Times a FIFO pool must pass a connection over before it counts as not returned.
 pub const MIN_PASSES: u32 = 3;
@@ -62,23 +62,12 @@ pub struct LeakEvent {
     pub row: DbConnectionRow,
 }
 
-/// A connection's identity across inventory snapshots (client port 0: the pool).
-type ConnKey = (u32, String, u16, u16);
-
-/// A pool's identity: process, server address and port.
-type PoolKey = (u32, String, u16);
+/// A connection's identity across inventory snapshots: its pool and its client
+/// port (0 stands for the pool itself).
+type ConnKey = (PoolKey, u16);
 
 fn key(r: &DbConnectionRow) -> ConnKey {
-    (
-        r.pid,
-        r.server_address.clone(),
-        r.server_port,
-        r.client_port,
-    )
-}
-
-fn pool_key(r: &DbConnectionRow) -> PoolKey {
-    (r.pid, r.server_address.clone(), r.server_port)
+    (r.pool, r.client_port)
 }
 
 /// Statements pools send when a connection is given back.
@@ -89,7 +78,7 @@ fn is_pool_reset(query: Option<&str>) -> bool {
 }
 
 fn in_transaction(r: &DbConnectionRow) -> bool {
-    r.tx_status == "in_transaction" || r.tx_status == "failed"
+    r.tx_status.in_transaction()
 }
 
 /// Remembers reported leaks so each is reported once, and each pool's size over
@@ -131,13 +120,13 @@ impl LeakDetector {
     fn growing(&mut self, rows: &[DbConnectionRow], now_s: f64) -> HashSet<PoolKey> {
         let mut counts: HashMap<PoolKey, usize> = HashMap::new();
         for r in rows {
-            *counts.entry(pool_key(r)).or_default() += 1;
+            *counts.entry(r.pool).or_default() += 1;
         }
         self.sizes.retain(|k, _| counts.contains_key(k));
         let period = self.leak_after_s;
         let mut growing = HashSet::new();
         for (k, n) in counts {
-            let h = self.sizes.entry(k.clone()).or_default();
+            let h = self.sizes.entry(k).or_default();
             if h.back().is_none_or(|&(t, _)| now_s - t >= period / 10.0) {
                 h.push_back((now_s, n));
             } else if let Some(last) = h.back_mut() {
@@ -173,14 +162,11 @@ impl LeakDetector {
         for pool in &growing {
             let oldest = rows
                 .iter()
-                .filter(|r| pool_key(r) == *pool && !in_transaction(r))
+                .filter(|r| r.pool == *pool && !in_transaction(r))
                 .filter(|r| r.idle_seconds > self.leak_after_s)
                 .max_by(|a, b| a.idle_seconds.total_cmp(&b.idle_seconds));
             if let Some(r) = oldest {
-                current.insert(
-                    (pool.0, pool.1.clone(), pool.2, 0),
-                    (LeakKind::PoolGrowth, r),
-                );
+                current.insert((*pool, 0), (LeakKind::PoolGrowth, r));
             }
         }
         let mut events = Vec::new();
@@ -188,7 +174,7 @@ impl LeakDetector {
             if self.reported.get(k).map(|(before, _)| *before) == Some(*kind) {
                 continue;
             }
-            self.reported.insert(k.clone(), (*kind, (*r).clone()));
+            self.reported.insert(*k, (*kind, (*r).clone()));
             events.push(LeakEvent {
                 state: LeakState::Found,
                 kind: *kind,
@@ -201,7 +187,7 @@ impl LeakDetector {
             .reported
             .keys()
             .filter(|k| !current.contains_key(*k))
-            .cloned()
+            .copied()
             .collect();
         for k in over {
             if let Some((kind, old)) = self.reported.remove(&k) {
@@ -213,7 +199,13 @@ impl LeakDetector {
                 });
             }
         }
-        events.sort_by_key(|e| (e.state == LeakState::Resolved, e.row.pid, e.row.client_port));
+        events.sort_by_key(|e| {
+            (
+                e.state == LeakState::Resolved,
+                e.row.pool.pid,
+                e.row.client_port,
+            )
+        });
         events
     }
 
@@ -235,16 +227,23 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::{pools::inventory::ConnState, protocols::db::TxStatus};
 
     fn row(port: u16, idle: f64, tx: &'static str, last: &str) -> DbConnectionRow {
+        let tx = match tx {
+            "in_transaction" => TxStatus::InTransaction,
+            "failed" => TxStatus::Failed,
+            "unknown" => TxStatus::Unknown,
+            _ => TxStatus::Idle,
+        };
         DbConnectionRow {
             executable: "app".into(),
             service: "app".into(),
             namespace: Some("shop".into()),
-            state: if tx == "in_transaction" {
-                "used"
+            state: if tx == TxStatus::InTransaction {
+                ConnState::Used
             } else {
-                "idle"
+                ConnState::Idle
             },
             tx_status: tx,
             idle_seconds: idle,

@@ -1,6 +1,8 @@
 //! Spans: one per request a process answers (SERVER) or sends (CLIENT), with
 //! OpenTelemetry semantic-convention attributes.
 
+pub mod route;
+
 use std::{fmt, net::SocketAddr, sync::Arc};
 
 use crate::{
@@ -299,20 +301,6 @@ pub struct HttpExchange<'a> {
     pub link: Link,
 }
 
-/// Splits a request target into its path (no query, no fragment). Absolute-form
-/// targets (`http://host/path`, sent to proxies) keep only their path.
-pub fn url_path(target: &str) -> &str {
-    let t = match target.find("://") {
-        Some(i) => target[i + 3..]
-            .find('/')
-            .map(|j| &target[i + 3 + j..])
-            .unwrap_or("/"),
-        None => target,
-    };
-    let end = t.find(['?', '#']).unwrap_or(t.len());
-    &t[..end]
-}
-
 /// Host part of a `Host` header (without port; IPv6 brackets removed).
 fn host_only(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
@@ -331,7 +319,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         StartLine::Response { status } => status,
         StartLine::Request { .. } => 0,
     };
-    let path = url_path(target);
+    let path = route::url_path(target);
     let (server, server_ip, client_ip) = match x.kind {
         SpanKind::Server => (x.local, &x.ips.local, &x.ips.remote),
         SpanKind::Client => (x.remote, &x.ips.remote, &x.ips.local),
@@ -653,15 +641,6 @@ mod tests {
             Some(&AttrValue::Str("42P01".into()))
         );
         assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(5432)));
-    }
-
-    #[test]
-    fn url_path_drops_query_and_absolute_form() {
-        assert_eq!(url_path("/a/b?token=secret"), "/a/b");
-        assert_eq!(url_path("http://example.com:8080/x?y"), "/x");
-        assert_eq!(url_path("http://example.com"), "/");
-        assert_eq!(url_path("*"), "*");
-        assert_eq!(url_path("/p#frag"), "/p");
     }
 
     #[test]
