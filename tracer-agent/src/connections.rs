@@ -36,7 +36,7 @@ use crate::{
         causality::{Cause, Culprit, ThreadEvent},
         traceparent::{self, TraceParent},
     },
-    telemetry::Telemetry,
+    telemetry::{DropReason, Telemetry},
 };
 
 /// What the table reports as it follows connections: the one seam between it and
@@ -544,7 +544,7 @@ impl ConnectionTable {
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
         if !self.conns.contains_key(&rec.meta.sock) {
             // Its open event was lost (ring buffer full): follow it with what we know.
-            ctx.telemetry.dropped("connection_open_missed");
+            ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
             self.make_room(ctx);
             let unknown = Endpoints {
                 local: UNKNOWN_ADDR,
@@ -576,7 +576,7 @@ impl ConnectionTable {
         if matches!(conn.protocol, Protocol::Unknown) {
             conn.detect(&rec, &self.http_limits);
             if matches!(conn.protocol, Protocol::Other) {
-                ctx.telemetry.dropped("unknown_protocol");
+                ctx.telemetry.dropped(DropReason::UnknownProtocol);
             }
             if let Protocol::Db(db) = &conn.protocol {
                 ctx.out.db(DbObservation::Joined {
@@ -799,7 +799,7 @@ impl Connection {
             http.scratch.clear();
             if let Err(e) = http.requests.feed(chunk, &mut http.scratch) {
                 log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
-                ctx.telemetry.dropped("http_request_malformed");
+                ctx.telemetry.dropped(DropReason::HttpRequestMalformed);
             }
             let (pid, tid) = (rec.meta.tgid, rec.meta.tid);
             for message in http.scratch.drain(..) {
@@ -808,7 +808,7 @@ impl Connection {
                 }
                 if http.pending.len() >= max_pending {
                     http.pending.pop_front();
-                    ctx.telemetry.dropped("http_pending_overflow");
+                    ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
                 }
                 let traceparent = message
                     .headers
@@ -866,7 +866,7 @@ impl Connection {
         http.scratch.clear();
         if let Err(e) = http.responses.feed(chunk, &mut http.scratch) {
             log::debug!("HTTP response decode error on {:?}: {e}", self.endpoints);
-            ctx.telemetry.dropped("http_response_malformed");
+            ctx.telemetry.dropped(DropReason::HttpResponseMalformed);
         }
         let responses = std::mem::take(&mut http.scratch);
         for response in &responses {
@@ -908,9 +908,9 @@ impl Connection {
                 self.endpoints
             );
             ctx.telemetry.dropped(match db.decoder.system() {
-                DbSystem::Postgresql => "postgresql_malformed",
-                DbSystem::Mysql => "mysql_malformed",
-                DbSystem::Redis => "redis_malformed",
+                DbSystem::Postgresql => DropReason::PostgresqlMalformed,
+                DbSystem::Mysql => DropReason::MysqlMalformed,
+                DbSystem::Redis => DropReason::RedisMalformed,
             });
         }
         if !from_client && !db.ready && db.decoder.tx_status() != TxStatus::Unknown {
@@ -1011,7 +1011,7 @@ impl Connection {
             return; // interim response: the final one follows
         }
         let Some(req) = http.pending.pop_front() else {
-            ctx.telemetry.dropped("http_response_unpaired");
+            ctx.telemetry.dropped(DropReason::HttpResponseUnpaired);
             return;
         };
         let kind = if self.role == Role::Server {
@@ -1080,7 +1080,7 @@ impl Connection {
             Protocol::Unknown | Protocol::Other => 0,
         };
         ctx.telemetry
-            .dropped_n("request_unanswered", unanswered as u64);
+            .dropped_n(DropReason::RequestUnanswered, unanswered as u64);
     }
 }
 

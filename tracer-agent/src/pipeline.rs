@@ -25,7 +25,7 @@ use crate::{
         ParentInference,
         causality::{Causality, Cause, Culprit, ThreadEvent},
     },
-    telemetry::{QueueLabel, Telemetry},
+    telemetry::{Queue, QueueLabel, Telemetry},
 };
 
 /// What the connection table reports to: parent inference's per-thread causality,
@@ -126,7 +126,7 @@ pub async fn process_events(
                 stitch.expire(Instant::now().into_std(), &mut ready);
                 telemetry
                     .queue_depth
-                    .get_or_create(&QueueLabel::new("waiting"))
+                    .get_or_create(&QueueLabel::new(Queue::Waiting))
                     .set(stitch.pending() as i64);
             }
         }
@@ -150,7 +150,7 @@ pub async fn process_events(
             if !round.leaks.is_empty() && leaks_tx.try_send(round.leaks).is_err() {
                 telemetry
                     .queue_dropped
-                    .get_or_create(&QueueLabel::new("leaks"))
+                    .get_or_create(&QueueLabel::new(Queue::Leaks))
                     .inc();
             }
             if last_recovered_check.elapsed() >= RECOVERED_CHECK {
@@ -246,7 +246,7 @@ fn send(
         }
         telemetry
             .queue_dropped
-            .get_or_create(&QueueLabel::new("spans"))
+            .get_or_create(&QueueLabel::new(Queue::Spans))
             .inc_by(n);
     }
 }

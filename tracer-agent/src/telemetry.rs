@@ -1,22 +1,97 @@
 //! The agent's own counters, exposed as Prometheus text on `/metrics`.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
 
+/// The bounded queues (and the spans waiting for relatives), as `queue` labels.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Queue {
+    /// Capture → pipeline.
+    Events,
+    /// Pipeline → export.
+    Spans,
+    /// Encoded spans waiting for the collector.
+    Otlp,
+    /// Spans waiting for their relatives in parent inference.
+    Waiting,
+    /// Leak reports, pipeline → export.
+    Leaks,
+}
+
+impl Queue {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queue::Events => "events",
+            Queue::Spans => "spans",
+            Queue::Otlp => "otlp",
+            Queue::Waiting => "waiting",
+            Queue::Leaks => "leaks",
+        }
+    }
+}
+
+impl EncodeLabelValue for Queue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
-    pub queue: String,
+    pub queue: Queue,
 }
 
 impl QueueLabel {
-    pub fn new(queue: &str) -> Self {
-        Self {
-            queue: queue.to_string(),
+    pub fn new(queue: Queue) -> Self {
+        Self { queue }
+    }
+}
+
+/// Why traffic was skipped or rejected, as `reason` labels of
+/// `tracer_traffic_dropped_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DropReason {
+    /// Data on a socket whose open event was lost (followed with unknown endpoints).
+    ConnectionOpenMissed,
+    /// A connection's first bytes are no protocol the agent decodes.
+    UnknownProtocol,
+    HttpRequestMalformed,
+    HttpResponseMalformed,
+    /// More requests waiting for answers on one connection than the limit.
+    HttpPendingOverflow,
+    /// A response with no request waiting for it.
+    HttpResponseUnpaired,
+    /// Requests still unanswered when their connection closed.
+    RequestUnanswered,
+    PostgresqlMalformed,
+    MysqlMalformed,
+    RedisMalformed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::ConnectionOpenMissed => "connection_open_missed",
+            DropReason::UnknownProtocol => "unknown_protocol",
+            DropReason::HttpRequestMalformed => "http_request_malformed",
+            DropReason::HttpResponseMalformed => "http_response_malformed",
+            DropReason::HttpPendingOverflow => "http_pending_overflow",
+            DropReason::HttpResponseUnpaired => "http_response_unpaired",
+            DropReason::RequestUnanswered => "request_unanswered",
+            DropReason::PostgresqlMalformed => "postgresql_malformed",
+            DropReason::MysqlMalformed => "mysql_malformed",
+            DropReason::RedisMalformed => "redis_malformed",
         }
+    }
+}
+
+impl EncodeLabelValue for DropReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
     }
 }
 
@@ -27,7 +102,7 @@ pub struct ExporterLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    pub reason: String,
+    pub reason: DropReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,16 +293,14 @@ impl Telemetry {
     }
 
     /// Counts one piece of traffic skipped or rejected, by reason.
-    pub fn dropped(&self, reason: &str) {
+    pub fn dropped(&self, reason: DropReason) {
         self.dropped_n(reason, 1);
     }
 
-    pub fn dropped_n(&self, reason: &str, n: u64) {
+    pub fn dropped_n(&self, reason: DropReason, n: u64) {
         if n > 0 {
             self.traffic_dropped
-                .get_or_create(&ReasonLabel {
-                    reason: reason.to_string(),
-                })
+                .get_or_create(&ReasonLabel { reason })
                 .inc_by(n);
         }
     }
@@ -251,8 +324,8 @@ impl Telemetry {
     /// Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         for (queue, backlog) in [
-            ("events", &self.events_backlog),
-            ("spans", &self.spans_backlog),
+            (Queue::Events, &self.events_backlog),
+            (Queue::Spans, &self.spans_backlog),
         ] {
             self.queue_depth
                 .get_or_create(&QueueLabel::new(queue))

@@ -398,7 +398,9 @@ fn send(tx: &mpsc::Sender<Vec<Event>>, batch: Vec<Event>, telemetry: &Telemetry)
         }
         telemetry
             .queue_dropped
-            .get_or_create(&crate::telemetry::QueueLabel::new("events"))
+            .get_or_create(&crate::telemetry::QueueLabel::new(
+                crate::telemetry::Queue::Events,
+            ))
             .inc_by(n);
     }
 }

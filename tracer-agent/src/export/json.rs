@@ -1,4 +1,4 @@
-//! `--output json`: one JSON object per line on stdout, in the DESIGN.md contract.
+//! `--output json`: one JSON object per line on stdout, as docs/contracts.md defines.
 
 use serde_json::{Map, Value, json};
 

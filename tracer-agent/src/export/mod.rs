@@ -62,7 +62,9 @@ impl ExportStage {
         let mut pending = Encoded::default();
         let otlp_depth = telemetry
             .queue_depth
-            .get_or_create(&crate::telemetry::QueueLabel::new("otlp"))
+            .get_or_create(&crate::telemetry::QueueLabel::new(
+                crate::telemetry::Queue::Otlp,
+            ))
             .clone();
         let mut tick = tokio::time::interval(self.batch_timeout);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -80,7 +82,7 @@ impl ExportStage {
                         drop(batch);
                         let dropped = pending.shed(self.max_buffered_bytes);
                         if dropped > 0 {
-                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new("otlp")).inc_by(dropped as u64);
+                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new(crate::telemetry::Queue::Otlp)).inc_by(dropped as u64);
                         }
                         if pending.spans >= self.batch_size {
                             self.flush(&mut pending, &telemetry).await;
