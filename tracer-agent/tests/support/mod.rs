@@ -282,7 +282,7 @@ fn is_hex(v: &Value, len: usize) -> bool {
     })
 }
 
-/// Asserts a span object has exactly the DESIGN.md form.
+/// Asserts a span object has exactly the form docs/contracts.md defines.
 pub fn assert_span_contract(span: &Value) {
     let obj = span.as_object().expect("span is an object");
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
