@@ -237,7 +237,10 @@ impl Config {
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant address parses")),
             ringbuf_bytes,
-            max_connections: file.max_connections.unwrap_or(65536).max(1),
+            max_connections: file
+                .max_connections
+                .unwrap_or(tracer_common::MAX_SOCKETS as usize)
+                .max(1),
             keep_sql_literals: args.keep_sql_literals || file.keep_sql_literals.unwrap_or(false),
             parent_wait: args
                 .parent_wait

@@ -77,7 +77,7 @@ pub struct TableLimits {
 impl Default for TableLimits {
     fn default() -> Self {
         Self {
-            max_connections: 65536,
+            max_connections: tracer_common::MAX_SOCKETS as usize,
             max_pending_requests: 64,
         }
     }

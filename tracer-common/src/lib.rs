@@ -29,6 +29,11 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
 }
 
+/// Sockets the kernel follows at once (the `SOCKS` map, least recently used evicted
+/// beyond it), and the connections user space tracks by default: one limit for both,
+/// so that every socket the kernel follows has room in the connection table.
+pub const MAX_SOCKETS: u32 = 65536;
+
 /// Upper bound on captured payload bytes per syscall (`--capture-bytes` is clamped to it).
 /// A power of two: the kernel masks lengths with `MAX_CAPTURE - 1`.
 pub const MAX_CAPTURE: usize = 4096;

@@ -31,7 +31,7 @@ use tracer_common::{
 /// Default ring buffer size; the agent overrides it at load time.
 const RINGBUF_BYTES: u32 = 8 << 20;
 /// Default number of followed sockets; the agent overrides it at load time.
-const MAX_SOCKS: u32 = 65536;
+const MAX_SOCKS: u32 = tracer_common::MAX_SOCKETS;
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);

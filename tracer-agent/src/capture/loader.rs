@@ -17,7 +17,7 @@ use tracer_common::{
     stats::{COUNTERS, Counter},
 };
 
-use super::{Clock, Event, decode, decode_into, kernel_info};
+use super::{Clock, Event, decode, kernel_info, reader::drain};
 use crate::telemetry::Telemetry;
 
 /// The kernel object built by build.rs from `tracer-ebpf`.
@@ -341,66 +341,3 @@ impl BpfCapture {
 
 /// Longest an event waits in the ring buffer when the kernel does not wake us.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// Events per batch handed to the pipeline.
-const BATCH: usize = 1024;
-/// Events waiting for the pipeline at most. When the pipeline is this far behind,
-/// reading stops and events wait in the ring buffer, whose fixed size is then the
-/// only buffer (what does not fit is counted by the kernel as lost): memory stays
-/// bounded by the ring, not by how far behind we are.
-const MAX_QUEUED_EVENTS: usize = 16384;
-/// Bytes the payload arena grows by at a time.
-const ARENA_BLOCK: usize = 256 << 10;
-
-/// Reads what waits in the ring buffer into batches, as far as the pipeline keeps up.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    clock: &Clock,
-    tx: &mpsc::Sender<Vec<Event>>,
-    telemetry: &Telemetry,
-) {
-    let mut batch = Vec::new();
-    // Payloads are copied into one shared arena, refilled in large blocks.
-    let mut arena = bytes::BytesMut::new();
-    loop {
-        if telemetry.events_backlog.len() + batch.len() >= MAX_QUEUED_EVENTS {
-            // The pipeline is behind: leave the rest in the ring buffer.
-            break;
-        }
-        let Some(item) = ring.next() else { break };
-        if arena.capacity() < item.len() {
-            arena.reserve(ARENA_BLOCK.max(item.len()));
-        }
-        match decode_into(&item, clock, &mut arena) {
-            Ok(ev) => batch.push(ev),
-            Err(e) => {
-                log::debug!("undecodable ring buffer record: {e}");
-                telemetry.decode_errors.inc();
-            }
-        }
-        if batch.len() >= BATCH {
-            send(tx, std::mem::take(&mut batch), telemetry);
-        }
-    }
-    if !batch.is_empty() {
-        send(tx, batch, telemetry);
-    }
-}
-
-fn send(tx: &mpsc::Sender<Vec<Event>>, batch: Vec<Event>, telemetry: &Telemetry) {
-    let n = batch.len() as u64;
-    telemetry.events_read.inc_by(n);
-    let room = telemetry
-        .events_backlog
-        .try_add(batch.len(), MAX_QUEUED_EVENTS);
-    if !room || tx.try_send(batch).is_err() {
-        if room {
-            telemetry.events_backlog.take(n as usize);
-        }
-        telemetry
-            .queue_dropped
-            .get_or_create(&crate::telemetry::QueueLabel::new(
-                crate::telemetry::Queue::Events,
-            ))
-            .inc_by(n);
-    }
-}

@@ -1,12 +1,14 @@
 //! Capture: the only stage that knows about BPF.
 //!
-//! It loads and attaches the kernel programs ([`loader`]), reads the ring buffer and
-//! turns each raw record into an owned [`Event`]. Everything downstream consumes
+//! It loads and attaches the kernel programs ([`loader`]), reads the ring buffer
+//! through a [`reader::RecordSource`] and turns each raw record into an owned
+//! [`Event`], in bounded batches ([`reader::drain`]). Everything downstream consumes
 //! `Vec<Event>` batches from a bounded channel, so it can be tested by replaying
 //! recorded events without root.
 
 pub mod kernel_info;
 pub mod loader;
+pub mod reader;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
