@@ -21,8 +21,9 @@ use tracer_agent::{
 };
 use tracer_common::{conn::Role, data::Direction};
 
-const HTTP_REQ: &[u8] = include_bytes!("../testdata/http1/nginx_keepalive.req");
-const HTTP_RESP: &[u8] = include_bytes!("../testdata/http1/nginx_keepalive.resp");
+const HTTP_REQ: &[u8] = include_bytes!("../../tracer-protocols/testdata/http1/nginx_keepalive.req");
+const HTTP_RESP: &[u8] =
+    include_bytes!("../../tracer-protocols/testdata/http1/nginx_keepalive.resp");
 
 /// `n` copies of a stream, fed in 1460-byte chunks (a loopback-ish segment size).
 fn repeated(bytes: &[u8], n: usize) -> Vec<u8> {
@@ -119,7 +120,7 @@ fn db_bench<D>(
 
 fn databases(c: &mut Criterion) {
     let pg = records(
-        include_bytes!("../testdata/postgres/psycopg_large.pgcap"),
+        include_bytes!("../../tracer-protocols/testdata/postgres/psycopg_large.pgcap"),
         true,
     );
     db_bench(c, "postgres", &pg, PgDecoder::new, |d, client, ch, out| {
@@ -130,7 +131,7 @@ fn databases(c: &mut Criterion) {
         };
     });
     let my = records(
-        include_bytes!("../testdata/mysql/connector_prepared.chunks"),
+        include_bytes!("../../tracer-protocols/testdata/mysql/connector_prepared.chunks"),
         false,
     );
     db_bench(c, "mysql", &my, MysqlDecoder::new, |d, client, ch, out| {

@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pools;
 pub mod process;
-pub mod protocols;
+pub use tracer_protocols as protocols;
 pub mod recover;
 pub mod server;
 pub mod spans;

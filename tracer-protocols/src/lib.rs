@@ -1,4 +1,7 @@
-//! Protocol decoders: pure functions over byte streams.
+//! tracer's protocol decoders: pure functions over byte streams.
+//!
+//! Nothing here touches BPF, sockets, threads or the clock: the agent (tracer-agent)
+//! captures the bytes and hands them over as [`Chunk`]s.
 //!
 //! A connection's two directions are each a sequence of [`Chunk`]s, one per socket
 //! read or write. The kernel hands over only a bounded prefix of each syscall's bytes
@@ -44,7 +47,7 @@ impl<'a> Chunk<'a> {
 
 /// At most `limit` bytes of `bytes` as lossy UTF-8, never cut inside a UTF-8
 /// sequence: how every decoder keeps a name, header value or statement text.
-pub(crate) fn bounded_text(bytes: &[u8], limit: usize) -> String {
+pub fn bounded_text(bytes: &[u8], limit: usize) -> String {
     let mut cut = bytes.len().min(limit);
     if cut < bytes.len() {
         // Back up over at most three continuation bytes to a sequence start.

@@ -80,9 +80,9 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 
-use crate::protocols::Chunk;
-use crate::protocols::bounded_text as kept_text;
-use crate::protocols::db::{DbCall, DbSystem, TxStatus};
+use crate::Chunk;
+use crate::bounded_text as kept_text;
+use crate::db::{DbCall, DbSystem, TxStatus};
 
 /// Longest SQL text kept per statement, in bytes (cut at a UTF-8 boundary).
 pub const MAX_QUERY_TEXT_BYTES: usize = 4096;
@@ -2328,7 +2328,7 @@ mod tests {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../../testdata/mysql/", $name, ".chunks"))[..],
+                &include_bytes!(concat!("../testdata/mysql/", $name, ".chunks"))[..],
             )
         };
     }

@@ -43,7 +43,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 
-use crate::protocols::Chunk;
+use crate::Chunk;
 
 /// Longest kept header value, in bytes (longer values are cut at a UTF-8 boundary).
 pub const MAX_KEPT_VALUE_BYTES: usize = 512;
@@ -1361,8 +1361,8 @@ mod tests {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../../testdata/http1/", $name, ".req"))[..],
-                &include_bytes!(concat!("../../testdata/http1/", $name, ".resp"))[..],
+                &include_bytes!(concat!("../testdata/http1/", $name, ".req"))[..],
+                &include_bytes!(concat!("../testdata/http1/", $name, ".resp"))[..],
             )
         };
     }

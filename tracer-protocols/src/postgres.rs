@@ -59,9 +59,9 @@ use std::fmt;
 use std::mem;
 use std::sync::Arc;
 
-use crate::protocols::Chunk;
-use crate::protocols::bounded_text as kept_text;
-use crate::protocols::db::{DbCall, DbSystem, TxStatus};
+use crate::Chunk;
+use crate::bounded_text as kept_text;
+use crate::db::{DbCall, DbSystem, TxStatus};
 
 /// Longest SQL text kept for a query or statement, in bytes; longer texts are cut at a
 /// UTF-8 boundary.
@@ -1801,7 +1801,7 @@ mod tests {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../../testdata/postgres/", $name, ".pgcap"))[..],
+                &include_bytes!(concat!("../testdata/postgres/", $name, ".pgcap"))[..],
             )
         };
     }

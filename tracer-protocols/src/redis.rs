@@ -72,8 +72,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 
-use crate::protocols::Chunk;
-use crate::protocols::db::{DbCall, DbSystem, TxStatus};
+use crate::Chunk;
+use crate::db::{DbCall, DbSystem, TxStatus};
 
 /// Most commands waiting for a reply; beyond it the oldest is dropped (counted in
 /// [`RedisDecoder::dropped_commands`]) and its reply discarded when it comes.
@@ -1900,7 +1900,7 @@ mod tests {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../../testdata/redis/", $name, ".cap"))[..],
+                &include_bytes!(concat!("../testdata/redis/", $name, ".cap"))[..],
             )
         };
     }

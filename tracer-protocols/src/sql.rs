@@ -7,7 +7,7 @@
 //! dialect settings: where PostgreSQL and MySQL read a string differently (a backslash
 //! before a quote), [`obfuscate`] hides whatever either reading takes for a literal.
 
-use crate::protocols::db::DbSystem;
+use crate::db::DbSystem;
 
 /// Longest keyword [`operation`] returns.
 const MAX_KEYWORD_BYTES: usize = 32;
