@@ -16,6 +16,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sql;
+pub mod testdata;
 
 /// One syscall's worth of one direction of a connection's byte stream.
 #[derive(Clone, Copy, Debug)]
