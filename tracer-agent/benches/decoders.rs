@@ -15,15 +15,14 @@ use tracer_agent::{
         mysql::MysqlDecoder,
         postgres::PgDecoder,
         redis::RedisDecoder,
-        sql,
+        sql, testdata,
     },
     telemetry::Telemetry,
 };
 use tracer_common::{conn::Role, data::Direction};
 
-const HTTP_REQ: &[u8] = include_bytes!("../../tracer-protocols/testdata/http1/nginx_keepalive.req");
-const HTTP_RESP: &[u8] =
-    include_bytes!("../../tracer-protocols/testdata/http1/nginx_keepalive.resp");
+const HTTP_KEEPALIVE: &[u8] =
+    include_bytes!("../../tracer-protocols/testdata/http1/nginx_keepalive.cap");
 
 /// `n` copies of a stream, fed in 1460-byte chunks (a loopback-ish segment size).
 fn repeated(bytes: &[u8], n: usize) -> Vec<u8> {
@@ -43,8 +42,9 @@ fn feed_chunks(data: &[u8], mut f: impl FnMut(&Chunk<'_>)) {
 
 fn http1(c: &mut Criterion) {
     let mut g = c.benchmark_group("http1");
-    let reqs = repeated(HTTP_REQ, 200);
-    let resps = repeated(HTTP_RESP, 200);
+    let capture = testdata::parse(HTTP_KEEPALIVE).expect("capture file");
+    let reqs = repeated(&capture.stream(true), 200);
+    let resps = repeated(&capture.stream(false), 200);
     g.throughput(Throughput::Bytes((reqs.len() + resps.len()) as u64));
     g.bench_function("keepalive_requests_and_responses", |b| {
         b.iter(|| {
@@ -73,25 +73,14 @@ fn http1(c: &mut Criterion) {
 /// One recorded read or write: (from the client?, bytes).
 type Record = (bool, Vec<u8>);
 
-/// Parses a capture file: per record a side byte (`C`/`S`), a u64 timestamp, a u32
-/// length (big-endian for PostgreSQL captures, little-endian for MySQL), the bytes.
-fn records(data: &[u8], big_endian: bool) -> Vec<Record> {
-    let mut out = Vec::new();
-    let mut rest = data;
-    while rest.len() >= 13 {
-        let len_bytes: [u8; 4] = rest[9..13].try_into().unwrap();
-        let len = if big_endian {
-            u32::from_be_bytes(len_bytes)
-        } else {
-            u32::from_le_bytes(len_bytes)
-        } as usize;
-        let Some(bytes) = rest.get(13..13 + len) else {
-            break;
-        };
-        out.push((rest[0] == b'C', bytes.to_vec()));
-        rest = &rest[13 + len..];
-    }
-    out
+/// The records of a capture file (tracer-protocols/testdata/README.md).
+fn records(data: &[u8]) -> Vec<Record> {
+    let capture = testdata::parse(data).expect("capture file");
+    capture
+        .records
+        .iter()
+        .map(|r| (r.from_client, r.bytes.to_vec()))
+        .collect()
 }
 
 /// Decodes a whole recorded session, timing only the decoder.
@@ -119,10 +108,9 @@ fn db_bench<D>(
 }
 
 fn databases(c: &mut Criterion) {
-    let pg = records(
-        include_bytes!("../../tracer-protocols/testdata/postgres/psycopg_large.pgcap"),
-        true,
-    );
+    let pg = records(include_bytes!(
+        "../../tracer-protocols/testdata/postgres/psycopg_large.cap"
+    ));
     db_bench(c, "postgres", &pg, PgDecoder::new, |d, client, ch, out| {
         let _ = if client {
             d.client(ch, out)
@@ -130,10 +118,9 @@ fn databases(c: &mut Criterion) {
             d.server(ch, out)
         };
     });
-    let my = records(
-        include_bytes!("../../tracer-protocols/testdata/mysql/connector_prepared.chunks"),
-        false,
-    );
+    let my = records(include_bytes!(
+        "../../tracer-protocols/testdata/mysql/connector_prepared.cap"
+    ));
     db_bench(c, "mysql", &my, MysqlDecoder::new, |d, client, ch, out| {
         let _ = if client {
             d.client(ch, out)

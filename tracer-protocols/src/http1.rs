@@ -1356,15 +1356,18 @@ fn trim_ows(mut bytes: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Both directions of one recorded connection (see testdata/http1/capture.py).
+    /// Both directions of one recorded connection (see testdata/http1/capture.py):
+    /// what the client sent and what the server sent, each as one stream.
     macro_rules! capture {
-        ($name:literal) => {
-            (
-                $name,
-                &include_bytes!(concat!("../testdata/http1/", $name, ".req"))[..],
-                &include_bytes!(concat!("../testdata/http1/", $name, ".resp"))[..],
-            )
-        };
+        ($name:literal) => {{
+            static STREAMS: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+            let (req, resp) = STREAMS.get_or_init(|| {
+                let file = include_bytes!(concat!("../testdata/http1/", $name, ".cap"));
+                let capture = crate::testdata::parse(file).expect($name);
+                (capture.stream(true), capture.stream(false))
+            });
+            ($name, &req[..], &resp[..])
+        }};
     }
 
     struct Case {

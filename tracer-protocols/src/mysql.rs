@@ -2322,13 +2322,12 @@ fn use_target(sql: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// One recorded connection (see testdata/mysql/capture.py): records of
-    /// direction (`C`/`S`), u64 LE timestamp, u32 LE length, bytes.
+    /// One recorded connection (see testdata/mysql/capture.py).
     macro_rules! capture {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../testdata/mysql/", $name, ".chunks"))[..],
+                &include_bytes!(concat!("../testdata/mysql/", $name, ".cap"))[..],
             )
         };
     }
@@ -2340,24 +2339,22 @@ mod tests {
         bytes: &'a [u8],
     }
 
-    fn records(mut data: &[u8]) -> Vec<Record<'_>> {
-        let mut out = Vec::new();
-        while !data.is_empty() {
-            let dir = match data[0] {
-                b'C' => Direction::Client,
-                b'S' => Direction::Server,
-                other => panic!("bad direction byte {other} in capture"),
-            };
-            let ts = u64::from_le_bytes(data[1..9].try_into().unwrap());
-            let len = u32::from_le_bytes(data[9..13].try_into().unwrap()) as usize;
-            out.push(Record {
-                dir,
-                ts,
-                bytes: &data[13..13 + len],
-            });
-            data = &data[13 + len..];
-        }
-        out
+    /// The records of a capture file (testdata/README.md).
+    fn records(data: &[u8]) -> Vec<Record<'_>> {
+        let capture = crate::testdata::parse(data).expect("capture file");
+        capture
+            .records
+            .iter()
+            .map(|r| Record {
+                dir: if r.from_client {
+                    Direction::Client
+                } else {
+                    Direction::Server
+                },
+                ts: r.ts_ns,
+                bytes: r.bytes,
+            })
+            .collect()
     }
 
     /// What a test compares of a call: operation, query text, namespace, error, rows.

@@ -1796,12 +1796,12 @@ mod tests {
 
     // ---- recorded sessions -----------------------------------------------------
 
-    /// One recorded connection (see testdata/postgres/capture.py for the format).
+    /// One recorded connection (see testdata/postgres/capture.py).
     macro_rules! capture {
         ($name:literal) => {
             (
                 $name,
-                &include_bytes!(concat!("../testdata/postgres/", $name, ".pgcap"))[..],
+                &include_bytes!(concat!("../testdata/postgres/", $name, ".cap"))[..],
             )
         };
     }
@@ -1813,23 +1813,22 @@ mod tests {
         bytes: &'a [u8],
     }
 
+    /// The records of a capture file (testdata/README.md).
     fn records(data: &[u8]) -> Vec<Record<'_>> {
-        let mut out = Vec::new();
-        let mut rest = data;
-        while !rest.is_empty() {
-            let (head, tail) = rest.split_at(13);
-            let side = match head[0] {
-                b'C' => Side::Client,
-                b'S' => Side::Server,
-                other => panic!("bad record side {other}"),
-            };
-            let ts = u64::from_be_bytes(head[1..9].try_into().unwrap());
-            let len = u32::from_be_bytes(head[9..13].try_into().unwrap()) as usize;
-            let (bytes, tail) = tail.split_at(len);
-            out.push(Record { side, ts, bytes });
-            rest = tail;
-        }
-        out
+        let capture = crate::testdata::parse(data).expect("capture file");
+        capture
+            .records
+            .iter()
+            .map(|r| Record {
+                side: if r.from_client {
+                    Side::Client
+                } else {
+                    Side::Server
+                },
+                ts: r.ts_ns,
+                bytes: r.bytes,
+            })
+            .collect()
     }
 
     /// (operation, query text, SQLSTATE, rows) of a decoded call.

@@ -1913,31 +1913,18 @@ mod tests {
         bytes: &'a [u8],
     }
 
-    /// Parses a `.cap` file: `#` comment lines, then `c|s <ts> <len>\n<bytes>\n`.
+    /// The records of a capture file (testdata/README.md).
     fn parse_records(file: &[u8]) -> Vec<Record<'_>> {
-        let mut out = Vec::new();
-        let mut rest = file;
-        while !rest.is_empty() {
-            let nl = rest.iter().position(|&b| b == b'\n').expect("header line");
-            let header = std::str::from_utf8(&rest[..nl]).expect("ASCII header");
-            rest = &rest[nl + 1..];
-            if header.starts_with('#') {
-                continue;
-            }
-            let mut fields = header.split(' ');
-            let dir = fields.next().expect("direction");
-            let ts: u64 = fields.next().expect("ts").parse().expect("ts");
-            let len: usize = fields.next().expect("len").parse().expect("len");
-            assert!(dir == "c" || dir == "s", "bad direction in {header}");
-            out.push(Record {
-                client: dir == "c",
-                ts,
-                bytes: &rest[..len],
-            });
-            assert_eq!(rest[len], b'\n', "record not followed by a newline");
-            rest = &rest[len + 1..];
-        }
-        out
+        let capture = crate::testdata::parse(file).expect("capture file");
+        capture
+            .records
+            .iter()
+            .map(|r| Record {
+                client: r.from_client,
+                ts: r.ts_ns,
+                bytes: r.bytes,
+            })
+            .collect()
     }
 
     /// A call as the tables spell it: (query_text, error_code, rows, namespace); the

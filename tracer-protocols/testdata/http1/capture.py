@@ -2,11 +2,14 @@
 """Re-record the HTTP/1.x captures in this folder.
 
 Starts servers on free 127.0.0.1 ports (`python3 -m http.server`, nginx, and a small
-HTTP/1.1 server below), puts a TCP proxy in front of them that appends every byte of
-each direction of a connection to NAME.req (client -> server) and NAME.resp
-(server -> client), and drives them with curl and raw sockets. Loopback only.
+HTTP/1.1 server below), puts a TCP proxy in front of them that records every recv() of
+each direction of one connection, in order, to NAME.cap (the format of ../README.md),
+and drives them with curl and raw sockets. Loopback only.
 
-    python3 capture.py            # rewrites the *.req / *.resp files beside this script
+    c <ns since accept> <length>\n<length raw bytes>\n   client -> server
+    s <ns since accept> <length>\n<length raw bytes>\n   server -> client
+
+    python3 capture.py            # rewrites the *.cap files beside this script
 
 Dates, ETags and nginx versions inside the captures change from run to run; the tests
 only depend on framing, status codes, methods and targets.
@@ -64,30 +67,34 @@ class RecordingProxy:
         def serve():
             conn, _ = self.listener.accept()
             up = socket.create_connection(("127.0.0.1", self.upstream_port))
-            req = open(os.path.join(OUT, name + ".req"), "wb")
-            resp = open(os.path.join(OUT, name + ".resp"), "wb")
+            t0 = time.monotonic_ns()
+            lock = threading.Lock()
+            out = open(os.path.join(OUT, name + ".cap"), "wb")
+            out.write(b"# http1 capture %s, recorded by capture.py\n" % name.encode())
+            out.write(b"# records: c|s <ns since accept> <len>, newline, <len> bytes, newline\n")
 
-            def pump(src, dst, out):
+            def pump(src, dst, tag):
                 while True:
                     data = src.recv(65536)
                     if not data:
                         break
-                    out.write(data)
-                    out.flush()
+                    with lock:
+                        ts = time.monotonic_ns() - t0
+                        out.write(b"%s %d %d\n" % (tag, ts, len(data)) + data + b"\n")
+                        out.flush()
                     dst.sendall(data)
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
 
-            t1 = threading.Thread(target=pump, args=(conn, up, req))
-            t2 = threading.Thread(target=pump, args=(up, conn, resp))
+            t1 = threading.Thread(target=pump, args=(conn, up, b"c"))
+            t2 = threading.Thread(target=pump, args=(up, conn, b"s"))
             t1.start()
             t2.start()
             t1.join(20)
             t2.join(20)
-            req.close()
-            resp.close()
+            out.close()
             conn.close()
             up.close()
             done.set()

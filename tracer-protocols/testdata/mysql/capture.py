@@ -7,18 +7,17 @@ user, database, table and procedure over its Unix socket, then records sessions 
 `mariadb` command-line client, PyMySQL and mysql-connector-python through a TCP proxy
 on 127.0.0.1:13307. Loopback only; the test password is not a secret.
 
-Each NAME.chunks file holds one connection, both directions, one record per proxy
-`recv()` (so chunk boundaries are real reads), in the order they happened:
+Each NAME.cap file (the format of ../README.md) holds one connection, both
+directions, one record per proxy `recv()` (so chunk boundaries are real reads), in the
+order they happened:
 
-    u8   direction   b'C' client -> server, b'S' server -> client
-    u64  ts_ns       little endian, nanoseconds since the connection was accepted
-    u32  len         little endian
-    [len bytes]
+    c <ns since accept> <length>\n<length raw bytes>\n   client -> server
+    s <ns since accept> <length>\n<length raw bytes>\n   server -> client
 
 Needs a Python with PyMySQL and mysql-connector-python (pure Python implementation):
 
     python3 -m venv /tmp/my-venv && /tmp/my-venv/bin/pip install PyMySQL mysql-connector-python
-    /tmp/my-venv/bin/python capture.py      # rewrites the *.chunks files beside this script
+    /tmp/my-venv/bin/python capture.py      # rewrites the *.cap files beside this script
 
 Connection ids, salts, timestamps and server versions change from run to run; the
 tests depend only on the statements, error numbers, row counts and status flags.
@@ -130,7 +129,9 @@ class RecordingProxy:
         def serve():
             conn, _ = self.listener.accept()
             up = socket.create_connection(("127.0.0.1", SERVER_PORT))
-            out = open(os.path.join(OUT, name + ".chunks"), "wb")
+            out = open(os.path.join(OUT, name + ".cap"), "wb")
+            out.write(b"# mysql capture %s, recorded by capture.py\n" % name.encode())
+            out.write(b"# records: c|s <ns since accept> <len>, newline, <len> bytes, newline\n")
             lock = threading.Lock()
             t0 = time.monotonic_ns()
 
@@ -144,7 +145,7 @@ class RecordingProxy:
                         break
                     with lock:
                         ts = time.monotonic_ns() - t0
-                        out.write(direction + struct.pack("<QI", ts, len(data)) + data)
+                        out.write(b"%s %d %d\n" % (direction, ts, len(data)) + data + b"\n")
                         out.flush()
                     try:
                         dst.sendall(data)
@@ -155,8 +156,8 @@ class RecordingProxy:
                 except OSError:
                     pass
 
-            t1 = threading.Thread(target=pump, args=(conn, up, b"C"))
-            t2 = threading.Thread(target=pump, args=(up, conn, b"S"))
+            t1 = threading.Thread(target=pump, args=(conn, up, b"c"))
+            t2 = threading.Thread(target=pump, args=(up, conn, b"s"))
             t1.start()
             t2.start()
             t1.join(60)

@@ -3,19 +3,18 @@
 
 Starts a throwaway PostgreSQL cluster (trust auth, 127.0.0.1:15432, no password is
 ever sent), puts a TCP proxy on 127.0.0.1:15433 in front of it and drives it with
-psql and psycopg 3. Each session's connection is written to NAME.pgcap: one record
-per socket read the proxy made, in the order the proxy forwarded them (a record is
-written before its bytes are forwarded, so a response never precedes its request):
+psql and psycopg 3. Each session's connection is written to NAME.cap (the format of
+../README.md): one record per socket read the proxy made, in the order the proxy
+forwarded them (a record is written before its bytes are forwarded, so a response
+never precedes its request):
 
-    record := side:u8 ('C' client -> server, 'S' server -> client)
-              ts_ns:u64 big-endian (nanoseconds since the session started)
-              len:u32 big-endian
-              bytes[len]
+    c <ns since the session started> <length>\n<length raw bytes>\n   client -> server
+    s <ns since the session started> <length>\n<length raw bytes>\n   server -> client
 
 Needs the Debian postgresql-15 binaries and psycopg 3 in the Python that runs it:
 
     python3 -m venv /tmp/pgvenv && /tmp/pgvenv/bin/pip install "psycopg[binary]"
-    /tmp/pgvenv/bin/python capture.py      # rewrites the *.pgcap files beside it
+    /tmp/pgvenv/bin/python capture.py      # rewrites the *.cap files beside it
 
 If something already listens on 127.0.0.1:15432 it is used as is (it must have a
 role `tracer` owning a database `shop`, with trust auth); otherwise a cluster is
@@ -27,7 +26,6 @@ tests depend only on the message flow, SQL texts, tags and SQLSTATEs.
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -112,7 +110,10 @@ class RecordingProxy:
     def record(self, name, client):
         reset_table()
         done = threading.Event()
-        out = open(os.path.join(OUT, name + ".pgcap"), "wb")
+        out = open(os.path.join(OUT, name + ".cap"), "wb")
+        out.write(b"# postgres capture %s, recorded by capture.py\n" % name.encode())
+        out.write(b"# records: c|s <ns since the session started> <len>, newline, "
+                  b"<len> bytes, newline\n")
         lock = threading.Lock()
         start = time.monotonic_ns()
 
@@ -130,7 +131,7 @@ class RecordingProxy:
                         break
                     with lock:
                         ts = time.monotonic_ns() - start
-                        out.write(side + struct.pack(">QI", ts, len(data)) + data)
+                        out.write(b"%s %d %d\n" % (side, ts, len(data)) + data + b"\n")
                         out.flush()
                         dst.sendall(data)
                 try:
@@ -138,8 +139,8 @@ class RecordingProxy:
                 except OSError:
                     pass
 
-            t1 = threading.Thread(target=pump, args=(conn, up, b"C"))
-            t2 = threading.Thread(target=pump, args=(up, conn, b"S"))
+            t1 = threading.Thread(target=pump, args=(conn, up, b"c"))
+            t2 = threading.Thread(target=pump, args=(up, conn, b"s"))
             t1.start()
             t2.start()
             t1.join(30)

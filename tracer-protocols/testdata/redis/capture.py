@@ -3,7 +3,8 @@
 
 Talks to a redis-server on 127.0.0.1:16379 (started here if nothing listens there,
 stopped again at the end) through a TCP proxy on 127.0.0.1:16380 that records every
-recv() of each direction of one connection, in order, to NAME.cap:
+recv() of each direction of one connection, in order, to NAME.cap (the format of
+../README.md):
 
     # comment lines first
     c <ns since the connection was accepted> <length>\\n<length raw bytes>\\n   client -> server
