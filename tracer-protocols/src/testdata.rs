@@ -142,6 +142,36 @@ pub fn write(comments: &[&str], records: &[Record<'_>]) -> Vec<u8> {
     out
 }
 
+/// Every recorded capture of one protocol folder of `testdata/` (`http1`, `postgres`,
+/// `mysql`, `redis`): (file name, contents), in name order.
+#[cfg(test)]
+pub(crate) fn recorded(protocol: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(protocol);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cap"))
+        .map(|path| {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into();
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            (name, bytes)
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no captures in {}", dir.display());
+    files
+}
+
+/// The protocol folders of `testdata/`.
+#[cfg(test)]
+pub(crate) const PROTOCOLS: [&str; 4] = ["http1", "postgres", "mysql", "redis"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +253,27 @@ mod tests {
         for cut in 0..file.len() {
             if let Ok(cap) = parse(&file[..cut]) {
                 assert!(cap.records.len() < 2);
+            }
+        }
+    }
+
+    #[test]
+    fn every_recorded_capture_reads_and_writes_back_the_same() {
+        for protocol in PROTOCOLS {
+            for (name, file) in recorded(protocol) {
+                let cap = parse(&file).unwrap_or_else(|e| panic!("{protocol}/{name}: {e}"));
+                assert!(!cap.records.is_empty(), "{protocol}/{name}");
+                assert!(
+                    cap.comments
+                        .first()
+                        .is_some_and(|c| c.starts_with(protocol)),
+                    "{protocol}/{name}: the first comment names the protocol"
+                );
+                assert_eq!(
+                    write(&cap.comments, &cap.records),
+                    file,
+                    "{protocol}/{name}"
+                );
             }
         }
     }
