@@ -4,7 +4,8 @@
 //! Database decoders see both directions of one connection (client → server
 //! requests, server → client responses) because pairing is protocol specific. The
 //! caller feeds each direction's chunks in timestamp order; a call is emitted when
-//! its response is complete.
+//! its response is complete. [`DbDecoder`] puts the three database decoders behind
+//! one interface and picks one from a connection's first bytes or its port.
 
 /// `db.system.name` values (OpenTelemetry database conventions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,3 +64,7 @@ pub struct DbCall {
     /// Rows returned or affected, when the protocol says.
     pub rows: Option<u64>,
 }
+
+mod decoder;
+
+pub use decoder::{DbDecodeError, DbDecoder};
