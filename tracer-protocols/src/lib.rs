@@ -11,6 +11,8 @@
 //! Decoders are total: any bytes in, messages or an error out, never a panic.
 
 pub mod db;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz_logic;
 pub mod http1;
 pub mod mysql;
 pub mod postgres;
