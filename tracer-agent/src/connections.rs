@@ -24,11 +24,8 @@ use crate::{
     process::ProcessTable,
     protocols::{
         Chunk,
-        db::{DbCall, DbSystem, TxStatus},
+        db::{DbCall, DbDecoder, DbSystem, TxStatus},
         http1::{self, Http1Decoder, Http1Limits, Http1Message, MessageKind, StartLine},
-        mysql::{self, MysqlDecoder},
-        postgres::{self, PgDecoder},
-        redis::{self, RedisDecoder},
     },
     recover::RecoveredSocket,
     spans::{AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
@@ -165,91 +162,6 @@ impl DbConn {
 
 /// Sockets no longer decoded kept for the kernel when nobody takes them.
 const MAX_NOT_DECODED: usize = 65536;
-
-/// The database decoders, each seeing both directions of one connection.
-enum DbDecoder {
-    Postgres(PgDecoder),
-    Mysql(MysqlDecoder),
-    Redis(RedisDecoder),
-}
-
-impl DbDecoder {
-    /// A decoder for a connection met mid-stream, by its server's well-known port.
-    fn guess_by_port(port: u16) -> Option<Self> {
-        match port {
-            5432 => Some(DbDecoder::Postgres(PgDecoder::mid_stream())),
-            3306 => Some(DbDecoder::Mysql(MysqlDecoder::new())),
-            6379 => Some(DbDecoder::Redis(RedisDecoder::new())),
-            _ => None,
-        }
-    }
-
-    fn system(&self) -> DbSystem {
-        match self {
-            DbDecoder::Postgres(_) => DbSystem::Postgresql,
-            DbDecoder::Mysql(_) => DbSystem::Mysql,
-            DbDecoder::Redis(_) => DbSystem::Redis,
-        }
-    }
-
-    /// Feeds bytes the client sent (`from_client`) or received.
-    fn feed(
-        &mut self,
-        from_client: bool,
-        chunk: &Chunk<'_>,
-        out: &mut Vec<DbCall>,
-    ) -> Result<(), String> {
-        match (self, from_client) {
-            (DbDecoder::Postgres(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
-            (DbDecoder::Postgres(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
-            (DbDecoder::Mysql(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
-            (DbDecoder::Mysql(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
-            (DbDecoder::Redis(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
-            (DbDecoder::Redis(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
-        }
-    }
-
-    fn tx_status(&self) -> TxStatus {
-        match self {
-            DbDecoder::Postgres(d) => d.tx_status(),
-            DbDecoder::Mysql(d) => d.tx_status(),
-            DbDecoder::Redis(d) => d.tx_status(),
-        }
-    }
-
-    fn namespace(&self) -> Option<&str> {
-        match self {
-            DbDecoder::Postgres(d) => d.namespace(),
-            DbDecoder::Mysql(d) => d.namespace(),
-            DbDecoder::Redis(d) => d.namespace(),
-        }
-    }
-
-    fn in_flight(&self) -> bool {
-        match self {
-            DbDecoder::Postgres(d) => d.in_flight(),
-            DbDecoder::Mysql(d) => d.in_flight(),
-            DbDecoder::Redis(d) => d.in_flight(),
-        }
-    }
-
-    fn encrypted(&self) -> bool {
-        match self {
-            DbDecoder::Postgres(d) => d.is_encrypted(),
-            DbDecoder::Mysql(d) => d.is_encrypted(),
-            DbDecoder::Redis(_) => false,
-        }
-    }
-
-    /// The connection closed: how many requests never got an answer.
-    fn finish(&mut self) -> usize {
-        match self {
-            DbDecoder::Postgres(d) => d.finish(),
-            DbDecoder::Mysql(d) => d.finish(),
-            DbDecoder::Redis(d) => d.finish(),
-        }
-    }
-}
 
 /// One followed TCP connection.
 pub struct Connection {
@@ -713,15 +625,7 @@ impl Connection {
             return;
         }
         let sent = rec.direction == Direction::Send;
-        let db = if sent && postgres::looks_like_startup(bytes) {
-            Some(DbDecoder::Postgres(PgDecoder::new()))
-        } else if !sent && mysql::looks_like_server_greeting(bytes) {
-            Some(DbDecoder::Mysql(MysqlDecoder::new()))
-        } else if sent && !http1::looks_like_request(bytes) && redis::looks_like_command(bytes) {
-            Some(DbDecoder::Redis(RedisDecoder::new()))
-        } else {
-            None
-        };
+        let db = DbDecoder::detect(bytes, sent);
         if let Some(decoder) = db {
             // We spoke first to a database (or it greeted us): we are its client.
             if self.role == Role::Unknown {

@@ -16,7 +16,7 @@ mod module_graph;
 pub mod pipeline;
 pub mod pools;
 pub mod process;
-pub mod protocols;
+pub use tracer_protocols as protocols;
 pub mod recover;
 pub mod server;
 pub mod spans;

@@ -376,28 +376,27 @@ fn rotel_agent(venv: &Path) -> Option<PathBuf> {
     Some(py.path().join("site-packages/rotel/rotel-agent"))
 }
 
-/// The fuzz targets declared in tracer-agent/fuzz/Cargo.toml.
+/// The fuzz targets declared in tracer-protocols/fuzz/Cargo.toml.
 fn fuzz_targets() -> Result<Vec<String>> {
-    let manifest = workspace_root().join("tracer-agent/fuzz/Cargo.toml");
+    let manifest = workspace_root().join("tracer-protocols/fuzz/Cargo.toml");
     let text = std::fs::read_to_string(&manifest)
         .with_context(|| format!("reading {}", manifest.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("name = \""))
         .filter_map(|l| l.strip_suffix('"'))
-        .filter(|n| *n != "tracer-agent-fuzz")
+        .filter(|n| *n != "tracer-protocols-fuzz")
         .map(str::to_string)
         .collect())
 }
 
-/// Runs each fuzz target for `seconds`; any crash fails. The eBPF object is not
-/// needed to fuzz decoders, so its build is skipped.
+/// Runs each fuzz target for `seconds`; any crash fails. The targets depend on
+/// tracer-protocols alone: no eBPF build.
 fn fuzz(seconds: u64) -> Result<()> {
-    let dir = workspace_root().join("tracer-agent");
+    let dir = workspace_root().join("tracer-protocols");
     for target in fuzz_targets()? {
         run(Command::new("cargo")
             .current_dir(&dir)
-            .env("AYA_BUILD_SKIP", "1")
             .args(["+nightly", "fuzz", "run", &target, "--"])
             .arg(format!("-max_total_time={seconds}"))
             .arg("-max_len=8192"))?;

@@ -1,0 +1,348 @@
+//! [`DbDecoder`]: the three database decoders behind one interface, picked from a
+//! connection's first bytes or its server's port.
+
+use super::{DbCall, DbSystem, TxStatus};
+use crate::Chunk;
+use crate::http1;
+use crate::mysql::{self, MysqlDecoder, MysqlError};
+use crate::postgres::{self, PgDecoder, PgError};
+use crate::redis::{self, RedisDecoder, RedisError};
+
+/// The database decoders, each seeing both directions of one connection.
+#[derive(Debug)]
+pub enum DbDecoder {
+    Postgres(PgDecoder),
+    Mysql(MysqlDecoder),
+    Redis(RedisDecoder),
+}
+
+/// What made a chunk undecodable: the error of the decoder that was fed. Its text is
+/// that decoder's error text; like those, it never holds captured bytes.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DbDecodeError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(transparent)]
+    Mysql(#[from] MysqlError),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+impl DbDecodeError {
+    /// The database system whose decoder failed.
+    pub fn system(&self) -> DbSystem {
+        match self {
+            DbDecodeError::Postgres(_) => DbSystem::Postgresql,
+            DbDecodeError::Mysql(_) => DbSystem::Mysql,
+            DbDecodeError::Redis(_) => DbSystem::Redis,
+        }
+    }
+}
+
+impl DbDecoder {
+    /// The decoder for a connection whose first captured payload is `first`, which
+    /// the local end sent (`sent`) or received. `None` when it starts none of the
+    /// database protocols (the caller then tries HTTP/1.x), or is empty.
+    ///
+    /// - PostgreSQL: the local end sent a startup packet (StartupMessage, SSLRequest,
+    ///   GSSENCRequest or CancelRequest).
+    /// - MySQL/MariaDB: the local end received a server greeting (the server speaks
+    ///   first).
+    /// - Redis: the local end sent a command that does not also look like an HTTP/1.x
+    ///   request (an inline `GET key` does: HTTP/1.x is tried next).
+    ///
+    /// In each case the local end is the database's client.
+    pub fn detect(first: &[u8], sent: bool) -> Option<Self> {
+        if sent && postgres::looks_like_startup(first) {
+            Some(DbDecoder::Postgres(PgDecoder::new()))
+        } else if !sent && mysql::looks_like_server_greeting(first) {
+            Some(DbDecoder::Mysql(MysqlDecoder::new()))
+        } else if sent && !http1::looks_like_request(first) && redis::looks_like_command(first) {
+            Some(DbDecoder::Redis(RedisDecoder::new()))
+        } else {
+            None
+        }
+    }
+
+    /// A decoder for a connection met mid-stream, by its server's well-known port.
+    pub fn guess_by_port(port: u16) -> Option<Self> {
+        match port {
+            5432 => Some(DbDecoder::Postgres(PgDecoder::mid_stream())),
+            3306 => Some(DbDecoder::Mysql(MysqlDecoder::new())),
+            6379 => Some(DbDecoder::Redis(RedisDecoder::new())),
+            _ => None,
+        }
+    }
+
+    /// Which database the decoder speaks.
+    pub fn system(&self) -> DbSystem {
+        match self {
+            DbDecoder::Postgres(_) => DbSystem::Postgresql,
+            DbDecoder::Mysql(_) => DbSystem::Mysql,
+            DbDecoder::Redis(_) => DbSystem::Redis,
+        }
+    }
+
+    /// Feeds bytes the client sent (`from_client`) or received.
+    pub fn feed(
+        &mut self,
+        from_client: bool,
+        chunk: &Chunk<'_>,
+        out: &mut Vec<DbCall>,
+    ) -> Result<(), DbDecodeError> {
+        match (self, from_client) {
+            (DbDecoder::Postgres(d), true) => Ok(d.client(chunk, out)?),
+            (DbDecoder::Postgres(d), false) => Ok(d.server(chunk, out)?),
+            (DbDecoder::Mysql(d), true) => Ok(d.client(chunk, out)?),
+            (DbDecoder::Mysql(d), false) => Ok(d.server(chunk, out)?),
+            (DbDecoder::Redis(d), true) => Ok(d.client(chunk, out)?),
+            (DbDecoder::Redis(d), false) => Ok(d.server(chunk, out)?),
+        }
+    }
+
+    /// The transaction status as the server last reported it.
+    pub fn tx_status(&self) -> TxStatus {
+        match self {
+            DbDecoder::Postgres(d) => d.tx_status(),
+            DbDecoder::Mysql(d) => d.tx_status(),
+            DbDecoder::Redis(d) => d.tx_status(),
+        }
+    }
+
+    /// The database (PostgreSQL, MySQL) or the Redis DB index, when known.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            DbDecoder::Postgres(d) => d.namespace(),
+            DbDecoder::Mysql(d) => d.namespace(),
+            DbDecoder::Redis(d) => d.namespace(),
+        }
+    }
+
+    /// A request was sent and its response is not complete yet.
+    pub fn in_flight(&self) -> bool {
+        match self {
+            DbDecoder::Postgres(d) => d.in_flight(),
+            DbDecoder::Mysql(d) => d.in_flight(),
+            DbDecoder::Redis(d) => d.in_flight(),
+        }
+    }
+
+    /// The connection is encrypted (TLS was asked for or started): later chunks are
+    /// not decoded. Never for Redis (TLS there starts before any RESP).
+    pub fn encrypted(&self) -> bool {
+        match self {
+            DbDecoder::Postgres(d) => d.is_encrypted(),
+            DbDecoder::Mysql(d) => d.is_encrypted(),
+            DbDecoder::Redis(_) => false,
+        }
+    }
+
+    /// The connection closed: how many requests never got an answer.
+    pub fn finish(&mut self) -> usize {
+        match self {
+            DbDecoder::Postgres(d) => d.finish(),
+            DbDecoder::Mysql(d) => d.finish(),
+            DbDecoder::Redis(d) => d.finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata::{self, PROTOCOLS};
+
+    /// The system each testdata folder's captures are detected as, from the client's
+    /// side of the connection.
+    fn expected(protocol: &str) -> Option<DbSystem> {
+        match protocol {
+            "postgres" => Some(DbSystem::Postgresql),
+            "mysql" => Some(DbSystem::Mysql),
+            "redis" => Some(DbSystem::Redis),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn detect_picks_the_decoder_from_the_clients_first_bytes() {
+        for protocol in PROTOCOLS {
+            for (name, file) in testdata::recorded(protocol) {
+                let cap = testdata::parse(&file).unwrap();
+                let first = cap.records[0];
+                // The client sent the first record, or received it (a MySQL greeting).
+                let client = DbDecoder::detect(first.bytes, first.from_client);
+                assert_eq!(
+                    client.map(|d| d.system()),
+                    expected(protocol),
+                    "{protocol}/{name}"
+                );
+                // The server's end of the same connection is never taken for a client.
+                let server = DbDecoder::detect(first.bytes, !first.from_client);
+                assert!(server.is_none(), "{protocol}/{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn detect_follows_the_direction_and_leaves_http_alone() {
+        let ping = b"*1\r\n$4\r\nPING\r\n";
+        let detect = |bytes: &[u8], sent| DbDecoder::detect(bytes, sent).map(|d| d.system());
+        assert_eq!(detect(ping, true), Some(DbSystem::Redis));
+        assert_eq!(detect(b"SET key value\r\n", true), Some(DbSystem::Redis));
+        // Also an HTTP/1.x request line: HTTP/1.x is tried next.
+        assert_eq!(detect(b"GET key\r\n", true), None);
+        assert_eq!(detect(ping, false), None);
+        assert_eq!(detect(b"GET /key HTTP/1.1\r\nHost: x\r\n\r\n", true), None);
+        assert_eq!(detect(b"HTTP/1.1 200 OK\r\n\r\n", false), None);
+        // An SSLRequest is a startup packet too.
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert_eq!(detect(&ssl, true), Some(DbSystem::Postgresql));
+        assert_eq!(detect(&ssl, false), None);
+        assert_eq!(detect(b"", true), None);
+        assert_eq!(detect(b"", false), None);
+        for cut in 0..ssl.len() {
+            assert!(detect(&ssl[..cut], true).is_none(), "{cut}");
+        }
+    }
+
+    #[test]
+    fn guess_by_port_knows_the_well_known_ports() {
+        let guess = |port| DbDecoder::guess_by_port(port).map(|d| d.system());
+        assert_eq!(guess(5432), Some(DbSystem::Postgresql));
+        assert_eq!(guess(3306), Some(DbSystem::Mysql));
+        assert_eq!(guess(6379), Some(DbSystem::Redis));
+        assert_eq!(guess(80), None);
+        assert_eq!(guess(0), None);
+    }
+
+    /// The decoder `detect` picks for a connection's start, made directly.
+    fn fresh(protocol: &str) -> DbDecoder {
+        match protocol {
+            "postgres" => DbDecoder::Postgres(PgDecoder::new()),
+            "mysql" => DbDecoder::Mysql(MysqlDecoder::new()),
+            _ => DbDecoder::Redis(RedisDecoder::new()),
+        }
+    }
+
+    /// Feeds a decoder directly, the way the agent fed it before the dispatch.
+    fn feed_directly(
+        d: &mut DbDecoder,
+        from_client: bool,
+        chunk: &Chunk<'_>,
+        out: &mut Vec<DbCall>,
+    ) -> Result<(), String> {
+        match (d, from_client) {
+            (DbDecoder::Postgres(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Postgres(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Mysql(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Mysql(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Redis(d), true) => d.client(chunk, out).map_err(|e| e.to_string()),
+            (DbDecoder::Redis(d), false) => d.server(chunk, out).map_err(|e| e.to_string()),
+        }
+    }
+
+    #[test]
+    fn feeding_through_the_dispatch_is_feeding_the_decoder() {
+        for protocol in ["postgres", "mysql", "redis"] {
+            for (name, file) in testdata::recorded(protocol) {
+                let cap = testdata::parse(&file).unwrap();
+                let first = cap.records[0];
+                let mut dispatch = DbDecoder::detect(first.bytes, first.from_client).unwrap();
+                let mut direct = fresh(protocol);
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                for r in &cap.records {
+                    // Whole records, then the same cut into pieces with a gap, so that
+                    // errors are compared too.
+                    let mut chunks = vec![r.chunk()];
+                    if r.bytes.len() > 8 {
+                        chunks = vec![
+                            Chunk {
+                                bytes: &r.bytes[..3],
+                                len: r.bytes.len() - 2,
+                                ts_ns: r.ts_ns,
+                            },
+                            Chunk::whole(&r.bytes[r.bytes.len() - 2..], r.ts_ns),
+                        ];
+                    }
+                    for chunk in &chunks {
+                        let a = dispatch.feed(r.from_client, chunk, &mut got);
+                        let b = feed_directly(&mut direct, r.from_client, chunk, &mut want);
+                        if let Err(e) = &a {
+                            assert_eq!(e.system(), dispatch.system(), "{protocol}/{name}");
+                        }
+                        assert_eq!(a.map_err(|e| e.to_string()), b, "{protocol}/{name}");
+                        assert_eq!(dispatch.tx_status(), direct.tx_status());
+                        assert_eq!(dispatch.namespace(), direct.namespace());
+                        assert_eq!(dispatch.in_flight(), direct.in_flight());
+                        assert_eq!(dispatch.encrypted(), direct.encrypted());
+                    }
+                }
+                assert_eq!(got, want, "{protocol}/{name}");
+                assert_eq!(dispatch.finish(), direct.finish(), "{protocol}/{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn whole_captures_decode_through_the_dispatch() {
+        for protocol in ["postgres", "mysql", "redis"] {
+            let mut calls = 0;
+            for (name, file) in testdata::recorded(protocol) {
+                let cap = testdata::parse(&file).unwrap();
+                let first = cap.records[0];
+                let mut d = DbDecoder::detect(first.bytes, first.from_client).unwrap();
+                let mut out = Vec::new();
+                for r in &cap.records {
+                    d.feed(r.from_client, &r.chunk(), &mut out)
+                        .unwrap_or_else(|e| panic!("{protocol}/{name}: {e}"));
+                }
+                assert!(out.iter().all(|c| c.system == d.system()));
+                calls += out.len();
+            }
+            assert!(calls > 0, "{protocol}");
+        }
+    }
+
+    #[test]
+    fn errors_name_their_system_and_read_as_the_decoders_own() {
+        // (decoder, the first records of a capture fed first, from the client?, garbage)
+        type Case<'a> = (&'a str, Option<(&'a str, usize)>, bool, &'a [u8]);
+        let cases: [Case<'_>; 4] = [
+            ("postgres", None, true, b"\0\0\0\x01 not a startup"),
+            ("postgres", None, false, b"\x01\x02\x03\x04\x05"),
+            // After the handshake, a command byte no server knows.
+            (
+                "mysql",
+                Some(("cli_select.cap", 3)),
+                true,
+                b"\x05\0\0\0\x99junk",
+            ),
+            ("redis", None, false, b"?what\r\n"),
+        ];
+        for (protocol, before, from_client, bytes) in cases {
+            let (mut d, mut direct) = (fresh(protocol), fresh(protocol));
+            if let Some((capture, n)) = before {
+                let files = testdata::recorded(protocol);
+                let (_, file) = files.iter().find(|(name, _)| name == capture).unwrap();
+                for r in testdata::parse(file).unwrap().records.iter().take(n) {
+                    d.feed(r.from_client, &r.chunk(), &mut Vec::new()).unwrap();
+                    feed_directly(&mut direct, r.from_client, &r.chunk(), &mut Vec::new()).unwrap();
+                }
+            }
+            let chunk = Chunk::whole(bytes, 1);
+            let err = d
+                .feed(from_client, &chunk, &mut Vec::new())
+                .err()
+                .unwrap_or_else(|| panic!("{bytes:?} is no error"));
+            let want = feed_directly(&mut direct, from_client, &chunk, &mut Vec::new());
+            assert_eq!(Err(err.to_string()), want);
+            assert_eq!(err.system(), d.system());
+            let variant = match &err {
+                DbDecodeError::Postgres(_) => DbSystem::Postgresql,
+                DbDecodeError::Mysql(_) => DbSystem::Mysql,
+                DbDecodeError::Redis(_) => DbSystem::Redis,
+            };
+            assert_eq!(variant, d.system(), "{err:?}");
+        }
+    }
+}
