@@ -640,14 +640,9 @@ impl RedMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[allow(unused_imports)]
     use opentelemetry_proto::tonic::{
-        collector::metrics::v1::ExportMetricsServiceRequest,
-        common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
-        metrics::v1::{
-            AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-            ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
-        },
+        common::v1::{KeyValue, any_value},
+        metrics::v1::{AggregationTemporality, NumberDataPoint, metric, number_data_point},
     };
 
     fn span(kind: SpanKind, path: &str, status: i64, dur_ms: u64, pid: u32) -> Span {

@@ -17,7 +17,10 @@ use tracer_common::{
     stats::{COUNTERS, Counter},
 };
 
-use super::{Clock, Event, decode, kernel_info, reader::drain};
+use super::{
+    Clock, Event, kernel_info,
+    reader::{drain, take_all},
+};
 use crate::telemetry::Telemetry;
 
 /// The kernel object built by build.rs from `tracer-ebpf`.
@@ -323,13 +326,7 @@ impl BpfCapture {
             }
         }
         // Drain what is left so that a flush on shutdown sees everything.
-        let ring = fd.get_mut();
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Ok(ev) = decode(&item, &clock) {
-                batch.push(ev);
-            }
-        }
+        let batch = take_all(fd.get_mut(), &clock, &telemetry);
         if !batch.is_empty() {
             let _ = tx.send(batch).await;
         }

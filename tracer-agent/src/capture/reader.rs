@@ -110,6 +110,27 @@ pub fn drain(
     }
 }
 
+/// Everything left in `source`, at shutdown (no batching, no backpressure: the
+/// caller waits for the pipeline to take it). Undecodable records are counted.
+pub fn take_all(
+    source: &mut impl RecordSource,
+    clock: &Clock,
+    telemetry: &Telemetry,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(item) = source.next_record() {
+        match super::decode(&item, clock) {
+            Ok(ev) => events.push(ev),
+            Err(e) => {
+                log::debug!("undecodable ring buffer record: {e}");
+                telemetry.decode_errors.inc();
+            }
+        }
+    }
+    telemetry.events_read.inc_by(events.len() as u64);
+    events
+}
+
 /// Hands a batch to the pipeline, or drops it, counted, when the queue is full.
 fn send(tx: &mpsc::Sender<Vec<Event>>, batch: Vec<Event>, telemetry: &Telemetry) {
     let n = batch.len() as u64;
@@ -229,6 +250,21 @@ mod tests {
             text.contains("tracer_queue_dropped_total{queue=\"events\"} 3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn at_shutdown_everything_left_is_taken_and_bad_records_counted() {
+        let telemetry = Telemetry::new();
+        let mut source = RecordedRecords::new(
+            (0..(MAX_QUEUED_EVENTS as u64 + 3))
+                .map(|i| data_record(i, b"z"))
+                .chain([vec![9, 9]]),
+        );
+        let events = take_all(&mut source, &Clock::with_offset(0), &telemetry);
+        assert_eq!(events.len(), MAX_QUEUED_EVENTS + 3, "no backpressure limit");
+        assert!(source.is_empty());
+        assert_eq!(telemetry.decode_errors.get(), 1);
+        assert_eq!(telemetry.events_read.get(), events.len() as u64);
     }
 
     #[test]

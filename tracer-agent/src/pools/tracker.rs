@@ -4,7 +4,7 @@
 //! reports each database connection's life and use ([`DbObservation`]); the
 //! tracker keeps the rest. The inventory ([`super::inventory`]) reads it.
 
-use std::net::SocketAddr;
+use std::{collections::VecDeque, net::SocketAddr};
 
 // Keyed by kernel socket addresses and random span ids: a fast, seeded hasher.
 use foldhash::HashMap;
@@ -123,7 +123,7 @@ pub struct PoolTracker {
     pools: HashMap<(u32, SocketAddr), PoolTrack>,
     /// Span of each connection's last call → its socket, until the span is settled.
     last_spans: HashMap<SpanId, u64>,
-    samples: Vec<PoolSample>,
+    samples: VecDeque<PoolSample>,
 }
 
 impl PoolTracker {
@@ -307,9 +307,9 @@ impl PoolTracker {
     fn sample(&mut self, sample: PoolSample) {
         if self.samples.len() >= MAX_POOL_SAMPLES {
             // Nobody drains them: keep the newest.
-            self.samples.remove(0);
+            self.samples.pop_front();
         }
-        self.samples.push(sample);
+        self.samples.push_back(sample);
     }
 
     /// Parent inference settled the trace of a span: if it is a connection's last
@@ -327,7 +327,7 @@ impl PoolTracker {
 
     /// Pool timing samples gathered since the last call.
     pub fn take_samples(&mut self) -> Vec<PoolSample> {
-        std::mem::take(&mut self.samples)
+        std::mem::take(&mut self.samples).into()
     }
 
     pub fn member(&self, sock: u64) -> Option<&Member> {
