@@ -30,6 +30,11 @@ pub enum AgentError {
     },
     #[error("installing the signal handler failed: {0}")]
     Signal(std::io::Error),
+    #[error("cannot create the event recording {path}: {source}")]
+    Recording {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Event batches waiting between capture and the pipeline (small batches are the
@@ -136,7 +141,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
         .run(span_rx, leak_rx, telemetry.clone()),
     );
-    let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone()));
+    let recording = match &config.record_events {
+        Some(path) => {
+            let file = std::fs::File::create(path).map_err(|source| AgentError::Recording {
+                path: path.clone(),
+                source,
+            })?;
+            log::warn!(
+                "recording raw events (captured payloads included) to {}",
+                path.display()
+            );
+            Some(file)
+        }
+        None => None,
+    };
+    let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone(), recording));
     tokio::spawn(return_free_memory(cancel.clone()));
 
     wait_for_signal().await.map_err(AgentError::Signal)?;

@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Address of the agent's own HTTP endpoint (/metrics, /healthz) [default: 127.0.0.1:9464].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Write every raw ring-buffer record to FILE, for replay without root (bug reports,
+    /// test data). It holds the captured payload prefixes as they are: keep it private.
+    #[arg(long, value_name = "FILE")]
+    pub record_events: Option<PathBuf>,
 }
 
 /// The config file. Every key is optional.
@@ -96,6 +100,7 @@ pub struct FileConfig {
     pub keep_sql_literals: Option<bool>,
     #[serde(default, with = "humantime_serde_opt")]
     pub parent_wait: Option<Duration>,
+    pub record_events: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -126,6 +131,8 @@ pub struct Config {
     pub keep_sql_literals: bool,
     pub parent_wait: Duration,
     pub empty_probes: bool,
+    /// Where raw ring-buffer records are recorded, when asked.
+    pub record_events: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +254,7 @@ impl Config {
                 .or(file.parent_wait)
                 .unwrap_or(Duration::from_secs(2)),
             empty_probes: args.empty_probes,
+            record_events: args.record_events.clone().or(file.record_events),
         })
     }
 }

@@ -8,8 +8,6 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -25,18 +23,7 @@ const LEAK_AFTER_S: u64 = 3;
 
 /// GET `path` from the app; the body, trimmed.
 fn get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the app");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read the app's answer");
-    assert!(
-        text.starts_with("HTTP/1.") && text[8..].starts_with(" 200 "),
-        "{path}: {text}"
-    );
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_string())
-        .unwrap_or_default()
+    http_get(port, path)
 }
 
 fn leaks(agent: &Agent, state: &str) -> Vec<Value> {

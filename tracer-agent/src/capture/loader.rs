@@ -20,6 +20,7 @@ use tracer_common::{
 use super::{
     Clock, Event, kernel_info,
     reader::{drain, take_all},
+    recording::{RecordingWriter, Tee},
 };
 use crate::telemetry::Telemetry;
 
@@ -288,6 +289,7 @@ impl BpfCapture {
         tx: mpsc::Sender<Vec<Event>>,
         telemetry: Arc<Telemetry>,
         cancel: CancellationToken,
+        recording: Option<std::fs::File>,
     ) -> Result<(), CaptureError> {
         let ring = self
             .ebpf
@@ -304,6 +306,9 @@ impl BpfCapture {
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| CaptureError::Io(e.into()))?;
         let clock = Clock::now();
+        let mut recording = recording
+            .map(|f| RecordingWriter::new(std::io::BufWriter::new(f), &clock))
+            .transpose()?;
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
         // The kernel wakes us only when a lot is waiting; below that, poll.
         let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
@@ -317,16 +322,28 @@ impl BpfCapture {
                     telemetry.add_kernel_counters(&last, &now);
                     last = now;
                 }
-                _ = poll_tick.tick() => drain(fd.get_mut(), &clock, &tx, &telemetry),
+                _ = poll_tick.tick() => {
+                    let mut source = Tee { source: fd.get_mut(), recording: recording.as_mut() };
+                    drain(&mut source, &clock, &tx, &telemetry);
+                }
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &clock, &tx, &telemetry);
+                    let mut source =
+                        Tee { source: guard.get_inner_mut(), recording: recording.as_mut() };
+                    drain(&mut source, &clock, &tx, &telemetry);
                     guard.clear_ready();
                 }
             }
         }
         // Drain what is left so that a flush on shutdown sees everything.
-        let batch = take_all(fd.get_mut(), &clock, &telemetry);
+        let mut source = Tee {
+            source: fd.get_mut(),
+            recording: recording.as_mut(),
+        };
+        let batch = take_all(&mut source, &clock, &telemetry);
+        if let Some(r) = recording.as_mut() {
+            r.flush();
+        }
         if !batch.is_empty() {
             let _ = tx.send(batch).await;
         }

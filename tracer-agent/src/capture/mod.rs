@@ -9,6 +9,7 @@
 pub mod kernel_info;
 pub mod loader;
 pub mod reader;
+pub mod recording;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -204,6 +205,11 @@ impl Clock {
         Self {
             boot_to_unix_ns: real - boot,
         }
+    }
+
+    /// Boot time to Unix time, in nanoseconds.
+    pub fn offset_ns(&self) -> i128 {
+        self.boot_to_unix_ns
     }
 
     /// A clock with a fixed offset (for replay and tests).

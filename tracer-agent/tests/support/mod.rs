@@ -529,3 +529,21 @@ pub fn python_client_plain(script: &str, args: &[&str]) -> (u32, String) {
     );
     (pid, String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// GET `path` from a server on `port` with HTTP/1.0 (the connection closes after
+/// the answer); asserts a 200 and returns the body, trimmed.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the app");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the app's answer");
+    assert!(
+        text.starts_with("HTTP/1.") && text[8..].starts_with(" 200 "),
+        "{path}: {text}"
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_string())
+        .unwrap_or_default()
+}
