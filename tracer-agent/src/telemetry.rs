@@ -97,7 +97,8 @@ impl EncodeLabelValue for DropReason {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExporterLabel {
-    pub exporter: String,
+    /// `json`, `pretty`, `otlp_grpc`, `otlp_http`, `otlp_metrics`, `otlp_logs`.
+    pub exporter: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -305,19 +306,15 @@ impl Telemetry {
         }
     }
 
-    pub fn exported(&self, exporter: &str, n: u64) {
+    pub fn exported(&self, exporter: &'static str, n: u64) {
         self.spans_exported
-            .get_or_create(&ExporterLabel {
-                exporter: exporter.to_string(),
-            })
+            .get_or_create(&ExporterLabel { exporter })
             .inc_by(n);
     }
 
-    pub fn export_failed(&self, exporter: &str) {
+    pub fn export_failed(&self, exporter: &'static str) {
         self.export_errors
-            .get_or_create(&ExporterLabel {
-                exporter: exporter.to_string(),
-            })
+            .get_or_create(&ExporterLabel { exporter })
             .inc();
     }
 

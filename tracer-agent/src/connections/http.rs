@@ -1,0 +1,239 @@
+//! HTTP/1 connections: requests paired with their answers, the spans of each
+//! exchange, and what each thread reads and answers (for causality).
+
+use super::*;
+
+/// One HTTP/1 connection: a decoder per direction and the requests awaiting answers.
+pub(super) struct HttpConn {
+    pub(super) requests: Http1Decoder,
+    pub(super) responses: Http1Decoder,
+    pub(super) pending: VecDeque<PendingRequest>,
+    pub(super) scratch: Vec<Http1Message>,
+    /// Index of the next request on this connection.
+    pub(super) next_exchange: u64,
+    /// Both ends count exchanges alike only when followed from the first byte.
+    pub(super) from_start: bool,
+    /// Client end: the cause of the last answered request, once one was answered.
+    pub(super) last_woken_by: Option<Option<SpanId>>,
+}
+
+pub(super) struct PendingRequest {
+    pub(super) message: Http1Message,
+    pub(super) tid: u32,
+    pub(super) span_id: SpanId,
+    pub(super) exchange: u64,
+    pub(super) woken_by: Option<SpanId>,
+    pub(super) dedicated: bool,
+    /// The request's `traceparent`, parsed once when the request is read.
+    pub(super) traceparent: Option<TraceParent>,
+}
+
+impl Connection {
+    /// The peer ended its stream and a thread read that end: on a client
+    /// connection that resumes the handler waiting for its answer (a response
+    /// delimited by the close, or a reader that reads to the end).
+    pub(super) fn end_of_stream<O: Observer>(&mut self, rec: &DataRecord, ctx: &mut Ctx<'_, O>) {
+        let Protocol::Http1(http) = &self.protocol else {
+            return;
+        };
+        if self.role != Role::Client || rec.direction != Direction::Recv {
+            return;
+        }
+        let cause = match http.pending.front() {
+            Some(waiting) => Some(waiting.woken_by),
+            None => http.last_woken_by,
+        };
+        if let Some(parent) = cause {
+            ctx.out.thread(ThreadEvent::CallAnswered {
+                pid: rec.meta.tgid,
+                tid: rec.meta.tid,
+                ts_ns: rec.meta.ts_ns,
+                parent,
+                conn: self.sock,
+            });
+        }
+    }
+
+    pub(super) fn http_data<O: Observer>(
+        &mut self,
+        rec: &DataRecord,
+        chunk: &Chunk<'_>,
+        max_pending: usize,
+        ctx: &mut Ctx<'_, O>,
+    ) {
+        let Protocol::Http1(http) = &mut self.protocol else {
+            return;
+        };
+        let requests_flow = if self.role == Role::Server {
+            Direction::Recv
+        } else {
+            Direction::Send
+        };
+        if rec.direction == requests_flow {
+            http.scratch.clear();
+            if let Err(e) = http.requests.feed(chunk, &mut http.scratch) {
+                log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
+                ctx.telemetry.dropped(DropReason::HttpRequestMalformed);
+            }
+            let (pid, tid) = (rec.meta.tgid, rec.meta.tid);
+            for message in http.scratch.drain(..) {
+                if let StartLine::Request { method, .. } = &message.start {
+                    http.responses.expect_response_to(method);
+                }
+                if http.pending.len() >= max_pending {
+                    http.pending.pop_front();
+                    ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
+                }
+                let traceparent = message
+                    .headers
+                    .traceparent
+                    .as_deref()
+                    .and_then(traceparent::parse_traceparent);
+                let (span_id, woken_by, dedicated) = if self.role == Role::Server {
+                    let id = SpanId::random();
+                    let request = match &message.start {
+                        StartLine::Request { method, target } => {
+                            Some((method.as_str(), target.as_str()))
+                        }
+                        StartLine::Response { .. } => None,
+                    };
+                    ctx.out.thread(ThreadEvent::ServerRequest {
+                        pid,
+                        tid,
+                        ts_ns: rec.meta.ts_ns,
+                        span: id,
+                        request,
+                    });
+                    (id, None, false)
+                } else {
+                    // An outgoing traceparent names this very client span.
+                    let id = traceparent
+                        .map(|tp| tp.parent_id)
+                        .unwrap_or_else(SpanId::random);
+                    // A handler's call starts at its connect() when it opens a
+                    // connection for it: that is the moment closest to its wake.
+                    let at = if http.next_exchange == 0 && self.role_from_kernel {
+                        self.opened_ns.min(message.start_ns)
+                    } else {
+                        message.start_ns
+                    };
+                    let Cause {
+                        parent: woken_by,
+                        dedicated,
+                    } = ctx.out.cause(pid, tid, at);
+                    log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
+                    (id, woken_by, dedicated)
+                };
+                http.pending.push_back(PendingRequest {
+                    message,
+                    tid,
+                    span_id,
+                    exchange: http.next_exchange,
+                    woken_by,
+                    dedicated,
+                    traceparent,
+                });
+                http.next_exchange += 1;
+            }
+            return;
+        }
+        http.scratch.clear();
+        if let Err(e) = http.responses.feed(chunk, &mut http.scratch) {
+            log::debug!("HTTP response decode error on {:?}: {e}", self.endpoints);
+            ctx.telemetry.dropped(DropReason::HttpResponseMalformed);
+        }
+        let responses = std::mem::take(&mut http.scratch);
+        for response in &responses {
+            self.answer(response, rec.meta.tid, ctx);
+        }
+        if let Protocol::Http1(http) = &mut self.protocol {
+            if http.responses.is_tunnel() {
+                // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
+                self.protocol = Protocol::Other;
+            } else {
+                http.scratch = responses;
+                http.scratch.clear();
+            }
+        }
+    }
+
+    pub(super) fn conn_key(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let e = &self.endpoints;
+        match self.role {
+            Role::Server => Some((e.remote, e.local)),
+            Role::Client => Some((e.local, e.remote)),
+            Role::Unknown => None,
+        }
+    }
+
+    /// Pairs a response with the oldest waiting request and emits the span.
+    /// `reader` is the thread that read the response (0 when the connection closed).
+    pub(super) fn answer<O: Observer>(
+        &mut self,
+        response: &Http1Message,
+        reader: u32,
+        ctx: &mut Ctx<'_, O>,
+    ) {
+        let conn = self.conn_key();
+        let sock = self.sock;
+        let ips = self.addr_text();
+        let Protocol::Http1(http) = &mut self.protocol else {
+            return;
+        };
+        if let StartLine::Response { status } = response.start
+            && (100..200).contains(&status)
+            && status != 101
+        {
+            return; // interim response: the final one follows
+        }
+        let Some(req) = http.pending.pop_front() else {
+            ctx.telemetry.dropped(DropReason::HttpResponseUnpaired);
+            return;
+        };
+        let kind = if self.role == Role::Server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        };
+        let from_start = http.from_start;
+        if kind == SpanKind::Server {
+            ctx.out.thread(ThreadEvent::ServerAnswered {
+                pid: self.pid,
+                tid: req.tid,
+                span: req.span_id,
+            });
+        } else if reader != 0 {
+            ctx.out.thread(ThreadEvent::CallAnswered {
+                pid: self.pid,
+                tid: reader,
+                ts_ns: response.end_ns,
+                parent: req.woken_by,
+                conn: sock,
+            });
+            http.last_woken_by = Some(req.woken_by);
+        }
+        let resource = ctx.procs.get(self.pid, &self.comm);
+        let header = req.traceparent.is_some();
+        let mut span = http_span(&HttpExchange {
+            kind,
+            request: &req.message,
+            response,
+            local: self.endpoints.local,
+            remote: self.endpoints.remote,
+            ips: &ips,
+            resource,
+            tid: req.tid,
+            span_id: req.span_id,
+            link: Link {
+                conn,
+                exchange: from_start.then_some(req.exchange),
+                woken_by: req.woken_by,
+                dedicated_thread: req.dedicated,
+                header,
+            },
+        });
+        traceparent::apply_traceparent(&mut span, req.traceparent);
+        ctx.telemetry.spans_built.inc();
+        ctx.out.span(span);
+    }
+}

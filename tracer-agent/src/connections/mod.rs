@@ -1,0 +1,630 @@
+//! The connection table: every followed TCP connection, its role, its process and
+//! its protocol state. Socket events go in; what the table sees goes out through one
+//! seam, [`Observer`]: finished spans, what threads read and send (parent
+//! inference's causality), and each database connection's life and use (the pool
+//! tracker). The table keeps no state of those stages.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+// The hot maps are keyed by kernel addresses, pids and random span ids: a fast,
+// randomly seeded hasher is enough.
+use foldhash::{HashMap, HashMapExt};
+
+use tracer_common::{conn::Role, data::Direction};
+
+use crate::{
+    capture::{DataRecord, Endpoints, Event, Meta},
+    pools::{
+        inventory::{ConnState, DbConnectionRow, PoolKey},
+        tracker::{DbObservation, DbUse, PoolTracker},
+    },
+    process::ProcessTable,
+    protocols::{
+        Chunk,
+        db::{DbCall, DbDecoder, DbSystem, TxStatus},
+        http1::{self, Http1Decoder, Http1Limits, Http1Message, MessageKind, StartLine},
+    },
+    recover::RecoveredSocket,
+    spans::{AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
+    stitch::{
+        causality::{Cause, Culprit, ThreadEvent},
+        traceparent::{self, TraceParent},
+    },
+    telemetry::{DropReason, Telemetry},
+};
+
+mod db;
+mod http;
+
+use db::DbConn;
+use http::HttpConn;
+
+/// What the table reports as it follows connections: the one seam between it and
+/// the stages that keep state of their own. Statically dispatched: the table is
+/// generic over it.
+pub trait Observer {
+    /// A span was built.
+    fn span(&mut self, span: Span);
+    /// A thread read or answered a request, or read the answer to a call.
+    fn thread(&mut self, event: ThreadEvent<'_>);
+    /// What a call that thread `tid` of `pid` sends at `ts_ns` is made for.
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause;
+    /// The server request `span` being served, as leak reports name it.
+    fn culprit(&mut self, span: SpanId) -> Option<Culprit>;
+    /// A database client connection's life and use.
+    fn db(&mut self, observation: DbObservation);
+}
+
+/// A socket user space stopped decoding, with the ports that identify its
+/// connection: the kernel may have reused the socket's address for another one by
+/// the time it is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotDecoded {
+    pub sock: u64,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// Limits of the connection table.
+#[derive(Clone, Debug)]
+pub struct TableLimits {
+    /// Connections tracked at once; the least recently used is evicted beyond it.
+    pub max_connections: usize,
+    /// Requests waiting for their response on one connection (pipelining depth).
+    pub max_pending_requests: usize,
+}
+
+impl Default for TableLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: tracer_common::MAX_SOCKETS as usize,
+            max_pending_requests: 64,
+        }
+    }
+}
+
+/// How spans are built.
+#[derive(Clone, Debug, Default)]
+pub struct SpanOptions {
+    /// Keep SQL literals in `db.query.text` (off by default: they may be secrets).
+    pub keep_sql_literals: bool,
+}
+
+/// What a connection speaks, as far as we know.
+enum Protocol {
+    /// No payload seen yet.
+    Unknown,
+    Http1(Box<HttpConn>),
+    Db(Box<DbConn>),
+    /// Not a protocol we decode (or the server end of a database connection): its
+    /// traffic is ignored.
+    Other,
+}
+
+/// Sockets no longer decoded kept for the kernel when nobody takes them.
+const MAX_NOT_DECODED: usize = 65536;
+
+/// One followed TCP connection.
+pub struct Connection {
+    /// Kernel socket address: the table's key.
+    sock: u64,
+    pub endpoints: Endpoints,
+    pub role: Role,
+    /// Last process that did I/O on it.
+    pub pid: u32,
+    pub comm: crate::capture::Comm,
+    pub opened_ns: u64,
+    pub last_io_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    /// The kernel saw this connection being connected or accepted (not adopted).
+    role_from_kernel: bool,
+    /// Found in /proc at start-up, before any of its traffic; its socket inode.
+    recovered: bool,
+    inode: u64,
+    protocol: Protocol,
+    /// The endpoints' addresses as text, made at the first span.
+    addr_text: Option<AddrText>,
+}
+
+/// All followed connections, keyed by kernel socket address.
+pub struct ConnectionTable {
+    conns: HashMap<u64, Connection>,
+    /// Connections recovered from /proc and not seen by the kernel yet: their
+    /// (local, remote) → the key they are kept under until then.
+    recovered: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// Sockets no longer decoded, for the kernel to skip.
+    not_decoded: Vec<NotDecoded>,
+    limits: TableLimits,
+    options: SpanOptions,
+    http_limits: Http1Limits,
+}
+
+const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// Everything a connection needs from the table to turn messages into spans.
+struct Ctx<'a, O: Observer> {
+    procs: &'a mut ProcessTable,
+    telemetry: &'a Telemetry,
+    options: &'a SpanOptions,
+    out: &'a mut O,
+}
+
+impl ConnectionTable {
+    pub fn new(limits: TableLimits) -> Self {
+        Self::with_options(limits, SpanOptions::default())
+    }
+
+    pub fn with_options(limits: TableLimits, options: SpanOptions) -> Self {
+        Self {
+            conns: HashMap::new(),
+            recovered: HashMap::new(),
+            not_decoded: Vec::new(),
+            limits,
+            options,
+            http_limits: Http1Limits::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn get(&self, sock: u64) -> Option<&Connection> {
+        self.conns.get(&sock)
+    }
+
+    /// One row per database client connection, for `/connections` and `conns`:
+    /// what the table knows of it, with what `pools` tracks of it.
+    pub fn db_inventory(
+        &self,
+        now_ns: u64,
+        procs: &mut ProcessTable,
+        pools: &PoolTracker,
+    ) -> Vec<DbConnectionRow> {
+        let mut rows: Vec<DbConnectionRow> = self
+            .conns
+            .values()
+            .filter_map(|c| {
+                let Protocol::Db(db) = &c.protocol else {
+                    return None;
+                };
+                let tx = db.decoder.tx_status();
+                let member = pools.member(c.sock);
+                let pool = member.map_or_else(|| c.pool_key(db), |m| m.pool);
+                let order = pools.order(&pool);
+                let resource = procs.get(c.pid, &c.comm);
+                let (last_query, last_span_id, last_call_ns) = match &db.last_call {
+                    Some((q, s, at)) => (q.clone(), Some(s.to_string()), *at),
+                    None => (None, None, c.opened_ns),
+                };
+                Some(DbConnectionRow {
+                    pool,
+                    executable: resource.executable_name.clone(),
+                    service: resource.service_name.clone(),
+                    namespace: db.decoder.namespace().map(str::to_string),
+                    client_port: c.endpoints.local.port(),
+                    state: if db.decoder.in_flight() || tx.in_transaction() {
+                        ConnState::Used
+                    } else {
+                        ConnState::Idle
+                    },
+                    tx_status: tx,
+                    idle_seconds: now_ns.saturating_sub(c.last_io_ns.max(last_call_ns)) as f64
+                        / 1e9,
+                    open_seconds: now_ns.saturating_sub(c.opened_ns) as f64 / 1e9,
+                    last_query,
+                    last_span_id,
+                    last_trace_id: member.and_then(|m| m.last_trace).map(|t| t.to_string()),
+                    culprit: db.last_culprit.clone(),
+                    recovered: c.recovered,
+                    passed_over: member.map_or(0, |m| m.passed_over),
+                    pool_fifo: order.is_some_and(|o| o.fifo),
+                    newer_in_pool: member
+                        .zip(order)
+                        .is_some_and(|(m, o)| o.last_open_ns > m.last_use_ns),
+                    leak: None,
+                })
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.pool.pid, r.pool.server, r.client_port));
+        rows
+    }
+
+    /// Handles one event from the kernel.
+    pub fn handle(
+        &mut self,
+        event: Event,
+        procs: &mut ProcessTable,
+        telemetry: &Telemetry,
+        out: &mut impl Observer,
+    ) {
+        let options = self.options.clone();
+        let mut ctx = Ctx {
+            procs,
+            telemetry,
+            options: &options,
+            out,
+        };
+        match event {
+            Event::ConnOpen {
+                meta,
+                endpoints,
+                role,
+            } => {
+                if let Some(old) = self.remove(meta.sock, ctx.out) {
+                    // The kernel reused the socket address: the old connection is over.
+                    old.close(&mut ctx);
+                }
+                if let Some(key) = self.recovered.remove(&(endpoints.local, endpoints.remote))
+                    && let Some(mut conn) = self.conns.remove(&key)
+                {
+                    // A connection recovered from /proc does its first I/O under our
+                    // watch: from now on it is known by its socket.
+                    conn.sock = meta.sock;
+                    if matches!(conn.protocol, Protocol::Db(_)) {
+                        ctx.out.db(DbObservation::Rekeyed {
+                            from: key,
+                            to: meta.sock,
+                        });
+                    }
+                    self.conns.insert(meta.sock, conn);
+                } else {
+                    self.make_room(&mut ctx);
+                    self.conns
+                        .insert(meta.sock, Connection::new(&meta, endpoints, role));
+                }
+            }
+            Event::Data(rec) => self.data(rec, &mut ctx),
+            Event::ConnClose { meta, .. } => {
+                if let Some(conn) = self.remove(meta.sock, ctx.out) {
+                    conn.close(&mut ctx);
+                }
+            }
+            Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
+        }
+    }
+
+    /// Adds connections that were open before the agent started (found in /proc).
+    /// A client connection to a well-known database port gets that database's
+    /// decoder, joining its stream wherever the next bytes start; any other
+    /// connection learns its protocol from its first traffic. Their idle time
+    /// counts from `now_ns`.
+    pub fn recover(
+        &mut self,
+        sockets: &[RecoveredSocket],
+        now_ns: u64,
+        out: &mut impl Observer,
+    ) -> usize {
+        let mut added = 0;
+        for (i, r) in sockets.iter().enumerate() {
+            if self.conns.len() >= self.limits.max_connections {
+                break;
+            }
+            // Kernel socket addresses are kernel pointers (high half): a key with
+            // the top bit clear can never collide with one.
+            let key = (1u64 << 62) | i as u64;
+            let meta = Meta {
+                ts_ns: now_ns,
+                tgid: r.pid,
+                tid: r.pid,
+                sock: key,
+                comm: r.comm.as_str().into(),
+            };
+            let endpoints = Endpoints {
+                local: r.local,
+                remote: r.remote,
+            };
+            let mut conn = Connection::new(&meta, endpoints, r.role);
+            conn.role_from_kernel = false;
+            conn.recovered = true;
+            conn.inode = r.inode;
+            if r.role == Role::Client
+                && let Some(decoder) = DbDecoder::guess_by_port(r.remote.port())
+            {
+                let db = DbConn::new(decoder, r.pid, true);
+                out.db(DbObservation::Joined {
+                    sock: key,
+                    pool: conn.pool_key(&db),
+                    opened_ns: now_ns,
+                    opened_by_kernel: false,
+                });
+                conn.protocol = Protocol::Db(Box::new(db));
+            }
+            self.conns.insert(key, conn);
+            self.recovered.insert((r.local, r.remote), key);
+            added += 1;
+        }
+        added
+    }
+
+    /// Recovered connections not seen by the kernel yet, as (pid, socket inode),
+    /// so their owner can check they are still open.
+    pub fn recovered_sockets(&self) -> Vec<(u32, u64)> {
+        self.recovered
+            .values()
+            .filter_map(|k| self.conns.get(k).map(|c| (c.pid, c.inode)))
+            .collect()
+    }
+
+    /// Forgets recovered connections that were closed without the kernel seeing
+    /// them (they never did I/O under our watch).
+    pub fn prune_recovered(&mut self, open: impl Fn(u32, u64) -> bool, out: &mut impl Observer) {
+        let gone: Vec<((SocketAddr, SocketAddr), u64)> = self
+            .recovered
+            .iter()
+            .filter(|(_, k)| self.conns.get(k).is_none_or(|c| !open(c.pid, c.inode)))
+            .map(|(e, k)| (*e, *k))
+            .collect();
+        for (ends, key) in gone {
+            self.recovered.remove(&ends);
+            self.remove(key, out);
+        }
+    }
+
+    /// Takes a connection out of the table (and, through `out`, out of its pool).
+    fn remove(&mut self, sock: u64, out: &mut impl Observer) -> Option<Connection> {
+        let conn = self.conns.remove(&sock)?;
+        if matches!(conn.protocol, Protocol::Db(_)) {
+            out.db(DbObservation::Left { sock });
+        }
+        Some(conn)
+    }
+
+    fn make_room<O: Observer>(&mut self, ctx: &mut Ctx<'_, O>) {
+        if self.conns.len() < self.limits.max_connections {
+            return;
+        }
+        let victim = self
+            .conns
+            .iter()
+            .min_by_key(|(_, c)| c.last_io_ns)
+            .map(|(&sock, _)| sock);
+        if let Some(conn) = victim.and_then(|sock| self.remove(sock, ctx.out)) {
+            ctx.telemetry.connections_evicted.inc();
+            log::debug!(
+                "connection table full ({}): evicting the least recently used",
+                self.limits.max_connections
+            );
+            conn.close(ctx);
+        }
+    }
+
+    fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
+        if !self.conns.contains_key(&rec.meta.sock) {
+            // Its open event was lost (ring buffer full): follow it with what we know.
+            ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
+            self.make_room(ctx);
+            let unknown = Endpoints {
+                local: UNKNOWN_ADDR,
+                remote: UNKNOWN_ADDR,
+            };
+            self.conns.insert(
+                rec.meta.sock,
+                Connection::new(&rec.meta, unknown, Role::Unknown),
+            );
+        }
+        let Some(conn) = self.conns.get_mut(&rec.meta.sock) else {
+            return;
+        };
+        conn.pid = rec.meta.tgid;
+        let was_other = matches!(conn.protocol, Protocol::Other);
+        if !rec.meta.comm.is_empty() {
+            conn.comm = rec.meta.comm;
+        }
+        if rec.total_len == 0 {
+            // Not a use of the connection: only its end.
+            conn.end_of_stream(&rec, ctx);
+            return;
+        }
+        conn.last_io_ns = rec.meta.ts_ns;
+        match rec.direction {
+            Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
+            Direction::Recv => conn.bytes_recv += u64::from(rec.total_len),
+        }
+        if matches!(conn.protocol, Protocol::Unknown) {
+            conn.detect(&rec, &self.http_limits);
+            if matches!(conn.protocol, Protocol::Other) {
+                ctx.telemetry.dropped(DropReason::UnknownProtocol);
+            }
+            if let Protocol::Db(db) = &conn.protocol {
+                ctx.out.db(DbObservation::Joined {
+                    sock: rec.meta.sock,
+                    pool: conn.pool_key(db),
+                    opened_ns: conn.opened_ns,
+                    opened_by_kernel: conn.role_from_kernel,
+                });
+            }
+        }
+        let chunk = Chunk {
+            bytes: &rec.payload,
+            len: (rec.total_len as usize).max(rec.payload.len()),
+            ts_ns: rec.meta.ts_ns,
+        };
+        match &mut conn.protocol {
+            Protocol::Http1(_) => {
+                conn.http_data(&rec, &chunk, self.limits.max_pending_requests, ctx)
+            }
+            Protocol::Db(_) => conn.db_data(&rec, &chunk, ctx),
+            Protocol::Unknown | Protocol::Other => {}
+        }
+        let now_other = matches!(
+            self.conns.get(&rec.meta.sock).map(|c| &c.protocol),
+            Some(Protocol::Other)
+        );
+        // Kernel sockets have kernel (high half) addresses; recovered ones do not.
+        if now_other && !was_other && rec.meta.sock >> 63 == 1 {
+            if self.not_decoded.len() >= MAX_NOT_DECODED {
+                self.not_decoded.remove(0);
+            }
+            let ends = self.conns.get(&rec.meta.sock).map(|c| c.endpoints);
+            if let Some(ends) = ends {
+                self.not_decoded.push(NotDecoded {
+                    sock: rec.meta.sock,
+                    local_port: ends.local.port(),
+                    remote_port: ends.remote.port(),
+                });
+            }
+        }
+    }
+
+    /// Sockets that user space stopped decoding since the last call (unknown
+    /// protocol, a database server's end, a tunnel, encryption): the kernel can
+    /// skip their I/O from now on.
+    pub fn take_not_decoded(&mut self) -> Vec<NotDecoded> {
+        std::mem::take(&mut self.not_decoded)
+    }
+}
+
+impl Connection {
+    fn new(meta: &Meta, endpoints: Endpoints, role: Role) -> Self {
+        Self {
+            sock: meta.sock,
+            endpoints,
+            role,
+            pid: meta.tgid,
+            comm: meta.comm,
+            opened_ns: meta.ts_ns,
+            last_io_ns: meta.ts_ns,
+            bytes_sent: 0,
+            bytes_recv: 0,
+            role_from_kernel: role != Role::Unknown,
+            recovered: false,
+            inode: 0,
+            protocol: Protocol::Unknown,
+            addr_text: None,
+        }
+    }
+
+    /// The database this connection talks to, when it is a database client.
+    pub fn db_system(&self) -> Option<DbSystem> {
+        match &self.protocol {
+            Protocol::Db(db) => Some(db.decoder.system()),
+            _ => None,
+        }
+    }
+
+    /// `db.namespace` of a database client connection, when known.
+    pub fn db_namespace(&self) -> Option<&str> {
+        match &self.protocol {
+            Protocol::Db(db) => db.decoder.namespace(),
+            _ => None,
+        }
+    }
+
+    /// Transaction status of a database client connection.
+    pub fn tx_status(&self) -> Option<TxStatus> {
+        match &self.protocol {
+            Protocol::Db(db) => Some(db.decoder.tx_status()),
+            _ => None,
+        }
+    }
+
+    /// Learns the protocol (and, for sockets the kernel did not see connect or
+    /// accept, the role) from the first captured payload.
+    fn detect(&mut self, rec: &DataRecord, limits: &Http1Limits) {
+        let bytes = &rec.payload[..];
+        if bytes.is_empty() {
+            return;
+        }
+        let sent = rec.direction == Direction::Send;
+        let db = DbDecoder::detect(bytes, sent);
+        if let Some(decoder) = db {
+            // We spoke first to a database (or it greeted us): we are its client.
+            if self.role == Role::Unknown {
+                self.role = Role::Client;
+            }
+            self.protocol = if self.role == Role::Client {
+                Protocol::Db(Box::new(DbConn::new(
+                    decoder,
+                    rec.meta.tid,
+                    !self.role_from_kernel,
+                )))
+            } else {
+                // The database server's own end: its clients already make the spans.
+                Protocol::Other
+            };
+            return;
+        }
+        let request = http1::looks_like_request(bytes);
+        let response = http1::looks_like_response(bytes);
+        if !request && !response {
+            self.protocol = Protocol::Other;
+            return;
+        }
+        if self.role == Role::Unknown {
+            // Whoever sends a request is the client.
+            self.role = match (request, rec.direction) {
+                (true, Direction::Send) | (false, Direction::Recv) => Role::Client,
+                _ => Role::Server,
+            };
+        }
+        let request_flow = if self.role == Role::Server {
+            Direction::Recv
+        } else {
+            Direction::Send
+        };
+        // The first bytes must start a request in the request direction; joining a
+        // connection in the middle of a response would pair everything wrongly.
+        if !(request && rec.direction == request_flow) {
+            if response {
+                return; // wait for the next request to start cleanly
+            }
+            self.protocol = Protocol::Other;
+            return;
+        }
+        self.protocol = Protocol::Http1(Box::new(HttpConn {
+            requests: Http1Decoder::new(MessageKind::Request, limits.clone()),
+            responses: Http1Decoder::new(MessageKind::Response, limits.clone()),
+            pending: VecDeque::new(),
+            scratch: Vec::new(),
+            next_exchange: 0,
+            // A connection seen connecting or being accepted, whose first bytes are
+            // this request: both ends number its exchanges alike.
+            from_start: self.role_from_kernel
+                && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
+            last_woken_by: None,
+        }));
+    }
+
+    /// The connection as (client end, server end).
+    /// The endpoints' addresses as text (shared with every span of the connection).
+    fn addr_text(&mut self) -> AddrText {
+        let ends = self.endpoints;
+        self.addr_text
+            .get_or_insert_with(|| AddrText::of(ends.local, ends.remote))
+            .clone()
+    }
+
+    /// Ends a connection: a close-delimited response finishes; requests that never
+    /// got an answer are counted.
+    fn close<O: Observer>(mut self, ctx: &mut Ctx<'_, O>) {
+        let unanswered = match &mut self.protocol {
+            Protocol::Http1(http) => {
+                let mut finished = Vec::new();
+                http.responses.finish(&mut finished);
+                for response in &finished {
+                    self.answer(response, 0, ctx);
+                }
+                match &self.protocol {
+                    Protocol::Http1(http) => http.pending.len(),
+                    _ => 0,
+                }
+            }
+            Protocol::Db(db) => db.decoder.finish(),
+            Protocol::Unknown | Protocol::Other => 0,
+        };
+        ctx.telemetry
+            .dropped_n(DropReason::RequestUnanswered, unanswered as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests;

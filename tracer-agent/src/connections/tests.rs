@@ -1,0 +1,881 @@
+use super::*;
+use crate::{pipeline::Downstream, spans::AttrValue};
+
+const SOCK_SERVER: u64 = 0xffff_8880_0000_1000;
+const SOCK_CLIENT: u64 = 0xffff_8880_0000_2000;
+
+fn meta(sock: u64, ts: u64, pid: u32) -> Meta {
+    Meta {
+        ts_ns: ts,
+        tgid: pid,
+        tid: pid + 1,
+        sock,
+        comm: if pid == 100 {
+            "python3".into()
+        } else {
+            "curl".into()
+        },
+    }
+}
+
+fn endpoints(server_side: bool) -> Endpoints {
+    let (s, c): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:8000".parse().unwrap(),
+        "127.0.0.1:40000".parse().unwrap(),
+    );
+    if server_side {
+        Endpoints {
+            local: s,
+            remote: c,
+        }
+    } else {
+        Endpoints {
+            local: c,
+            remote: s,
+        }
+    }
+}
+
+fn data(sock: u64, ts: u64, pid: u32, direction: Direction, bytes: &[u8], total: u32) -> Event {
+    Event::Data(DataRecord {
+        meta: meta(sock, ts, pid),
+        direction,
+        syscall: 44,
+        total_len: total,
+        payload: bytes.to_vec().into(),
+        flags: 0,
+    })
+}
+
+struct Replay {
+    table: ConnectionTable,
+    procs: ProcessTable,
+    telemetry: Telemetry,
+    down: Downstream,
+    spans: Vec<Span>,
+}
+
+impl Replay {
+    fn new() -> Self {
+        Self {
+            table: ConnectionTable::new(TableLimits::default()),
+            procs: ProcessTable::with_proc_root(64, "/nonexistent"),
+            telemetry: Telemetry::new(),
+            down: Downstream::default(),
+            spans: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, events: Vec<Event>) {
+        for e in events {
+            self.table
+                .handle(e, &mut self.procs, &self.telemetry, &mut self.down);
+        }
+        self.spans.append(&mut self.down.spans);
+    }
+}
+
+const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: localhost:8000\r\n\r\n";
+const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+const REQ2: &[u8] = b"POST /b HTTP/1.1\r\nHost: localhost:8000\r\nContent-Length: 10000\r\n\r\n";
+const RESP2: &[u8] = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n";
+
+#[test]
+fn keep_alive_exchanges_on_both_ends_become_server_and_client_spans() {
+    let mut r = Replay::new();
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        data(SOCK_CLIENT, 10, 200, Direction::Send, REQ, REQ.len() as u32),
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 2, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(SOCK_SERVER, 11, 100, Direction::Recv, REQ, REQ.len() as u32),
+        data(
+            SOCK_SERVER,
+            20,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            21,
+            200,
+            Direction::Recv,
+            RESP,
+            RESP.len() as u32,
+        ),
+        // Second exchange: the POST body goes in a second write, mostly uncaptured.
+        data(
+            SOCK_CLIENT,
+            30,
+            200,
+            Direction::Send,
+            REQ2,
+            REQ2.len() as u32,
+        ),
+        data(SOCK_CLIENT, 31, 200, Direction::Send, b"xxxx", 10_000),
+        data(
+            SOCK_SERVER,
+            32,
+            100,
+            Direction::Recv,
+            REQ2,
+            REQ2.len() as u32,
+        ),
+        data(SOCK_SERVER, 33, 100, Direction::Recv, b"xxxx", 10_000),
+        data(
+            SOCK_SERVER,
+            40,
+            100,
+            Direction::Send,
+            RESP2,
+            RESP2.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            41,
+            200,
+            Direction::Recv,
+            RESP2,
+            RESP2.len() as u32,
+        ),
+        Event::ConnClose {
+            meta: meta(SOCK_CLIENT, 50, 0),
+            endpoints: None,
+        },
+        Event::ConnClose {
+            meta: meta(SOCK_SERVER, 50, 0),
+            endpoints: None,
+        },
+    ]);
+    assert_eq!(r.spans.len(), 4, "{:#?}", r.spans);
+    let server: Vec<_> = r
+        .spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server)
+        .collect();
+    let client: Vec<_> = r
+        .spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client)
+        .collect();
+    assert_eq!(
+        (server[0].start_unix_nano, server[0].end_unix_nano),
+        (11, 20)
+    );
+    assert_eq!(
+        (client[0].start_unix_nano, client[0].end_unix_nano),
+        (10, 21)
+    );
+    assert_eq!(server[0].resource.pid, 100);
+    assert_eq!(server[0].resource.executable_name, "python3");
+    assert_eq!(client[0].resource.executable_name, "curl");
+    assert_eq!(
+        server[1].attr("url.path"),
+        Some(&AttrValue::Str("/b".into()))
+    );
+    assert_eq!(
+        server[1].attr("http.response.status_code"),
+        Some(&AttrValue::Int(503))
+    );
+    assert_eq!(server[1].status, crate::spans::SpanStatus::Error);
+    assert_eq!(
+        (server[1].start_unix_nano, server[1].end_unix_nano),
+        (32, 40)
+    );
+    assert_eq!(server[0].tid, 101);
+    assert!(r.table.is_empty(), "closed connections are removed");
+}
+
+#[test]
+fn a_socket_opened_before_the_agent_learns_its_role_from_the_traffic() {
+    let mut r = Replay::new();
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Unknown,
+        },
+        data(SOCK_SERVER, 11, 100, Direction::Recv, REQ, REQ.len() as u32),
+        data(
+            SOCK_SERVER,
+            20,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    assert_eq!(r.spans.len(), 1);
+    assert_eq!(r.spans[0].kind, SpanKind::Server);
+    assert_eq!(r.table.get(SOCK_SERVER).map(|c| c.role), Some(Role::Server));
+}
+
+#[test]
+fn joining_mid_response_waits_for_the_next_request() {
+    let mut r = Replay::new();
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Unknown,
+        },
+        data(
+            SOCK_CLIENT,
+            5,
+            200,
+            Direction::Recv,
+            RESP,
+            RESP.len() as u32,
+        ),
+        data(SOCK_CLIENT, 10, 200, Direction::Send, REQ, REQ.len() as u32),
+        data(
+            SOCK_CLIENT,
+            21,
+            200,
+            Direction::Recv,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    assert_eq!(r.spans.len(), 1, "{:#?}", r.spans);
+    assert_eq!(r.spans[0].kind, SpanKind::Client);
+    assert_eq!(r.spans[0].start_unix_nano, 10);
+}
+
+#[test]
+fn other_protocols_are_ignored_and_counted() {
+    let mut r = Replay::new();
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        data(
+            SOCK_CLIENT,
+            10,
+            200,
+            Direction::Send,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            517,
+        ),
+        data(SOCK_CLIENT, 11, 200, Direction::Send, REQ, REQ.len() as u32),
+        data(
+            SOCK_CLIENT,
+            21,
+            200,
+            Direction::Recv,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    assert!(r.spans.is_empty());
+    assert!(
+        r.telemetry
+            .render()
+            .contains("reason=\"unknown_protocol\"} 1")
+    );
+    // The kernel is told once to skip it.
+    assert_eq!(
+        r.table
+            .take_not_decoded()
+            .iter()
+            .map(|n| (n.sock, n.local_port, n.remote_port))
+            .collect::<Vec<_>>(),
+        [(SOCK_CLIENT, 40000, 8000)]
+    );
+    assert!(r.table.take_not_decoded().is_empty());
+}
+
+#[test]
+fn incoming_traceparent_links_the_server_span() {
+    let mut r = Replay::new();
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(SOCK_SERVER, 11, 100, Direction::Recv, req, req.len() as u32),
+        data(
+            SOCK_SERVER,
+            20,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    assert_eq!(r.spans.len(), 1);
+    assert_eq!(
+        r.spans[0].trace_id.to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        r.spans[0].parent_span_id.map(|p| p.to_string()).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
+}
+
+#[test]
+fn an_upgraded_connection_stops_being_decoded() {
+    let mut r = Replay::new();
+    let upgrade =
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let switching =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        data(
+            SOCK_CLIENT,
+            10,
+            200,
+            Direction::Send,
+            upgrade,
+            upgrade.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            20,
+            200,
+            Direction::Recv,
+            switching,
+            switching.len() as u32,
+        ),
+        data(SOCK_CLIENT, 30, 200, Direction::Send, b"\x81\x85abcd", 11),
+        data(SOCK_CLIENT, 40, 200, Direction::Recv, b"\x81\x05hello", 7),
+    ]);
+    assert_eq!(r.spans.len(), 1, "the upgrade exchange itself is a span");
+    assert_eq!(
+        r.spans[0].attr("http.response.status_code"),
+        Some(&AttrValue::Int(101))
+    );
+    assert!(
+        !r.telemetry.render().contains("malformed"),
+        "{}",
+        r.telemetry.render()
+    );
+}
+
+#[test]
+fn a_call_made_while_serving_a_request_names_it_as_its_cause() {
+    let mut r = Replay::new();
+    const SOCK_OUT: u64 = 0xffff_8880_0000_3000;
+    let out_endpoints = Endpoints {
+        local: "127.0.0.1:41000".parse().unwrap(),
+        remote: "127.0.0.1:9000".parse().unwrap(),
+    };
+    // Process 100 serves /a on thread 101 and, while doing so, calls /b twice.
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(SOCK_SERVER, 10, 100, Direction::Recv, REQ, REQ.len() as u32),
+        Event::ConnOpen {
+            meta: meta(SOCK_OUT, 11, 100),
+            endpoints: out_endpoints,
+            role: Role::Client,
+        },
+        data(
+            SOCK_OUT,
+            12,
+            100,
+            Direction::Send,
+            b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+            28,
+        ),
+        data(SOCK_OUT, 13, 100, Direction::Recv, RESP, RESP.len() as u32),
+        data(
+            SOCK_OUT,
+            14,
+            100,
+            Direction::Send,
+            b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+            28,
+        ),
+        data(SOCK_OUT, 15, 100, Direction::Recv, RESP, RESP.len() as u32),
+        data(
+            SOCK_SERVER,
+            20,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+        // After answering, the thread's next call has no cause.
+        data(
+            SOCK_OUT,
+            30,
+            100,
+            Direction::Send,
+            b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+            28,
+        ),
+        data(SOCK_OUT, 31, 100, Direction::Recv, RESP, RESP.len() as u32),
+    ]);
+    assert_eq!(r.spans.len(), 4, "{:#?}", r.spans);
+    let server = r.spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+    let calls: Vec<_> = r
+        .spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client)
+        .collect();
+    assert_eq!(calls[0].link.woken_by, Some(server.span_id));
+    assert!(calls[0].link.dedicated_thread);
+    assert_eq!(
+        calls[1].link.woken_by,
+        Some(server.span_id),
+        "woken by the first call's answer"
+    );
+    assert_eq!(calls[2].link.woken_by, None);
+    assert_eq!(calls[0].link.exchange, Some(0));
+    assert_eq!(calls[1].link.exchange, Some(1));
+    assert_eq!(
+        server.link.conn,
+        Some((
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8000".parse().unwrap()
+        ))
+    );
+}
+
+#[test]
+fn an_event_loop_handler_resumes_at_the_end_of_its_answer() {
+    let mut r = Replay::new();
+    const SOCK_SERVER2: u64 = 0xffff_8880_0000_5000;
+    let (out1, out2, out3) = (
+        0xffff_8880_0000_6000,
+        0xffff_8880_0000_7000,
+        0xffff_8880_0000_8000,
+    );
+    let ends = |local: &str, remote: &str| Endpoints {
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+    };
+    let open = |sock: u64, ts: u64, endpoints: Endpoints, role: Role| Event::ConnOpen {
+        meta: meta(sock, ts, 100),
+        endpoints,
+        role,
+    };
+    const CALL: &[u8] = b"GET /b HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    // One thread serves two requests for /a, X then Y. X's handler calls /b and reads the
+    // answer to its end (EOF) before calling again; Y's request arrives
+    // between the answer's bytes and their end, and Y's handler calls first.
+    r.feed(vec![
+        open(SOCK_SERVER, 1, endpoints(true), Role::Server),
+        data(SOCK_SERVER, 10, 100, Direction::Recv, REQ, REQ.len() as u32),
+        open(
+            out1,
+            11,
+            ends("127.0.0.1:41001", "127.0.0.1:9000"),
+            Role::Client,
+        ),
+        data(out1, 12, 100, Direction::Send, CALL, CALL.len() as u32),
+        data(out1, 100, 100, Direction::Recv, RESP, RESP.len() as u32),
+        open(
+            SOCK_SERVER2,
+            140,
+            ends("127.0.0.1:8000", "127.0.0.1:40002"),
+            Role::Server,
+        ),
+        data(
+            SOCK_SERVER2,
+            150,
+            100,
+            Direction::Recv,
+            REQ,
+            REQ.len() as u32,
+        ),
+        data(out1, 200, 100, Direction::Recv, b"", 0),
+        open(
+            out2,
+            210,
+            ends("127.0.0.1:41002", "127.0.0.1:9000"),
+            Role::Client,
+        ),
+        data(out2, 212, 100, Direction::Send, CALL, CALL.len() as u32),
+        open(
+            out3,
+            220,
+            ends("127.0.0.1:41003", "127.0.0.1:9000"),
+            Role::Client,
+        ),
+        data(out3, 222, 100, Direction::Send, CALL, CALL.len() as u32),
+        data(out2, 300, 100, Direction::Recv, RESP, RESP.len() as u32),
+        data(out3, 310, 100, Direction::Recv, RESP, RESP.len() as u32),
+    ]);
+    let cause_of = |port: u16| {
+        r.spans
+            .iter()
+            .find(|s| {
+                s.kind == SpanKind::Client && s.link.conn.is_some_and(|(c, _)| c.port() == port)
+            })
+            .unwrap_or_else(|| panic!("no call from port {port}: {:#?}", r.spans))
+            .link
+            .woken_by
+    };
+    let (x, y) = (cause_of(41001), cause_of(41002));
+    assert!(x.is_some(), "the first call is X's");
+    assert_ne!(
+        y, x,
+        "Y's handler, woken before X's answer ended, calls first"
+    );
+    assert!(y.is_some());
+    assert_eq!(
+        cause_of(41003),
+        x,
+        "X's second call, after the end of its answer"
+    );
+}
+
+// ---- the pool tracker, on PostgreSQL wire sequences ----------------------
+
+fn pg_msg(ty: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn pg_startup() -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    body.extend(b"user\0app\0database\0shop\0\0");
+    let mut m = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    m.extend(body);
+    m
+}
+
+/// AuthenticationOk, then ReadyForQuery with transaction status `tx`.
+fn pg_ready(tx: u8) -> Vec<u8> {
+    let mut m = pg_msg(b'R', &0u32.to_be_bytes());
+    m.extend(pg_msg(b'Z', &[tx]));
+    m
+}
+
+fn pg_query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    pg_msg(b'Q', &body)
+}
+
+/// CommandComplete, then ReadyForQuery with transaction status `tx`.
+fn pg_done(tag: &str, tx: u8) -> Vec<u8> {
+    let mut body = tag.as_bytes().to_vec();
+    body.push(0);
+    let mut m = pg_msg(b'C', &body);
+    m.extend(pg_msg(b'Z', &[tx]));
+    m
+}
+
+/// One process (pid 300) and its connections to 127.0.0.1:5432, by client port.
+struct PoolReplay {
+    r: Replay,
+    now: u64,
+}
+
+impl PoolReplay {
+    const SECOND: u64 = 1_000_000_000;
+
+    fn new() -> Self {
+        Self {
+            r: Replay::new(),
+            now: Self::SECOND,
+        }
+    }
+
+    fn sock(port: u16) -> u64 {
+        0xffff_8880_1000_0000 + u64::from(port)
+    }
+
+    fn io(&mut self, port: u16, dir: Direction, bytes: &[u8]) {
+        self.now += 1_000_000;
+        let ev = data(
+            Self::sock(port),
+            self.now,
+            300,
+            dir,
+            bytes,
+            bytes.len() as u32,
+        );
+        self.r.feed(vec![ev]);
+    }
+
+    fn open(&mut self, port: u16) {
+        self.now += 1_000_000;
+        self.r.feed(vec![Event::ConnOpen {
+            meta: meta(Self::sock(port), self.now, 300),
+            endpoints: Endpoints {
+                local: SocketAddr::from(([127, 0, 0, 1], port)),
+                remote: "127.0.0.1:5432".parse().unwrap(),
+            },
+            role: Role::Client,
+        }]);
+        self.io(port, Direction::Send, &pg_startup());
+        self.io(port, Direction::Recv, &pg_ready(b'I'));
+    }
+
+    fn query(&mut self, port: u16, sql: &str, tx_after: u8) {
+        self.io(port, Direction::Send, &pg_query(sql));
+        self.io(port, Direction::Recv, &pg_done("SELECT 1", tx_after));
+    }
+
+    fn close(&mut self, port: u16) {
+        self.now += 1_000_000;
+        self.r.feed(vec![Event::ConnClose {
+            meta: meta(Self::sock(port), self.now, 300),
+            endpoints: Some(Endpoints {
+                local: SocketAddr::from(([127, 0, 0, 1], port)),
+                remote: "127.0.0.1:5432".parse().unwrap(),
+            }),
+        }]);
+    }
+
+    /// Leak reports a detector with a 60 s threshold makes `later` seconds on.
+    fn leaks(&mut self, later: u64) -> Vec<(u16, crate::pools::LeakKind)> {
+        let rows = self.r.table.db_inventory(
+            self.now + later * Self::SECOND,
+            &mut self.r.procs,
+            &self.r.down.pools,
+        );
+        let mut d = crate::pools::LeakDetector::new(std::time::Duration::from_secs(60));
+        d.evaluate(&rows, 0.0)
+            .into_iter()
+            .map(|e| (e.row.client_port, e.kind))
+            .collect()
+    }
+}
+
+#[test]
+fn a_fifo_pool_reused_in_turn_is_healthy_until_it_passes_one_over() {
+    use crate::pools::LeakKind;
+    let mut p = PoolReplay::new();
+    for port in [1, 2, 3] {
+        p.open(port);
+    }
+    for _ in 0..5 {
+        for port in [1, 2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+    }
+    assert_eq!(p.leaks(0), [], "in turn");
+    assert_eq!(p.leaks(120), [], "traffic stopped");
+    // Connection 1 is taken and never given back: the pool rotates the others.
+    p.query(1, "SELECT * FROM orders WHERE id = 7", b'I');
+    for _ in 0..4 {
+        for port in [2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+    }
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    let one = rows.iter().find(|r| r.client_port == 1).unwrap();
+    assert!(
+        one.pool_fifo && one.passed_over >= crate::pools::MIN_PASSES,
+        "{one:#?}"
+    );
+    assert_eq!(p.leaks(0), [], "not idle long enough yet");
+    assert_eq!(p.leaks(120), [(1, LeakKind::NeverReturned)]);
+}
+
+#[test]
+fn a_lifo_pool_leaves_spares_idle_without_a_report() {
+    let mut p = PoolReplay::new();
+    for port in [1, 2, 3] {
+        p.open(port);
+    }
+    // A burst uses all three, then the pool keeps taking the most recent one.
+    for port in [1, 2, 3] {
+        p.query(port, "SELECT 1", b'I');
+    }
+    for _ in 0..20 {
+        p.query(3, "SELECT 1", b'I');
+    }
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert!(rows.iter().all(|r| !r.pool_fifo), "{rows:#?}");
+    assert_eq!(p.leaks(600), []);
+}
+
+#[test]
+fn a_pool_that_opens_a_connection_instead_of_reusing_an_idle_one_leaked_it() {
+    use crate::pools::LeakKind;
+    let mut p = PoolReplay::new();
+    p.open(1);
+    p.open(2);
+    p.query(1, "SELECT 1", b'I');
+    p.query(2, "BEGIN", b'T');
+    p.query(2, "UPDATE orders SET paid = 1", b'T');
+    // Both are held: the pool opens a third and uses it.
+    p.open(3);
+    p.query(3, "SELECT 1", b'I');
+    assert_eq!(
+        p.leaks(120),
+        [
+            (1, LeakKind::NeverReturned),
+            (2, LeakKind::IdleInTransaction)
+        ]
+    );
+    // The server closes the leaked ones: nothing left to report.
+    p.close(1);
+    p.close(2);
+    assert_eq!(p.leaks(120), []);
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert_eq!(rows.len(), 1);
+    assert!(p.r.down.pools.pool_sizes().iter().all(|&n| n == 1));
+}
+
+#[test]
+fn connections_recovered_from_proc_join_the_inventory_and_their_socket_later() {
+    let mut p = PoolReplay::new();
+    let recovered = |port: u16, remote: u16, inode: u64| RecoveredSocket {
+        pid: 300,
+        comm: "app".into(),
+        local: SocketAddr::from(([127, 0, 0, 1], port)),
+        remote: SocketAddr::from(([127, 0, 0, 1], remote)),
+        role: Role::Client,
+        inode,
+    };
+    let added = p.r.table.recover(
+        &[
+            recovered(7, 5432, 70),
+            recovered(8, 5432, 80),
+            recovered(9, 8080, 90), // not a database port: learns from traffic
+        ],
+        p.now,
+        &mut p.r.down,
+    );
+    assert_eq!(added, 3);
+    let rows = p.r.table.db_inventory(
+        p.now + 5 * PoolReplay::SECOND,
+        &mut p.r.procs,
+        &p.r.down.pools,
+    );
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.recovered && r.pool.db_system.as_str() == "postgresql")
+    );
+    assert!(rows.iter().all(|r| (r.idle_seconds - 5.0).abs() < 0.1));
+    // Connection 7 does I/O: the kernel announces it; it keeps its history.
+    p.now += 1_000_000;
+    p.r.feed(vec![Event::ConnOpen {
+        meta: meta(PoolReplay::sock(7), p.now, 300),
+        endpoints: Endpoints {
+            local: SocketAddr::from(([127, 0, 0, 1], 7)),
+            remote: "127.0.0.1:5432".parse().unwrap(),
+        },
+        role: Role::Unknown,
+    }]);
+    p.query(7, "SELECT 1", b'I');
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    let seven = rows.iter().find(|r| r.client_port == 7).unwrap();
+    assert!(seven.recovered);
+    assert_eq!(seven.last_query.as_deref(), Some("SELECT ?"));
+    assert_eq!(
+        p.r.spans.len(),
+        1,
+        "the call on the recovered connection is a span"
+    );
+    // Connection 8 closes without I/O: pruned when its socket is gone.
+    assert_eq!(p.r.table.recovered_sockets().len(), 2);
+    p.r.table
+        .prune_recovered(|_, inode| inode != 80, &mut p.r.down);
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert_eq!(
+        rows.iter().map(|r| r.client_port).collect::<Vec<_>>(),
+        [7],
+        "{rows:#?}"
+    );
+}
+
+#[test]
+fn malformed_traffic_is_counted_and_other_connections_keep_their_spans() {
+    let mut r = Replay::new();
+    const SOCK_BAD: u64 = 0xffff_8880_0000_4000;
+    let bad = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n";
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_BAD, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(SOCK_BAD, 5, 100, Direction::Recv, bad, bad.len() as u32),
+        data(SOCK_SERVER, 6, 100, Direction::Recv, REQ, REQ.len() as u32),
+        data(
+            SOCK_BAD,
+            7,
+            100,
+            Direction::Recv,
+            b"\x00\xff garbage \r\n\r\n",
+            16,
+        ),
+        data(
+            SOCK_SERVER,
+            8,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    assert_eq!(r.spans.len(), 1, "{:#?}", r.spans);
+    assert_eq!(r.spans[0].start_unix_nano, 6);
+    assert!(
+        r.telemetry
+            .render()
+            .contains("reason=\"http_request_malformed\"}"),
+        "{}",
+        r.telemetry.render()
+    );
+}
+
+#[test]
+fn the_table_is_bounded() {
+    let mut r = Replay::new();
+    r.table = ConnectionTable::new(TableLimits {
+        max_connections: 4,
+        ..TableLimits::default()
+    });
+    for i in 0..10u64 {
+        r.feed(vec![Event::ConnOpen {
+            meta: meta(i, i, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        }]);
+    }
+    assert_eq!(r.table.len(), 4);
+    assert!(
+        r.telemetry
+            .render()
+            .contains("tracer_connections_evicted_total 6")
+    );
+}
