@@ -20,10 +20,11 @@ use crate::{
     },
     process::{ProcessResource, ProcessTable},
     recover::RecoveredSocket,
-    spans::{Span, SpanId},
+    spans::{Span, SpanId, SpanKind},
     stitch::{
         ParentInference,
         causality::{Causality, Cause, Culprit, ThreadEvent},
+        traceparent::{HeaderUse, SeenHeaders, TraceParent},
     },
     telemetry::{Queue, QueueLabel, Telemetry},
 };
@@ -34,6 +35,7 @@ use crate::{
 pub struct Downstream {
     pub causality: Causality,
     pub pools: PoolTracker,
+    pub headers: SeenHeaders,
     pub spans: Vec<Span>,
 }
 
@@ -48,6 +50,10 @@ impl Observer for Downstream {
 
     fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause {
         self.causality.cause(pid, tid, ts_ns)
+    }
+
+    fn traceparent(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse {
+        self.headers.observe(kind, tp)
     }
 
     fn culprit(&mut self, span: SpanId) -> Option<Culprit> {
@@ -104,6 +110,7 @@ pub async fn process_events(
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_recovered_check = Instant::now();
+    let mut stitch_counts = stitch.counts;
     if !config.recovered.is_empty() {
         let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
         log::info!("recovered {added} connections open before the agent started (from /proc)");
@@ -128,6 +135,8 @@ pub async fn process_events(
                     .queue_depth
                     .get_or_create(&QueueLabel::new(Queue::Waiting))
                     .set(stitch.pending() as i64);
+                telemetry.add_stitch_counts(&stitch_counts, &stitch.counts);
+                stitch_counts = stitch.counts;
             }
         }
         record_pool_samples(down.pools.take_samples(), &red, &mut procs);
@@ -164,6 +173,7 @@ pub async fn process_events(
     }
     let mut ready = Vec::new();
     stitch.flush(&mut ready);
+    telemetry.add_stitch_counts(&stitch_counts, &stitch.counts);
     send(ready, &tx, &telemetry, &red);
 }
 

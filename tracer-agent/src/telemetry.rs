@@ -7,6 +7,8 @@ use prometheus_client::{
 };
 use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
 
+use crate::stitch::{SOURCES, StitchCounts};
+
 /// The bounded queues (and the spans waiting for relatives), as `queue` labels.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Queue {
@@ -101,6 +103,15 @@ pub struct ExporterLabel {
     pub exporter: &'static str,
 }
 
+/// What parent inference did with a span: the `tracer.parent.source` it left with,
+/// or what it had to refuse or repair.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParentLabel {
+    /// `header`, `socket`, `thread`, `timing`, `none`; `evicted` (forced out
+    /// unlinked, buffer full), `duplicate_id` (renamed), `cycle` (link refused).
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: DropReason,
@@ -139,6 +150,8 @@ pub struct Telemetry {
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
     pub connections_evicted: Counter,
+    /// Spans by how parent inference linked them, and what it refused.
+    pub parent_inference: Family<ParentLabel, Counter>,
     /// Events waiting between capture and the pipeline, and spans waiting between
     /// the pipeline and export: the channels are bounded in batches, these in items.
     pub events_backlog: Backlog,
@@ -205,6 +218,7 @@ impl Telemetry {
             export_errors: Family::default(),
             traffic_dropped: Family::default(),
             connections_evicted: Counter::default(),
+            parent_inference: Family::default(),
         };
         registry.register(
             "events_read",
@@ -262,7 +276,29 @@ impl Telemetry {
             "Connections evicted because the table was full",
             t.connections_evicted.clone(),
         );
+        registry.register(
+            "parent_inference",
+            "Spans released by parent inference, by the rule that linked them (outcome = header, socket, thread, timing, none), and links it refused or repaired (evicted, duplicate_id, cycle)",
+            t.parent_inference.clone(),
+        );
         Self { registry, ..t }
+    }
+
+    /// Adds what parent inference counted since `before`.
+    pub fn add_stitch_counts(&self, before: &StitchCounts, now: &StitchCounts) {
+        let add = |outcome: &'static str, b: u64, n: u64| {
+            if n > b {
+                self.parent_inference
+                    .get_or_create(&ParentLabel { outcome })
+                    .inc_by(n - b);
+            }
+        };
+        add("evicted", before.evicted, now.evicted);
+        add("duplicate_id", before.duplicate_ids, now.duplicate_ids);
+        add("cycle", before.cycles, now.cycles);
+        for (i, source) in SOURCES.iter().enumerate() {
+            add(source.as_str(), before.released[i], now.released[i]);
+        }
     }
 
     /// Adds the growth of the kernel counters between two reads.

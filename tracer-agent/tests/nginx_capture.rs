@@ -163,3 +163,114 @@ fn chunked_gzip_responses_on_a_keep_alive_connection() {
         );
     }
 }
+
+/// nginx as a reverse proxy that does not instrument: it forwards the caller's
+/// `traceparent` unchanged to the backend. Its CLIENT span must not take the
+/// header's id (that is curl's span), the backend's SERVER span must hang under
+/// nginx's CLIENT span (not skip to curl's), and nothing waits on a cycle.
+#[test]
+fn a_proxy_forwarding_traceparent_unchanged_keeps_one_exact_tree() {
+    if !require_root("a_proxy_forwarding_traceparent_unchanged_keeps_one_exact_tree") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("item"), "item\n").unwrap();
+    let backend_port = free_port();
+    let backend = python_server(backend_port, dir.path(), "1.1");
+    let port = free_port();
+    let p = dir.path().display();
+    let conf = format!(
+        "daemon off; master_process off; worker_processes 1; pid {p}/nginx.pid; error_log {p}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
+  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
+  upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 4; }}
+  server {{ listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}
+}}"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let ngx = Proc(child);
+    wait_for_port(port, "nginx proxy");
+    let agent = Agent::start(&[
+        "--output",
+        "json",
+        "--port",
+        &port.to_string(),
+        "--port",
+        &backend_port.to_string(),
+    ]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let (curl_pid, body) = curl(&[
+        "-H",
+        &format!("traceparent: 00-{trace}-{caller}-01"),
+        &format!("http://127.0.0.1:{port}/item"),
+        &format!("http://127.0.0.1:{port}/item"),
+    ]);
+    assert_eq!(body, "item\nitem\n");
+    agent.wait_json(15, "eight spans", |o| spans(o).len() >= 8);
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = agent.get("/metrics");
+    let objects = collect(agent);
+    let curl_spans = of(&objects, "client", curl_pid);
+    let ngx_server = of(&objects, "server", ngx.pid());
+    let ngx_client = of(&objects, "client", ngx.pid());
+    let backend_server = of(&objects, "server", backend.pid());
+    for set in [&curl_spans, &ngx_server, &ngx_client, &backend_server] {
+        assert_eq!(set.len(), 2, "{objects:#?}");
+    }
+    let all: Vec<&Value> = [&curl_spans, &ngx_server, &ngx_client, &backend_server]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        all.iter().all(|s| s["trace_id"] == trace),
+        "one trace: {all:#?}"
+    );
+    let mut ids: Vec<&Value> = all.iter().map(|s| &s["span_id"]).collect();
+    ids.sort_by_key(|v| v.to_string());
+    ids.dedup();
+    assert_eq!(ids.len(), 8, "every span has an id of its own");
+    for i in 0..2 {
+        // curl sent the header: its span is the header's id (both requests carry
+        // the same one, so only the first can own it).
+        let c = &curl_spans[i];
+        let s = &ngx_server[i];
+        let nc = &ngx_client[i];
+        let b = &backend_server[i];
+        if i == 0 {
+            assert_eq!(c["span_id"], caller);
+        }
+        assert_eq!(
+            s["parent_span_id"], c["span_id"],
+            "nginx SERVER under curl: {s:#?}"
+        );
+        assert_eq!(
+            nc["parent_span_id"], s["span_id"],
+            "nginx CLIENT under its SERVER: {nc:#?}"
+        );
+        assert_ne!(
+            nc["span_id"], caller,
+            "nginx did not make the header's span"
+        );
+        assert_eq!(
+            b["parent_span_id"], nc["span_id"],
+            "backend under nginx's CLIENT: {b:#?}"
+        );
+        assert_eq!(attr(b, "tracer.parent.source"), "socket");
+    }
+    assert!(
+        !metrics.contains("outcome=\"cycle\""),
+        "no wait cycle: {metrics}"
+    );
+}

@@ -24,8 +24,9 @@ pub(super) struct PendingRequest {
     pub(super) exchange: u64,
     pub(super) woken_by: Option<SpanId>,
     pub(super) dedicated: bool,
-    /// The request's `traceparent`, parsed once when the request is read.
-    pub(super) traceparent: Option<TraceParent>,
+    /// The request's `traceparent`, parsed once when the request is read, and
+    /// whether it is the span's own or forwarded unchanged.
+    pub(super) traceparent: Option<(TraceParent, HeaderUse)>,
 }
 
 impl Connection {
@@ -84,11 +85,17 @@ impl Connection {
                     http.pending.pop_front();
                     ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
                 }
+                let kind = if self.role == Role::Server {
+                    SpanKind::Server
+                } else {
+                    SpanKind::Client
+                };
                 let traceparent = message
                     .headers
                     .traceparent
                     .as_deref()
-                    .and_then(traceparent::parse_traceparent);
+                    .and_then(traceparent::parse_traceparent)
+                    .map(|tp| (tp, ctx.out.traceparent(kind, &tp)));
                 let (span_id, woken_by, dedicated) = if self.role == Role::Server {
                     let id = SpanId::random();
                     let request = match &message.start {
@@ -106,10 +113,12 @@ impl Connection {
                     });
                     (id, None, false)
                 } else {
-                    // An outgoing traceparent names this very client span.
-                    let id = traceparent
-                        .map(|tp| tp.parent_id)
-                        .unwrap_or_else(SpanId::random);
+                    // An outgoing traceparent names this very client span, unless
+                    // it was forwarded from a request already seen.
+                    let id = match traceparent {
+                        Some((tp, HeaderUse::Own)) => tp.parent_id,
+                        _ => SpanId::random(),
+                    };
                     // A handler's call starts at its connect() when it opens a
                     // connection for it: that is the moment closest to its wake.
                     let at = if http.next_exchange == 0 && self.role_from_kernel {
@@ -213,7 +222,7 @@ impl Connection {
             http.last_woken_by = Some(req.woken_by);
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
-        let header = req.traceparent.is_some();
+        let header = matches!(req.traceparent, Some((_, HeaderUse::Own)));
         let mut span = http_span(&HttpExchange {
             kind,
             request: &req.message,

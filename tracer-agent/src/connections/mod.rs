@@ -31,7 +31,7 @@ use crate::{
     spans::{AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
     stitch::{
         causality::{Cause, Culprit, ThreadEvent},
-        traceparent::{self, TraceParent},
+        traceparent::{self, HeaderUse, TraceParent},
     },
     telemetry::{DropReason, Telemetry},
 };
@@ -52,6 +52,9 @@ pub trait Observer {
     fn thread(&mut self, event: ThreadEvent<'_>);
     /// What a call that thread `tid` of `pid` sends at `ts_ns` is made for.
     fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause;
+    /// A request of a `kind` span carries `tp`: whether it is the span's own header
+    /// or one forwarded unchanged.
+    fn traceparent(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse;
     /// The server request `span` being served, as leak reports name it.
     fn culprit(&mut self, span: SpanId) -> Option<Culprit>;
     /// A database client connection's life and use.

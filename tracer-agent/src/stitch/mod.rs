@@ -123,8 +123,38 @@ pub struct ParentInference {
     servers_waiting: HashMap<ExchangeKey, SpanId>,
     /// Spans waiting for a pending span, by the span they wait for.
     waiters: HashMap<SpanId, Vec<SpanId>>,
-    /// Spans forced out early because the buffer was full.
+    /// What went out of the ordinary, for `/metrics`.
+    pub counts: StitchCounts,
+}
+
+/// Counts of what parent inference had to refuse or repair, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StitchCounts {
+    /// Spans forced out early (unlinked) because the waiting buffer was full.
     pub evicted: u64,
+    /// Spans that arrived with the id of a span still waiting: each got a new id
+    /// rather than overwrite the other.
+    pub duplicate_ids: u64,
+    /// Links refused because the parent waited on the child (a cycle).
+    pub cycles: u64,
+    /// Spans released, by `tracer.parent.source` (in [`SOURCES`] order).
+    pub released: [u64; 5],
+}
+
+/// The parent sources, in the order [`StitchCounts::released`] counts them.
+pub const SOURCES: [ParentSource; 5] = [
+    ParentSource::Header,
+    ParentSource::Socket,
+    ParentSource::Thread,
+    ParentSource::Timing,
+    ParentSource::None,
+];
+
+impl StitchCounts {
+    fn count_release(&mut self, source: ParentSource) {
+        let i = SOURCES.iter().position(|s| *s == source).unwrap_or(4);
+        self.released[i] += 1;
+    }
 }
 
 /// A timing link must nest in time: the call inside the request it serves.
@@ -168,7 +198,7 @@ impl ParentInference {
             clients: Recent::new(recent, keep),
             servers_waiting: HashMap::new(),
             waiters: HashMap::new(),
-            evicted: 0,
+            counts: StitchCounts::default(),
         }
     }
 
@@ -179,6 +209,13 @@ impl ParentInference {
 
     /// Takes one finished span; pushes every span whose trace is now final to `out`.
     pub fn push(&mut self, mut span: Span, now: Instant, out: &mut Vec<Span>) {
+        if self.pending.contains_key(&span.span_id) {
+            // Two spans with one id (a header reused by a client we could not tell
+            // from a forwarder): the later one gets an id of its own rather than
+            // overwrite the one waiting.
+            self.counts.duplicate_ids += 1;
+            span.span_id = SpanId::random();
+        }
         let id = span.span_id;
         let mut waiting_on = None;
         let mut wait = false;
@@ -246,6 +283,16 @@ impl ParentInference {
                 unlink(&mut span);
             }
         }
+        if let Some(on) = waiting_on
+            && self.waits_on(on, id)
+        {
+            // Its parent waits (through others) on it: a cycle no rule can make
+            // right. The link goes, the span waits for nothing.
+            self.counts.cycles += 1;
+            unlink(&mut span);
+            waiting_on = None;
+            wait = false;
+        }
         if !wait {
             self.release(span, now, out);
             return;
@@ -267,10 +314,25 @@ impl ParentInference {
                 break;
             };
             if self.pending.contains_key(&oldest) {
-                self.evicted += 1;
+                self.counts.evicted += 1;
                 self.give_up(oldest, now, out);
             }
         }
+    }
+
+    /// Whether pending span `from` waits, directly or through other pending spans,
+    /// on `target`. Chains are as deep as the call tree; the walk is bounded.
+    fn waits_on(&self, from: SpanId, target: SpanId) -> bool {
+        let mut at = from;
+        for _ in 0..64 {
+            match self.pending.get(&at).and_then(|p| p.waiting_on) {
+                Some(next) if next == target => return true,
+                Some(next) => at = next,
+                None => return false,
+            }
+        }
+        // Deeper than any real call tree: treat it as a cycle.
+        true
     }
 
     fn link(&self, span: &mut Span, parent: SpanId, source: ParentSource, confidence: f64) {
@@ -365,6 +427,7 @@ impl ParentInference {
     fn release(&mut self, span: Span, now: Instant, out: &mut Vec<Span>) {
         if !self.waiters.contains_key(&span.span_id) {
             // Nothing waits on it (most spans): no work list.
+            self.counts.count_release(span.parent_source);
             self.released.insert(
                 span.span_id,
                 (span.trace_id, span.start_unix_nano, span.end_unix_nano),
@@ -376,6 +439,7 @@ impl ParentInference {
         let mut work = vec![span];
         while let Some(span) = work.pop() {
             let id = span.span_id;
+            self.counts.count_release(span.parent_source);
             self.released.insert(
                 id,
                 (span.trace_id, span.start_unix_nano, span.end_unix_nano),
@@ -643,8 +707,91 @@ mod tests {
         }
         assert_eq!(st.pending(), 10);
         assert_eq!(out.len(), 40);
-        assert_eq!(st.evicted, 40);
+        assert_eq!(st.counts.evicted, 40);
         st.flush(&mut out);
         assert_eq!(out.len(), 50);
+    }
+
+    /// Two spans with one id: both come out, neither overwrites the other.
+    #[test]
+    fn a_duplicate_span_id_is_renamed_not_lost() {
+        let mut st = ParentInference::new(Duration::from_secs(5), 1000);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let parent = SpanId::random();
+        let mk = || {
+            span(
+                SpanKind::Client,
+                1,
+                "/b",
+                10,
+                20,
+                Link {
+                    woken_by: Some(parent),
+                    dedicated_thread: true,
+                    ..Link::default()
+                },
+            )
+        };
+        let first = mk();
+        let mut second = mk();
+        second.span_id = first.span_id;
+        st.push(first, now, &mut out);
+        st.push(second, now, &mut out);
+        assert_eq!(st.pending(), 2, "both wait for their parent");
+        assert_eq!(st.counts.duplicate_ids, 1);
+        st.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_ne!(out[0].span_id, out[1].span_id);
+    }
+
+    /// A SERVER span whose header names a CLIENT span that is itself waiting on
+    /// that SERVER span (a header forwarded by a proxy we did not recognise):
+    /// the cycle is refused at once instead of filling the buffer.
+    #[test]
+    fn a_wait_cycle_is_refused() {
+        let mut st = ParentInference::new(Duration::from_secs(60), 1000);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let server_id = SpanId::random();
+        let client_id = SpanId::random();
+        let mut client = span(
+            SpanKind::Client,
+            1,
+            "/up",
+            10,
+            20,
+            Link {
+                woken_by: Some(server_id),
+                dedicated_thread: true,
+                ..Link::default()
+            },
+        );
+        client.span_id = client_id;
+        let mut server = span(
+            SpanKind::Server,
+            1,
+            "/in",
+            5,
+            30,
+            Link {
+                header: true,
+                ..Link::default()
+            },
+        );
+        server.span_id = server_id;
+        server.parent_span_id = Some(client_id);
+        server.parent_source = ParentSource::Header;
+        st.push(client, now, &mut out);
+        assert!(out.is_empty(), "the call waits for the request it serves");
+        st.push(server, now, &mut out);
+        assert_eq!(st.counts.cycles, 1);
+        assert_eq!(st.pending(), 0, "nothing waits on a cycle");
+        assert_eq!(out.len(), 2);
+        let server = out.iter().find(|s| s.span_id == server_id).unwrap();
+        assert_eq!(server.parent_source, ParentSource::None);
+        let client = out.iter().find(|s| s.span_id == client_id).unwrap();
+        assert_eq!(client.parent_span_id, Some(server_id));
+        assert_eq!(client.trace_id, server.trace_id);
     }
 }

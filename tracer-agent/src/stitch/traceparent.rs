@@ -1,6 +1,10 @@
 //! W3C trace context: the `traceparent` header, parsed once per request, and the
 //! header rule that applies it to the request's span.
 
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
+
 use crate::spans::{ParentSource, Span, SpanId, SpanKind, TraceId};
 
 /// A parsed W3C trace context (`traceparent` version 00).
@@ -47,12 +51,100 @@ pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
     })
 }
 
+/// What a request's `traceparent` says about its span, once the headers seen before
+/// it on this host are taken into account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderUse {
+    /// The header rule applies: a SERVER span is the child of the header's parent
+    /// id; a CLIENT span *is* that id (an instrumented caller made it).
+    Own,
+    /// The header was forwarded unchanged by a hop that does not instrument (a
+    /// reverse proxy): on a CLIENT request its id is not this span's, it already
+    /// belongs to another span; on a SERVER request its parent is an ancestor
+    /// further up, not the caller. The span keeps the header's trace and finds its
+    /// parent by the other rules.
+    Forwarded,
+}
+
+/// Header parent ids seen lately on this host, in the order requests were read,
+/// so that a forwarded `traceparent` is recognised before its spans are built:
+/// the proxy reads the incoming request before it sends the forwarded one, and the
+/// next hop reads it after that.
+pub struct SeenHeaders {
+    ids: HashMap<SpanId, Seen>,
+    order: VecDeque<SpanId>,
+    capacity: usize,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    /// A SERVER request carried it: it names a caller's span.
+    incoming: bool,
+    /// A CLIENT span took it as its own id.
+    claimed: bool,
+    /// A CLIENT request carried it again after that (forwarded unchanged).
+    forwarded: bool,
+}
+
+impl Default for SeenHeaders {
+    fn default() -> Self {
+        Self::new(65536)
+    }
+}
+
+impl SeenHeaders {
+    /// Remembers `capacity` ids at most; the oldest are forgotten first.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            ids: HashMap::default(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn entry(&mut self, id: SpanId) -> &mut Seen {
+        if !self.ids.contains_key(&id) {
+            while self.order.len() >= self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+            self.order.push_back(id);
+        }
+        self.ids.entry(id).or_default()
+    }
+
+    /// A request carrying `tp` was read (SERVER) or sent (CLIENT).
+    pub fn observe(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse {
+        let seen = self.entry(tp.parent_id);
+        match kind {
+            SpanKind::Server if seen.forwarded => HeaderUse::Forwarded,
+            SpanKind::Server => {
+                seen.incoming = true;
+                HeaderUse::Own
+            }
+            SpanKind::Client if seen.incoming || seen.claimed => {
+                seen.forwarded = true;
+                HeaderUse::Forwarded
+            }
+            SpanKind::Client => {
+                seen.claimed = true;
+                HeaderUse::Own
+            }
+        }
+    }
+}
+
 /// Applies the header rule to a span built from a request that carried `traceparent`.
-pub fn apply_traceparent(span: &mut Span, traceparent: Option<TraceParent>) {
-    let Some(tp) = traceparent else {
+/// A forwarded header gives the span its trace only.
+pub fn apply_traceparent(span: &mut Span, traceparent: Option<(TraceParent, HeaderUse)>) {
+    let Some((tp, usage)) = traceparent else {
         return;
     };
     span.trace_id = tp.trace_id;
+    if usage == HeaderUse::Forwarded {
+        return;
+    }
     match span.kind {
         SpanKind::Server => {
             span.parent_span_id = Some(tp.parent_id);
@@ -93,5 +185,37 @@ mod tests {
             parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_header_forwarded_unchanged_is_told_from_one_a_caller_made() {
+        let tp = |p: &str| {
+            parse_traceparent(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{p}-01")).unwrap()
+        };
+        let mut seen = SeenHeaders::new(16);
+        // An instrumented caller on this host sends P; the server it calls reads P.
+        assert_eq!(
+            seen.observe(SpanKind::Client, &tp("00000000000000a1")),
+            HeaderUse::Own
+        );
+        assert_eq!(
+            seen.observe(SpanKind::Server, &tp("00000000000000a1")),
+            HeaderUse::Own
+        );
+        // A proxy reads Q from an off-host caller and forwards Q unchanged: its
+        // CLIENT span is not Q, and the next hop's parent is not Q's span.
+        let q = tp("00000000000000b2");
+        assert_eq!(seen.observe(SpanKind::Server, &q), HeaderUse::Own);
+        assert_eq!(seen.observe(SpanKind::Client, &q), HeaderUse::Forwarded);
+        assert_eq!(seen.observe(SpanKind::Server, &q), HeaderUse::Forwarded);
+        // Two CLIENT requests naming the same id: only the first owns it.
+        let r = tp("00000000000000c3");
+        assert_eq!(seen.observe(SpanKind::Client, &r), HeaderUse::Own);
+        assert_eq!(seen.observe(SpanKind::Client, &r), HeaderUse::Forwarded);
+        // Bounded: the oldest ids are forgotten.
+        for i in 0..32u64 {
+            seen.observe(SpanKind::Server, &tp(&format!("{:016x}", 0x1000 + i)));
+        }
+        assert!(seen.ids.len() <= 16 && seen.order.len() <= 16);
     }
 }
