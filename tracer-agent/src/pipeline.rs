@@ -20,11 +20,11 @@ use crate::{
     },
     process::{ProcessResource, ProcessTable},
     recover::RecoveredSocket,
-    spans::{Span, SpanId, SpanKind},
+    spans::{Span, SpanId},
     stitch::{
         ParentInference,
         causality::{Causality, Cause, Culprit, ThreadEvent},
-        traceparent::{HeaderUse, SeenHeaders, TraceParent},
+        traceparent::{HeaderAt, HeaderUse, SeenHeaders, TraceParent},
     },
     telemetry::{Queue, QueueLabel, Telemetry},
 };
@@ -48,12 +48,12 @@ impl Observer for Downstream {
         self.causality.observe(event);
     }
 
-    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause {
-        self.causality.cause(pid, tid, ts_ns)
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64, conn: u64) -> Cause {
+        self.causality.cause(pid, tid, ts_ns, conn)
     }
 
-    fn traceparent(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse {
-        self.headers.observe(kind, tp)
+    fn traceparent(&mut self, at: HeaderAt, tp: &TraceParent) -> HeaderUse {
+        self.headers.observe(at, tp)
     }
 
     fn culprit(&mut self, span: SpanId) -> Option<Culprit> {
@@ -111,6 +111,7 @@ pub async fn process_events(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_recovered_check = Instant::now();
     let mut stitch_counts = stitch.counts;
+    let mut refusals = down.causality.refused;
     if !config.recovered.is_empty() {
         let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
         log::info!("recovered {added} connections open before the agent started (from /proc)");
@@ -137,6 +138,8 @@ pub async fn process_events(
                     .set(stitch.pending() as i64);
                 telemetry.add_stitch_counts(&stitch_counts, &stitch.counts);
                 stitch_counts = stitch.counts;
+                telemetry.add_refusals(&refusals, &down.causality.refused);
+                refusals = down.causality.refused;
             }
         }
         record_pool_samples(down.pools.take_samples(), &red, &mut procs);

@@ -17,9 +17,23 @@ pub struct ProcessResource {
     pub host_name: String,
 }
 
+/// How a process runs its requests on threads, as far as parent inference cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduling {
+    /// Nothing says otherwise: a request's work stays on the thread that runs it
+    /// (thread per request, thread pools, event loops).
+    Threads,
+    /// A runtime that moves one request's work between OS threads (goroutines on
+    /// Go's scheduler, tasks on tokio's multi-thread scheduler): which thread does
+    /// an I/O says nothing about which request it is for.
+    MovesWork(&'static str),
+}
+
 /// Bounded cache of process resources, forgotten when the process exits.
 pub struct ProcessTable {
     procs: HashMap<u32, Arc<ProcessResource>>,
+    /// How each process schedules its work, read once per process.
+    scheduling: HashMap<u32, Scheduling>,
     /// Exited processes, forgotten a little later: the connections they closed on
     /// exit still finish spans that need their resource.
     exited: std::collections::VecDeque<(u32, std::time::Instant)>,
@@ -37,6 +51,7 @@ impl ProcessTable {
     pub fn with_proc_root(capacity: usize, root: impl Into<std::path::PathBuf>) -> Self {
         Self {
             procs: HashMap::new(),
+            scheduling: HashMap::new(),
             exited: Default::default(),
             host_name: host_name(),
             capacity: capacity.max(1),
@@ -70,12 +85,29 @@ impl ProcessTable {
             }
             self.exited.pop_front();
             self.procs.remove(&pid);
+            self.scheduling.remove(&pid);
         }
     }
 
     /// Forget a process now.
     pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
+        self.scheduling.remove(&pid);
+    }
+
+    /// How `pid` schedules its work, read from /proc the first time: its executable
+    /// (a Go binary) and its thread names (tokio's workers).
+    pub fn scheduling(&mut self, pid: u32) -> Scheduling {
+        if let Some(s) = self.scheduling.get(&pid) {
+            return *s;
+        }
+        if self.scheduling.len() >= self.capacity {
+            self.scheduling.clear();
+        }
+        let dir = self.proc_root.join(pid.to_string());
+        let s = read_scheduling(&dir);
+        self.scheduling.insert(pid, s);
+        s
     }
 
     pub fn len(&self) -> usize {
@@ -113,6 +145,77 @@ impl ProcessTable {
             host_name: self.host_name.clone(),
         }
     }
+}
+
+/// Threads looked at per process for a runtime's worker names.
+const MAX_TASKS_READ: usize = 256;
+
+fn read_scheduling(dir: &std::path::Path) -> Scheduling {
+    if std::fs::File::open(dir.join("exe"))
+        .ok()
+        .is_some_and(|mut f| is_go_binary(&mut f))
+    {
+        return Scheduling::MovesWork("go");
+    }
+    let Ok(tasks) = std::fs::read_dir(dir.join("task")) else {
+        return Scheduling::Threads;
+    };
+    for task in tasks.flatten().take(MAX_TASKS_READ) {
+        let comm = std::fs::read(task.path().join("comm")).unwrap_or_default();
+        // tokio's multi-thread workers are named "tokio-runtime-worker" (the
+        // kernel keeps 15 bytes); its current-thread runtime spawns none.
+        if comm.starts_with(b"tokio-runtime-w") {
+            return Scheduling::MovesWork("tokio");
+        }
+    }
+    Scheduling::Threads
+}
+
+/// Whether an ELF file is a Go program: the Go linker writes a `.go.buildinfo`
+/// section (and `.gopclntab`) into every binary, stripped or not. Reads the section
+/// headers only.
+pub(crate) fn is_go_binary(f: &mut (impl std::io::Read + std::io::Seek)) -> bool {
+    use std::io::SeekFrom;
+    let mut read_at = |off: u64, buf: &mut [u8]| -> bool {
+        f.seek(SeekFrom::Start(off)).is_ok() && f.read_exact(buf).is_ok()
+    };
+    let mut eh = [0u8; 64];
+    // 64-bit little-endian ELF only (the architectures the agent runs on).
+    if !read_at(0, &mut eh) || &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return false;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u64_at(&eh, 0x28),
+        u16_at(&eh, 0x3a) as u64,
+        u16_at(&eh, 0x3c) as usize,
+        u16_at(&eh, 0x3e) as u64,
+    );
+    if shentsize < 64 || shnum == 0 || shnum > 4096 || shstrndx >= shnum as u64 {
+        return false;
+    }
+    let mut sh = vec![0u8; shnum * shentsize as usize];
+    if !read_at(shoff, &mut sh) {
+        return false;
+    }
+    let header = |i: usize| &sh[i * shentsize as usize..i * shentsize as usize + 64];
+    let names = header(shstrndx as usize);
+    let (names_off, names_len) = (u64_at(names, 0x18), u64_at(names, 0x20));
+    if names_len == 0 || names_len > 1 << 20 {
+        return false;
+    }
+    let mut strtab = vec![0u8; names_len as usize];
+    if !read_at(names_off, &mut strtab) {
+        return false;
+    }
+    (0..shnum).any(|i| {
+        let name = u32_at(header(i), 0) as usize;
+        let name = strtab.get(name..).unwrap_or_default();
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        matches!(&name[..end], b".go.buildinfo" | b".gopclntab")
+    })
 }
 
 /// `OTEL_SERVICE_NAME`, or `service.name` inside `OTEL_RESOURCE_ATTRIBUTES`.
@@ -171,6 +274,44 @@ mod tests {
         assert_eq!(gone.service_name, "curl");
         t.forget(u32::MAX - 1);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn go_binaries_are_told_from_others() {
+        // This test binary is Rust: not Go, and its threads are not tokio's.
+        let mut me = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!is_go_binary(&mut me));
+        let mut t = ProcessTable::new(8);
+        assert_eq!(t.scheduling(std::process::id()), Scheduling::Threads);
+        // A minimal ELF whose section names include .go.buildinfo.
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        let strtab = b"\0.shstrtab\0.go.buildinfo\0";
+        let strtab_off = 64 + 3 * 64;
+        elf[0x28..0x30].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        for (name, off, len) in [
+            (0u32, 0u64, 0u64),
+            (1, strtab_off, strtab.len() as u64),
+            (11, 0, 0),
+        ] {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(&name.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&len.to_le_bytes());
+            elf.extend(h);
+        }
+        elf.extend(strtab);
+        assert!(is_go_binary(&mut std::io::Cursor::new(elf.clone())));
+        elf[strtab_off as usize + 11..strtab_off as usize + 14].copy_from_slice(b".rs");
+        assert!(!is_go_binary(&mut std::io::Cursor::new(elf)));
+        assert!(!is_go_binary(&mut std::io::Cursor::new(
+            b"\x7fELF".to_vec()
+        )));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use prometheus_client::{
 };
 use tracer_common::stats::{COUNTERS, Counter as KernelCounter};
 
-use crate::stitch::{SOURCES, StitchCounts};
+use crate::stitch::{SOURCES, StitchCounts, causality::Refusals};
 
 /// The bounded queues (and the spans waiting for relatives), as `queue` labels.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -108,7 +108,11 @@ pub struct ExporterLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ParentLabel {
     /// `header`, `socket`, `thread`, `timing`, `none`; `evicted` (forced out
-    /// unlinked, buffer full), `duplicate_id` (renamed), `cycle` (link refused).
+    /// unlinked, buffer full), `duplicate_id` (renamed), `cycle` (link refused);
+    /// calls left unlinked because a rule did not hold: `refused_moves_work` (the
+    /// process moves work between threads), `refused_ambiguous` (several handlers
+    /// could have sent it), `refused_pool_hand_off` (sent on a pooled connection
+    /// right after its previous answer).
     pub outcome: &'static str,
 }
 
@@ -284,15 +288,28 @@ impl Telemetry {
         Self { registry, ..t }
     }
 
+    fn add_parent(&self, outcome: &'static str, before: u64, now: u64) {
+        if now > before {
+            self.parent_inference
+                .get_or_create(&ParentLabel { outcome })
+                .inc_by(now - before);
+        }
+    }
+
+    /// Adds the calls causality refused to link since `before`.
+    pub fn add_refusals(&self, before: &Refusals, now: &Refusals) {
+        self.add_parent("refused_moves_work", before.hands_off, now.hands_off);
+        self.add_parent("refused_ambiguous", before.ambiguous, now.ambiguous);
+        self.add_parent(
+            "refused_pool_hand_off",
+            before.pool_hand_off,
+            now.pool_hand_off,
+        );
+    }
+
     /// Adds what parent inference counted since `before`.
     pub fn add_stitch_counts(&self, before: &StitchCounts, now: &StitchCounts) {
-        let add = |outcome: &'static str, b: u64, n: u64| {
-            if n > b {
-                self.parent_inference
-                    .get_or_create(&ParentLabel { outcome })
-                    .inc_by(n - b);
-            }
-        };
+        let add = |outcome: &'static str, b: u64, n: u64| self.add_parent(outcome, b, n);
         add("evicted", before.evicted, now.evicted);
         add("duplicate_id", before.duplicate_ids, now.duplicate_ids);
         add("cycle", before.cycles, now.cycles);

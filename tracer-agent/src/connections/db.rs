@@ -67,7 +67,7 @@ impl Connection {
             db.request_tid = rec.meta.tid;
             if !db.decoder.in_flight() {
                 // A new request starts: what is this thread working for?
-                db.cause = ctx.out.cause(rec.meta.tgid, rec.meta.tid, rec.meta.ts_ns);
+                db.cause = ctx.cause(rec, rec.meta.ts_ns, sock);
                 db.call_culprit = db.cause.parent.and_then(|p| ctx.out.culprit(p));
                 request_started = db.ready;
             }
@@ -115,6 +115,7 @@ impl Connection {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: rec.meta.tgid,
                 tid: rec.meta.tid,
+                sent_by: db.request_tid,
                 ts_ns: rec.meta.ts_ns,
                 parent: db.cause.parent,
                 conn: sock,

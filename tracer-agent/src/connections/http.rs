@@ -15,6 +15,8 @@ pub(super) struct HttpConn {
     pub(super) from_start: bool,
     /// Client end: the cause of the last answered request, once one was answered.
     pub(super) last_woken_by: Option<Option<SpanId>>,
+    /// Client end: the thread that sent the last answered request.
+    pub(super) last_sender: u32,
 }
 
 pub(super) struct PendingRequest {
@@ -48,6 +50,7 @@ impl Connection {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: rec.meta.tgid,
                 tid: rec.meta.tid,
+                sent_by: http.last_sender,
                 ts_ns: rec.meta.ts_ns,
                 parent,
                 conn: self.sock,
@@ -85,17 +88,17 @@ impl Connection {
                     http.pending.pop_front();
                     ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
                 }
-                let kind = if self.role == Role::Server {
-                    SpanKind::Server
+                let at = if self.role == Role::Server {
+                    HeaderAt::ServerRead { pid }
                 } else {
-                    SpanKind::Client
+                    HeaderAt::ClientSent { pid }
                 };
                 let traceparent = message
                     .headers
                     .traceparent
                     .as_deref()
                     .and_then(traceparent::parse_traceparent)
-                    .map(|tp| (tp, ctx.out.traceparent(kind, &tp)));
+                    .map(|tp| (tp, ctx.out.traceparent(at, &tp)));
                 let (span_id, woken_by, dedicated) = if self.role == Role::Server {
                     let id = SpanId::random();
                     let request = match &message.start {
@@ -129,7 +132,7 @@ impl Connection {
                     let Cause {
                         parent: woken_by,
                         dedicated,
-                    } = ctx.out.cause(pid, tid, at);
+                    } = ctx.cause(rec, at, self.sock);
                     log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
                     (id, woken_by, dedicated)
                 };
@@ -205,21 +208,32 @@ impl Connection {
             SpanKind::Client
         };
         let from_start = http.from_start;
+        let mut req = req;
+        if kind == SpanKind::Server
+            && let Some((tp, usage)) = &mut req.traceparent
+        {
+            // Forwarded unchanged by a proxy on this host: its read was reported
+            // by now, and the header's parent is not this span's caller.
+            *usage = ctx.out.traceparent(HeaderAt::ServerAnswered, tp);
+        }
         if kind == SpanKind::Server {
             ctx.out.thread(ThreadEvent::ServerAnswered {
                 pid: self.pid,
                 tid: req.tid,
+                by: reader,
                 span: req.span_id,
             });
         } else if reader != 0 {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: self.pid,
                 tid: reader,
+                sent_by: req.tid,
                 ts_ns: response.end_ns,
                 parent: req.woken_by,
                 conn: sock,
             });
             http.last_woken_by = Some(req.woken_by);
+            http.last_sender = req.tid;
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = matches!(req.traceparent, Some((_, HeaderUse::Own)));

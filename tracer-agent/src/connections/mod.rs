@@ -21,7 +21,7 @@ use crate::{
         inventory::{ConnState, DbConnectionRow, PoolKey},
         tracker::{DbObservation, DbUse, PoolTracker},
     },
-    process::ProcessTable,
+    process::{ProcessTable, Scheduling},
     protocols::{
         Chunk,
         db::{DbCall, DbDecoder, DbSystem, TxStatus},
@@ -31,7 +31,7 @@ use crate::{
     spans::{AddrText, DbExchange, HttpExchange, Link, Span, SpanId, SpanKind, db_span, http_span},
     stitch::{
         causality::{Cause, Culprit, ThreadEvent},
-        traceparent::{self, HeaderUse, TraceParent},
+        traceparent::{self, HeaderAt, HeaderUse, TraceParent},
     },
     telemetry::{DropReason, Telemetry},
 };
@@ -50,11 +50,12 @@ pub trait Observer {
     fn span(&mut self, span: Span);
     /// A thread read or answered a request, or read the answer to a call.
     fn thread(&mut self, event: ThreadEvent<'_>);
-    /// What a call that thread `tid` of `pid` sends at `ts_ns` is made for.
-    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64) -> Cause;
-    /// A request of a `kind` span carries `tp`: whether it is the span's own header
-    /// or one forwarded unchanged.
-    fn traceparent(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse;
+    /// What a call that thread `tid` of `pid` sends at `ts_ns` on connection `conn`
+    /// (its socket) is made for.
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64, conn: u64) -> Cause;
+    /// A request carrying `tp` was read, sent or answered: whether the header is
+    /// its span's own or one forwarded unchanged.
+    fn traceparent(&mut self, at: HeaderAt, tp: &TraceParent) -> HeaderUse;
     /// The server request `span` being served, as leak reports name it.
     fn culprit(&mut self, span: SpanId) -> Option<Culprit>;
     /// A database client connection's life and use.
@@ -154,6 +155,19 @@ struct Ctx<'a, O: Observer> {
     telemetry: &'a Telemetry,
     options: &'a SpanOptions,
     out: &'a mut O,
+}
+
+impl<O: Observer> Ctx<'_, O> {
+    /// What the call a thread sends now is made for. A process whose runtime moves
+    /// work between threads (Go, tokio) is reported first, so that no thread or
+    /// timing rule is applied to it.
+    fn cause(&mut self, rec: &DataRecord, ts_ns: u64, sock: u64) -> Cause {
+        let pid = rec.meta.tgid;
+        if let Scheduling::MovesWork(runtime) = self.procs.scheduling(pid) {
+            self.out.thread(ThreadEvent::MovesWork { pid, runtime });
+        }
+        self.out.cause(pid, rec.meta.tid, ts_ns, sock)
+    }
 }
 
 impl ConnectionTable {
@@ -291,7 +305,11 @@ impl ConnectionTable {
                     conn.close(&mut ctx);
                 }
             }
-            Event::ProcExit { meta } => ctx.procs.exited(meta.tgid),
+            Event::ProcExit { meta } => {
+                ctx.procs.exited(meta.tgid);
+                ctx.out
+                    .thread(ThreadEvent::ProcessExited { pid: meta.tgid });
+            }
         }
     }
 
@@ -594,6 +612,7 @@ impl Connection {
             from_start: self.role_from_kernel
                 && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
             last_woken_by: None,
+            last_sender: 0,
         }));
     }
 

@@ -456,7 +456,7 @@ fn a_call_made_while_serving_a_request_names_it_as_its_cause() {
 }
 
 #[test]
-fn an_event_loop_handler_resumes_at_the_end_of_its_answer() {
+fn an_event_loop_call_after_two_handlers_woke_is_not_guessed() {
     let mut r = Replay::new();
     const SOCK_SERVER2: u64 = 0xffff_8880_0000_5000;
     let (out1, out2, out3) = (
@@ -530,17 +530,16 @@ fn an_event_loop_handler_resumes_at_the_end_of_its_answer() {
             .link
             .woken_by
     };
-    let (x, y) = (cause_of(41001), cause_of(41002));
+    let x = cause_of(41001);
     assert!(x.is_some(), "the first call is X's");
-    assert_ne!(
-        y, x,
-        "Y's handler, woken before X's answer ended, calls first"
-    );
-    assert!(y.is_some());
+    // X's answer ended after Y's request arrived: two handlers were woken before
+    // the next call, which could be either's (the loop may run X's continuation
+    // or Y's handler first). Neither of the two calls after is guessed.
+    assert_eq!(cause_of(41002), None, "two handlers woken: not guessed");
     assert_eq!(
         cause_of(41003),
-        x,
-        "X's second call, after the end of its answer"
+        None,
+        "nor the call after, from the same crowd"
     );
 }
 

@@ -35,17 +35,28 @@ pub enum ThreadEvent<'a> {
         span: SpanId,
         request: Option<(&'a str, &'a str)>,
     },
-    /// It answered that request.
-    ServerAnswered { pid: u32, tid: u32, span: SpanId },
-    /// It read the answer to a call made for `parent` (if known) on connection
-    /// `conn`, or that call's end of stream.
+    /// It answered that request: `tid` read it, `by` wrote the answer (0 when the
+    /// answer was not written by a thread we saw, e.g. paired at close).
+    ServerAnswered {
+        pid: u32,
+        tid: u32,
+        by: u32,
+        span: SpanId,
+    },
+    /// Thread `tid` read the answer to a call thread `sent_by` made for `parent` (if
+    /// known) on connection `conn`, or that call's end of stream.
     CallAnswered {
         pid: u32,
         tid: u32,
+        sent_by: u32,
         ts_ns: u64,
         parent: Option<SpanId>,
         conn: u64,
     },
+    /// The process runs a runtime that moves work between threads.
+    MovesWork { pid: u32, runtime: &'static str },
+    /// The process exited.
+    ProcessExited { pid: u32 },
 }
 
 /// What a call a thread sends was made for.
@@ -90,6 +101,28 @@ pub struct Causality {
     /// Server requests being served: span → (method, url.path), for the database
     /// calls made for them (the culprit of a leaked connection).
     serving: HashMap<SpanId, (String, String)>,
+    /// Processes seen handing one request's work from thread to thread (a request
+    /// read by one thread and answered by another, a call sent by one and its
+    /// answer read by another): work-stealing runtimes (Go, tokio multi-thread) and
+    /// hand-off designs, where neither the thread nor the timing rule holds.
+    hands_off: HashMap<u32, ()>,
+    /// Connection → when an answer on it was last read: a call sent on it soon
+    /// after may be a queued request the pool handed the connection to on release,
+    /// not the answered handler's own.
+    answered_on: HashMap<u64, u64>,
+    /// Calls the rules refused to link, by why.
+    pub refused: Refusals,
+}
+
+/// Calls left without a cause because a rule's assumptions did not hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// The process hands work between threads (detected or a known runtime).
+    pub hands_off: u64,
+    /// More than one handler could have sent it.
+    pub ambiguous: u64,
+    /// Sent on a pooled connection right after its previous answer.
+    pub pool_hand_off: u64,
 }
 
 /// A wake waiting for its handler's call: the request served (if known), the
@@ -100,6 +133,18 @@ struct QueuedWake {
     parent: Option<SpanId>,
     handler: u64,
     ts: u64,
+}
+
+/// What the wake queue says about one call.
+enum Verdict {
+    /// The one handler woken shortly before (its request, if known).
+    Woken(Option<SpanId>),
+    /// No handler was woken shortly before.
+    NoWake,
+    /// More than one was.
+    Ambiguous,
+    /// Sent on a connection just handed back by its previous answer.
+    PoolHandOff,
 }
 
 fn handler_of(span: SpanId) -> u64 {
@@ -114,9 +159,10 @@ const MAX_READY: usize = 1024;
 /// Longest an event-loop handler may take between being woken and sending its call
 /// for the two to be tied together.
 const MAX_WAKE_TO_SEND_NS: u64 = 2_000_000;
-/// More handlers than this woken together and still to send: their order is not
-/// trusted.
-const MAX_CONTENDERS: usize = 4;
+/// More handlers than this woken together and still to send: the call could be
+/// any of theirs, and their order is not trusted (measured: event loops that await
+/// a pool, a connect or a lock before they send resume out of input order).
+const MAX_CONTENDERS: usize = 1;
 /// Wakes older than this are dropped from a thread's queue.
 const STALE_WAKE_NS: u64 = 100 * MAX_WAKE_TO_SEND_NS;
 
@@ -124,7 +170,7 @@ impl Causality {
     /// [`Causality::cause`] as (parent, dedicated), for tests.
     #[cfg(test)]
     fn cause_pair(&mut self, pid: u32, tid: u32, ts: u64) -> (Option<SpanId>, bool) {
-        let c = self.cause(pid, tid, ts);
+        let c = self.cause(pid, tid, ts, u64::from(tid) << 32);
         (c.parent, c.dedicated)
     }
 
@@ -143,15 +189,53 @@ impl Causality {
                     self.serving(span, method, target);
                 }
             }
-            ThreadEvent::ServerAnswered { pid, tid, span } => self.server_answered(pid, tid, span),
+            ThreadEvent::ServerAnswered { pid, tid, by, span } => {
+                if by != 0 && by != tid {
+                    self.hand_off(pid);
+                }
+                self.server_answered(pid, tid, span)
+            }
             ThreadEvent::CallAnswered {
                 pid,
                 tid,
+                sent_by,
                 ts_ns,
                 parent,
                 conn,
-            } => self.answered_call(pid, tid, parent, conn, ts_ns),
+            } => {
+                if sent_by != 0 && sent_by != tid {
+                    self.hand_off(pid);
+                }
+                if self.answered_on.len() >= MAX_THREADS {
+                    self.answered_on.clear();
+                }
+                self.answered_on.insert(conn, ts_ns);
+                self.answered_call(pid, tid, parent, conn, ts_ns)
+            }
+            ThreadEvent::MovesWork { pid, runtime } => {
+                if !self.hands_off.contains_key(&pid) {
+                    log::debug!(target: "tracer::causality", "process {pid} runs {runtime}: thread and timing rules off for it");
+                    self.hand_off(pid);
+                }
+            }
+            ThreadEvent::ProcessExited { pid } => self.process_exited(pid),
         }
+    }
+
+    /// `pid` moved one request's work between threads: no thread or timing link
+    /// for it from now on.
+    fn hand_off(&mut self, pid: u32) {
+        if self.hands_off.len() >= MAX_THREADS {
+            self.hands_off.clear();
+        }
+        if self.hands_off.insert(pid, ()).is_none() {
+            log::debug!(target: "tracer::causality", "process {pid} hands requests between threads: thread and timing rules off for it");
+        }
+    }
+
+    /// The process is gone: its pid may come back as another program.
+    fn process_exited(&mut self, pid: u32) {
+        self.hands_off.remove(&pid);
     }
 
     fn server_request(&mut self, pid: u32, tid: u32, span: SpanId, ts: u64) {
@@ -241,33 +325,60 @@ impl Causality {
         }
     }
 
-    /// The parent candidate of a request this thread sends at `ts`, and whether the
-    /// thread serves one request at a time.
-    pub fn cause(&mut self, pid: u32, tid: u32, ts: u64) -> Cause {
+    /// The parent candidate of a request this thread sends at `ts` on connection
+    /// `conn`, and whether the thread serves one request at a time.
+    pub fn cause(&mut self, pid: u32, tid: u32, ts: u64, conn: u64) -> Cause {
+        if self.hands_off.contains_key(&pid) {
+            self.refused.hands_off += 1;
+            return Cause::default();
+        }
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
-        let queued = self.ready.get_mut(&(pid, tid)).and_then(|q| {
+        // Sent on a connection whose previous answer was just read: on an event
+        // loop that is as likely a request queued in a pool (handed the connection
+        // on release) as the answered handler's next call.
+        let reused_at_once = self
+            .answered_on
+            .get(&conn)
+            .is_some_and(|&at| at <= ts && ts - at <= MAX_WAKE_TO_SEND_NS);
+        let mut verdict = Verdict::NoWake;
+        if let Some(q) = self.ready.get_mut(&(pid, tid)) {
             // Wakes long before `ts` can no longer be anybody's cause.
             q.retain(|w| w.ts.saturating_add(STALE_WAKE_NS) >= ts);
             let fits = |w: &QueuedWake| w.ts <= ts && ts - w.ts <= MAX_WAKE_TO_SEND_NS;
             let candidates = q.iter().filter(|w| fits(w)).count();
             if candidates > MAX_CONTENDERS {
-                // Too many handlers woken at once to trust their order: do not
-                // guess, and forget them.
+                // Several handlers could have sent it: do not guess, and forget
+                // them, so one doubt does not become a wrong link later.
                 q.retain(|w| !fits(w));
-                return None;
+                verdict = Verdict::Ambiguous;
+            } else if let Some(i) = q.iter().position(fits) {
+                verdict = if reused_at_once {
+                    Verdict::PoolHandOff
+                } else {
+                    Verdict::Woken(q.remove(i).and_then(|w| w.parent))
+                };
             }
-            // Handlers resume in the order their input arrived: the oldest first.
-            let first = q.iter().position(fits);
-            first.and_then(|i| q.remove(i)).and_then(|w| w.parent)
-        });
+        }
         if dedicated {
             return Cause {
                 parent: self.wakes.get(&(pid, tid)).map(|w| w.parent),
                 dedicated: true,
             };
         }
+        let parent = match verdict {
+            Verdict::Woken(parent) => parent,
+            Verdict::NoWake => None,
+            Verdict::Ambiguous => {
+                self.refused.ambiguous += 1;
+                None
+            }
+            Verdict::PoolHandOff => {
+                self.refused.pool_hand_off += 1;
+                None
+            }
+        };
         Cause {
-            parent: queued,
+            parent,
             dedicated: false,
         }
     }
@@ -301,72 +412,158 @@ impl Causality {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_event_loop_ties_calls_to_wakes_in_order_and_refuses_crowds() {
+    const MS: u64 = 1_000_000;
+
+    fn answered(c: &mut Causality, tid: u32, by: u32, span: SpanId) {
+        c.observe(ThreadEvent::ServerAnswered {
+            pid: 1,
+            tid,
+            by,
+            span,
+        });
+    }
+
+    /// An event loop (thread 1 of pid 1) with one request in flight already, whose
+    /// handler made its call: the thread interleaves requests from now on.
+    fn event_loop() -> Causality {
         let mut c = Causality::default();
-        let (a, b) = (SpanId::random(), SpanId::random());
-        // One thread reads two requests, then its handlers send in that order.
+        c.server_request(1, 1, SpanId::random(), 0);
+        c.cause(1, 1, 1, 99);
+        c
+    }
+
+    fn call_answered(c: &mut Causality, parent: Option<SpanId>, conn: u64, ts: u64) {
+        c.observe(ThreadEvent::CallAnswered {
+            pid: 1,
+            tid: 1,
+            sent_by: 1,
+            ts_ns: ts,
+            parent,
+            conn,
+        });
+    }
+
+    #[test]
+    fn an_event_loop_links_a_call_only_to_the_one_handler_woken_before_it() {
+        let mut c = event_loop();
+        let a = SpanId::random();
         c.server_request(1, 1, a, 1_000);
-        c.server_request(1, 1, b, 1_100);
         assert_eq!(c.cause_pair(1, 1, 1_200), (Some(a), false));
-        assert_eq!(c.cause_pair(1, 1, 1_300), (Some(b), false));
-        assert_eq!(c.cause_pair(1, 1, 1_400), (None, false), "no wake left");
-        // A wake long before the send is nobody's cause any more.
+        assert_eq!(c.cause_pair(1, 1, 1_300), (None, false), "its wake is used");
+        // Two handlers woken before a call: it could be either's.
+        let (b, d) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, b, 10 * MS);
+        c.server_request(1, 1, d, 10 * MS + 100);
+        assert_eq!(c.cause_pair(1, 1, 10 * MS + 200), (None, false));
+        assert_eq!(c.refused.ambiguous, 1);
+        // ... and both are forgotten, so the next call does not take one.
+        assert_eq!(c.cause_pair(1, 1, 10 * MS + 300), (None, false));
+        // A wake long before the call is nobody's cause any more.
         let late = SpanId::random();
-        c.server_request(1, 1, late, 2_000);
+        c.server_request(1, 1, late, 20 * MS);
         assert_eq!(
-            c.cause_pair(1, 1, 2_000 + MAX_WAKE_TO_SEND_NS + 1),
+            c.cause_pair(1, 1, 20 * MS + MAX_WAKE_TO_SEND_NS + 1),
             (None, false)
         );
-        // Too many handlers woken at once: no guess.
-        for i in 0..=MAX_CONTENDERS as u64 {
-            c.server_request(1, 1, SpanId::random(), 10_000_000 + i);
-        }
-        assert_eq!(c.cause_pair(1, 1, 10_000_100), (None, false));
-        // Handlers resumed by answers take their turn in the same queue.
-        let (x, y, z) = (SpanId::random(), SpanId::random(), SpanId::random());
-        c.server_request(1, 1, x, 20_000_000);
-        assert_eq!(c.cause_pair(1, 1, 20_000_010), (Some(x), false));
-        c.server_request(1, 1, y, 20_000_020);
-        c.answered_call(1, 1, Some(x), 7, 20_000_030);
-        c.answered_call(1, 1, Some(x), 7, 20_000_035); // more of the same answer
-        c.server_request(1, 1, z, 20_000_040);
-        assert_eq!(
-            c.cause_pair(1, 1, 20_000_050),
-            (Some(y), false),
-            "y woke first"
-        );
-        assert_eq!(
-            c.cause_pair(1, 1, 20_000_060),
-            (Some(x), false),
-            "x's second call"
-        );
-        assert_eq!(c.cause_pair(1, 1, 20_000_070), (Some(z), false));
+    }
+
+    #[test]
+    fn answers_wake_handlers_and_a_handler_that_answers_takes_its_wakes_out() {
+        let mut c = event_loop();
+        let (x, y) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, x, MS);
+        assert_eq!(c.cause(1, 1, MS + 10, 7).parent, Some(x));
+        // The answer to x's call resumes x: its next call (on another connection)
+        // is x's.
+        call_answered(&mut c, Some(x), 7, MS + 20);
+        call_answered(&mut c, Some(x), 7, MS + 25); // more of the same answer
+        assert_eq!(c.cause(1, 1, MS + 30, 8).parent, Some(x));
         // A handler that answers its request takes its wake out of the queue.
-        let (p, q) = (SpanId::random(), SpanId::random());
-        c.server_request(1, 1, p, 30_000_000);
-        c.server_request(1, 1, q, 30_000_010);
-        c.server_answered(1, 1, p);
-        assert_eq!(c.cause_pair(1, 1, 30_000_020), (Some(q), false));
+        c.server_request(1, 1, y, 10 * MS);
+        answered(&mut c, 1, 1, y);
+        assert_eq!(c.cause_pair(1, 1, 10 * MS + 10), (None, false));
         // An answer to a call of unknown cause: whoever sends next stays unlinked
         // rather than take a neighbour's wake.
         let r = SpanId::random();
-        c.answered_call(1, 1, None, 8, 40_000_000);
-        c.server_request(1, 1, r, 40_000_010);
-        assert_eq!(c.cause_pair(1, 1, 40_000_020), (None, false));
-        assert_eq!(c.cause_pair(1, 1, 40_000_030), (Some(r), false));
+        call_answered(&mut c, None, 9, 20 * MS);
+        c.server_request(1, 1, r, 20 * MS + 10);
+        assert_eq!(c.cause(1, 1, 20 * MS + 20, 10).parent, None);
         // ... and once that handler answers (its wake was anonymous), the
         // anonymous wake goes, so it does not shadow the next request.
         let (u, v) = (SpanId::random(), SpanId::random());
-        c.server_request(1, 1, u, 50_000_000);
-        assert_eq!(c.cause_pair(1, 1, 50_000_010), (Some(u), false));
-        c.answered_call(1, 1, None, 9, 50_000_020);
-        c.server_answered(1, 1, u);
-        c.server_request(1, 1, v, 50_000_030);
-        assert_eq!(c.cause_pair(1, 1, 50_000_040), (Some(v), false));
-        // A thread with a single open request is dedicated.
+        c.server_request(1, 1, u, 30 * MS);
+        assert_eq!(c.cause(1, 1, 30 * MS + 10, 11).parent, Some(u));
+        call_answered(&mut c, None, 12, 30 * MS + 20);
+        answered(&mut c, 1, 1, u);
+        c.server_request(1, 1, v, 30 * MS + 30);
+        assert_eq!(c.cause(1, 1, 30 * MS + 40, 13).parent, Some(v));
+    }
+
+    #[test]
+    fn a_call_on_a_connection_just_handed_back_by_its_answer_is_not_guessed() {
+        let mut c = event_loop();
+        let (x, y) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, x, MS);
+        assert_eq!(c.cause(1, 1, MS + 10, 7).parent, Some(x));
+        // x's answer arrives on pooled connection 7, and a call goes out on 7
+        // at once: a request queued in the pool may have been handed it.
+        call_answered(&mut c, Some(x), 7, 2 * MS);
+        assert_eq!(c.cause(1, 1, 2 * MS + 10, 7).parent, None);
+        assert_eq!(c.refused.pool_hand_off, 1);
+        // Later, connection 7 is an idle pooled connection like any other.
+        c.server_request(1, 1, y, 10 * MS);
+        answered(&mut c, 1, 1, x);
+        assert_eq!(c.cause(1, 1, 10 * MS + 10, 7).parent, Some(y));
+    }
+
+    #[test]
+    fn a_process_that_moves_work_between_threads_gets_no_thread_or_timing_links() {
+        let mut c = Causality::default();
+        let (a, b) = (SpanId::random(), SpanId::random());
+        // Thread 2 reads a request; thread 3 answers it: work moved.
+        c.server_request(1, 2, a, MS);
+        assert_eq!(c.cause_pair(1, 2, MS + 10), (Some(a), true));
+        answered(&mut c, 2, 3, a);
+        c.server_request(1, 2, b, 2 * MS);
+        assert_eq!(c.cause_pair(1, 2, 2 * MS + 10), (None, false));
+        assert_eq!(c.refused.hands_off, 1);
+        // Another process is not affected; a call whose answer another thread
+        // reads shows it too.
+        let d = SpanId::random();
+        c.server_request(2, 5, d, 3 * MS);
+        assert_eq!(c.cause(2, 5, 3 * MS + 10, 40).parent, Some(d));
+        c.observe(ThreadEvent::CallAnswered {
+            pid: 2,
+            tid: 6,
+            sent_by: 5,
+            ts_ns: 3 * MS + 20,
+            parent: Some(d),
+            conn: 40,
+        });
+        assert_eq!(c.cause(2, 5, 3 * MS + 30, 41).parent, None);
+        // A known runtime says so before any traffic does; an exited process's
+        // pid starts afresh.
+        c.observe(ThreadEvent::MovesWork {
+            pid: 3,
+            runtime: "go",
+        });
+        c.server_request(3, 7, SpanId::random(), 4 * MS);
+        assert_eq!(c.cause_pair(3, 7, 4 * MS + 10), (None, false));
+        c.observe(ThreadEvent::ProcessExited { pid: 1 });
+        let e = SpanId::random();
+        c.server_request(1, 9, e, 5 * MS);
+        assert_eq!(c.cause_pair(1, 9, 5 * MS + 10), (Some(e), true));
+    }
+
+    #[test]
+    fn a_thread_serving_one_request_is_dedicated_to_it() {
+        let mut c = Causality::default();
         let only = SpanId::random();
         c.server_request(1, 2, only, 5);
         assert_eq!(c.cause_pair(1, 2, 6), (Some(only), true));
+        // Long after its wake, still the request it serves.
+        assert_eq!(c.cause_pair(1, 2, 60 * MS), (Some(only), true));
+        answered(&mut c, 2, 2, only);
+        assert_eq!(c.cause_pair(1, 2, 61 * MS), (None, false));
     }
 }

@@ -66,10 +66,23 @@ pub enum HeaderUse {
     Forwarded,
 }
 
-/// Header parent ids seen lately on this host, in the order requests were read,
-/// so that a forwarded `traceparent` is recognised before its spans are built:
-/// the proxy reads the incoming request before it sends the forwarded one, and the
-/// next hop reads it after that.
+/// Where a `traceparent` was seen, for [`SeenHeaders::observe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderAt {
+    /// Process `pid` read a request carrying it.
+    ServerRead { pid: u32 },
+    /// Process `pid` sent a request carrying it.
+    ClientSent { pid: u32 },
+    /// The server request that carried it is answered: its span is built now.
+    ServerAnswered,
+}
+
+/// Header parent ids seen lately on this host, so that a `traceparent` forwarded
+/// unchanged is recognised. A proxy reads the incoming request before it forwards
+/// it, in the same process: that order is the order of its own records. Between
+/// processes the kernel's records need not come in order (the peer may report its
+/// read before the sender reports its send), so the next hop decides when its
+/// span is built, long after the forward was seen.
 pub struct SeenHeaders {
     ids: HashMap<SpanId, Seen>,
     order: VecDeque<SpanId>,
@@ -78,11 +91,11 @@ pub struct SeenHeaders {
 
 #[derive(Clone, Copy, Default)]
 struct Seen {
-    /// A SERVER request carried it: it names a caller's span.
-    incoming: bool,
+    /// The last process that read a request carrying it.
+    read_by: Option<u32>,
     /// A CLIENT span took it as its own id.
     claimed: bool,
-    /// A CLIENT request carried it again after that (forwarded unchanged).
+    /// A request carried it again after that (forwarded unchanged).
     forwarded: bool,
 }
 
@@ -114,23 +127,25 @@ impl SeenHeaders {
         self.ids.entry(id).or_default()
     }
 
-    /// A request carrying `tp` was read (SERVER) or sent (CLIENT).
-    pub fn observe(&mut self, kind: SpanKind, tp: &TraceParent) -> HeaderUse {
+    /// A request carrying `tp` was read, sent or answered: whether the header is
+    /// its span's own. Reads are always `Own` (decided again when answered).
+    pub fn observe(&mut self, at: HeaderAt, tp: &TraceParent) -> HeaderUse {
         let seen = self.entry(tp.parent_id);
-        match kind {
-            SpanKind::Server if seen.forwarded => HeaderUse::Forwarded,
-            SpanKind::Server => {
-                seen.incoming = true;
+        match at {
+            HeaderAt::ServerRead { pid } => {
+                seen.read_by = Some(pid);
                 HeaderUse::Own
             }
-            SpanKind::Client if seen.incoming || seen.claimed => {
+            HeaderAt::ClientSent { pid } if seen.read_by == Some(pid) || seen.claimed => {
                 seen.forwarded = true;
                 HeaderUse::Forwarded
             }
-            SpanKind::Client => {
+            HeaderAt::ClientSent { .. } => {
                 seen.claimed = true;
                 HeaderUse::Own
             }
+            HeaderAt::ServerAnswered if seen.forwarded => HeaderUse::Forwarded,
+            HeaderAt::ServerAnswered => HeaderUse::Own,
         }
     }
 }
@@ -192,29 +207,34 @@ mod tests {
         let tp = |p: &str| {
             parse_traceparent(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{p}-01")).unwrap()
         };
+        use HeaderAt::*;
         let mut seen = SeenHeaders::new(16);
-        // An instrumented caller on this host sends P; the server it calls reads P.
-        assert_eq!(
-            seen.observe(SpanKind::Client, &tp("00000000000000a1")),
-            HeaderUse::Own
-        );
-        assert_eq!(
-            seen.observe(SpanKind::Server, &tp("00000000000000a1")),
-            HeaderUse::Own
-        );
-        // A proxy reads Q from an off-host caller and forwards Q unchanged: its
-        // CLIENT span is not Q, and the next hop's parent is not Q's span.
+        // An instrumented caller (pid 1) sends P to a server (pid 2), which may
+        // report its read before the caller reports its send.
+        let p = tp("00000000000000a1");
+        assert_eq!(seen.observe(ServerRead { pid: 2 }, &p), HeaderUse::Own);
+        assert_eq!(seen.observe(ClientSent { pid: 1 }, &p), HeaderUse::Own);
+        assert_eq!(seen.observe(ServerAnswered, &p), HeaderUse::Own);
+        // A proxy (pid 3) reads Q and forwards it unchanged to pid 4: its CLIENT
+        // span is not Q, and pid 4's parent is not Q's span.
         let q = tp("00000000000000b2");
-        assert_eq!(seen.observe(SpanKind::Server, &q), HeaderUse::Own);
-        assert_eq!(seen.observe(SpanKind::Client, &q), HeaderUse::Forwarded);
-        assert_eq!(seen.observe(SpanKind::Server, &q), HeaderUse::Forwarded);
+        assert_eq!(seen.observe(ServerRead { pid: 3 }, &q), HeaderUse::Own);
+        assert_eq!(
+            seen.observe(ClientSent { pid: 3 }, &q),
+            HeaderUse::Forwarded
+        );
+        assert_eq!(seen.observe(ServerRead { pid: 4 }, &q), HeaderUse::Own);
+        assert_eq!(seen.observe(ServerAnswered, &q), HeaderUse::Forwarded);
         // Two CLIENT requests naming the same id: only the first owns it.
         let r = tp("00000000000000c3");
-        assert_eq!(seen.observe(SpanKind::Client, &r), HeaderUse::Own);
-        assert_eq!(seen.observe(SpanKind::Client, &r), HeaderUse::Forwarded);
+        assert_eq!(seen.observe(ClientSent { pid: 5 }, &r), HeaderUse::Own);
+        assert_eq!(
+            seen.observe(ClientSent { pid: 6 }, &r),
+            HeaderUse::Forwarded
+        );
         // Bounded: the oldest ids are forgotten.
         for i in 0..32u64 {
-            seen.observe(SpanKind::Server, &tp(&format!("{:016x}", 0x1000 + i)));
+            seen.observe(ServerRead { pid: 7 }, &tp(&format!("{:016x}", 0x1000 + i)));
         }
         assert!(seen.ids.len() <= 16 && seen.order.len() <= 16);
     }
