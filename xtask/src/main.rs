@@ -228,6 +228,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "mariadb-client",
     "wrk",
     "redis-tools",
+    // Runtimes of the parent-inference benchmark's server models (bench_parents.rs).
+    "nodejs",
+    "golang-go",
+    "openjdk-17-jdk-headless",
+    "libpostgresql-jdbc-java",
 ];
 /// Python clients the integration tests drive (in the private venv).
 const PYTHON_PACKAGES: &[&str] = &[
@@ -237,7 +242,14 @@ const PYTHON_PACKAGES: &[&str] = &[
     "PyMySQL==1.1.1",
     "psycopg-pool==3.2.6",
     "SQLAlchemy==2.0.36",
+    // The asyncio server models of the parent-inference benchmark.
+    "aiohttp==3.14.5",
+    "asyncpg==0.32.0",
+    "uvicorn==0.54.0",
+    "httpx==0.28.1",
 ];
+/// npm packages of the Node.js server model (bench_parents.rs), in target/xtask/node.
+const NPM_PACKAGES: &[&str] = &["pg@8.23.1"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn setup(test_deps: bool) -> Result<()> {
@@ -350,7 +362,36 @@ fn setup(test_deps: bool) -> Result<()> {
         std::fs::write(&stamp, &wanted)?;
     }
 
-    // 5. cargo-fuzz, for the bounded fuzzing run of every decoder.
+    // 5. The Node.js benchmark model's PostgreSQL client, from npm, outside the
+    //    source tree.
+    let node = tools_dir().join("node");
+    let stamp = node.join(".tracer-packages");
+    let wanted = NPM_PACKAGES.join("\n");
+    let all_there = NPM_PACKAGES.iter().all(|p| {
+        let name = p.rsplit_once('@').map_or(*p, |(n, _)| n);
+        node.join("node_modules")
+            .join(name)
+            .join("package.json")
+            .exists()
+    });
+    if !all_there || std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        std::fs::create_dir_all(&node)?;
+        output(Command::new("npm").arg("--version"))
+            .context("npm is needed for the Node.js benchmark model (Debian package nodejs)")?;
+        run(Command::new("npm")
+            .args([
+                "install",
+                "--save-exact",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
+            .arg(&node)
+            .args(NPM_PACKAGES))?;
+        std::fs::write(&stamp, &wanted)?;
+    }
+
+    // 6. cargo-fuzz, for the bounded fuzzing run of every decoder.
     let have = output(Command::new("cargo-fuzz").arg("--version")).unwrap_or_default();
     if !have.contains(CARGO_FUZZ_VERSION) {
         run(
@@ -444,6 +485,8 @@ fn bench(which: &str, requests: usize) -> Result<()> {
             let mut cmd = as_root(&bin)?;
             cmd.current_dir(workspace_root().join("tracer-agent"))
                 .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
+                .env("TRACER_NODE_PATH", tools_dir().join("node/node_modules"))
+                .env("TRACER_TOOLS_DIR", tools_dir())
                 .env("TRACER_BENCH_REQUESTS", requests.to_string())
                 .args(["--ignored", "--nocapture", "--test-threads=1"]);
             run(&mut cmd)
