@@ -102,9 +102,9 @@ pub struct Causality {
     /// calls made for them (the culprit of a leaked connection).
     serving: HashMap<SpanId, (String, String)>,
     /// Processes seen handing one request's work from thread to thread (a request
-    /// read by one thread and answered by another, a call sent by one and its
-    /// answer read by another): work-stealing runtimes (Go, tokio multi-thread) and
-    /// hand-off designs, where neither the thread nor the timing rule holds.
+    /// read by one thread and answered by another): work-stealing runtimes (Go,
+    /// tokio multi-thread, Java virtual threads, .NET's thread pool) and hand-off
+    /// designs, where neither the thread nor the timing rule holds.
     hands_off: HashMap<u32, ()>,
     /// Connection → when an answer on it was last read: a call sent on it soon
     /// after may be a queued request the pool handed the connection to on release,
@@ -159,9 +159,10 @@ const MAX_READY: usize = 1024;
 /// Longest an event-loop handler may take between being woken and sending its call
 /// for the two to be tied together.
 const MAX_WAKE_TO_SEND_NS: u64 = 2_000_000;
-/// More handlers than this woken together and still to send: the call could be
-/// any of theirs, and their order is not trusted (measured: event loops that await
-/// a pool, a connect or a lock before they send resume out of input order).
+/// More handlers than this woken and not yet accounted for when a call goes out:
+/// the call could be any of theirs, and their order is not trusted (measured:
+/// event loops that await a pool, a connect or a lock before they send resume out
+/// of input order, and a slow handler sends after a newer one was woken).
 const MAX_CONTENDERS: usize = 1;
 /// Wakes older than this are dropped from a thread's queue.
 const STALE_WAKE_NS: u64 = 100 * MAX_WAKE_TO_SEND_NS;
@@ -198,14 +199,15 @@ impl Causality {
             ThreadEvent::CallAnswered {
                 pid,
                 tid,
-                sent_by,
+                sent_by: _,
                 ts_ns,
                 parent,
                 conn,
             } => {
-                if sent_by != 0 && sent_by != tid {
-                    self.hand_off(pid);
-                }
+                // A call's answer read by another thread than sent it says only
+                // that the client library has I/O threads of its own (Java's
+                // HttpClient): the thread that made the call may still serve one
+                // request at a time.
                 if self.answered_on.len() >= MAX_THREADS {
                     self.answered_on.clear();
                 }
@@ -344,14 +346,19 @@ impl Causality {
         if let Some(q) = self.ready.get_mut(&(pid, tid)) {
             // Wakes long before `ts` can no longer be anybody's cause.
             q.retain(|w| w.ts.saturating_add(STALE_WAKE_NS) >= ts);
-            let fits = |w: &QueuedWake| w.ts <= ts && ts - w.ts <= MAX_WAKE_TO_SEND_NS;
-            let candidates = q.iter().filter(|w| fits(w)).count();
-            if candidates > MAX_CONTENDERS {
-                // Several handlers could have sent it: do not guess, and forget
-                // them, so one doubt does not become a wrong link later.
-                q.retain(|w| !fits(w));
+            // Every handler woken before the call and not yet accounted for could
+            // have sent it: one woken long ago whose handler is slow as much as
+            // one woken just now. A wake is accounted for when its handler's call
+            // takes it, or when the handler answers its request.
+            let contenders = q.iter().filter(|w| w.ts <= ts).count();
+            if contenders > MAX_CONTENDERS {
+                // Several could have: do not guess. Their wakes stay until their
+                // handlers answer, so the doubt lasts as long as the crowd.
                 verdict = Verdict::Ambiguous;
-            } else if let Some(i) = q.iter().position(fits) {
+            } else if let Some(i) = q
+                .iter()
+                .position(|w| w.ts <= ts && ts - w.ts <= MAX_WAKE_TO_SEND_NS)
+            {
                 verdict = if reused_at_once {
                     Verdict::PoolHandOff
                 } else {
@@ -456,8 +463,25 @@ mod tests {
         c.server_request(1, 1, d, 10 * MS + 100);
         assert_eq!(c.cause_pair(1, 1, 10 * MS + 200), (None, false));
         assert_eq!(c.refused.ambiguous, 1);
-        // ... and both are forgotten, so the next call does not take one.
+        // ... and the next call too: nobody knows whose wake the first took.
         assert_eq!(c.cause_pair(1, 1, 10 * MS + 300), (None, false));
+        // Once both handlers answered, the loop is clear again.
+        answered(&mut c, 1, 1, b);
+        answered(&mut c, 1, 1, d);
+        let e = SpanId::random();
+        c.server_request(1, 1, e, 11 * MS);
+        assert_eq!(c.cause_pair(1, 1, 11 * MS + 10), (Some(e), false));
+        // A handler woken more than the window before the call, still to send,
+        // may be slow rather than done: a newer wake is not the only candidate.
+        let (slow, new) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, slow, 12 * MS);
+        c.server_request(1, 1, new, 12 * MS + MAX_WAKE_TO_SEND_NS + 500_000);
+        assert_eq!(
+            c.cause_pair(1, 1, 12 * MS + MAX_WAKE_TO_SEND_NS + 600_000),
+            (None, false)
+        );
+        answered(&mut c, 1, 1, slow);
+        answered(&mut c, 1, 1, new);
         // A wake long before the call is nobody's cause any more.
         let late = SpanId::random();
         c.server_request(1, 1, late, 20 * MS);
@@ -482,21 +506,18 @@ mod tests {
         c.server_request(1, 1, y, 10 * MS);
         answered(&mut c, 1, 1, y);
         assert_eq!(c.cause_pair(1, 1, 10 * MS + 10), (None, false));
-        // An answer to a call of unknown cause: whoever sends next stays unlinked
-        // rather than take a neighbour's wake.
-        let r = SpanId::random();
-        call_answered(&mut c, None, 9, 20 * MS);
-        c.server_request(1, 1, r, 20 * MS + 10);
-        assert_eq!(c.cause(1, 1, 20 * MS + 20, 10).parent, None);
-        // ... and once that handler answers (its wake was anonymous), the
-        // anonymous wake goes, so it does not shadow the next request.
-        let (u, v) = (SpanId::random(), SpanId::random());
-        c.server_request(1, 1, u, 30 * MS);
-        assert_eq!(c.cause(1, 1, 30 * MS + 10, 11).parent, Some(u));
-        call_answered(&mut c, None, 12, 30 * MS + 20);
-        answered(&mut c, 1, 1, u);
-        c.server_request(1, 1, v, 30 * MS + 30);
-        assert_eq!(c.cause(1, 1, 30 * MS + 40, 13).parent, Some(v));
+        // An answer to a call of unknown cause resumes some handler: while it may
+        // still send, a call is not guessed.
+        let (q, r) = (SpanId::random(), SpanId::random());
+        c.server_request(1, 1, q, 20 * MS);
+        assert_eq!(c.cause(1, 1, 20 * MS + 5, 14).parent, Some(q));
+        call_answered(&mut c, None, 9, 21 * MS);
+        c.server_request(1, 1, r, 21 * MS + 10);
+        assert_eq!(c.cause(1, 1, 21 * MS + 20, 10).parent, None);
+        // ... until a handler with no wake of its own answers (q: the anonymous
+        // wake was its): then r's call is r's.
+        answered(&mut c, 1, 1, q);
+        assert_eq!(c.cause(1, 1, 21 * MS + 30, 15).parent, Some(r));
     }
 
     #[test]
@@ -527,8 +548,9 @@ mod tests {
         c.server_request(1, 2, b, 2 * MS);
         assert_eq!(c.cause_pair(1, 2, 2 * MS + 10), (None, false));
         assert_eq!(c.refused.hands_off, 1);
-        // Another process is not affected; a call whose answer another thread
-        // reads shows it too.
+        // Another process is not affected, and a call whose answer another thread
+        // reads (a client with I/O threads of its own) leaves the thread that
+        // serves one request at a time dedicated to it.
         let d = SpanId::random();
         c.server_request(2, 5, d, 3 * MS);
         assert_eq!(c.cause(2, 5, 3 * MS + 10, 40).parent, Some(d));
@@ -540,7 +562,7 @@ mod tests {
             parent: Some(d),
             conn: 40,
         });
-        assert_eq!(c.cause(2, 5, 3 * MS + 30, 41).parent, None);
+        assert_eq!(c.cause_pair(2, 5, 3 * MS + 30), (Some(d), true));
         // A known runtime says so before any traffic does; an exited process's
         // pid starts afresh.
         c.observe(ThreadEvent::MovesWork {
