@@ -162,9 +162,10 @@ fn read_scheduling(dir: &std::path::Path) -> Scheduling {
     };
     for task in tasks.flatten().take(MAX_TASKS_READ) {
         let comm = std::fs::read(task.path().join("comm")).unwrap_or_default();
-        // tokio's multi-thread workers are named "tokio-runtime-worker" (the
-        // kernel keeps 15 bytes); its current-thread runtime spawns none.
-        if comm.starts_with(b"tokio-runtime-w") {
+        // tokio's multi-thread workers are named "tokio-rt-worker" (in older
+        // releases "tokio-runtime-worker", of which the kernel keeps 15 bytes);
+        // its current-thread runtime spawns none.
+        if comm.starts_with(b"tokio-rt-worker") || comm.starts_with(b"tokio-runtime-w") {
             return Scheduling::MovesWork("tokio");
         }
     }
@@ -278,11 +279,9 @@ mod tests {
 
     #[test]
     fn go_binaries_are_told_from_others() {
-        // This test binary is Rust: not Go, and its threads are not tokio's.
+        // This test binary is Rust, not Go.
         let mut me = std::fs::File::open("/proc/self/exe").unwrap();
         assert!(!is_go_binary(&mut me));
-        let mut t = ProcessTable::new(8);
-        assert_eq!(t.scheduling(std::process::id()), Scheduling::Threads);
         // A minimal ELF whose section names include .go.buildinfo.
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
@@ -312,6 +311,29 @@ mod tests {
         assert!(!is_go_binary(&mut std::io::Cursor::new(
             b"\x7fELF".to_vec()
         )));
+    }
+
+    #[test]
+    fn a_process_with_tokio_workers_moves_work() {
+        // A thread named as tokio names its multi-thread workers, in this process.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (named_tx, named) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("tokio-rt-worker".into())
+            .spawn(move || {
+                // The thread names itself as it starts: running means named.
+                named_tx.send(()).unwrap();
+                let _ = rx.recv();
+            })
+            .unwrap();
+        named.recv().unwrap();
+        let mut t = ProcessTable::new(8);
+        assert_eq!(
+            t.scheduling(std::process::id()),
+            Scheduling::MovesWork("tokio")
+        );
+        drop(tx);
+        worker.join().unwrap();
     }
 
     #[test]
