@@ -17,6 +17,33 @@ struct Nginx {
     _dir: tempfile::TempDir,
 }
 
+/// Starts nginx in the foreground with `http` as its http block, files in `dir`,
+/// listening on `port`.
+fn spawn_nginx(dir: &std::path::Path, port: u16, http: &str) -> Proc {
+    let p = dir.display();
+    let conf = format!(
+        "daemon off; master_process off; worker_processes 1; pid {p}/nginx.pid; error_log {p}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
+  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
+  {http}
+}}"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let proc = Proc(child);
+    wait_for_port(port, "nginx");
+    proc
+}
+
 fn nginx() -> Nginx {
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().join("html");
@@ -31,30 +58,13 @@ fn nginx() -> Nginx {
         .collect();
     std::fs::write(root.join("big.txt"), text).unwrap();
     let port = free_port();
-    let p = dir.path().display();
-    let conf = format!(
-        "daemon off; master_process off; worker_processes 1; pid {p}/nginx.pid; error_log {p}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
-  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
-  default_type text/plain;
+    let http = format!(
+        "default_type text/plain;
   gzip on; gzip_min_length 0; gzip_types text/plain;
-  server {{ listen 127.0.0.1:{port}; root {root}; location = /close {{ return 204; }} }}
-}}",
+  server {{ listen 127.0.0.1:{port}; root {root}; location = /close {{ return 204; }} }}",
         root = root.display()
     );
-    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
-    let proc = Proc(child);
-    wait_for_port(port, "nginx");
+    let proc = spawn_nginx(dir.path(), port, &http);
     Nginx {
         port,
         proc,
@@ -178,29 +188,12 @@ fn a_proxy_forwarding_traceparent_unchanged_keeps_one_exact_tree() {
     let backend_port = free_port();
     let backend = python_server(backend_port, dir.path(), "1.1");
     let port = free_port();
-    let p = dir.path().display();
-    let conf = format!(
-        "daemon off; master_process off; worker_processes 1; pid {p}/nginx.pid; error_log {p}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
-  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
-  upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 4; }}
+    let http = format!(
+        "upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 4; }}
   server {{ listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}
-}}"
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
     );
-    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
-    let ngx = Proc(child);
-    wait_for_port(port, "nginx proxy");
+    let ngx = spawn_nginx(dir.path(), port, &http);
     let agent = Agent::start(&[
         "--output",
         "json",
