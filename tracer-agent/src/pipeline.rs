@@ -22,8 +22,8 @@ use crate::{
     recover::RecoveredSocket,
     spans::{Span, SpanId},
     stitch::{
-        ParentInference,
-        causality::{Causality, Cause, Culprit, ThreadEvent},
+        ParentInference, StitchCounts,
+        causality::{Causality, Cause, Culprit, Refusals, ThreadEvent},
         traceparent::{HeaderAt, HeaderUse, SeenHeaders, TraceParent},
     },
     telemetry::{Queue, QueueLabel, Telemetry},
@@ -91,6 +91,18 @@ const MAX_QUEUED_SPANS: usize = 8192;
 /// How often recovered connections that never did I/O are checked for being closed.
 const RECOVERED_CHECK: Duration = Duration::from_secs(10);
 
+/// Adds to `/metrics` what parent inference counted since the last call.
+fn publish_parent_counts(
+    telemetry: &Telemetry,
+    published: &mut (StitchCounts, Refusals),
+    stitch: &ParentInference,
+    down: &Downstream,
+) {
+    telemetry.add_stitch_counts(&published.0, &stitch.counts);
+    telemetry.add_refusals(&published.1, &down.causality.refused);
+    *published = (stitch.counts, down.causality.refused);
+}
+
 /// Turns event batches into span batches until the event channel closes, then
 /// flushes every span still waiting for relatives.
 pub async fn process_events(
@@ -110,8 +122,7 @@ pub async fn process_events(
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_recovered_check = Instant::now();
-    let mut stitch_counts = stitch.counts;
-    let mut refusals = down.causality.refused;
+    let mut published = (stitch.counts, down.causality.refused);
     if !config.recovered.is_empty() {
         let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
         log::info!("recovered {added} connections open before the agent started (from /proc)");
@@ -136,10 +147,7 @@ pub async fn process_events(
                     .queue_depth
                     .get_or_create(&QueueLabel::new(Queue::Waiting))
                     .set(stitch.pending() as i64);
-                telemetry.add_stitch_counts(&stitch_counts, &stitch.counts);
-                stitch_counts = stitch.counts;
-                telemetry.add_refusals(&refusals, &down.causality.refused);
-                refusals = down.causality.refused;
+                publish_parent_counts(&telemetry, &mut published, &stitch, &down);
             }
         }
         record_pool_samples(down.pools.take_samples(), &red, &mut procs);
@@ -176,7 +184,7 @@ pub async fn process_events(
     }
     let mut ready = Vec::new();
     stitch.flush(&mut ready);
-    telemetry.add_stitch_counts(&stitch_counts, &stitch.counts);
+    publish_parent_counts(&telemetry, &mut published, &stitch, &down);
     send(ready, &tx, &telemetry, &red);
 }
 

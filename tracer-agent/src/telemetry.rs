@@ -298,7 +298,7 @@ impl Telemetry {
 
     /// Adds the calls causality refused to link since `before`.
     pub fn add_refusals(&self, before: &Refusals, now: &Refusals) {
-        self.add_parent("refused_moves_work", before.hands_off, now.hands_off);
+        self.add_parent("refused_moves_work", before.moves_work, now.moves_work);
         self.add_parent("refused_ambiguous", before.ambiguous, now.ambiguous);
         self.add_parent(
             "refused_pool_hand_off",
@@ -309,12 +309,11 @@ impl Telemetry {
 
     /// Adds what parent inference counted since `before`.
     pub fn add_stitch_counts(&self, before: &StitchCounts, now: &StitchCounts) {
-        let add = |outcome: &'static str, b: u64, n: u64| self.add_parent(outcome, b, n);
-        add("evicted", before.evicted, now.evicted);
-        add("duplicate_id", before.duplicate_ids, now.duplicate_ids);
-        add("cycle", before.cycles, now.cycles);
+        self.add_parent("evicted", before.evicted, now.evicted);
+        self.add_parent("duplicate_id", before.duplicate_ids, now.duplicate_ids);
+        self.add_parent("cycle", before.cycles, now.cycles);
         for (i, source) in SOURCES.iter().enumerate() {
-            add(source.as_str(), before.released[i], now.released[i]);
+            self.add_parent(source.as_str(), before.released[i], now.released[i]);
         }
     }
 

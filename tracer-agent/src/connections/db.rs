@@ -115,7 +115,6 @@ impl Connection {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: rec.meta.tgid,
                 tid: rec.meta.tid,
-                sent_by: db.request_tid,
                 ts_ns: rec.meta.ts_ns,
                 parent: db.cause.parent,
                 conn: sock,

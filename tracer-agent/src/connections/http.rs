@@ -15,8 +15,6 @@ pub(super) struct HttpConn {
     pub(super) from_start: bool,
     /// Client end: the cause of the last answered request, once one was answered.
     pub(super) last_woken_by: Option<Option<SpanId>>,
-    /// Client end: the thread that sent the last answered request.
-    pub(super) last_sender: u32,
 }
 
 pub(super) struct PendingRequest {
@@ -50,7 +48,6 @@ impl Connection {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: rec.meta.tgid,
                 tid: rec.meta.tid,
-                sent_by: http.last_sender,
                 ts_ns: rec.meta.ts_ns,
                 parent,
                 conn: self.sock,
@@ -198,7 +195,7 @@ impl Connection {
         {
             return; // interim response: the final one follows
         }
-        let Some(req) = http.pending.pop_front() else {
+        let Some(mut req) = http.pending.pop_front() else {
             ctx.telemetry.dropped(DropReason::HttpResponseUnpaired);
             return;
         };
@@ -208,7 +205,6 @@ impl Connection {
             SpanKind::Client
         };
         let from_start = http.from_start;
-        let mut req = req;
         if kind == SpanKind::Server
             && let Some((tp, usage)) = &mut req.traceparent
         {
@@ -227,13 +223,11 @@ impl Connection {
             ctx.out.thread(ThreadEvent::CallAnswered {
                 pid: self.pid,
                 tid: reader,
-                sent_by: req.tid,
                 ts_ns: response.end_ns,
                 parent: req.woken_by,
                 conn: sock,
             });
             http.last_woken_by = Some(req.woken_by);
-            http.last_sender = req.tid;
         }
         let resource = ctx.procs.get(self.pid, &self.comm);
         let header = matches!(req.traceparent, Some((_, HeaderUse::Own)));

@@ -612,7 +612,6 @@ impl Connection {
             from_start: self.role_from_kernel
                 && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
             last_woken_by: None,
-            last_sender: 0,
         }));
     }
 

@@ -43,12 +43,14 @@ pub enum ThreadEvent<'a> {
         by: u32,
         span: SpanId,
     },
-    /// Thread `tid` read the answer to a call thread `sent_by` made for `parent` (if
-    /// known) on connection `conn`, or that call's end of stream.
+    /// Thread `tid` read the answer to a call made for `parent` (if known) on
+    /// connection `conn`, or that call's end of stream. (Which thread sent the call
+    /// is not asked: client libraries with I/O threads of their own, like Java's
+    /// `HttpClient`, read answers on other threads than the caller's, and the caller
+    /// may still serve one request at a time.)
     CallAnswered {
         pid: u32,
         tid: u32,
-        sent_by: u32,
         ts_ns: u64,
         parent: Option<SpanId>,
         conn: u64,
@@ -117,8 +119,8 @@ pub struct Causality {
 /// Calls left without a cause because a rule's assumptions did not hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Refusals {
-    /// The process hands work between threads (detected or a known runtime).
-    pub hands_off: u64,
+    /// The process moves work between threads (detected or a known runtime).
+    pub moves_work: u64,
     /// More than one handler could have sent it.
     pub ambiguous: u64,
     /// Sent on a pooled connection right after its previous answer.
@@ -199,15 +201,10 @@ impl Causality {
             ThreadEvent::CallAnswered {
                 pid,
                 tid,
-                sent_by: _,
                 ts_ns,
                 parent,
                 conn,
             } => {
-                // A call's answer read by another thread than sent it says only
-                // that the client library has I/O threads of its own (Java's
-                // HttpClient): the thread that made the call may still serve one
-                // request at a time.
                 if self.answered_on.len() >= MAX_THREADS {
                     self.answered_on.clear();
                 }
@@ -331,7 +328,7 @@ impl Causality {
     /// `conn`, and whether the thread serves one request at a time.
     pub fn cause(&mut self, pid: u32, tid: u32, ts: u64, conn: u64) -> Cause {
         if self.hands_off.contains_key(&pid) {
-            self.refused.hands_off += 1;
+            self.refused.moves_work += 1;
             return Cause::default();
         }
         let dedicated = self.open.get(&(pid, tid)).copied() == Some(1);
@@ -443,7 +440,6 @@ mod tests {
         c.observe(ThreadEvent::CallAnswered {
             pid: 1,
             tid: 1,
-            sent_by: 1,
             ts_ns: ts,
             parent,
             conn,
@@ -547,7 +543,7 @@ mod tests {
         answered(&mut c, 2, 3, a);
         c.server_request(1, 2, b, 2 * MS);
         assert_eq!(c.cause_pair(1, 2, 2 * MS + 10), (None, false));
-        assert_eq!(c.refused.hands_off, 1);
+        assert_eq!(c.refused.moves_work, 1);
         // Another process is not affected, and a call whose answer another thread
         // reads (a client with I/O threads of its own) leaves the thread that
         // serves one request at a time dedicated to it.
@@ -557,7 +553,6 @@ mod tests {
         c.observe(ThreadEvent::CallAnswered {
             pid: 2,
             tid: 6,
-            sent_by: 5,
             ts_ns: 3 * MS + 20,
             parent: Some(d),
             conn: 40,
