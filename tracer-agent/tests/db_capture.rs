@@ -123,9 +123,30 @@ fn a_mariadb_prepared_statement_executed_twice_gives_two_spans_with_its_text() {
     if !require_root("a_mariadb_prepared_statement_executed_twice_gives_two_spans_with_its_text") {
         return;
     }
+    mysql_connector_session("c", "CMySQLConnection");
+}
+
+/// mysql-connector-python's own Python implementation reads each packet's 4-byte
+/// header and its payload in separate `recv` calls, the greeting included.
+#[test]
+fn mysql_connector_python_reading_headers_and_payloads_apart_is_traced_alike() {
+    if !require_root("mysql_connector_python_reading_headers_and_payloads_apart_is_traced_alike") {
+        return;
+    }
+    mysql_connector_session("pure", "MySQLConnection");
+}
+
+/// One mysql-connector-python session (`implementation` = `c` or `pure`, whose
+/// connection class is `class`): two executions of a prepared statement and a
+/// failing one give exactly their spans, with no literal.
+fn mysql_connector_session(implementation: &str, class: &str) {
     let db = Mariadb::start();
     let agent = Agent::start(&["--output", "json", "--port", &db.port.to_string()]);
-    let (pid, out) = python_client("db_clients.py", &["mysql-prepared", &db.port.to_string()]);
+    let (pid, out) = python_client(
+        "db_clients.py",
+        &["mysql-prepared", &db.port.to_string(), implementation],
+    );
+    assert!(out.contains(&format!("implementation {class}\n")), "{out}");
     assert!(out.contains("failed as expected"), "{out}");
     agent.wait_json(15, "the prepared statement's spans", |o| {
         client_spans_of(o, pid)

@@ -99,13 +99,50 @@ pub struct SpanOptions {
 
 /// What a connection speaks, as far as we know.
 enum Protocol {
-    /// No payload seen yet.
-    Unknown,
+    /// Not known yet: the first bytes, kept until they are enough to tell.
+    Unknown(Probe),
     Http1(Box<HttpConn>),
     Db(Box<DbConn>),
     /// Not a protocol we decode (or the server end of a database connection): its
     /// traffic is ignored.
     Other,
+}
+
+/// A connection's first records are kept while they hold fewer bytes than this in
+/// one direction: clients and servers split their writes and reads as they like (a
+/// MySQL client reads a packet's 4-byte header, then its payload), and a protocol is
+/// told from its first bytes, not from its first syscall.
+const PROBE_BYTES: usize = 16;
+/// At most this many records are kept for that.
+const PROBE_RECORDS: usize = 8;
+/// Leading bytes the protocol is told from.
+const MAX_PROBE_PREFIX: usize = 128;
+
+/// The first records of a connection whose protocol is not known yet.
+#[derive(Default)]
+struct Probe {
+    records: Vec<DataRecord>,
+    bytes: usize,
+}
+
+impl Probe {
+    /// Whether `rec` is kept rather than deciding: it continues the first
+    /// direction's stream, fully captured, and the bytes are still too few.
+    fn holds(&self, rec: &DataRecord) -> bool {
+        let direction = self.records.first().map_or(rec.direction, |r| r.direction);
+        rec.direction == direction
+            && rec.payload.len() == rec.total_len as usize
+            && self.bytes + rec.payload.len() < PROBE_BYTES
+            && self.records.len() + 1 < PROBE_RECORDS
+    }
+
+    /// Keeps a copy of `rec` (not a view of its batch's buffer).
+    fn keep(&mut self, rec: &DataRecord) {
+        let mut copy = rec.clone();
+        copy.payload = bytes::Bytes::copy_from_slice(&rec.payload);
+        self.bytes += copy.payload.len();
+        self.records.push(copy);
+    }
 }
 
 /// Sockets no longer decoded kept for the kernel when nobody takes them.
@@ -154,6 +191,8 @@ struct Ctx<'a, O: Observer> {
     procs: &'a mut ProcessTable,
     telemetry: &'a Telemetry,
     options: &'a SpanOptions,
+    http_limits: &'a Http1Limits,
+    max_pending: usize,
     out: &'a mut O,
 }
 
@@ -264,10 +303,13 @@ impl ConnectionTable {
         out: &mut impl Observer,
     ) {
         let options = self.options.clone();
+        let http_limits = self.http_limits.clone();
         let mut ctx = Ctx {
             procs,
             telemetry,
             options: &options,
+            http_limits: &http_limits,
+            max_pending: self.limits.max_pending_requests,
             out,
         };
         match event {
@@ -450,32 +492,18 @@ impl ConnectionTable {
             Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
             Direction::Recv => conn.bytes_recv += u64::from(rec.total_len),
         }
-        if matches!(conn.protocol, Protocol::Unknown) {
-            conn.detect(&rec, &self.http_limits);
-            if matches!(conn.protocol, Protocol::Other) {
-                ctx.telemetry.dropped(DropReason::UnknownProtocol);
+        if let Protocol::Unknown(probe) = &mut conn.protocol {
+            if probe.holds(&rec) {
+                probe.keep(&rec);
+                return;
             }
-            if let Protocol::Db(db) = &conn.protocol {
-                ctx.out.db(DbObservation::Joined {
-                    sock: rec.meta.sock,
-                    pool: conn.pool_key(db),
-                    opened_ns: conn.opened_ns,
-                    opened_by_kernel: conn.role_from_kernel,
-                });
+            let held = std::mem::take(&mut probe.records);
+            conn.settle(&held, Some(&rec), ctx);
+            for earlier in &held {
+                conn.decode(earlier, ctx);
             }
         }
-        let chunk = Chunk {
-            bytes: &rec.payload,
-            len: (rec.total_len as usize).max(rec.payload.len()),
-            ts_ns: rec.meta.ts_ns,
-        };
-        match &mut conn.protocol {
-            Protocol::Http1(_) => {
-                conn.http_data(&rec, &chunk, self.limits.max_pending_requests, ctx)
-            }
-            Protocol::Db(_) => conn.db_data(&rec, &chunk, ctx),
-            Protocol::Unknown | Protocol::Other => {}
-        }
+        conn.decode(&rec, ctx);
         let now_other = matches!(
             self.conns.get(&rec.meta.sock).map(|c| &c.protocol),
             Some(Protocol::Other)
@@ -519,7 +547,7 @@ impl Connection {
             role_from_kernel: role != Role::Unknown,
             recovered: false,
             inode: 0,
-            protocol: Protocol::Unknown,
+            protocol: Protocol::Unknown(Probe::default()),
             addr_text: None,
         }
     }
@@ -548,13 +576,70 @@ impl Connection {
         }
     }
 
-    /// Learns the protocol (and, for sockets the kernel did not see connect or
-    /// accept, the role) from the first captured payload.
-    fn detect(&mut self, rec: &DataRecord, limits: &Http1Limits) {
-        let bytes = &rec.payload[..];
-        if bytes.is_empty() {
-            return;
+    /// Decodes one record of a connection whose protocol is known.
+    fn decode<O: Observer>(&mut self, rec: &DataRecord, ctx: &mut Ctx<'_, O>) {
+        let chunk = Chunk {
+            bytes: &rec.payload,
+            len: (rec.total_len as usize).max(rec.payload.len()),
+            ts_ns: rec.meta.ts_ns,
+        };
+        match &mut self.protocol {
+            Protocol::Http1(_) => self.http_data(rec, &chunk, ctx.max_pending, ctx),
+            Protocol::Db(_) => self.db_data(rec, &chunk, ctx),
+            Protocol::Unknown(_) | Protocol::Other => {}
         }
+    }
+
+    /// Decides the protocol from the records `held` so far and `next` (the record
+    /// that ended the wait; `None` when the connection closes), and reports it.
+    fn settle<O: Observer>(
+        &mut self,
+        held: &[DataRecord],
+        next: Option<&DataRecord>,
+        ctx: &mut Ctx<'_, O>,
+    ) {
+        let Some(first) = held.first().or(next) else {
+            return;
+        };
+        let mut prefix = Vec::with_capacity(PROBE_BYTES);
+        let mut seen = 0u64;
+        for rec in held.iter().chain(next) {
+            seen += u64::from(rec.total_len);
+        }
+        // The leading bytes of the first direction's stream, as far as they were
+        // captured without a gap.
+        for rec in held.iter().chain(next) {
+            if rec.direction != first.direction || prefix.len() >= MAX_PROBE_PREFIX {
+                break;
+            }
+            let room = MAX_PROBE_PREFIX - prefix.len();
+            prefix.extend_from_slice(rec.payload.get(..room).unwrap_or(&rec.payload));
+            if rec.payload.len() < rec.total_len as usize {
+                break;
+            }
+        }
+        self.detect(first, &prefix, seen, ctx.http_limits);
+        if matches!(self.protocol, Protocol::Other) {
+            ctx.telemetry.dropped(DropReason::UnknownProtocol);
+        }
+        if let Protocol::Db(db) = &self.protocol {
+            ctx.out.db(DbObservation::Joined {
+                sock: self.sock,
+                pool: self.pool_key(db),
+                opened_ns: self.opened_ns,
+                opened_by_kernel: self.role_from_kernel,
+            });
+        }
+    }
+
+    /// Learns the protocol (and, for sockets the kernel did not see connect or
+    /// accept, the role) from the leading bytes `bytes` of the stream `first` began,
+    /// `seen` bytes having been moved on the connection so far.
+    fn detect(&mut self, first: &DataRecord, bytes: &[u8], seen: u64, limits: &Http1Limits) {
+        if bytes.is_empty() {
+            return; // nothing captured to tell from: the next record will
+        }
+        let rec = first;
         let sent = rec.direction == Direction::Send;
         let db = DbDecoder::detect(bytes, sent);
         if let Some(decoder) = db {
@@ -609,8 +694,7 @@ impl Connection {
             next_exchange: 0,
             // A connection seen connecting or being accepted, whose first bytes are
             // this request: both ends number its exchanges alike.
-            from_start: self.role_from_kernel
-                && self.bytes_sent + self.bytes_recv == u64::from(rec.total_len),
+            from_start: self.role_from_kernel && self.bytes_sent + self.bytes_recv == seen,
             last_woken_by: None,
         }));
     }
@@ -627,6 +711,16 @@ impl Connection {
     /// Ends a connection: a close-delimited response finishes; requests that never
     /// got an answer are counted.
     fn close<O: Observer>(mut self, ctx: &mut Ctx<'_, O>) {
+        if let Protocol::Unknown(probe) = &mut self.protocol
+            && !probe.records.is_empty()
+        {
+            // Its first bytes were all it said: decide on them.
+            let held = std::mem::take(&mut probe.records);
+            self.settle(&held, None, ctx);
+            for rec in &held {
+                self.decode(rec, ctx);
+            }
+        }
         let unanswered = match &mut self.protocol {
             Protocol::Http1(http) => {
                 let mut finished = Vec::new();
@@ -640,7 +734,7 @@ impl Connection {
                 }
             }
             Protocol::Db(db) => db.decoder.finish(),
-            Protocol::Unknown | Protocol::Other => 0,
+            Protocol::Unknown(_) | Protocol::Other => 0,
         };
         ctx.telemetry
             .dropped_n(DropReason::RequestUnanswered, unanswered as u64);

@@ -4,8 +4,12 @@ usage:
   db_clients.py pg-session PORT          psycopg 3: simple query, one prepared statement
                                          three times, a failing query (autocommit)
   db_clients.py redis-pipeline PORT N    redis-py: N commands in one pipeline
-  db_clients.py mysql-prepared PORT      mysql-connector: one server-side prepared
-                                         statement executed twice, then a failing query
+  db_clients.py mysql-prepared PORT [pure|c]
+                                         mysql-connector: one server-side prepared
+                                         statement executed twice, then a failing query;
+                                         `pure` is its Python implementation (it reads
+                                         each packet's header and payload apart), `c`
+                                         its C extension (the default)
 
 Each prints one line per step so the test can check the client saw what the agent saw.
 """
@@ -54,10 +58,18 @@ def redis_pipeline(port, n):
     print("pipeline", len(results))
 
 
-def mysql_prepared(port):
+def mysql_prepared(port, implementation):
     import mysql.connector
 
-    conn = mysql.connector.connect(host="127.0.0.1", port=port, user="root", password="", database="mysql")
+    conn = mysql.connector.connect(
+        host="127.0.0.1",
+        port=port,
+        user="root",
+        password="",
+        database="mysql",
+        use_pure=implementation == "pure",
+    )
+    print("implementation", type(conn).__name__)
     cur = conn.cursor(prepared=True)
     for n in (1, 2):
         cur.execute("SELECT ? + 40 AS answer, 'secret-literal' AS s", (n,))
@@ -79,7 +91,7 @@ def main():
     elif cmd == "redis-pipeline":
         redis_pipeline(port, int(sys.argv[3]))
     elif cmd == "mysql-prepared":
-        mysql_prepared(port)
+        mysql_prepared(port, sys.argv[3] if len(sys.argv) > 3 else "c")
     else:
         raise SystemExit(f"unknown command {cmd}")
 
