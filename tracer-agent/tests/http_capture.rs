@@ -368,3 +368,54 @@ fn an_undecoded_protocol_is_skipped_in_the_kernel_after_a_first_look() {
     );
     agent.stop();
 }
+
+/// Python `requests` writes a POST's head and body apart, and a slow upload sends
+/// its body 50 ms after its head; gunicorn answers a handler that does not read the
+/// body before the body is read (or at all).
+#[test]
+fn requests_posting_to_gunicorn_gives_every_exchange_whether_or_not_the_body_is_read() {
+    if !require_root(
+        "requests_posting_to_gunicorn_gives_every_exchange_whether_or_not_the_body_is_read",
+    ) {
+        return;
+    }
+    let port = free_port();
+    let _server = Gunicorn::start(port);
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let (client_pid, out) =
+        python_client("http_clients.py", &["post-bodies", &port.to_string(), "10"]);
+    assert_eq!(out.matches("/ignore 201").count(), 20, "{out}");
+    assert_eq!(out.matches("/read 200").count(), 20, "{out}");
+    agent.wait_json(15, "80 spans", |o| spans(o).len() >= 80);
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = agent.get("/metrics");
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    for kind in ["server", "client"] {
+        for (path, status) in [("/ignore", 201), ("/read", 200)] {
+            let found: Vec<_> = by_kind(&all, kind)
+                .into_iter()
+                .filter(|s| attr(s, "url.path") == path)
+                .collect();
+            assert_eq!(found.len(), 20, "{kind} {path}: {all:#?}");
+            for s in found {
+                assert_span_contract(s);
+                assert_eq!(attr(s, "http.request.method"), "POST");
+                assert_eq!(attr(s, "http.response.status_code"), status);
+                if kind == "client" {
+                    assert_eq!(pid_of(s), u64::from(client_pid));
+                }
+            }
+        }
+    }
+    assert_eq!(all.len(), 80, "{all:#?}");
+    assert!(
+        !metrics.contains("reason=\"http_response_unpaired\""),
+        "{metrics}"
+    );
+}

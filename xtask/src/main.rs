@@ -242,6 +242,9 @@ const PYTHON_PACKAGES: &[&str] = &[
     "PyMySQL==1.1.1",
     "psycopg-pool==3.2.6",
     "SQLAlchemy==2.0.36",
+    // Real HTTP peers: a WSGI server and the most used Python client.
+    "gunicorn==27.0.1",
+    "requests==2.34.2",
     // The asyncio server models of the parent-inference benchmark.
     "aiohttp==3.14.5",
     "asyncpg==0.32.0",

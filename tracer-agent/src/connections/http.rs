@@ -15,6 +15,11 @@ pub(super) struct HttpConn {
     pub(super) from_start: bool,
     /// Client end: the cause of the last answered request, once one was answered.
     pub(super) last_woken_by: Option<Option<SpanId>>,
+    /// The request whose head is read and whose body is not: it waits for its
+    /// answer from its head on (servers answer before reading a body they refuse,
+    /// or leave it to the application), and is completed in `pending` when its
+    /// body ends — unless it was answered first.
+    pub(super) open_request: Option<SpanId>,
 }
 
 pub(super) struct PendingRequest {
@@ -27,6 +32,92 @@ pub(super) struct PendingRequest {
     /// The request's `traceparent`, parsed once when the request is read, and
     /// whether it is the span's own or forwarded unchanged.
     pub(super) traceparent: Option<(TraceParent, HeaderUse)>,
+}
+
+/// What registering a request needs of its connection.
+pub(super) struct ConnEnd {
+    role: Role,
+    role_from_kernel: bool,
+    opened_ns: u64,
+    sock: u64,
+}
+
+impl HttpConn {
+    /// A request whose head is read joins the requests waiting for an answer; its
+    /// span id.
+    fn register<O: Observer>(
+        &mut self,
+        message: Http1Message,
+        rec: &DataRecord,
+        end: &ConnEnd,
+        ctx: &mut Ctx<'_, O>,
+    ) -> SpanId {
+        let (pid, tid) = (rec.meta.tgid, rec.meta.tid);
+        if let StartLine::Request { method, .. } = &message.start {
+            self.responses.expect_response_to(method);
+        }
+        if self.pending.len() >= ctx.max_pending {
+            self.pending.pop_front();
+            ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
+        }
+        let at = if end.role == Role::Server {
+            HeaderAt::ServerRead { pid }
+        } else {
+            HeaderAt::ClientSent { pid }
+        };
+        let traceparent = message
+            .headers
+            .traceparent
+            .as_deref()
+            .and_then(traceparent::parse_traceparent)
+            .map(|tp| (tp, ctx.out.traceparent(at, &tp)));
+        let (span_id, woken_by, dedicated) = if end.role == Role::Server {
+            let id = SpanId::random();
+            let request = match &message.start {
+                StartLine::Request { method, target } => Some((method.as_str(), target.as_str())),
+                StartLine::Response { .. } => None,
+            };
+            ctx.out.thread(ThreadEvent::ServerRequest {
+                pid,
+                tid,
+                ts_ns: rec.meta.ts_ns,
+                span: id,
+                request,
+            });
+            (id, None, false)
+        } else {
+            // An outgoing traceparent names this very client span, unless it was
+            // forwarded from a request already seen.
+            let id = match traceparent {
+                Some((tp, HeaderUse::Own)) => tp.parent_id,
+                _ => SpanId::random(),
+            };
+            // A handler's call starts at its connect() when it opens a connection
+            // for it: that is the moment closest to its wake.
+            let at = if self.next_exchange == 0 && end.role_from_kernel {
+                end.opened_ns.min(message.start_ns)
+            } else {
+                message.start_ns
+            };
+            let Cause {
+                parent: woken_by,
+                dedicated,
+            } = ctx.cause(rec, at, end.sock);
+            log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
+            (id, woken_by, dedicated)
+        };
+        self.pending.push_back(PendingRequest {
+            message,
+            tid,
+            span_id,
+            exchange: self.next_exchange,
+            woken_by,
+            dedicated,
+            traceparent,
+        });
+        self.next_exchange += 1;
+        span_id
+    }
 }
 
 impl Connection {
@@ -59,7 +150,6 @@ impl Connection {
         &mut self,
         rec: &DataRecord,
         chunk: &Chunk<'_>,
-        max_pending: usize,
         ctx: &mut Ctx<'_, O>,
     ) {
         let Protocol::Http1(http) = &mut self.protocol else {
@@ -75,74 +165,37 @@ impl Connection {
             if let Err(e) = http.requests.feed(chunk, &mut http.scratch) {
                 log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
                 ctx.telemetry.dropped(DropReason::HttpRequestMalformed);
+                // The open request's body was dropped with the message in progress;
+                // it keeps its head, and its place in `pending`.
+                if http.scratch.is_empty() {
+                    http.open_request = None;
+                }
             }
-            let (pid, tid) = (rec.meta.tgid, rec.meta.tid);
-            for message in http.scratch.drain(..) {
-                if let StartLine::Request { method, .. } = &message.start {
-                    http.responses.expect_response_to(method);
+            let end = ConnEnd {
+                role: self.role,
+                role_from_kernel: self.role_from_kernel,
+                opened_ns: self.opened_ns,
+                sock: self.sock,
+            };
+            let mut messages = std::mem::take(&mut http.scratch);
+            for (i, message) in messages.drain(..).enumerate() {
+                if i == 0
+                    && let Some(open) = http.open_request.take()
+                {
+                    // The body of the request registered at its head has ended.
+                    if let Some(req) = http.pending.back_mut().filter(|r| r.span_id == open) {
+                        req.message = message;
+                    }
+                    continue;
                 }
-                if http.pending.len() >= max_pending {
-                    http.pending.pop_front();
-                    ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
-                }
-                let at = if self.role == Role::Server {
-                    HeaderAt::ServerRead { pid }
-                } else {
-                    HeaderAt::ClientSent { pid }
-                };
-                let traceparent = message
-                    .headers
-                    .traceparent
-                    .as_deref()
-                    .and_then(traceparent::parse_traceparent)
-                    .map(|tp| (tp, ctx.out.traceparent(at, &tp)));
-                let (span_id, woken_by, dedicated) = if self.role == Role::Server {
-                    let id = SpanId::random();
-                    let request = match &message.start {
-                        StartLine::Request { method, target } => {
-                            Some((method.as_str(), target.as_str()))
-                        }
-                        StartLine::Response { .. } => None,
-                    };
-                    ctx.out.thread(ThreadEvent::ServerRequest {
-                        pid,
-                        tid,
-                        ts_ns: rec.meta.ts_ns,
-                        span: id,
-                        request,
-                    });
-                    (id, None, false)
-                } else {
-                    // An outgoing traceparent names this very client span, unless
-                    // it was forwarded from a request already seen.
-                    let id = match traceparent {
-                        Some((tp, HeaderUse::Own)) => tp.parent_id,
-                        _ => SpanId::random(),
-                    };
-                    // A handler's call starts at its connect() when it opens a
-                    // connection for it: that is the moment closest to its wake.
-                    let at = if http.next_exchange == 0 && self.role_from_kernel {
-                        self.opened_ns.min(message.start_ns)
-                    } else {
-                        message.start_ns
-                    };
-                    let Cause {
-                        parent: woken_by,
-                        dedicated,
-                    } = ctx.cause(rec, at, self.sock);
-                    log::trace!(target: "tracer::causality", "{pid}/{tid} {at} call {id} from {:?}", woken_by.map(|s| s.to_string()));
-                    (id, woken_by, dedicated)
-                };
-                http.pending.push_back(PendingRequest {
-                    message,
-                    tid,
-                    span_id,
-                    exchange: http.next_exchange,
-                    woken_by,
-                    dedicated,
-                    traceparent,
-                });
-                http.next_exchange += 1;
+                http.register(message, rec, &end, ctx);
+            }
+            http.scratch = messages;
+            if http.open_request.is_none()
+                && let Some(head) = http.requests.in_progress()
+            {
+                let head = head.clone();
+                http.open_request = Some(http.register(head, rec, &end, ctx));
             }
             return;
         }

@@ -584,7 +584,7 @@ impl Connection {
             ts_ns: rec.meta.ts_ns,
         };
         match &mut self.protocol {
-            Protocol::Http1(_) => self.http_data(rec, &chunk, ctx.max_pending, ctx),
+            Protocol::Http1(_) => self.http_data(rec, &chunk, ctx),
             Protocol::Db(_) => self.db_data(rec, &chunk, ctx),
             Protocol::Unknown(_) | Protocol::Other => {}
         }
@@ -696,6 +696,7 @@ impl Connection {
             // this request: both ends number its exchanges alike.
             from_start: self.role_from_kernel && self.bytes_sent + self.bytes_recv == seen,
             last_woken_by: None,
+            open_request: None,
         }));
     }
 

@@ -1060,3 +1060,144 @@ fn recorded_connections_give_the_same_spans_however_each_read_and_write_is_cut()
     }
     assert!(checked >= 30, "only {checked} captures gave spans");
 }
+
+#[test]
+fn a_request_answered_before_its_body_arrived_gets_its_span_and_the_next_one_too() {
+    let mut r = Replay::new();
+    const BODY: &[u8] = b"{\"name\":\"x\"}";
+    const POST: &[u8] =
+        b"POST /orders HTTP/1.1\r\nHost: localhost:8000\r\nContent-Length: 12\r\n\r\n";
+    const DENIED: &[u8] = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        // The client writes the head, then the body (Python `requests`).
+        data(
+            SOCK_CLIENT,
+            10,
+            200,
+            Direction::Send,
+            POST,
+            POST.len() as u32,
+        ),
+        data(
+            SOCK_SERVER,
+            11,
+            100,
+            Direction::Recv,
+            POST,
+            POST.len() as u32,
+        ),
+        // The server refuses before reading the body...
+        data(
+            SOCK_SERVER,
+            12,
+            100,
+            Direction::Send,
+            DENIED,
+            DENIED.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            13,
+            200,
+            Direction::Send,
+            BODY,
+            BODY.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            14,
+            200,
+            Direction::Recv,
+            DENIED,
+            DENIED.len() as u32,
+        ),
+        // ...then reads (drains) it, and the connection goes on.
+        data(
+            SOCK_SERVER,
+            15,
+            100,
+            Direction::Recv,
+            BODY,
+            BODY.len() as u32,
+        ),
+        data(SOCK_CLIENT, 20, 200, Direction::Send, REQ, REQ.len() as u32),
+        data(SOCK_SERVER, 21, 100, Direction::Recv, REQ, REQ.len() as u32),
+        data(
+            SOCK_SERVER,
+            22,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+        data(
+            SOCK_CLIENT,
+            23,
+            200,
+            Direction::Recv,
+            RESP,
+            RESP.len() as u32,
+        ),
+    ]);
+    let spans: Vec<(SpanKind, String, Option<&AttrValue>, u64, u64)> = r
+        .spans
+        .iter()
+        .map(|s| {
+            (
+                s.kind,
+                s.name.to_string(),
+                s.attr("http.response.status_code"),
+                s.start_unix_nano,
+                s.end_unix_nano,
+            )
+        })
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (
+                SpanKind::Server,
+                "POST".into(),
+                Some(&AttrValue::Int(401)),
+                11,
+                12
+            ),
+            (
+                SpanKind::Client,
+                "POST".into(),
+                Some(&AttrValue::Int(401)),
+                10,
+                14
+            ),
+            (
+                SpanKind::Server,
+                "GET".into(),
+                Some(&AttrValue::Int(200)),
+                21,
+                22
+            ),
+            (
+                SpanKind::Client,
+                "GET".into(),
+                Some(&AttrValue::Int(200)),
+                20,
+                23
+            ),
+        ]
+    );
+    let metrics = r.telemetry.render();
+    assert!(!metrics.contains("http_response_unpaired"), "{metrics}");
+    // Both ends numbered the exchanges alike: the socket rule pairs them.
+    assert_eq!(r.spans[0].link.exchange, r.spans[1].link.exchange);
+    assert_eq!(r.spans[2].link.exchange, Some(1));
+}

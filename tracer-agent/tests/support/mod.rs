@@ -547,3 +547,41 @@ pub fn http_get(port: u16, path: &str) -> String {
         .map(|(_, b)| b.trim().to_string())
         .unwrap_or_default()
 }
+
+/// gunicorn (one sync worker) serving `wsgi_app.py` on 127.0.0.1:`port`. Stopped
+/// with SIGTERM, so that the master takes its worker down with it.
+pub struct Gunicorn(Child);
+
+impl Gunicorn {
+    pub fn start(port: u16) -> Self {
+        let child = Command::new(python())
+            .args([
+                "-m",
+                "gunicorn",
+                "--workers",
+                "1",
+                "--timeout",
+                "60",
+                "--bind",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--chdir")
+            .arg(support_dir())
+            .arg("wsgi_app:app")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gunicorn");
+        wait_for_port(port, "gunicorn");
+        Self(child)
+    }
+}
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
