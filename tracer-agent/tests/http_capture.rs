@@ -79,7 +79,8 @@ fn python_http_server_and_curl_give_one_server_and_one_client_span() {
         assert_eq!(attr(s, "url.path"), "/");
         assert_eq!(attr(s, "http.response.status_code"), 200);
         assert_eq!(attr(s, "server.port"), port);
-        assert_eq!(s["name"], "GET");
+        assert_eq!(s["name"], "GET /");
+        assert_eq!(attr(s, "url.template"), "/");
     }
     let srv = by_kind(&all, "server");
     let cli = by_kind(&all, "client");

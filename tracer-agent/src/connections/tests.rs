@@ -953,7 +953,7 @@ fn a_protocol_is_told_from_the_first_bytes_however_the_peer_split_them() {
         RESP.len() as u32,
     )]);
     assert_eq!(r.spans.len(), 1, "{:#?}", r.spans);
-    assert_eq!(r.spans[0].name, "GET");
+    assert_eq!(r.spans[0].name, "GET /a");
     assert_eq!(
         r.spans[0].start_unix_nano, 11,
         "the request began with its first piece"
@@ -1167,28 +1167,28 @@ fn a_request_answered_before_its_body_arrived_gets_its_span_and_the_next_one_too
         [
             (
                 SpanKind::Server,
-                "POST".into(),
+                "POST /orders".into(),
                 Some(&AttrValue::Int(401)),
                 11,
                 12
             ),
             (
                 SpanKind::Client,
-                "POST".into(),
+                "POST /orders".into(),
                 Some(&AttrValue::Int(401)),
                 10,
                 14
             ),
             (
                 SpanKind::Server,
-                "GET".into(),
+                "GET /a".into(),
                 Some(&AttrValue::Int(200)),
                 21,
                 22
             ),
             (
                 SpanKind::Client,
-                "GET".into(),
+                "GET /a".into(),
                 Some(&AttrValue::Int(200)),
                 20,
                 23

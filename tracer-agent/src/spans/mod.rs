@@ -329,10 +329,21 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         _ => Text::Shared(server_ip.clone()),
     };
     let known = known_method(method);
-    let mut attributes: Vec<(&'static str, AttrValue)> = Vec::with_capacity(12);
+    let template = route::url_template(path);
+    // Semantic conventions: "{method} {url.template}" (the server's own route is not
+    // on the wire; the template is the path with its identifiers taken out).
+    // A method outside the registry (`_OTHER`) is named `HTTP`.
+    let verb = if known == "_OTHER" {
+        "HTTP"
+    } else {
+        known.as_str()
+    };
+    let name = Text::Owned(format!("{verb} {template}"));
+    let mut attributes: Vec<(&'static str, AttrValue)> = Vec::with_capacity(13);
     attributes.extend([
         ("http.request.method", AttrValue::Str(known.clone())),
         ("url.path", AttrValue::Str(Text::Owned(path.to_string()))),
+        ("url.template", AttrValue::Str(Text::Owned(template))),
         (
             "http.response.status_code",
             AttrValue::Int(i64::from(status)),
@@ -405,9 +416,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         parent_span_id: None,
         parent_source: ParentSource::None,
         parent_confidence: 0.0,
-        // Semantic conventions: "{method} {http.route}" when the route is known,
-        // else just the method. Routes are not known from the wire.
-        name: known,
+        name,
         kind: x.kind,
         start_unix_nano: x.request.start_ns,
         end_unix_nano: x.response.end_ns.max(x.request.start_ns),
@@ -648,7 +657,7 @@ mod tests {
         let req = msg(
             StartLine::Request {
                 method: "GET".into(),
-                target: "/x?q=1".into(),
+                target: "/x/42?q=1".into(),
             },
             Some("localhost:8000"),
             10,
@@ -670,10 +679,14 @@ mod tests {
             span_id: SpanId::random(),
             link: Link::default(),
         });
-        assert_eq!(span.name, "GET");
+        assert_eq!(span.name, "GET /x/{id}", "named after the template, no id");
+        assert_eq!(
+            span.attr("url.template"),
+            Some(&AttrValue::Str("/x/{id}".into()))
+        );
         assert_eq!(span.start_unix_nano, 10);
         assert_eq!(span.end_unix_nano, 30);
-        assert_eq!(span.attr("url.path"), Some(&AttrValue::Str("/x".into())));
+        assert_eq!(span.attr("url.path"), Some(&AttrValue::Str("/x/42".into())));
         assert_eq!(
             span.attr("server.address"),
             Some(&AttrValue::Str("localhost".into()))
@@ -715,7 +728,7 @@ mod tests {
             span_id: SpanId::random(),
             link: Link::default(),
         });
-        assert_eq!(span.name, "_OTHER");
+        assert_eq!(span.name, "HTTP /");
         assert_eq!(span.status, SpanStatus::Error);
         assert_eq!(
             span.attr("http.request.method_original"),

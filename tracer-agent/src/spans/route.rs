@@ -17,8 +17,10 @@ pub fn url_path(target: &str) -> &str {
 }
 
 /// Replaces path segments that look like identifiers with `{id}` so that metric
-/// cardinality stays bounded: numbers, UUIDs, long hex strings and long tokens that
-/// mix letters and digits. At most 8 segments are kept.
+/// cardinality and span names stay bounded: numbers, UUIDs, long hex strings, long
+/// tokens that mix letters and digits (JWTs, reset tokens, base64 keys), and any
+/// segment longer than [`MAX_SEGMENT`] bytes. Path parameters (`;jsessionid=…`) are
+/// dropped. At most 8 segments are kept.
 pub fn url_template(path: &str) -> String {
     let mut out = String::with_capacity(path.len().min(128));
     url_template_into(path, &mut out);
@@ -37,6 +39,8 @@ pub(crate) fn url_template_into(path: &str, out: &mut String) {
             break;
         }
         out.push('/');
+        // Matrix/path parameters (`/cart;jsessionid=…`) are session state.
+        let seg = seg.split(';').next().unwrap_or_default();
         if looks_like_id(seg) {
             out.push_str("{id}");
         } else {
@@ -48,9 +52,15 @@ pub(crate) fn url_template_into(path: &str, out: &mut String) {
     }
 }
 
+/// Longest path segment kept as is in a template.
+const MAX_SEGMENT: usize = 40;
+
 fn looks_like_id(seg: &str) -> bool {
     if seg.is_empty() {
         return false;
+    }
+    if seg.len() > MAX_SEGMENT {
+        return true;
     }
     let digits = seg.bytes().filter(u8::is_ascii_digit).count();
     if digits == seg.len() {
@@ -60,11 +70,11 @@ fn looks_like_id(seg: &str) -> bool {
     if hexish && seg.len() >= 8 && digits > 0 {
         return true; // UUIDs, hashes, object ids
     }
-    let alnum = seg
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    // Long tokens that mix digits in: session ids, base64-ish keys.
-    alnum && seg.len() >= 16 && digits >= 2
+    let tokenish = seg.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'=' | b'%' | b'+')
+    });
+    // Long tokens that mix digits in: session ids, JWTs, base64-ish keys.
+    tokenish && seg.len() >= 16 && digits >= 2
 }
 
 /// `url.path` of a request target, bounded (as leak culprits keep it).
@@ -98,5 +108,21 @@ mod tests {
         assert_eq!(url_template("/"), "/");
         assert_eq!(url_template(""), "/");
         assert_eq!(url_template("/a/b/c/d/e/f/g/h/i/j"), "/a/b/c/d/e/f/g/h/{…}");
+        // Tokens in paths: a JWT, a reset token, a session path parameter, a long
+        // letter-only segment.
+        assert_eq!(
+            url_template("/auth/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJlMTI"),
+            "/auth/{id}"
+        );
+        assert_eq!(url_template("/reset/Kq3ZpW9xLm2N7vB4"), "/reset/{id}");
+        assert_eq!(
+            url_template("/cart;jsessionid=A1B2C3D4E5/items"),
+            "/cart/items"
+        );
+        assert_eq!(
+            url_template("/p/abcdefghijklmnopqrstuvwxyzabcdefghijklmnop"),
+            "/p/{id}"
+        );
+        assert_eq!(url_template("/api/v2/orders.json"), "/api/v2/orders.json");
     }
 }
