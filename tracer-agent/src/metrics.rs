@@ -649,6 +649,7 @@ mod tests {
         Span {
             kind,
             end_unix_nano: 1_000_000_000 + dur_ms * 1_000_000,
+            status_message: None,
             attributes: vec![
                 ("http.request.method", AttrValue::Str("GET".into())),
                 ("url.path", AttrValue::Str(path.to_string().into())),

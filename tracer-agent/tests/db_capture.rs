@@ -62,6 +62,8 @@ fn psycopg_session_gives_exactly_its_five_calls() {
     assert_eq!(texts[4], "SELECT ? / ?");
     assert_eq!(calls[4]["status"], "error");
     assert_eq!(attr(&calls[4], "db.response.status_code"), "22012");
+    assert_eq!(calls[4]["status_message"], "division_by_zero");
+    assert!(calls[..4].iter().all(|s| s.get("status_message").is_none()));
     assert!(calls[..4].iter().all(|s| s["status"] == "unset"));
     let everything = serde_json::to_string(&objects).unwrap();
     assert!(
@@ -174,6 +176,7 @@ fn mysql_connector_session(implementation: &str, class: &str) {
     let failed: Vec<&Value> = calls.iter().filter(|s| s["status"] == "error").collect();
     assert_eq!(failed.len(), 1, "{calls:#?}");
     assert_eq!(attr(failed[0], "db.response.status_code"), "1146");
+    assert_eq!(failed[0]["status_message"], "ER_NO_SUCH_TABLE");
     assert_eq!(
         attr(failed[0], "db.query.text"),
         "SELECT * FROM no_such_table WHERE id = ?"
@@ -368,6 +371,7 @@ fn psql_simple_and_failing_queries() {
     assert_eq!(calls[0]["status"], "unset");
     assert_eq!(calls[1]["status"], "error");
     assert_eq!(attr(&calls[1], "db.response.status_code"), "42P01");
+    assert_eq!(calls[1]["status_message"], "undefined_table");
     assert_eq!(attr(&calls[1], "db.collection.name"), "nope");
 }
 
@@ -400,6 +404,10 @@ fn redis_cli_commands_and_an_error() {
     assert_eq!(bad.len(), 1, "{bad:#?}");
     assert_eq!(bad[0]["status"], "error");
     assert_eq!(attr(&bad[0], "db.response.status_code"), "WRONGTYPE");
+    assert_eq!(
+        bad[0]["status_message"],
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    );
     assert!(
         !serde_json::to_string(&objects)
             .unwrap()
@@ -454,4 +462,5 @@ fn mariadb_cli_queries_and_an_error() {
     assert_eq!(ours[0]["status"], "unset");
     assert_eq!(ours[1]["status"], "error");
     assert_eq!(attr(&ours[1], "db.response.status_code"), "1146");
+    assert_eq!(ours[1]["status_message"], "ER_NO_SUCH_TABLE");
 }

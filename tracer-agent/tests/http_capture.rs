@@ -200,6 +200,7 @@ fn get_404_post_with_body_and_keep_alive() {
     }
     // 404 is an error for the client only (semantic conventions).
     assert_eq!(find("client", "/missing")["status"], "error");
+    assert_eq!(find("client", "/missing")["status_message"], "Not Found");
     assert_eq!(find("server", "/missing")["status"], "unset");
     // Keep-alive: both requests came from the same curl process over one connection.
     let (a, b) = (find("client", "/a.txt"), find("client", "/b.txt"));

@@ -134,6 +134,12 @@ impl Probe {
             && rec.payload.len() == rec.total_len as usize
             && self.bytes + rec.payload.len() < PROBE_BYTES
             && self.records.len() + 1 < PROBE_RECORDS
+            && may_begin_a_protocol(
+                self.records
+                    .first()
+                    .map_or(&rec.payload[..], |r| &r.payload[..]),
+                direction == Direction::Send,
+            )
     }
 
     /// Keeps a copy of `rec` (not a view of its batch's buffer).
@@ -142,6 +148,26 @@ impl Probe {
         copy.payload = bytes::Bytes::copy_from_slice(&rec.payload);
         self.bytes += copy.payload.len();
         self.records.push(copy);
+    }
+}
+
+/// Whether a stream whose first bytes are `first` (sent by the local end, or
+/// received) could still turn out to be one we decode, so that waiting for more is
+/// worth it: an HTTP start line (a method or `HTTP/`: letters), a Redis command
+/// (`*` or an inline command's letters), a PostgreSQL startup packet (a length under
+/// 16 MiB: a zero first byte), a MySQL greeting (a length under 64 KiB and sequence
+/// id 0).
+fn may_begin_a_protocol(first: &[u8], sent: bool) -> bool {
+    let Some(&b0) = first.first() else {
+        return true;
+    };
+    if b0.is_ascii_alphabetic() {
+        return true;
+    }
+    if sent {
+        b0 == b'*' || b0 == 0
+    } else {
+        first.get(2).is_none_or(|&b| b == 0) && first.get(3).is_none_or(|&b| b == 0)
     }
 }
 

@@ -971,8 +971,24 @@ fn a_protocol_is_told_from_the_first_bytes_however_the_peer_split_them() {
         Some(DbSystem::Redis)
     );
     assert_eq!(r.spans.len(), 2, "{:#?}", r.spans);
+    // A first write no protocol we decode can begin with is judged at once.
+    let sock = SOCK_CLIENT + 3;
+    r.feed(vec![
+        open(sock, 50),
+        data(sock, 51, 200, Direction::Send, b"\x16\x03\x01\x02\x00", 5),
+    ]);
+    assert_eq!(
+        r.table
+            .take_not_decoded()
+            .iter()
+            .map(|n| n.sock)
+            .collect::<Vec<_>>(),
+        [sock]
+    );
     assert!(
-        !r.telemetry.render().contains("reason=\"unknown_protocol\""),
+        r.telemetry
+            .render()
+            .contains("reason=\"unknown_protocol\"} 1"),
         "{}",
         r.telemetry.render()
     );

@@ -27,7 +27,7 @@ pub fn span_json(span: &Span) -> Value {
         "tracer.parent.confidence".into(),
         json!(span.parent_confidence),
     );
-    json!({
+    let mut object = json!({
         "type": "span",
         "trace_id": span.trace_id.to_string(),
         "span_id": span.span_id.to_string(),
@@ -44,7 +44,11 @@ pub fn span_json(span: &Span) -> Value {
             "service.name": span.resource.service_name,
             "host.name": span.resource.host_name,
         },
-    })
+    });
+    if let Some(message) = span.status_message {
+        object["status_message"] = json!(message);
+    }
+    object
 }
 
 /// One line of JSON (no trailing newline).

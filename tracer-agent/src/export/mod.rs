@@ -340,6 +340,7 @@ mod tests {
     fn span(n: u8) -> Span {
         Span {
             span_id: SpanId([n; 8]),
+            status_message: None,
             attributes: vec![("url.path", AttrValue::Str("/x".into()))],
             ..crate::spans::sample_span(1)
         }

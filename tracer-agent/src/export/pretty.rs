@@ -195,6 +195,7 @@ mod tests {
             start_unix_nano: start,
             end_unix_nano: end,
             status: SpanStatus::Unset,
+            status_message: None,
             attributes: vec![
                 ("http.request.method", AttrValue::Str("GET".into())),
                 ("url.path", AttrValue::Str(path.to_string().into())),

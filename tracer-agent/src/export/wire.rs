@@ -179,6 +179,9 @@ fn span(w: &mut Writer, s: &Span) {
     w.str_attr(9, "tracer.parent.source", s.parent_source.as_str());
     w.double_attr(9, "tracer.parent.confidence", s.parent_confidence);
     w.message(15, |w| {
+        if let Some(message) = s.status_message {
+            w.bytes(2, message.as_bytes());
+        }
         w.uint(
             3,
             match s.status {
@@ -240,6 +243,7 @@ mod tests {
             start_unix_nano: 1_700_000_000_000_000_001,
             end_unix_nano: 1_700_000_000_000_500_000,
             status: SpanStatus::Error,
+            status_message: None,
             attributes: vec![("url.path", AttrValue::Str("/x".into()))],
             ..sample_span(pid)
         }
@@ -302,12 +306,19 @@ mod tests {
             ("db.response.returned_rows", AttrValue::Double(2.5)),
             ("url.query", AttrValue::Str(String::new().into())),
         ];
-        let req = decode(&[span(3, "root"), linked]);
+        let mut root = span(3, "root");
+        root.status_message = Some("Internal Server Error");
+        let req = decode(&[root, linked]);
         let spans = &req.resource_spans[0].scope_spans[0].spans;
         let (root, s) = (&spans[0], &spans[1]);
         assert!(root.parent_span_id.is_empty());
         assert_eq!(root.kind, ProtoKind::Server as i32);
         assert_eq!(root.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        assert_eq!(
+            root.status.as_ref().unwrap().message,
+            "Internal Server Error"
+        );
+        assert_eq!(s.status.as_ref().unwrap().message, "");
         assert_eq!(s.trace_id, [1; 16]);
         assert_eq!(s.span_id, [2; 8]);
         assert_eq!(s.parent_span_id, [9; 8]);

@@ -2,6 +2,7 @@
 //! OpenTelemetry semantic-convention attributes.
 
 pub mod route;
+pub mod status;
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 
@@ -263,6 +264,9 @@ pub struct Span {
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub status: SpanStatus,
+    /// The status description of an error span: fixed text chosen by the error's
+    /// code ([`status`]), never the peer's own message.
+    pub status_message: Option<&'static str>,
     /// Attributes in a stable order; keys are semantic-convention names.
     pub attributes: Vec<(&'static str, AttrValue)>,
     pub resource: Arc<ProcessResource>,
@@ -425,6 +429,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         } else {
             SpanStatus::Unset
         },
+        status_message: if error { status::http(status) } else { None },
         attributes,
         resource: x.resource.clone(),
         tid: x.tid,
@@ -531,6 +536,14 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
         } else {
             SpanStatus::Unset
         },
+        status_message: call
+            .error_code
+            .as_deref()
+            .and_then(|code| match call.system {
+                DbSystem::Postgresql => status::postgres(code),
+                DbSystem::Mysql => status::mysql(code),
+                DbSystem::Redis => status::redis(code),
+            }),
         attributes,
         resource: x.resource.clone(),
         tid: x.tid,
@@ -569,6 +582,7 @@ pub fn sample_span(pid: u32) -> Span {
         start_unix_nano: 1_000_000_000,
         end_unix_nano: 1_000_001_000,
         status: SpanStatus::Unset,
+        status_message: None,
         attributes: Vec::new(),
         resource: Arc::new(ProcessResource {
             pid,

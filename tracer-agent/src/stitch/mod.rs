@@ -483,6 +483,7 @@ mod tests {
             start_unix_nano: start,
             end_unix_nano: end,
             status: SpanStatus::Unset,
+            status_message: None,
             attributes: vec![("url.path", AttrValue::Str(path.to_string().into()))],
             resource: Arc::new(ProcessResource {
                 pid,

@@ -286,6 +286,12 @@ fn is_hex(v: &Value, len: usize) -> bool {
 pub fn assert_span_contract(span: &Value) {
     let obj = span.as_object().expect("span is an object");
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    // Error spans may carry a status description.
+    if let Some(message) = obj.get("status_message") {
+        assert!(message.is_string(), "{span}");
+        assert_eq!(obj["status"], "error", "{span}");
+        keys.retain(|k| *k != "status_message");
+    }
     keys.sort_unstable();
     assert_eq!(
         keys,
