@@ -122,6 +122,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             leak_after: config.leak_after,
             recovered: recover_connections(&config),
             ignorer,
+            naming: config.naming.clone(),
         },
         telemetry.clone(),
         red.clone(),

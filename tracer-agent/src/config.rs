@@ -101,6 +101,11 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub parent_wait: Option<Duration>,
     pub record_events: Option<PathBuf>,
+    /// `service.namespace` of every process that sets none.
+    pub service_namespace: Option<String>,
+    /// `[[service]]` rules naming processes that do not name themselves.
+    #[serde(default)]
+    pub service: Vec<crate::service::ServiceRule>,
 }
 
 mod humantime_serde_opt {
@@ -133,6 +138,8 @@ pub struct Config {
     pub empty_probes: bool,
     /// Where raw ring-buffer records are recorded, when asked.
     pub record_events: Option<PathBuf>,
+    /// How processes that do not name themselves are named.
+    pub naming: crate::service::ServiceNaming,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +238,23 @@ impl Config {
                 "ringbuf-bytes must be between 4096 and 1 GiB, got {ringbuf_bytes}"
             )));
         }
+        for rule in &file.service {
+            rule.validate().map_err(ConfigError::Invalid)?;
+        }
+        // The agent's own OTEL_RESOURCE_ATTRIBUTES may carry the namespace; the
+        // config file's setting wins.
+        let namespace = file
+            .service_namespace
+            .filter(|n| !n.trim().is_empty())
+            .or_else(|| {
+                std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+                    .ok()
+                    .and_then(|attrs| crate::service::resource_attributes(&attrs).namespace)
+            });
+        let naming = crate::service::ServiceNaming {
+            rules: file.service,
+            namespace,
+        };
         Ok(Self {
             otlp_endpoint,
             otlp_protocol,
@@ -255,6 +279,7 @@ impl Config {
                 .unwrap_or(Duration::from_secs(2)),
             empty_probes: args.empty_probes,
             record_events: args.record_events.clone().or(file.record_events),
+            naming,
         })
     }
 }

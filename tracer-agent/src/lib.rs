@@ -19,6 +19,7 @@ pub mod process;
 pub use tracer_protocols as protocols;
 pub mod recover;
 pub mod server;
+pub mod service;
 pub mod spans;
 pub mod stitch;
 pub mod telemetry;

@@ -756,6 +756,8 @@ mod tests {
             pid,
             executable_name: "python3.11".into(),
             service_name: "orders".into(),
+            service_namespace: None,
+            service_instance_id: String::new(),
             host_name: "h".into(),
         })
     }

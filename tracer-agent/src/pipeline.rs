@@ -83,6 +83,8 @@ pub struct PipelineConfig {
     pub recovered: Vec<RecoveredSocket>,
     /// Has the kernel skip sockets user space does not decode.
     pub ignorer: Option<SocketIgnorer>,
+    /// How processes that do not name themselves are named.
+    pub naming: crate::service::ServiceNaming,
 }
 
 /// Spans waiting for export at most; beyond it batches are dropped, counted.
@@ -116,7 +118,7 @@ pub async fn process_events(
 ) {
     let mut pools = PoolStage::new(config.leak_after);
     let mut table = ConnectionTable::with_options(config.limits, config.options);
-    let mut procs = ProcessTable::new(16384);
+    let mut procs = ProcessTable::new(16384).with_naming(config.naming);
     let mut down = Downstream::default();
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
     let mut tick = tokio::time::interval(Duration::from_millis(50));

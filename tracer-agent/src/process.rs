@@ -14,6 +14,10 @@ pub struct ProcessResource {
     pub pid: u32,
     pub executable_name: String,
     pub service_name: String,
+    /// `service.namespace`, when the process, a rule or the agent's config sets one.
+    pub service_namespace: Option<String>,
+    /// `service.instance.id`: the process's own, else one made for this process.
+    pub service_instance_id: String,
     pub host_name: String,
 }
 
@@ -40,6 +44,7 @@ pub struct ProcessTable {
     host_name: String,
     capacity: usize,
     proc_root: std::path::PathBuf,
+    naming: crate::service::ServiceNaming,
 }
 
 impl ProcessTable {
@@ -56,7 +61,14 @@ impl ProcessTable {
             host_name: host_name(),
             capacity: capacity.max(1),
             proc_root: root.into(),
+            naming: Default::default(),
         }
+    }
+
+    /// Names services that do not name themselves by `naming`.
+    pub fn with_naming(mut self, naming: crate::service::ServiceNaming) -> Self {
+        self.naming = naming;
+        self
     }
 
     /// The resource for `pid`, reading /proc the first time. `comm` is the thread name
@@ -134,17 +146,67 @@ impl ProcessTable {
             .ok()
             .map(|s| s.trim().to_string());
         let executable_name = exe.or(comm_file).unwrap_or_else(|| comm.to_string());
-        let service_name = std::fs::read(dir.join("environ"))
-            .ok()
-            .and_then(|env| service_name_from_environ(&env))
-            .unwrap_or_else(|| executable_name.clone());
+        let own = std::fs::read(dir.join("environ"))
+            .map(|env| crate::service::own_resource(&env))
+            .unwrap_or_default();
+        let (service_name, rule_namespace) = match own.name {
+            Some(name) => (name, None),
+            None => {
+                let argv = read_cmdline(&dir.join("cmdline"));
+                let cwd = std::fs::read_link(dir.join("cwd")).ok();
+                let proc_root = self.proc_root.clone();
+                let mut ports = || crate::recover::listening_ports(&proc_root, pid);
+                crate::service::name_of(
+                    &self.naming,
+                    &mut crate::service::ProcessFacts {
+                        exe: &executable_name,
+                        argv: &argv,
+                        cwd: cwd.as_deref(),
+                        ports: &mut ports,
+                    },
+                )
+            }
+        };
+        let service_instance_id = own.instance_id.unwrap_or_else(|| {
+            crate::service::instance_id(&self.host_name, pid, start_ticks(&dir))
+        });
         ProcessResource {
             pid,
             executable_name,
             service_name,
+            service_namespace: own
+                .namespace
+                .or(rule_namespace)
+                .or_else(|| self.naming.namespace.clone()),
+            service_instance_id,
             host_name: self.host_name.clone(),
         }
     }
+}
+
+/// Most command-line bytes read.
+const MAX_CMDLINE: u64 = 4096;
+
+/// `/proc/PID/cmdline` as arguments (empty when unreadable, e.g. a kernel thread).
+fn read_cmdline(path: &std::path::Path) -> Vec<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let _ = std::fs::File::open(path).and_then(|f| f.take(MAX_CMDLINE).read_to_end(&mut bytes));
+    bytes
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The process's start time in clock ticks since boot (`/proc/PID/stat` field 22),
+/// 0 when unreadable.
+fn start_ticks(dir: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+    // The command name (field 2) is in parentheses and may hold spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Threads looked at per process for a runtime's worker names.
@@ -219,27 +281,6 @@ pub(crate) fn is_go_binary(f: &mut (impl std::io::Read + std::io::Seek)) -> bool
     })
 }
 
-/// `OTEL_SERVICE_NAME`, or `service.name` inside `OTEL_RESOURCE_ATTRIBUTES`.
-fn service_name_from_environ(environ: &[u8]) -> Option<String> {
-    let mut from_attrs = None;
-    for var in environ.split(|&b| b == 0) {
-        let var = String::from_utf8_lossy(var);
-        if let Some(v) = var.strip_prefix("OTEL_SERVICE_NAME=") {
-            if !v.is_empty() {
-                return Some(v.to_string());
-            }
-        } else if let Some(attrs) = var.strip_prefix("OTEL_RESOURCE_ATTRIBUTES=") {
-            from_attrs = attrs
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| k.trim() == "service.name")
-                .map(|(_, v)| v.trim().to_string())
-                .filter(|v| !v.is_empty());
-        }
-    }
-    from_attrs
-}
-
 /// This machine's host name (`host.name`), "unknown" when unreadable.
 pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -252,19 +293,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_name_comes_from_the_environment() {
-        assert_eq!(
-            service_name_from_environ(b"A=1\0OTEL_SERVICE_NAME=checkout\0B=2\0"),
-            Some("checkout".into())
-        );
-        assert_eq!(
-            service_name_from_environ(b"OTEL_RESOURCE_ATTRIBUTES=team=x,service.name=cart\0"),
-            Some("cart".into())
-        );
-        assert_eq!(service_name_from_environ(b"PATH=/bin\0"), None);
-    }
-
-    #[test]
     fn reads_this_process_and_falls_back_to_comm_for_gone_ones() {
         let mut t = ProcessTable::new(8);
         let me = t.get(std::process::id(), "ignored");
@@ -273,6 +301,11 @@ mod tests {
         let gone = t.get(u32::MAX - 1, "curl");
         assert_eq!(gone.executable_name, "curl");
         assert_eq!(gone.service_name, "curl");
+        assert_eq!(gone.service_instance_id.len(), 36);
+        assert_eq!(
+            me.service_instance_id,
+            t.get(std::process::id(), "x").service_instance_id
+        );
         t.forget(u32::MAX - 1);
         assert_eq!(t.len(), 1);
     }

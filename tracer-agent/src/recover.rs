@@ -216,6 +216,33 @@ pub fn open_socket_inodes(proc_root: &Path, pid: u32) -> Option<HashSet<u64>> {
     Some(owners.into_keys().collect())
 }
 
+/// The TCP ports `pid` listens on (its sockets in LISTEN in its network
+/// namespace), at most [`MAX_LISTENERS`]; empty when they cannot be read.
+pub fn listening_ports(proc_root: &Path, pid: u32) -> Vec<u16> {
+    let Some(inodes) = open_socket_inodes(proc_root, pid) else {
+        return Vec::new();
+    };
+    let mut ports = Vec::new();
+    let net = proc_root.join(pid.to_string()).join("net");
+    for name in ["tcp", "tcp6"] {
+        let Ok(file) = std::fs::File::open(net.join(name)) else {
+            continue;
+        };
+        for_each_line(file, |line| {
+            if let Some(row) = parse_line(line)
+                && row.state == TCP_LISTEN
+                && inodes.contains(&row.inode)
+                && ports.len() < MAX_LISTENERS
+            {
+                ports.push(row.local.port());
+            }
+        });
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// `socket:[1234]` → 1234.
 fn socket_inode(link: &[u8]) -> Option<u64> {
     let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;

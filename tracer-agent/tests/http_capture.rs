@@ -421,3 +421,89 @@ fn requests_posting_to_gunicorn_gives_every_exchange_whether_or_not_the_body_is_
         "{metrics}"
     );
 }
+
+/// `service.name` of processes that set none comes from a config rule, else from
+/// what they run; a process's own `OTEL_RESOURCE_ATTRIBUTES` wins; every span
+/// carries `service.instance.id`, and `service.namespace` from the config file.
+#[test]
+fn services_are_named_by_rule_by_what_they_run_or_by_themselves() {
+    if !require_root("services_are_named_by_rule_by_what_they_run_or_by_themselves") {
+        return;
+    }
+    let (plain, ruled) = (free_port(), free_port());
+    let dir = site();
+    let _plain = python_server(plain, dir.path(), "1.1");
+    let _ruled = Gunicorn::start(ruled);
+    let config = dir.path().join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "service-namespace = \"shop\"\n\n[[service]]\nname = \"storefront\"\nport = {ruled}\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        "--output",
+        "json",
+        "--config",
+        config.to_str().unwrap(),
+        "--port",
+        &plain.to_string(),
+        "--port",
+        &ruled.to_string(),
+    ]);
+    curl(&[&format!("http://127.0.0.1:{plain}/a.txt")]);
+    let own = std::process::Command::new(python())
+        .args([
+            "-c",
+            &format!(
+                "import time, urllib.request\nurllib.request.urlopen('http://127.0.0.1:{ruled}/read').read()\ntime.sleep(1)"
+            ),
+        ])
+        .env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "service.name=probe,service.namespace=ops,deployment.environment=test",
+        )
+        .status()
+        .unwrap();
+    assert!(own.success());
+    agent.wait_json(15, "4 spans", |o| spans(o).len() >= 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    assert_eq!(all.len(), 4, "{all:#?}");
+    let service = |kind: &str, port: u16| -> (&str, &str, &str) {
+        let s = all
+            .iter()
+            .find(|s| s["kind"] == kind && attr(s, "server.port") == port)
+            .unwrap_or_else(|| panic!("a {kind} span to {port}: {all:#?}"));
+        assert_span_contract(s);
+        let r = &s["resource"];
+        (
+            r["service.name"].as_str().unwrap(),
+            r["service.namespace"].as_str().unwrap_or("-"),
+            r["service.instance.id"].as_str().unwrap(),
+        )
+    };
+    let (name, ns, server_id) = service("server", plain);
+    assert_eq!((name, ns), ("http_server", "shop"), "the script it runs");
+    assert_eq!(server_id.len(), 36);
+    let (name, ns, _) = service("server", ruled);
+    assert_eq!((name, ns), ("storefront", "shop"), "the rule");
+    let (name, ns, _) = service("client", plain);
+    assert_eq!((name, ns), ("curl", "shop"), "its executable");
+    let (name, ns, client_id) = service("client", ruled);
+    assert_eq!((name, ns), ("probe", "ops"), "its own attributes");
+    assert_ne!(server_id, client_id);
+    assert!(
+        !serde_json::to_string(&objects)
+            .unwrap()
+            .contains("deployment.environment"),
+        "nothing else of a process's environment is kept"
+    );
+}

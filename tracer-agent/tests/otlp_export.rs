@@ -115,7 +115,9 @@ fn spans_reach_the_collector(protocol: &str) {
         &[
             "/otlp-check.txt",
             "url.path",
+            "url.template",
             "service.name",
+            "service.instance.id",
             "http.response.status_code",
         ],
         20,
@@ -128,6 +130,14 @@ fn spans_reach_the_collector(protocol: &str) {
     assert!(
         text.contains("python"),
         "the server span's resource names python:\n{text}"
+    );
+    assert!(
+        text.contains("GET /otlp-check.txt"),
+        "spans are named {{method}} {{url.template}}:\n{text}"
+    );
+    assert!(
+        text.contains("http_server"),
+        "the server's service is named after the script it runs:\n{text}"
     );
     assert!(
         !text.contains("via="),

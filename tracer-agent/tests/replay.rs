@@ -160,6 +160,7 @@ fn replay(bytes: &[u8], leak_after: Duration) -> Replayed {
         leak_after,
         recovered: Vec::new(),
         ignorer: None,
+        naming: Default::default(),
     };
     let (spans, leaks) = rt.block_on(async {
         let pipeline = tokio::spawn(process_events(

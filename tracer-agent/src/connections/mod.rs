@@ -291,6 +291,8 @@ impl ConnectionTable {
                     pool,
                     executable: resource.executable_name.clone(),
                     service: resource.service_name.clone(),
+                    service_namespace: resource.service_namespace.clone(),
+                    service_instance_id: resource.service_instance_id.clone(),
                     namespace: db.decoder.namespace().map(str::to_string),
                     client_port: c.endpoints.local.port(),
                     state: if db.decoder.in_flight() || tx.in_transaction() {

@@ -42,9 +42,13 @@ pub fn span_json(span: &Span) -> Value {
             "process.pid": span.resource.pid,
             "process.executable.name": span.resource.executable_name,
             "service.name": span.resource.service_name,
+            "service.instance.id": span.resource.service_instance_id,
             "host.name": span.resource.host_name,
         },
     });
+    if let Some(ns) = &span.resource.service_namespace {
+        object["resource"]["service.namespace"] = json!(ns);
+    }
     if let Some(message) = span.status_message {
         object["status_message"] = json!(message);
     }
@@ -66,6 +70,8 @@ pub fn leak_json(e: &crate::pools::LeakEvent) -> Value {
         "pid": r.pool.pid,
         "process.executable.name": r.executable,
         "service.name": r.service,
+        "service.namespace": r.service_namespace,
+        "service.instance.id": r.service_instance_id,
         "db.system.name": r.pool.db_system.as_str(),
         "db.namespace": r.namespace,
         "server.address": r.pool.server.ip().to_string(),

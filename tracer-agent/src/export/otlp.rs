@@ -124,8 +124,17 @@ pub(crate) enum ResourceValue<'a> {
 
 /// The attributes of one traced process's OTLP resource, in export order; both
 /// encoders (the generated types here, and `wire` for spans) write this list.
-pub(crate) fn resource_attributes(r: &ProcessResource) -> [(&'static str, ResourceValue<'_>); 7] {
+pub(crate) fn resource_attributes(
+    r: &ProcessResource,
+) -> impl Iterator<Item = (&'static str, ResourceValue<'_>)> {
     use ResourceValue::{Int, Str};
+    let namespace = r
+        .service_namespace
+        .as_deref()
+        .map(|ns| ("service.namespace", Str(ns)));
+    let instance = Some(r.service_instance_id.as_str())
+        .filter(|id| !id.is_empty())
+        .map(|id| ("service.instance.id", Str(id)));
     [
         ("service.name", Str(&r.service_name)),
         ("process.pid", Int(i64::from(r.pid))),
@@ -135,6 +144,9 @@ pub(crate) fn resource_attributes(r: &ProcessResource) -> [(&'static str, Resour
         ("telemetry.sdk.language", Str("rust")),
         ("telemetry.distro.name", Str("tracer-agent")),
     ]
+    .into_iter()
+    .chain(namespace)
+    .chain(instance)
 }
 
 /// `items` split by process, in the order each process first appears.
@@ -155,7 +167,6 @@ fn by_process<T>(items: &[T], pid: impl Fn(&T) -> u32) -> Vec<Vec<&T>> {
 pub fn resource(r: &ProcessResource) -> Resource {
     Resource {
         attributes: resource_attributes(r)
-            .into_iter()
             .map(|(key, value)| match value {
                 ResourceValue::Str(v) => kv(key, str_value(v)),
                 ResourceValue::Int(v) => kv(key, int_value(v)),
@@ -283,6 +294,8 @@ pub fn leak_export_request(
                     pid: row.pool.pid,
                     executable_name: row.executable.clone(),
                     service_name: row.service.clone(),
+                    service_namespace: row.service_namespace.clone(),
+                    service_instance_id: row.service_instance_id.clone(),
                     host_name: host_name.to_string(),
                 };
                 ResourceLogs {

@@ -205,6 +205,8 @@ mod tests {
                 pid: 1,
                 executable_name: "svc".into(),
                 service_name: "svc".into(),
+                service_namespace: None,
+                service_instance_id: String::new(),
                 host_name: "h".into(),
             }),
             tid: 1,

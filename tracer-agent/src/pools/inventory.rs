@@ -75,6 +75,10 @@ pub struct DbConnectionRow {
     pub pool: PoolKey,
     pub executable: String,
     pub service: String,
+    /// The process's `service.namespace` and `service.instance.id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_namespace: Option<String>,
+    pub service_instance_id: String,
     pub namespace: Option<String>,
     pub client_port: u16,
     pub state: ConnState,
@@ -120,6 +124,8 @@ impl DbConnectionRow {
             },
             executable: format!("app{pid}"),
             service: format!("svc{pid}"),
+            service_namespace: None,
+            service_instance_id: String::new(),
             namespace: None,
             client_port,
             state: ConnState::Idle,

@@ -239,6 +239,8 @@ mod tests {
         DbConnectionRow {
             executable: "app".into(),
             service: "app".into(),
+            service_namespace: None,
+            service_instance_id: String::new(),
             namespace: Some("shop".into()),
             state: if tx == TxStatus::InTransaction {
                 ConnState::Used

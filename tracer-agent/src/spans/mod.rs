@@ -588,6 +588,8 @@ pub fn sample_span(pid: u32) -> Span {
             pid,
             executable_name: "app".into(),
             service_name: format!("svc{pid}"),
+            service_namespace: None,
+            service_instance_id: String::new(),
             host_name: "h".into(),
         }),
         tid: 1,
@@ -621,6 +623,8 @@ mod tests {
             pid: 7,
             executable_name: "python3".into(),
             service_name: "python3".into(),
+            service_namespace: None,
+            service_instance_id: String::new(),
             host_name: "h".into(),
         })
     }

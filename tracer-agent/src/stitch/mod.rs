@@ -489,6 +489,8 @@ mod tests {
                 pid,
                 executable_name: "svc".into(),
                 service_name: "svc".into(),
+                service_namespace: None,
+                service_instance_id: String::new(),
                 host_name: "h".into(),
             }),
             tid: pid,
