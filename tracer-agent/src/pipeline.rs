@@ -144,7 +144,12 @@ pub async fn process_events(
                 }
             }
             _ = tick.tick() => {
-                stitch.expire(Instant::now().into_std(), &mut ready);
+                let now = Instant::now().into_std();
+                table.expire_closing(unix_nano_now(), &mut procs, &telemetry, &mut down);
+                for span in down.spans.drain(..) {
+                    stitch.push(span, now, &mut ready);
+                }
+                stitch.expire(now, &mut ready);
                 telemetry
                     .queue_depth
                     .get_or_create(&QueueLabel::new(Queue::Waiting))
@@ -185,6 +190,11 @@ pub async fn process_events(
         }
     }
     let mut ready = Vec::new();
+    table.expire_closing(u64::MAX, &mut procs, &telemetry, &mut down);
+    let now = Instant::now().into_std();
+    for span in down.spans.drain(..) {
+        stitch.push(span, now, &mut ready);
+    }
     stitch.flush(&mut ready);
     publish_parent_counts(&telemetry, &mut published, &stitch, &down);
     send(ready, &tx, &telemetry, &red);

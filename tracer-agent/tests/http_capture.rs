@@ -507,3 +507,52 @@ fn services_are_named_by_rule_by_what_they_run_or_by_themselves() {
         "nothing else of a process's environment is kept"
     );
 }
+
+/// A client that times out and closes its connection while the server still works:
+/// its CLIENT span ends when it gave up, with `error.type`; the server's late answer
+/// still makes its SERVER span.
+#[test]
+fn a_client_that_gives_up_leaves_its_span_and_the_servers_late_answer_too() {
+    if !require_root("a_client_that_gives_up_leaves_its_span_and_the_servers_late_answer_too") {
+        return;
+    }
+    let port = free_port();
+    let _server = Gunicorn::start(port);
+    let agent = Agent::start(&["--output", "json", "--port", &port.to_string()]);
+    let (client_pid, out) =
+        python_client("http_clients.py", &["give-up", &port.to_string(), "3", "1"]);
+    assert!(out.contains("timed out"), "{out}");
+    agent.wait_json(15, "both spans", |o| spans(o).len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = agent.stop();
+    let objects: Vec<Value> = stdout
+        .snapshot()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let all = spans(&objects);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let duration = |s: &Value| {
+        (s["end_unix_nano"].as_u64().unwrap() - s["start_unix_nano"].as_u64().unwrap()) as f64 / 1e9
+    };
+    let client = by_kind(&all, "client");
+    let client = client.first().expect("a CLIENT span");
+    assert_span_contract(client);
+    assert_eq!(pid_of(client), u64::from(client_pid));
+    assert_eq!(attr(client, "url.path"), "/slow");
+    assert_eq!(client["status"], "error");
+    assert_eq!(attr(client, "error.type"), "timeout");
+    assert_eq!(attr(client, "http.response.status_code"), &Value::Null);
+    let waited = duration(client);
+    assert!(
+        (0.9..2.0).contains(&waited),
+        "the client gave up after 1 s, not {waited} s"
+    );
+    let server = by_kind(&all, "server");
+    let server = server.first().expect("a SERVER span");
+    assert_span_contract(server);
+    assert_eq!(attr(server, "url.path"), "/slow");
+    assert_eq!(attr(server, "http.response.status_code"), 200);
+    assert!(duration(server) >= 2.9, "{server:#}");
+    assert_eq!(server["parent_span_id"], client["span_id"]);
+}

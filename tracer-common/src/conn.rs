@@ -72,7 +72,12 @@ pub const IGNORED_NOT_DECODED: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 
-/// `ConnOpen` / `ConnClose` event.
+/// `TCP_FIN_WAIT1`: this end closed (or shut down writing) first.
+pub const TCP_FIN_WAIT1: u32 = 4;
+/// `TCP_CLOSE_WAIT`: the peer closed first.
+pub const TCP_CLOSE_WAIT: u32 = 8;
+
+/// `ConnOpen` / `ConnClose` / `ConnEnding` event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnEvent {
@@ -80,7 +85,8 @@ pub struct ConnEvent {
     pub tuple: Tuple,
     /// A [`Role`] as `u32`.
     pub role: u32,
-    /// TCP state the socket left (`ConnClose`) or 0.
+    /// TCP state the socket left (`ConnClose`), the state it entered
+    /// (`ConnEnding`: [`TCP_FIN_WAIT1`] or [`TCP_CLOSE_WAIT`]), or 0.
     pub old_state: u32,
 }
 

@@ -13,6 +13,10 @@ pub enum EventKind {
     ConnClose = 3,
     /// A whole process exited ([`EventHeader`] only).
     ProcExit = 4,
+    /// A followed TCP connection began to end: this end sent its FIN
+    /// (`TCP_FIN_WAIT1`) or the peer's arrived (`TCP_CLOSE_WAIT`), in
+    /// [`crate::conn::ConnEvent::old_state`].
+    ConnEnding = 5,
 }
 
 impl EventKind {
@@ -22,6 +26,7 @@ impl EventKind {
             2 => Self::Data,
             3 => Self::ConnClose,
             4 => Self::ProcExit,
+            5 => Self::ConnEnding,
             _ => return None,
         })
     }

@@ -23,7 +23,7 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header,
+    CLOSED, EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header,
     header_without_comm, now_ns,
 };
 
@@ -80,7 +80,7 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     // SAFETY: as above.
     let sk: u64 = unsafe { ctx.read_at(tp.len_sk as usize) }.map_err(|_| 1u32)?;
 
-    let info = match SOCKS.get_ptr_mut(sk) {
+    let info = match SOCKS.get_ptr_mut(sk).or_else(|| CLOSED.get_ptr_mut(sk)) {
         Some(p) => p,
         None if ret == 0 => return Ok(0),
         None => adopt_socket(sk).ok_or(0u32)?,

@@ -4,12 +4,12 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 use tracer_common::{
-    conn::{AF_INET, AF_INET6, ConnEvent, Role, SockInfo, Tuple},
+    conn::{AF_INET, AF_INET6, ConnEvent, Role, SockInfo, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, Tuple},
     event::EventKind,
     stats::Counter,
 };
 
-use crate::{SOCKS, config, count, emit, excluded_ports, header, now_ns};
+use crate::{CLOSED, SOCKS, config, count, emit, excluded_ports, header, now_ns};
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: i32 = 1;
@@ -55,6 +55,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 announced: 0,
                 ignored: 0,
             };
+            // The address may be a closed socket's, reused.
+            let _ = CLOSED.remove(sk);
             if SOCKS.insert(sk, info, 0).is_err() {
                 count(Counter::SockMapFull, 1);
             }
@@ -87,9 +89,32 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 announced: 0,
                 ignored,
             };
+            // The address may be a closed socket's, reused.
+            let _ = CLOSED.remove(sk);
             if SOCKS.insert(sk, info, 0).is_err() {
                 count(Counter::SockMapFull, 1);
             }
+        }
+        // The first FIN of an established connection, either way: when a client
+        // gave up waiting, or a server closed without answering.
+        n if old == TCP_ESTABLISHED
+            && (n as u32 == TCP_FIN_WAIT1 || n as u32 == TCP_CLOSE_WAIT) =>
+        {
+            let Some(p) = SOCKS.get_ptr(sk) else {
+                return Ok(0);
+            };
+            // SAFETY: pointer from a successful lookup.
+            let info = unsafe { *p };
+            if info.announced == 0 || info.ignored != 0 {
+                return Ok(0);
+            }
+            let event = ConnEvent {
+                header: header(EventKind::ConnEnding, 0, 0, sk, now_ns()),
+                tuple: info.tuple,
+                role: info.role,
+                old_state: n as u32,
+            };
+            emit(&event);
         }
         TCP_CLOSE => {
             let Some(p) = SOCKS.get_ptr(sk) else {
@@ -101,6 +126,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
             if info.announced == 0 {
                 return Ok(0);
             }
+            let _ = CLOSED.insert(sk, info, 0);
             let event = ConnEvent {
                 header: header(EventKind::ConnClose, 0, 0, sk, now_ns()),
                 tuple: info.tuple,

@@ -42,6 +42,13 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 #[map(name = "SOCKS")]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
+/// Sockets followed until they reached `TCP_CLOSE`, for the records of syscalls
+/// still running then (a send during which the peer's reset closed the socket is
+/// reported after the close, and the closed socket has lost its local port). Kept
+/// apart so that closed sockets never push live ones out of `SOCKS`.
+#[map(name = "CLOSED")]
+static CLOSED: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(4096, 0);
+
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 

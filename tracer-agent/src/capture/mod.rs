@@ -152,6 +152,12 @@ pub enum Event {
     ProcExit {
         meta: Meta,
     },
+    /// The connection's first FIN: sent by this end (`by_peer` false: it closed or
+    /// shut down writing), or received.
+    ConnEnding {
+        meta: Meta,
+        by_peer: bool,
+    },
 }
 
 impl Event {
@@ -159,6 +165,7 @@ impl Event {
         match self {
             Event::ConnOpen { meta, .. }
             | Event::ConnClose { meta, .. }
+            | Event::ConnEnding { meta, .. }
             | Event::ProcExit { meta } => meta,
             Event::Data(d) => &d.meta,
         }
@@ -261,6 +268,13 @@ pub fn decode_into(
         need,
     };
     match kind {
+        EventKind::ConnEnding => {
+            let c: ConnEvent = read_pod(bytes).ok_or_else(|| truncated(size_of::<ConnEvent>()))?;
+            Ok(Event::ConnEnding {
+                meta: meta(&c.header, clock),
+                by_peer: c.old_state == tracer_common::conn::TCP_CLOSE_WAIT,
+            })
+        }
         EventKind::ConnOpen | EventKind::ConnClose => {
             let c: ConnEvent = read_pod(bytes).ok_or_else(|| truncated(size_of::<ConnEvent>()))?;
             let endpoints = Endpoints::from_tuple(&c.tuple);

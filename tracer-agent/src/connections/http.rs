@@ -219,6 +219,43 @@ impl Connection {
         }
     }
 
+    /// The connection closed with requests unanswered: each becomes a span that
+    /// ends when its client gave up (its end sent the first FIN) or the connection
+    /// closed, with `error.type` saying which end ended it.
+    pub(super) fn abandon<O: Observer>(&mut self, ctx: &mut Ctx<'_, O>) {
+        let closed_ns = if self.closed_ns != 0 {
+            self.closed_ns
+        } else {
+            self.last_io_ns
+        };
+        let (error_type, end_ns) = match (self.role, self.ending) {
+            // The client closed while waiting: it gave up (a timeout, most often).
+            (Role::Client, Some((false, at))) => ("timeout", at),
+            (Role::Server, Some((true, _))) => ("client_closed", closed_ns),
+            _ => ("connection_closed", closed_ns),
+        };
+        let Protocol::Http1(http) = &mut self.protocol else {
+            return;
+        };
+        let waiting: Vec<PendingRequest> = http.pending.drain(..).collect();
+        for req in waiting {
+            let response = Http1Message {
+                start: StartLine::Response { status: 0 },
+                version_minor: req.message.version_minor,
+                headers: Default::default(),
+                start_ns: end_ns,
+                end_ns: end_ns.max(req.message.start_ns),
+                body_len: 0,
+                head_truncated: false,
+                body_sync_lost: false,
+            };
+            if let Protocol::Http1(http) = &mut self.protocol {
+                http.pending.push_front(req);
+            }
+            self.answer_as(&response, 0, Some(error_type), ctx);
+        }
+    }
+
     pub(super) fn conn_key(&self) -> Option<(SocketAddr, SocketAddr)> {
         let e = &self.endpoints;
         match self.role {
@@ -234,6 +271,18 @@ impl Connection {
         &mut self,
         response: &Http1Message,
         reader: u32,
+        ctx: &mut Ctx<'_, O>,
+    ) {
+        self.answer_as(response, reader, None, ctx);
+    }
+
+    /// [`Self::answer`]; `abandoned`: there was no response, the connection closed
+    /// (the `error.type` to give the span).
+    fn answer_as<O: Observer>(
+        &mut self,
+        response: &Http1Message,
+        reader: u32,
+        abandoned: Option<&'static str>,
         ctx: &mut Ctx<'_, O>,
     ) {
         let conn = self.conn_key();
@@ -291,6 +340,7 @@ impl Connection {
             local: self.endpoints.local,
             remote: self.endpoints.remote,
             ips: &ips,
+            abandoned,
             resource,
             tid: req.tid,
             span_id: req.span_id,

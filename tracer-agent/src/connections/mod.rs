@@ -171,6 +171,12 @@ fn may_begin_a_protocol(first: &[u8], sent: bool) -> bool {
     }
 }
 
+/// How long a closed HTTP connection still takes the records reported after its
+/// close.
+const CLOSE_GRACE_NS: u64 = 100_000_000;
+/// Closed connections kept for that at most (the oldest are closed first).
+const MAX_CLOSING: usize = 4096;
+
 /// Sockets no longer decoded kept for the kernel when nobody takes them.
 const MAX_NOT_DECODED: usize = 65536;
 
@@ -195,6 +201,11 @@ pub struct Connection {
     protocol: Protocol,
     /// The endpoints' addresses as text, made at the first span.
     addr_text: Option<AddrText>,
+    /// The connection's first FIN, when the kernel reported it: whether the peer
+    /// sent it, and when.
+    ending: Option<(bool, u64)>,
+    /// When the kernel reported it closed (0: not reported).
+    closed_ns: u64,
 }
 
 /// All followed connections, keyed by kernel socket address.
@@ -205,6 +216,10 @@ pub struct ConnectionTable {
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Sockets no longer decoded, for the kernel to skip.
     not_decoded: Vec<NotDecoded>,
+    /// HTTP connections the kernel reported closed, kept [`CLOSE_GRACE_NS`] for
+    /// the records it reports after the close (the last send of a socket reset by
+    /// its peer is reported after the reset), then closed: sock → (due, connection).
+    closing: HashMap<u64, (u64, Connection)>,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -245,6 +260,7 @@ impl ConnectionTable {
             conns: HashMap::new(),
             recovered: HashMap::new(),
             not_decoded: Vec::new(),
+            closing: HashMap::new(),
             limits,
             options,
             http_limits: Http1Limits::default(),
@@ -340,12 +356,18 @@ impl ConnectionTable {
             max_pending: self.limits.max_pending_requests,
             out,
         };
+        if !self.closing.is_empty() {
+            self.expire_closing_at(event.meta().ts_ns, &mut ctx);
+        }
         match event {
             Event::ConnOpen {
                 meta,
                 endpoints,
                 role,
             } => {
+                if let Some((_, old)) = self.closing.remove(&meta.sock) {
+                    old.close(&mut ctx);
+                }
                 if let Some(old) = self.remove(meta.sock, ctx.out) {
                     // The kernel reused the socket address: the old connection is over.
                     old.close(&mut ctx);
@@ -371,8 +393,31 @@ impl ConnectionTable {
             }
             Event::Data(rec) => self.data(rec, &mut ctx),
             Event::ConnClose { meta, .. } => {
-                if let Some(conn) = self.remove(meta.sock, ctx.out) {
-                    conn.close(&mut ctx);
+                if let Some(mut conn) = self.remove(meta.sock, ctx.out) {
+                    conn.closed_ns = meta.ts_ns;
+                    if matches!(conn.protocol, Protocol::Http1(_)) {
+                        if self.closing.len() >= MAX_CLOSING
+                            && let Some(&oldest) = self
+                                .closing
+                                .iter()
+                                .min_by_key(|(_, (due, _))| *due)
+                                .map(|(sock, _)| sock)
+                            && let Some((_, old)) = self.closing.remove(&oldest)
+                        {
+                            old.close(&mut ctx);
+                        }
+                        self.closing
+                            .insert(meta.sock, (meta.ts_ns + CLOSE_GRACE_NS, conn));
+                    } else {
+                        conn.close(&mut ctx);
+                    }
+                }
+            }
+            Event::ConnEnding { meta, by_peer } => {
+                if let Some(conn) = self.conns.get_mut(&meta.sock)
+                    && conn.ending.is_none()
+                {
+                    conn.ending = Some((by_peer, meta.ts_ns));
                 }
             }
             Event::ProcExit { meta } => {
@@ -488,7 +533,61 @@ impl ConnectionTable {
         }
     }
 
+    /// Closes the connections closed before `now_ns` (Unix ns) less the grace.
+    fn expire_closing_at<O: Observer>(&mut self, now_ns: u64, ctx: &mut Ctx<'_, O>) {
+        let due: Vec<u64> = self
+            .closing
+            .iter()
+            .filter(|(_, (at, _))| *at <= now_ns)
+            .map(|(&sock, _)| sock)
+            .collect();
+        for sock in due {
+            if let Some((_, conn)) = self.closing.remove(&sock) {
+                conn.close(ctx);
+            }
+        }
+    }
+
+    /// Closes the closed connections whose grace has passed at `now_ns` (every one
+    /// with `u64::MAX`, at shutdown). For the pipeline's clock tick.
+    pub fn expire_closing(
+        &mut self,
+        now_ns: u64,
+        procs: &mut ProcessTable,
+        telemetry: &Telemetry,
+        out: &mut impl Observer,
+    ) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let options = self.options.clone();
+        let http_limits = self.http_limits.clone();
+        let mut ctx = Ctx {
+            procs,
+            telemetry,
+            options: &options,
+            http_limits: &http_limits,
+            max_pending: self.limits.max_pending_requests,
+            out,
+        };
+        self.expire_closing_at(now_ns, &mut ctx);
+    }
+
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
+        if let Some((due, conn)) = self.closing.remove(&rec.meta.sock) {
+            // Reported after its close: still its own.
+            let sock = rec.meta.sock;
+            self.conns.insert(sock, conn);
+            self.data_on_known(rec, ctx);
+            if let Some(conn) = self.conns.remove(&sock) {
+                self.closing.insert(conn.sock, (due, conn));
+            }
+            return;
+        }
+        self.data_on_known(rec, ctx);
+    }
+
+    fn data_on_known<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
         if !self.conns.contains_key(&rec.meta.sock) {
             // Its open event was lost (ring buffer full): follow it with what we know.
             ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
@@ -577,6 +676,8 @@ impl Connection {
             inode: 0,
             protocol: Protocol::Unknown(Probe::default()),
             addr_text: None,
+            ending: None,
+            closed_ns: 0,
         }
     }
 
@@ -757,10 +858,9 @@ impl Connection {
                 for response in &finished {
                     self.answer(response, 0, ctx);
                 }
-                match &self.protocol {
-                    Protocol::Http1(http) => http.pending.len(),
-                    _ => 0,
-                }
+                // Requests the connection closed on: spans that say so.
+                self.abandon(ctx);
+                0
             }
             Protocol::Db(db) => db.decoder.finish(),
             Protocol::Unknown(_) | Protocol::Other => 0,

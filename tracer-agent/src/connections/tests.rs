@@ -1217,3 +1217,103 @@ fn a_request_answered_before_its_body_arrived_gets_its_span_and_the_next_one_too
     assert_eq!(r.spans[0].link.exchange, r.spans[1].link.exchange);
     assert_eq!(r.spans[2].link.exchange, Some(1));
 }
+
+#[test]
+fn a_request_the_close_ends_is_a_span_that_says_who_ended_it() {
+    let mut r = Replay::new();
+    let ms = 1_000_000;
+    let ending = |sock, ts, by_peer| Event::ConnEnding {
+        meta: meta(sock, ts, 0),
+        by_peer,
+    };
+    let close = |sock, ts| Event::ConnClose {
+        meta: meta(sock, ts, 0),
+        endpoints: None,
+    };
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        Event::ConnOpen {
+            meta: meta(SOCK_SERVER, 1, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(SOCK_CLIENT, 10, 200, Direction::Send, REQ, REQ.len() as u32),
+        data(SOCK_SERVER, 11, 100, Direction::Recv, REQ, REQ.len() as u32),
+        // The client gives up at 1 s; the server answers at 3 s, into a reset.
+        ending(SOCK_CLIENT, 1000 * ms, false),
+        ending(SOCK_SERVER, 1000 * ms, true),
+        close(SOCK_SERVER, 3000 * ms),
+        data(
+            SOCK_SERVER,
+            3000 * ms + 5,
+            100,
+            Direction::Send,
+            RESP,
+            RESP.len() as u32,
+        ),
+        close(SOCK_CLIENT, 3000 * ms + 10),
+    ]);
+    r.table
+        .expire_closing(u64::MAX, &mut r.procs, &r.telemetry, &mut r.down);
+    r.spans.append(&mut r.down.spans);
+    let got: Vec<(SpanKind, Option<&AttrValue>, Option<&AttrValue>, u64)> = r
+        .spans
+        .iter()
+        .map(|s| {
+            (
+                s.kind,
+                s.attr("http.response.status_code"),
+                s.attr("error.type"),
+                s.end_unix_nano,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                SpanKind::Server,
+                Some(&AttrValue::Int(200)),
+                None,
+                3000 * ms + 5
+            ),
+            (
+                SpanKind::Client,
+                None,
+                Some(&AttrValue::Str("timeout".into())),
+                1000 * ms
+            ),
+        ],
+        "the server's late answer counts; the client's span ends when it gave up"
+    );
+    assert_eq!(r.spans[1].status, crate::spans::SpanStatus::Error);
+    assert!(r.spans[1].status_message.is_some());
+
+    // A server whose client left before it answered.
+    let sock = SOCK_SERVER + 1;
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(sock, 5000 * ms, 100),
+            endpoints: endpoints(true),
+            role: Role::Server,
+        },
+        data(sock, 5001 * ms, 100, Direction::Recv, REQ, REQ.len() as u32),
+        ending(sock, 5002 * ms, true),
+        close(sock, 5003 * ms),
+    ]);
+    r.table
+        .expire_closing(u64::MAX, &mut r.procs, &r.telemetry, &mut r.down);
+    r.spans.append(&mut r.down.spans);
+    let last = r.spans.last().unwrap();
+    assert_eq!(last.kind, SpanKind::Server);
+    assert_eq!(
+        last.attr("error.type"),
+        Some(&AttrValue::Str("client_closed".into()))
+    );
+    assert_eq!(last.end_unix_nano, 5003 * ms);
+    assert!(!r.telemetry.render().contains("request_unanswered"));
+}

@@ -298,6 +298,8 @@ pub struct HttpExchange<'a> {
     pub remote: SocketAddr,
     /// `local` and `remote`'s addresses as text.
     pub ips: &'a AddrText,
+    /// No response came: the connection closed first; the span's `error.type`.
+    pub abandoned: Option<&'static str>,
     pub resource: Arc<ProcessResource>,
     pub tid: u32,
     /// Assigned when the request was first seen, so children can name it early.
@@ -348,10 +350,6 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         ("http.request.method", AttrValue::Str(known.clone())),
         ("url.path", AttrValue::Str(Text::Owned(path.to_string()))),
         ("url.template", AttrValue::Str(Text::Owned(template))),
-        (
-            "http.response.status_code",
-            AttrValue::Int(i64::from(status)),
-        ),
         ("server.address", AttrValue::Str(server_address.clone())),
         ("server.port", AttrValue::Int(i64::from(server.port()))),
         ("network.protocol.name", AttrValue::Str("http".into())),
@@ -372,6 +370,12 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
             AttrValue::Int(i64::from(x.remote.port())),
         ),
     ]);
+    if x.abandoned.is_none() {
+        attributes.push((
+            "http.response.status_code",
+            AttrValue::Int(i64::from(status)),
+        ));
+    }
     if known != method {
         attributes.push((
             "http.request.method_original",
@@ -404,16 +408,25 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
             AttrValue::Str(Text::Owned(ua.clone())),
         ));
     }
-    let error = match x.kind {
-        SpanKind::Server => status >= 500,
-        SpanKind::Client => status >= 400,
+    let error = x.abandoned.is_some()
+        || match x.kind {
+            SpanKind::Server => status >= 500,
+            SpanKind::Client => status >= 400,
+        };
+    let status_message = match x.abandoned {
+        Some(kind) => {
+            attributes.push(("error.type", AttrValue::Str(Text::Static(kind))));
+            Some(status::abandoned(kind))
+        }
+        None if error => {
+            attributes.push((
+                "error.type",
+                AttrValue::Str(Text::Owned(status.to_string())),
+            ));
+            status::http(status)
+        }
+        None => None,
     };
-    if error {
-        attributes.push((
-            "error.type",
-            AttrValue::Str(Text::Owned(status.to_string())),
-        ));
-    }
     Span {
         trace_id: TraceId::random(),
         span_id: x.span_id,
@@ -429,7 +442,7 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
         } else {
             SpanStatus::Unset
         },
-        status_message: if error { status::http(status) } else { None },
+        status_message,
         attributes,
         resource: x.resource.clone(),
         tid: x.tid,
@@ -692,6 +705,7 @@ mod tests {
                 "127.0.0.1:8000".parse().unwrap(),
                 "127.0.0.1:5000".parse().unwrap(),
             ),
+            abandoned: None,
             resource: resource(),
             tid: 9,
             span_id: SpanId::random(),
@@ -741,6 +755,7 @@ mod tests {
             local: "[::1]:5000".parse().unwrap(),
             remote: "[::1]:80".parse().unwrap(),
             ips: &AddrText::of("[::1]:5000".parse().unwrap(), "[::1]:80".parse().unwrap()),
+            abandoned: None,
             resource: resource(),
             tid: 9,
             span_id: SpanId::random(),

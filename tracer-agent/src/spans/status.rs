@@ -47,6 +47,16 @@ pub fn http(status: u16) -> Option<&'static str> {
     })
 }
 
+/// The description of an exchange the connection's close ended before a response
+/// (`error.type` `timeout`, `client_closed` or `connection_closed`).
+pub fn abandoned(error_type: &str) -> &'static str {
+    match error_type {
+        "timeout" => "the client closed the connection before the response came",
+        "client_closed" => "the client closed the connection before the response was sent",
+        _ => "the connection closed before the response",
+    }
+}
+
 /// The PostgreSQL condition name of a SQLSTATE (PostgreSQL's errcodes), else the
 /// name of its class.
 pub fn postgres(sqlstate: &str) -> Option<&'static str> {
