@@ -127,13 +127,6 @@ fn models_dir() -> PathBuf {
     support_dir().join("models")
 }
 
-/// Where the models are built: target/xtask (TRACER_TOOLS_DIR, set by xtask).
-fn tools_dir() -> PathBuf {
-    std::env::var_os("TRACER_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/xtask"))
-}
-
 fn build_dir() -> PathBuf {
     tools_dir().join("models")
 }
@@ -207,13 +200,6 @@ fn prepare(hop: Hop) {
             );
         }
     }
-}
-
-/// The node_modules directory holding the Node.js model's pg (TRACER_NODE_PATH).
-fn node_path() -> PathBuf {
-    std::env::var_os("TRACER_NODE_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| tools_dir().join("node/node_modules"))
 }
 
 /// The command that serves hop B of `model` on `port`, calling C at `next`.

@@ -233,6 +233,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "golang-go",
     "openjdk-17-jdk-headless",
     "libpostgresql-jdbc-java",
+    // JDBC driver of the MariaDB/MySQL driver tests (drivers.rs).
+    "libmariadb-java",
 ];
 /// Python clients the integration tests drive (in the private venv).
 const PYTHON_PACKAGES: &[&str] = &[
@@ -252,7 +254,7 @@ const PYTHON_PACKAGES: &[&str] = &[
     "httpx==0.28.1",
 ];
 /// npm packages of the Node.js server model (bench_parents.rs), in target/xtask/node.
-const NPM_PACKAGES: &[&str] = &["pg@8.23.1"];
+const NPM_PACKAGES: &[&str] = &["pg@8.23.1", "ioredis@6.0.0", "mysql2@3.24.6"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn setup(test_deps: bool) -> Result<()> {

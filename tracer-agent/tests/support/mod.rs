@@ -591,3 +591,18 @@ impl Drop for Gunicorn {
         let _ = self.0.wait();
     }
 }
+
+/// Where `cargo xtask setup` installs the test tools (TRACER_TOOLS_DIR).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("TRACER_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/xtask"))
+}
+
+/// The node_modules directory of the npm packages the tests use (pg, ioredis,
+/// mysql2; TRACER_NODE_PATH).
+pub fn node_path() -> PathBuf {
+    std::env::var_os("TRACER_NODE_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tools_dir().join("node/node_modules"))
+}
