@@ -377,11 +377,17 @@ impl RedMetrics {
         let keys = metric.keys();
         let templated = metric != RedMetric::DbClient;
         if templated {
-            let path = match span.attr("url.path") {
-                Some(AttrValue::Str(p)) => p.as_str(),
-                _ => "",
-            };
-            crate::spans::route::url_template_into(path, &mut self.template);
+            // HTTP spans carry their template; others get one from their path.
+            match (span.attr("url.template"), span.attr("url.path")) {
+                (Some(AttrValue::Str(t)), _) => {
+                    self.template.clear();
+                    self.template.push_str(t.as_str());
+                }
+                (None, Some(AttrValue::Str(p))) => {
+                    crate::spans::route::url_template_into(p.as_str(), &mut self.template)
+                }
+                _ => crate::spans::route::url_template_into("", &mut self.template),
+            }
         }
         let print = {
             use std::hash::{BuildHasher, Hash, Hasher};

@@ -96,7 +96,11 @@ fn spans_reach_the_collector(protocol: &str) {
         "grpc" => format!("http://127.0.0.1:{}", collector.grpc),
         _ => format!("http://127.0.0.1:{}", collector.http),
     };
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "service-namespace = \"otlp-check-ns\"\n").unwrap();
     let agent = Agent::start(&[
+        "--config",
+        config.to_str().unwrap(),
         "--otlp-endpoint",
         &endpoint,
         "--otlp-protocol",
@@ -118,6 +122,8 @@ fn spans_reach_the_collector(protocol: &str) {
             "url.template",
             "service.name",
             "service.instance.id",
+            "service.namespace",
+            "otlp-check-ns",
             "http.response.status_code",
         ],
         20,

@@ -220,6 +220,8 @@ pub struct ConnectionTable {
     /// the records it reports after the close (the last send of a socket reset by
     /// its peer is reported after the reset), then closed: sock → (due, connection).
     closing: HashMap<u64, (u64, Connection)>,
+    /// `closing` in the order their grace ends: (due, sock).
+    closing_order: VecDeque<(u64, u64)>,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -261,6 +263,7 @@ impl ConnectionTable {
             recovered: HashMap::new(),
             not_decoded: Vec::new(),
             closing: HashMap::new(),
+            closing_order: VecDeque::new(),
             limits,
             options,
             http_limits: Http1Limits::default(),
@@ -356,7 +359,11 @@ impl ConnectionTable {
             max_pending: self.limits.max_pending_requests,
             out,
         };
-        if !self.closing.is_empty() {
+        if self
+            .closing_order
+            .front()
+            .is_some_and(|&(due, _)| due <= event.meta().ts_ns)
+        {
             self.expire_closing_at(event.meta().ts_ns, &mut ctx);
         }
         match event {
@@ -396,18 +403,20 @@ impl ConnectionTable {
                 if let Some(mut conn) = self.remove(meta.sock, ctx.out) {
                     conn.closed_ns = meta.ts_ns;
                     if matches!(conn.protocol, Protocol::Http1(_)) {
-                        if self.closing.len() >= MAX_CLOSING
-                            && let Some(&oldest) = self
-                                .closing
-                                .iter()
-                                .min_by_key(|(_, (due, _))| *due)
-                                .map(|(sock, _)| sock)
-                            && let Some((_, old)) = self.closing.remove(&oldest)
-                        {
-                            old.close(&mut ctx);
+                        while self.closing.len() >= MAX_CLOSING {
+                            // Full: the oldest closes now.
+                            let Some((due, sock)) = self.closing_order.pop_front() else {
+                                break;
+                            };
+                            if self.closing.get(&sock).is_some_and(|(d, _)| *d == due)
+                                && let Some((_, old)) = self.closing.remove(&sock)
+                            {
+                                old.close(&mut ctx);
+                            }
                         }
-                        self.closing
-                            .insert(meta.sock, (meta.ts_ns + CLOSE_GRACE_NS, conn));
+                        let due = meta.ts_ns + CLOSE_GRACE_NS;
+                        self.closing.insert(meta.sock, (due, conn));
+                        self.closing_order.push_back((due, meta.sock));
                     } else {
                         conn.close(&mut ctx);
                     }
@@ -535,16 +544,20 @@ impl ConnectionTable {
 
     /// Closes the connections closed before `now_ns` (Unix ns) less the grace.
     fn expire_closing_at<O: Observer>(&mut self, now_ns: u64, ctx: &mut Ctx<'_, O>) {
-        let due: Vec<u64> = self
-            .closing
-            .iter()
-            .filter(|(_, (at, _))| *at <= now_ns)
-            .map(|(&sock, _)| sock)
-            .collect();
-        for sock in due {
-            if let Some((_, conn)) = self.closing.remove(&sock) {
+        while let Some(&(due, sock)) = self.closing_order.front() {
+            if due > now_ns {
+                break;
+            }
+            self.closing_order.pop_front();
+            // Gone already (its address was reused) or closed again later.
+            if self.closing.get(&sock).is_some_and(|(d, _)| *d == due)
+                && let Some((_, conn)) = self.closing.remove(&sock)
+            {
                 conn.close(ctx);
             }
+        }
+        if self.closing.is_empty() {
+            self.closing_order.clear();
         }
     }
 
@@ -557,7 +570,7 @@ impl ConnectionTable {
         telemetry: &Telemetry,
         out: &mut impl Observer,
     ) {
-        if self.closing.is_empty() {
+        if self.closing_order.is_empty() {
             return;
         }
         let options = self.options.clone();
@@ -574,7 +587,9 @@ impl ConnectionTable {
     }
 
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
-        if let Some((due, conn)) = self.closing.remove(&rec.meta.sock) {
+        if !self.closing.is_empty()
+            && let Some((due, conn)) = self.closing.remove(&rec.meta.sock)
+        {
             // Reported after its close: still its own.
             let sock = rec.meta.sock;
             self.conns.insert(sock, conn);
