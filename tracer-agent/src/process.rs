@@ -162,6 +162,7 @@ impl ProcessTable {
                         exe: &executable_name,
                         argv: &argv,
                         cwd: cwd.as_deref(),
+                        root: Some(&dir.join("root")),
                         ports: &mut ports,
                     },
                 )

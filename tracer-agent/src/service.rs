@@ -133,8 +133,10 @@ pub struct ProcessFacts<'a> {
     pub exe: &'a str,
     /// `/proc/PID/cmdline`, split.
     pub argv: &'a [String],
-    /// Its working directory (relative scripts are found from it).
+    /// Its working directory as it sees it (relative scripts are found from it).
     pub cwd: Option<&'a Path>,
+    /// Its root directory, to open its files through (`/proc/PID/root`).
+    pub root: Option<&'a Path>,
     /// The TCP ports it listens on, read only when a rule asks.
     pub ports: &'a mut dyn FnMut() -> Vec<u16>,
 }
@@ -147,7 +149,7 @@ pub fn name_of(naming: &ServiceNaming, p: &mut ProcessFacts<'_>) -> (String, Opt
             return (rule.name.clone(), rule.namespace.clone());
         }
     }
-    let derived = from_cmdline(p.exe, p.argv, p.cwd).filter(|n| !n.is_empty());
+    let derived = from_cmdline(p.exe, p.argv, p.cwd, p.root).filter(|n| !n.is_empty());
     (derived.unwrap_or_else(|| p.exe.to_string()), None)
 }
 
@@ -182,23 +184,29 @@ fn is_python(exe: &str) -> bool {
 }
 
 /// A name from what an interpreter runs, `None` for any other program.
-pub fn from_cmdline(exe: &str, argv: &[String], cwd: Option<&Path>) -> Option<String> {
+pub fn from_cmdline(
+    exe: &str,
+    argv: &[String],
+    cwd: Option<&Path>,
+    root: Option<&Path>,
+) -> Option<String> {
+    let at = Place { cwd, root };
     let args = argv.get(1..).unwrap_or_default();
     if is_python(exe) {
-        return python(args, cwd);
+        return python(args, &at);
     }
     match exe {
         "node" | "nodejs" | "bun" => script_name(
             first_operand(args, &["-r", "--require", "--import", "--loader"])?,
-            cwd,
+            &at,
         ),
         "deno" => script_name(
             args.iter().find(|a| !a.starts_with('-') && *a != "run")?,
-            cwd,
+            &at,
         ),
         "java" => java(args),
         "ruby" | "perl" | "php" => {
-            script_name(first_operand(args, &["-I", "-r", "-e", "-c", "-d"])?, cwd)
+            script_name(first_operand(args, &["-I", "-r", "-e", "-c", "-d"])?, &at)
         }
         // A Python entry point (`gunicorn`, `uvicorn`, `celery`) runs as itself.
         "gunicorn" | "uvicorn" | "hypercorn" | "daphne" | "granian" => app_module(args),
@@ -221,7 +229,7 @@ fn first_operand<'a>(args: &'a [String], with_value: &[&str]) -> Option<&'a Stri
     None
 }
 
-fn python(args: &[String], cwd: Option<&Path>) -> Option<String> {
+fn python(args: &[String], at: &Place<'_>) -> Option<String> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -246,7 +254,7 @@ fn python(args: &[String], cwd: Option<&Path>) -> Option<String> {
             s if s.starts_with('-') => {}
             script => {
                 // `manage.py runserver`: Django's project is the directory.
-                return script_name(script, cwd);
+                return script_name(script, at);
             }
         }
     }
@@ -297,13 +305,13 @@ fn app_module(args: &[String]) -> Option<String> {
 
 /// A script's name: its package's name (`package.json` beside it or above), else
 /// its file stem, else (a generic stem such as `app` or `index`) its directory's.
-fn script_name(script: &str, cwd: Option<&Path>) -> Option<String> {
+fn script_name(script: &str, at: &Place<'_>) -> Option<String> {
     let path = Path::new(script);
-    let full: PathBuf = match (path.is_absolute(), cwd) {
+    let full: PathBuf = match (path.is_absolute(), at.cwd) {
         (false, Some(cwd)) => cwd.join(path),
         _ => path.to_path_buf(),
     };
-    if let Some(name) = package_json_name(&full) {
+    if let Some(name) = package_json_name(&full, at.root) {
         return Some(name);
     }
     let stem = path.file_stem()?.to_string_lossy().into_owned();
@@ -321,14 +329,17 @@ fn script_name(script: &str, cwd: Option<&Path>) -> Option<String> {
 
 /// `name` of the nearest `package.json` in the script's directory or the two above
 /// it (a Node.js package), when it is a plain name.
-fn package_json_name(script: &Path) -> Option<String> {
+fn package_json_name(script: &Path, root: Option<&Path>) -> Option<String> {
     for dir in script.ancestors().skip(1).take(3) {
-        let Ok(text) = std::fs::read(dir.join("package.json")) else {
+        let file = dir.join("package.json");
+        // Through the process's own root (its mount namespace); `file` is as it sees it.
+        let file = match root {
+            Some(root) => root.join(file.strip_prefix("/").unwrap_or(&file)),
+            None => file,
+        };
+        let Some(text) = read_small_file(&file, 1 << 20) else {
             continue;
         };
-        if text.len() > 1 << 20 {
-            return None;
-        }
         let value: serde_json::Value = serde_json::from_slice(&text).ok()?;
         let name = value.get("name")?.as_str()?;
         // Scoped packages: `@team/orders` → `orders`.
@@ -336,6 +347,30 @@ fn package_json_name(script: &Path) -> Option<String> {
         return Some(name.to_string()).filter(|n| !n.is_empty() && n.len() <= 128);
     }
     None
+}
+
+/// Where a process's relative paths start, and the root its files are opened
+/// through.
+struct Place<'a> {
+    cwd: Option<&'a Path>,
+    root: Option<&'a Path>,
+}
+
+/// A regular file's bytes, when it holds at most `max`: never blocks on a FIFO or
+/// device, never reads more than `max + 1` bytes.
+fn read_small_file(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).ok()?;
+    (bytes.len() as u64 <= max).then_some(bytes)
 }
 
 /// `java -jar orders-1.2.3.jar` → `orders`; `java … com.example.OrdersApp` →
@@ -416,7 +451,7 @@ mod tests {
     }
 
     fn derived(exe: &str, line: &str) -> Option<String> {
-        from_cmdline(exe, &argv(line), None)
+        from_cmdline(exe, &argv(line), None, None)
     }
 
     #[test]
@@ -491,12 +526,34 @@ mod tests {
             from_cmdline(
                 "node",
                 &["node".into(), "src/server.js".into()],
-                Some(dir.path())
+                Some(dir.path()),
+                None
             )
             .as_deref(),
             Some("ledger"),
             "{script:?}"
         );
+    }
+
+    #[test]
+    fn a_package_json_that_is_no_regular_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // A FIFO would block a plain read forever.
+        let fifo = dir.path().join("package.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(
+            from_cmdline(
+                "node",
+                &["node".into(), "index.js".into()],
+                Some(dir.path()),
+                None
+            ),
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        );
+        assert_eq!(read_small_file(Path::new("/dev/zero"), 1 << 20), None);
     }
 
     #[test]
@@ -524,6 +581,7 @@ mod tests {
             exe: "python3.11",
             argv: &args,
             cwd: None,
+            root: None,
             ports: &mut no_ports,
         };
         assert_eq!(
@@ -534,6 +592,7 @@ mod tests {
             exe: "python3.12",
             argv: &args,
             cwd: None,
+            root: None,
             ports: &mut no_ports,
         };
         assert_eq!(
@@ -546,6 +605,7 @@ mod tests {
             exe: "nginx",
             argv: &argv("nginx: master process"),
             cwd: None,
+            root: None,
             ports: &mut listening,
         };
         assert_eq!(name_of(&naming, &mut p), ("edge".into(), None));

@@ -62,6 +62,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
             }
         }
         TCP_ESTABLISHED => {
+            // The address may be a closed socket's, reused.
+            let _ = CLOSED.remove(sk);
             // Runs in softirq context: the current task is not the socket's owner.
             let tuple = read_tuple(ctx)?;
             if tuple.family != AF_INET && tuple.family != AF_INET6 {
@@ -89,8 +91,6 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 announced: 0,
                 ignored,
             };
-            // The address may be a closed socket's, reused.
-            let _ = CLOSED.remove(sk);
             if SOCKS.insert(sk, info, 0).is_err() {
                 count(Counter::SockMapFull, 1);
             }

@@ -34,6 +34,19 @@ pub(super) struct PendingRequest {
     pub(super) traceparent: Option<(TraceParent, HeaderUse)>,
 }
 
+/// A request dropped without a span: on a server, the thread that read it no longer
+/// serves it (else its later calls would name a request that was never answered).
+fn forget_request<O: Observer>(role: Role, pid: u32, req: &PendingRequest, ctx: &mut Ctx<'_, O>) {
+    if role == Role::Server {
+        ctx.out.thread(ThreadEvent::ServerAnswered {
+            pid,
+            tid: req.tid,
+            by: 0,
+            span: req.span_id,
+        });
+    }
+}
+
 /// What registering a request needs of its connection.
 pub(super) struct ConnEnd {
     role: Role,
@@ -56,9 +69,11 @@ impl HttpConn {
         if let StartLine::Request { method, .. } = &message.start {
             self.responses.expect_response_to(method);
         }
-        if self.pending.len() >= ctx.max_pending {
-            self.pending.pop_front();
+        if self.pending.len() >= ctx.max_pending
+            && let Some(dropped) = self.pending.pop_front()
+        {
             ctx.telemetry.dropped(DropReason::HttpPendingOverflow);
+            forget_request(end.role, pid, &dropped, ctx);
         }
         let at = if end.role == Role::Server {
             HeaderAt::ServerRead { pid }
@@ -211,6 +226,10 @@ impl Connection {
         if let Protocol::Http1(http) = &mut self.protocol {
             if http.responses.is_tunnel() {
                 // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
+                // Requests still waiting will not be answered in HTTP.
+                for req in std::mem::take(&mut http.pending) {
+                    forget_request(self.role, self.pid, &req, ctx);
+                }
                 self.protocol = Protocol::Other;
             } else {
                 http.scratch = responses;

@@ -174,6 +174,8 @@ fn may_begin_a_protocol(first: &[u8], sent: bool) -> bool {
 /// How long a closed HTTP connection still takes the records reported after its
 /// close.
 const CLOSE_GRACE_NS: u64 = 100_000_000;
+/// When no event comes, closed connections are closed by the clock this much later.
+const IDLE_CLOSE_NS: u64 = 1_000_000_000;
 /// Closed connections kept for that at most (the oldest are closed first).
 const MAX_CLOSING: usize = 4096;
 
@@ -222,6 +224,8 @@ pub struct ConnectionTable {
     closing: HashMap<u64, (u64, Connection)>,
     /// `closing` in the order their grace ends: (due, sock).
     closing_order: VecDeque<(u64, u64)>,
+    /// The newest event time seen (Unix ns): the clock closed connections expire by.
+    latest_ns: u64,
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
@@ -264,6 +268,7 @@ impl ConnectionTable {
             not_decoded: Vec::new(),
             closing: HashMap::new(),
             closing_order: VecDeque::new(),
+            latest_ns: 0,
             limits,
             options,
             http_limits: Http1Limits::default(),
@@ -359,12 +364,13 @@ impl ConnectionTable {
             max_pending: self.limits.max_pending_requests,
             out,
         };
+        self.latest_ns = self.latest_ns.max(event.meta().ts_ns);
         if self
             .closing_order
             .front()
-            .is_some_and(|&(due, _)| due <= event.meta().ts_ns)
+            .is_some_and(|&(due, _)| due <= self.latest_ns)
         {
-            self.expire_closing_at(event.meta().ts_ns, &mut ctx);
+            self.expire_closing_at(self.latest_ns, &mut ctx);
         }
         match event {
             Event::ConnOpen {
@@ -561,8 +567,10 @@ impl ConnectionTable {
         }
     }
 
-    /// Closes the closed connections whose grace has passed at `now_ns` (every one
-    /// with `u64::MAX`, at shutdown). For the pipeline's clock tick.
+    /// Closes the closed connections whose grace has passed by the events seen, or
+    /// by `now_ns` less [`IDLE_CLOSE_NS`] when events stopped coming (every one with
+    /// `u64::MAX`, at shutdown). For the pipeline's clock tick: events that wait in
+    /// its queue do not see their connection closed under them.
     pub fn expire_closing(
         &mut self,
         now_ns: u64,
@@ -583,7 +591,12 @@ impl ConnectionTable {
             max_pending: self.limits.max_pending_requests,
             out,
         };
-        self.expire_closing_at(now_ns, &mut ctx);
+        let by = if now_ns == u64::MAX {
+            u64::MAX
+        } else {
+            self.latest_ns.max(now_ns.saturating_sub(IDLE_CLOSE_NS))
+        };
+        self.expire_closing_at(by, &mut ctx);
     }
 
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
@@ -864,6 +877,10 @@ impl Connection {
             self.settle(&held, None, ctx);
             for rec in &held {
                 self.decode(rec, ctx);
+            }
+            if matches!(self.protocol, Protocol::Db(_)) {
+                // Joined just now, after the table let it go: leave at once.
+                ctx.out.db(DbObservation::Left { sock: self.sock });
             }
         }
         let unanswered = match &mut self.protocol {
