@@ -138,18 +138,12 @@ pub async fn process_events(
                 for event in batch {
                     table.handle(event, &mut procs, &telemetry, &mut down);
                 }
-                let now = Instant::now().into_std();
-                for span in down.spans.drain(..) {
-                    stitch.push(span, now, &mut ready);
-                }
+                stitch_new_spans(&mut down, &mut stitch, &mut ready);
             }
             _ = tick.tick() => {
-                let now = Instant::now().into_std();
                 table.expire_closing(unix_nano_now(), &mut procs, &telemetry, &mut down);
-                for span in down.spans.drain(..) {
-                    stitch.push(span, now, &mut ready);
-                }
-                stitch.expire(now, &mut ready);
+                stitch_new_spans(&mut down, &mut stitch, &mut ready);
+                stitch.expire(Instant::now().into_std(), &mut ready);
                 telemetry
                     .queue_depth
                     .get_or_create(&QueueLabel::new(Queue::Waiting))
@@ -191,13 +185,18 @@ pub async fn process_events(
     }
     let mut ready = Vec::new();
     table.expire_closing(u64::MAX, &mut procs, &telemetry, &mut down);
-    let now = Instant::now().into_std();
-    for span in down.spans.drain(..) {
-        stitch.push(span, now, &mut ready);
-    }
+    stitch_new_spans(&mut down, &mut stitch, &mut ready);
     stitch.flush(&mut ready);
     publish_parent_counts(&telemetry, &mut published, &stitch, &down);
     send(ready, &tx, &telemetry, &red);
+}
+
+/// Hands the spans the connection table made to the stitcher.
+fn stitch_new_spans(down: &mut Downstream, stitch: &mut ParentInference, ready: &mut Vec<Span>) {
+    let now = Instant::now().into_std();
+    for span in down.spans.drain(..) {
+        stitch.push(span, now, ready);
+    }
 }
 
 /// Forgets recovered connections whose socket their process no longer holds.

@@ -144,8 +144,11 @@ pub struct ProcessFacts<'a> {
 /// The service of a process that set no `OTEL_SERVICE_NAME`: (name, namespace from
 /// a rule).
 pub fn name_of(naming: &ServiceNaming, p: &mut ProcessFacts<'_>) -> (String, Option<String>) {
+    // Read once, however many rules ask.
+    let mut listening: Option<Vec<u16>> = None;
+    let mut ports = || listening.get_or_insert_with(|| (p.ports)()).clone();
     for rule in &naming.rules {
-        if rule.matches(p.exe, p.argv, p.ports) {
+        if rule.matches(p.exe, p.argv, &mut ports) {
             return (rule.name.clone(), rule.namespace.clone());
         }
     }
@@ -456,60 +459,56 @@ mod tests {
 
     #[test]
     fn interpreters_are_named_after_what_they_run() {
-        assert_eq!(
-            derived("python3.11", "python3 /srv/checkout/worker.py --fast").as_deref(),
-            Some("worker")
-        );
-        assert_eq!(
-            derived("python3.11", "python3 -u /srv/checkout/app.py").as_deref(),
-            Some("checkout")
-        );
-        assert_eq!(
-            derived("python3.11", "python3 manage.py runserver").as_deref(),
-            Some("manage")
-        );
-        assert_eq!(
-            derived("python3", "python -m http.server 8000").as_deref(),
-            Some("http.server")
-        );
-        assert_eq!(
-            derived("python3", "python -m orders.api.main").as_deref(),
-            Some("orders.api")
-        );
-        assert_eq!(
-            derived(
+        for (exe, line, name) in [
+            (
+                "python3.11",
+                "python3 /srv/checkout/worker.py --fast",
+                Some("worker"),
+            ),
+            (
+                "python3.11",
+                "python3 -u /srv/checkout/app.py",
+                Some("checkout"),
+            ),
+            ("python3.11", "python3 manage.py runserver", Some("manage")),
+            ("python3", "python -m http.server 8000", Some("http.server")),
+            ("python3", "python -m orders.api.main", Some("orders.api")),
+            (
                 "python3",
-                "python -m gunicorn -w 4 -b 0.0.0.0:80 shop.wsgi:application"
-            )
-            .as_deref(),
-            Some("shop")
-        );
-        assert_eq!(
-            derived("python3", "python -m uvicorn payments.main:app --port 9000").as_deref(),
-            Some("payments")
-        );
-        assert_eq!(derived("python3", "python -c print(1)"), None);
-        assert_eq!(
-            derived("gunicorn", "/venv/bin/gunicorn --bind :80 billing:app").as_deref(),
-            Some("billing")
-        );
-        assert_eq!(
-            derived("node", "node --enable-source-maps dist/orders.js").as_deref(),
-            Some("orders")
-        );
-        assert_eq!(
-            derived("node", "node /srv/cart/index.js").as_deref(),
-            Some("cart")
-        );
-        assert_eq!(
-            derived("java", "java -Xmx1g -jar /opt/inventory-service-2.4.1.jar").as_deref(),
-            Some("inventory-service")
-        );
-        assert_eq!(
-            derived("java", "java -cp app.jar:lib/* com.example.BillingApp").as_deref(),
-            Some("BillingApp")
-        );
-        assert_eq!(derived("curl", "curl http://x/"), None);
+                "python -m gunicorn -w 4 -b 0.0.0.0:80 shop.wsgi:application",
+                Some("shop"),
+            ),
+            (
+                "python3",
+                "python -m uvicorn payments.main:app --port 9000",
+                Some("payments"),
+            ),
+            ("python3", "python -c print(1)", None),
+            (
+                "gunicorn",
+                "/venv/bin/gunicorn --bind :80 billing:app",
+                Some("billing"),
+            ),
+            (
+                "node",
+                "node --enable-source-maps dist/orders.js",
+                Some("orders"),
+            ),
+            ("node", "node /srv/cart/index.js", Some("cart")),
+            (
+                "java",
+                "java -Xmx1g -jar /opt/inventory-service-2.4.1.jar",
+                Some("inventory-service"),
+            ),
+            (
+                "java",
+                "java -cp app.jar:lib/* com.example.BillingApp",
+                Some("BillingApp"),
+            ),
+            ("curl", "curl http://x/", None),
+        ] {
+            assert_eq!(derived(exe, line).as_deref(), name, "{exe}: {line}");
+        }
     }
 
     #[test]

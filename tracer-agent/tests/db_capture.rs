@@ -18,12 +18,7 @@ fn client_spans_of(objects: &[Value], pid: u32) -> Vec<Value> {
 
 fn stop_and_collect(agent: Agent) -> Vec<Value> {
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
+    agent.stop_json()
 }
 
 #[test]

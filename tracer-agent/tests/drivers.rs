@@ -85,12 +85,7 @@ fn sessions(port: u16, drivers: &[&str], system: &str) -> Vec<(String, Vec<Value
             .any(|s| s["resource"]["process.pid"] == last && s["status"] == "error")
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let everything = serde_json::to_string(&objects).unwrap();
     assert!(
         !everything.contains("secret-literal"),

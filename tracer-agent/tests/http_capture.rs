@@ -65,12 +65,7 @@ fn python_http_server_and_curl_give_one_server_and_one_client_span() {
         spans(o).len() >= 2
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     assert_eq!(all.len(), 2, "exactly two spans: {objects:?}");
     for s in &all {
@@ -164,12 +159,7 @@ fn get_404_post_with_body_and_keep_alive() {
         );
     }
     assert!(agent.get("/healthz").ends_with("ok\n"));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     assert_eq!(all.len(), 8, "4 exchanges seen from both ends: {all:#?}");
     all.iter().for_each(|s| assert_span_contract(s));
@@ -291,12 +281,7 @@ fn port_filter_excludes_other_traffic_and_ipv6_is_traced() {
     curl(&[&format!("http://[::1]:{v6}/b.txt")]);
     agent.wait_json(15, "four spans", |o| spans(o).len() >= 4);
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     assert_eq!(all.len(), 4, "{all:#?}");
     assert!(
@@ -391,12 +376,7 @@ fn requests_posting_to_gunicorn_gives_every_exchange_whether_or_not_the_body_is_
     agent.wait_json(15, "80 spans", |o| spans(o).len() >= 80);
     std::thread::sleep(Duration::from_millis(500));
     let metrics = agent.get("/metrics");
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     for kind in ["server", "client"] {
         for (path, status) in [("/ignore", 201), ("/read", 200)] {
@@ -469,12 +449,7 @@ fn services_are_named_by_rule_by_what_they_run_or_by_themselves() {
     assert!(own.success());
     agent.wait_json(15, "4 spans", |o| spans(o).len() >= 4);
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     assert_eq!(all.len(), 4, "{all:#?}");
     let service = |kind: &str, port: u16| -> (&str, &str, &str) {
@@ -524,12 +499,7 @@ fn a_client_that_gives_up_leaves_its_span_and_the_servers_late_answer_too() {
     assert!(out.contains("timed out"), "{out}");
     agent.wait_json(15, "both spans", |o| spans(o).len() >= 2);
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
     assert_eq!(all.len(), 2, "{all:#?}");
     let duration = |s: &Value| {

@@ -80,12 +80,7 @@ fn chain_gives_one_exact_trace_per_request(with_headers: bool) {
         spans(o).len() >= REQUESTS * 7
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (stdout, _) = agent.stop();
-    let objects: Vec<Value> = stdout
-        .snapshot()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let objects = agent.stop_json();
     let all = spans(&objects);
 
     // Group by request id, and find each hop by process and kind.

@@ -253,24 +253,20 @@ impl Connection {
             (Role::Server, Some((true, _))) => ("client_closed", closed_ns),
             _ => ("connection_closed", closed_ns),
         };
-        let Protocol::Http1(http) = &mut self.protocol else {
-            return;
-        };
-        let waiting: Vec<PendingRequest> = http.pending.drain(..).collect();
-        for req in waiting {
+        // Each answer takes the oldest waiting request.
+        while let Protocol::Http1(http) = &self.protocol
+            && let Some(oldest) = http.pending.front()
+        {
             let response = Http1Message {
                 start: StartLine::Response { status: 0 },
-                version_minor: req.message.version_minor,
+                version_minor: oldest.message.version_minor,
                 headers: Default::default(),
                 start_ns: end_ns,
-                end_ns: end_ns.max(req.message.start_ns),
+                end_ns: end_ns.max(oldest.message.start_ns),
                 body_len: 0,
                 head_truncated: false,
                 body_sync_lost: false,
             };
-            if let Protocol::Http1(http) = &mut self.protocol {
-                http.pending.push_front(req);
-            }
             self.answer_as(&response, 0, Some(error_type), ctx);
         }
     }

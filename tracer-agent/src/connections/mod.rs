@@ -91,7 +91,7 @@ impl Default for TableLimits {
 }
 
 /// How spans are built.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SpanOptions {
     /// Keep SQL literals in `db.query.text` (off by default: they may be secrets).
     pub keep_sql_literals: bool,
@@ -237,8 +237,8 @@ const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIE
 struct Ctx<'a, O: Observer> {
     procs: &'a mut ProcessTable,
     telemetry: &'a Telemetry,
-    options: &'a SpanOptions,
-    http_limits: &'a Http1Limits,
+    options: SpanOptions,
+    http_limits: Http1Limits,
     max_pending: usize,
     out: &'a mut O,
 }
@@ -346,6 +346,23 @@ impl ConnectionTable {
         rows
     }
 
+    /// What connections need of the table and its caller to make spans.
+    fn ctx<'a, O: Observer>(
+        &self,
+        procs: &'a mut ProcessTable,
+        telemetry: &'a Telemetry,
+        out: &'a mut O,
+    ) -> Ctx<'a, O> {
+        Ctx {
+            procs,
+            telemetry,
+            options: self.options,
+            http_limits: self.http_limits.clone(),
+            max_pending: self.limits.max_pending_requests,
+            out,
+        }
+    }
+
     /// Handles one event from the kernel.
     pub fn handle(
         &mut self,
@@ -354,16 +371,7 @@ impl ConnectionTable {
         telemetry: &Telemetry,
         out: &mut impl Observer,
     ) {
-        let options = self.options.clone();
-        let http_limits = self.http_limits.clone();
-        let mut ctx = Ctx {
-            procs,
-            telemetry,
-            options: &options,
-            http_limits: &http_limits,
-            max_pending: self.limits.max_pending_requests,
-            out,
-        };
+        let mut ctx = self.ctx(procs, telemetry, out);
         self.latest_ns = self.latest_ns.max(event.meta().ts_ns);
         if self
             .closing_order
@@ -581,16 +589,7 @@ impl ConnectionTable {
         if self.closing_order.is_empty() {
             return;
         }
-        let options = self.options.clone();
-        let http_limits = self.http_limits.clone();
-        let mut ctx = Ctx {
-            procs,
-            telemetry,
-            options: &options,
-            http_limits: &http_limits,
-            max_pending: self.limits.max_pending_requests,
-            out,
-        };
+        let mut ctx = self.ctx(procs, telemetry, out);
         let by = if now_ns == u64::MAX {
             u64::MAX
         } else {
@@ -759,10 +758,11 @@ impl Connection {
             return;
         };
         let mut prefix = Vec::with_capacity(PROBE_BYTES);
-        let mut seen = 0u64;
-        for rec in held.iter().chain(next) {
-            seen += u64::from(rec.total_len);
-        }
+        let seen: u64 = held
+            .iter()
+            .chain(next)
+            .map(|r| u64::from(r.total_len))
+            .sum();
         // The leading bytes of the first direction's stream, as far as they were
         // captured without a gap.
         for rec in held.iter().chain(next) {
@@ -775,7 +775,7 @@ impl Connection {
                 break;
             }
         }
-        self.detect(first, &prefix, seen, ctx.http_limits);
+        self.detect(first, &prefix, seen, &ctx.http_limits);
         if matches!(self.protocol, Protocol::Other) {
             ctx.telemetry.dropped(DropReason::UnknownProtocol);
         }
@@ -790,13 +790,12 @@ impl Connection {
     }
 
     /// Learns the protocol (and, for sockets the kernel did not see connect or
-    /// accept, the role) from the leading bytes `bytes` of the stream `first` began,
+    /// accept, the role) from the leading bytes `bytes` of the stream `rec` began,
     /// `seen` bytes having been moved on the connection so far.
-    fn detect(&mut self, first: &DataRecord, bytes: &[u8], seen: u64, limits: &Http1Limits) {
+    fn detect(&mut self, rec: &DataRecord, bytes: &[u8], seen: u64, limits: &Http1Limits) {
         if bytes.is_empty() {
             return; // nothing captured to tell from: the next record will
         }
-        let rec = first;
         let sent = rec.direction == Direction::Send;
         let db = DbDecoder::detect(bytes, sent);
         if let Some(decoder) = db {

@@ -203,6 +203,16 @@ impl Agent {
         thread::sleep(Duration::from_millis(100));
         (self.stdout.clone(), self.stderr.clone())
     }
+
+    /// Stops the agent (as [`Self::stop`]) and parses each line it printed as JSON.
+    pub fn stop_json(self) -> Vec<Value> {
+        let (stdout, _) = self.stop();
+        stdout
+            .snapshot()
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    }
 }
 
 impl Drop for Agent {
