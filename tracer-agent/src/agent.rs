@@ -68,7 +68,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ringbuf_bytes: config.ringbuf_bytes,
         max_sockets: config.max_connections as u32,
         empty_probes: config.empty_probes,
+        backend: config.capture_backend,
     })?;
+    telemetry.set_capture_backend(capture.backend().name());
     if config.empty_probes {
         log::warn!("--empty-probes: the probes do nothing; this agent traces nothing");
     }
@@ -78,7 +80,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
     log::info!(
-        "tracing TCP traffic{}{}; metrics on http://{}/metrics",
+        "tracing TCP traffic{}{} with the {} capture backend; metrics on http://{}/metrics",
         if config.pids.is_empty() {
             String::new()
         } else {
@@ -89,6 +91,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         } else {
             format!(" on ports {:?}", config.ports)
         },
+        capture.backend(),
         config.listen
     );
 

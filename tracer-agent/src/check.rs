@@ -2,15 +2,19 @@
 
 use std::path::Path;
 
-use crate::capture::{kernel_info, loader};
+use crate::capture::{backend::Backend, kernel_info, loader};
 
 /// One requirement and whether it holds.
 pub struct Finding {
-    pub name: &'static str,
+    pub name: String,
     pub required: bool,
     pub present: bool,
     pub detail: String,
 }
+
+/// The oldest kernel tracer supports: the kernel programs use the BPF ring buffer
+/// (5.8), `bpf_get_current_task_btf` (5.11) and `bpf_task_pt_regs` (5.15).
+pub const OLDEST_KERNEL: (u32, u32) = (5, 15);
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -28,68 +32,86 @@ fn version_at_least(release: &str, major: u32, minor: u32) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// What `check` found: every requirement, each capture backend, and the backend
+/// the agent will use (none when it cannot run).
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub backends: Vec<(Backend, Result<(), String>)>,
+    /// Whether the backends were loaded and attached (root) or only looked at.
+    pub tried: bool,
+}
+
+impl Report {
+    /// The backend `auto` picks: the first that works.
+    pub fn chosen(&self) -> Option<Backend> {
+        self.backends
+            .iter()
+            .find(|(_, r)| r.is_ok())
+            .map(|(b, _)| *b)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.chosen().is_some() && self.findings.iter().all(|f| f.present || !f.required)
+    }
+}
+
 /// Checks every feature; tracefs is looked at where it is or would be mounted.
-pub fn findings() -> Vec<Finding> {
+/// With the privileges to load programs, each backend is also attached and
+/// detached, so the verdict is what the agent will meet.
+pub fn report() -> Report {
     let release = kernel_release();
+    let privileged = loader::privileged();
     let mut out = Vec::new();
     out.push(Finding {
-        name: "privileges (root, or CAP_BPF+CAP_PERFMON)",
+        name: "privileges (root, or CAP_BPF+CAP_PERFMON)".into(),
         required: true,
-        present: loader::privileged(),
+        present: privileged,
         detail: "needed to load eBPF programs".into(),
     });
+    let (major, minor) = OLDEST_KERNEL;
     out.push(Finding {
-        name: "kernel ≥ 5.15 (ring buffer, bpf_task_pt_regs)",
+        name: format!("kernel ≥ {major}.{minor} (ring buffer, bpf_task_pt_regs)"),
         required: true,
-        present: version_at_least(&release, 5, 15),
-        detail: format!("running {release}"),
+        present: version_at_least(&release, major, minor),
+        detail: format!("running {release}; the oldest kernel tracer supports is {major}.{minor}"),
     });
     out.push(Finding {
-        name: "BTF at /sys/kernel/btf/vmlinux",
+        name: "BTF at /sys/kernel/btf/vmlinux".into(),
         required: true,
         present: Path::new(kernel_info::VMLINUX_BTF).exists(),
         detail: "struct offsets are read from it (CONFIG_DEBUG_INFO_BTF)".into(),
     });
-    let tracefs = kernel_info::tracefs_mounted();
+    let mut tracefs = kernel_info::tracefs_mounted();
+    if !tracefs && privileged && kernel_info::ensure_tracefs().is_ok() {
+        tracefs = kernel_info::tracefs_mounted();
+    }
     out.push(Finding {
-        name: "tracefs",
+        name: "tracefs".into(),
         required: true,
-        present: tracefs || Path::new(kernel_info::TRACEFS).is_dir(),
+        present: tracefs,
         detail: if tracefs {
             "mounted".into()
         } else {
             "not mounted: the agent mounts it when run as root".into()
         },
     });
-    for (_, category, name) in loader::TRACEPOINTS {
-        let present = if tracefs {
-            Path::new(kernel_info::TRACEFS)
+    for (_, category, name) in loader::LIFECYCLE_TRACEPOINTS {
+        let present = tracefs
+            && Path::new(kernel_info::TRACEFS)
                 .join("events")
                 .join(category)
                 .join(name)
-                .is_dir()
-        } else {
-            version_at_least(&release, 5, 15)
-        };
+                .is_dir();
         out.push(Finding {
-            name: match name {
-                "inet_sock_set_state" => "tracepoint sock:inet_sock_set_state",
-                "sock_send_length" => "tracepoint sock:sock_send_length",
-                "sock_recv_length" => "tracepoint sock:sock_recv_length",
-                _ => "tracepoint sched:sched_process_exit",
-            },
+            name: format!("tracepoint {category}:{name}"),
             required: true,
             present,
-            detail: if tracefs {
-                "present in tracefs".into()
-            } else {
-                "assumed from the kernel version".into()
-            },
+            detail: "connection lifecycle and process exits (every backend)".into(),
         });
     }
-    if tracefs && let Err(e) = kernel_info::tracepoint_offsets() {
+    if tracefs && let Err(e) = kernel_info::lifecycle_offsets() {
         out.push(Finding {
-            name: "tracepoint field layout",
+            name: "tracepoint field layout".into(),
             required: true,
             present: false,
             detail: e.to_string(),
@@ -98,7 +120,7 @@ pub fn findings() -> Vec<Finding> {
     if Path::new(kernel_info::VMLINUX_BTF).exists() {
         let k = kernel_info::kernel_offsets();
         out.push(Finding {
-            name: "struct pt_regs / sock_common in BTF",
+            name: "struct pt_regs / sock_common in BTF".into(),
             required: true,
             present: k.as_ref().is_ok_and(|k| k.have_sock_offsets == 1),
             detail: match k {
@@ -109,24 +131,31 @@ pub fn findings() -> Vec<Finding> {
         });
     }
     out.push(Finding {
-        name: "uprobes (TLS libraries, later)",
+        name: "uprobes (TLS libraries, later)".into(),
         required: false,
         present: Path::new("/sys/bus/event_source/devices/uprobe").exists(),
         detail: "optional".into(),
     });
-    out.push(Finding {
-        name: "kprobes",
-        required: false,
-        present: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
-        detail: "optional speed-up; never required".into(),
-    });
-    out
+    let tried = privileged && tracefs;
+    let backends = if tried {
+        loader::BpfCapture::try_backends()
+    } else {
+        Backend::ALL
+            .iter()
+            .map(|&b| (b, b.requirements()))
+            .collect()
+    };
+    Report {
+        findings: out,
+        backends,
+        tried,
+    }
 }
 
 /// Prints the findings and a verdict; returns true when the agent can run here.
 pub fn run() -> bool {
-    let all = findings();
-    for f in &all {
+    let report = report();
+    for f in &report.findings {
         let mark = match (f.present, f.required) {
             (true, _) => "ok  ",
             (false, true) => "MISSING",
@@ -134,15 +163,44 @@ pub fn run() -> bool {
         };
         println!("{mark:<8} {:<48} {}", f.name, f.detail);
     }
-    let ready = all.iter().all(|f| f.present || !f.required);
+    println!(
+        "capture backends, in the order auto tries them ({}):",
+        if report.tried {
+            "each loaded, attached and detached here"
+        } else {
+            "not loaded: that needs root and tracefs"
+        }
+    );
+    let chosen = report.chosen();
+    for (backend, result) in &report.backends {
+        let mark = match (result, Some(*backend) == chosen) {
+            (Ok(()), true) => "use ",
+            (Ok(()), false) => "ok  ",
+            (Err(_), _) => "no  ",
+        };
+        println!("{mark:<8} {:<48} needs {}", backend.name(), backend.needs());
+        match result {
+            Ok(()) if report.tried => println!("{:<8} {:<48} attached", "", ""),
+            Ok(()) => println!("{:<8} {:<48} requirements present", "", ""),
+            Err(why) => println!("{:<8} {:<48} {why}", "", ""),
+        }
+    }
+    let ready = report.ready();
     if ready {
-        println!("verdict: ready: tracer-agent can run on this host");
+        println!(
+            "verdict: ready: tracer-agent can run on this host with the {} capture backend",
+            chosen.map_or("?", Backend::name)
+        );
     } else {
-        let missing: Vec<&str> = all
+        let mut missing: Vec<String> = report
+            .findings
             .iter()
             .filter(|f| f.required && !f.present)
-            .map(|f| f.name)
+            .map(|f| f.name.clone())
             .collect();
+        if chosen.is_none() {
+            missing.push("a capture backend".into());
+        }
         println!("verdict: NOT ready: missing {}", missing.join(", "));
     }
     ready

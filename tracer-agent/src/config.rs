@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::export::{Output, otlp::OtlpProtocol};
+use crate::{
+    capture::backend::BackendChoice,
+    export::{Output, otlp::OtlpProtocol},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +70,10 @@ pub struct RunArgs {
     /// SQL literals may hold personal data or secrets).
     #[arg(long)]
     pub keep_sql_literals: bool,
+    /// How to capture socket I/O: auto (the first of tracepoints, fexit, kprobes
+    /// that this kernel has and that loads), or one of them [default: auto].
+    #[arg(long, value_enum, env = "TRACER_CAPTURE_BACKEND")]
+    pub capture_backend: Option<BackendChoice>,
     /// Benchmark floor: attach the same tracepoints with programs that do nothing
     /// (`cargo xtask bench overhead`). Traces nothing.
     #[arg(long, hide = true)]
@@ -101,6 +108,7 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub parent_wait: Option<Duration>,
     pub record_events: Option<PathBuf>,
+    pub capture_backend: Option<BackendChoice>,
     /// `service.namespace` of every process that sets none.
     pub service_namespace: Option<String>,
     /// `[[service]]` rules naming processes that do not name themselves.
@@ -136,6 +144,7 @@ pub struct Config {
     pub keep_sql_literals: bool,
     pub parent_wait: Duration,
     pub empty_probes: bool,
+    pub capture_backend: BackendChoice,
     /// Where raw ring-buffer records are recorded, when asked.
     pub record_events: Option<PathBuf>,
     /// How processes that do not name themselves are named.
@@ -278,6 +287,10 @@ impl Config {
                 .or(file.parent_wait)
                 .unwrap_or(Duration::from_secs(2)),
             empty_probes: args.empty_probes,
+            capture_backend: args
+                .capture_backend
+                .or(file.capture_backend)
+                .unwrap_or_default(),
             record_events: args.record_events.clone().or(file.record_events),
             naming,
         })

@@ -160,6 +160,14 @@ pub struct Telemetry {
     /// the pipeline and export: the channels are bounded in batches, these in items.
     pub events_backlog: Backlog,
     pub spans_backlog: Backlog,
+    /// 1 for the capture backend in use (`backend` label).
+    pub capture_backend: Family<BackendLabel, Gauge>,
+}
+
+/// The `backend` label of `tracer_capture_backend`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
 }
 
 /// Items waiting in a channel of batches, counted by both of its ends.
@@ -223,7 +231,13 @@ impl Telemetry {
             traffic_dropped: Family::default(),
             connections_evicted: Counter::default(),
             parent_inference: Family::default(),
+            capture_backend: Family::default(),
         };
+        registry.register(
+            "capture_backend",
+            "The capture backend in use (tracepoints, fexit or kprobes): 1 on its label",
+            t.capture_backend.clone(),
+        );
         registry.register(
             "events_read",
             "Events read from the kernel ring buffer",
@@ -315,6 +329,15 @@ impl Telemetry {
         for (i, source) in SOURCES.iter().enumerate() {
             self.add_parent(source.as_str(), before.released[i], now.released[i]);
         }
+    }
+
+    /// Records which capture backend the kernel programs use (by name).
+    pub fn set_capture_backend(&self, backend: &str) {
+        self.capture_backend
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
+            .set(1);
     }
 
     /// Adds the growth of the kernel counters between two reads.

@@ -21,10 +21,14 @@ pub enum Counter {
     /// Socket reads/writes skipped because user space does not decode the socket
     /// (unknown protocol after a first look, a database server's end, a tunnel).
     NotDecoded = 7,
+    /// Socket reads/writes lost because the kernel did not report a function's
+    /// return (kprobe backend: more threads were inside `tcp_sendmsg`/`tcp_recvmsg`
+    /// at once than the kernel keeps return probes for).
+    ReturnMissed = 8,
 }
 
 /// Number of counters (size of the `STATS` array).
-pub const COUNTERS: u32 = 8;
+pub const COUNTERS: u32 = 9;
 
 impl Counter {
     pub const ALL: [Counter; COUNTERS as usize] = [
@@ -36,6 +40,7 @@ impl Counter {
         Counter::Filtered,
         Counter::BytesCaptured,
         Counter::NotDecoded,
+        Counter::ReturnMissed,
     ];
 
     /// Name used in the agent's metrics.
@@ -49,6 +54,7 @@ impl Counter {
             Counter::Filtered => "filtered",
             Counter::BytesCaptured => "bytes_captured",
             Counter::NotDecoded => "not_decoded",
+            Counter::ReturnMissed => "return_missed",
         }
     }
 }

@@ -1,6 +1,8 @@
-//! Socket I/O: `sock:sock_send_length` and `sock:sock_recv_length`.
+//! Socket I/O: `sock:sock_send_length` and `sock:sock_recv_length` (Linux ≥ 6.3),
+//! and the shared core every capture backend feeds ([`socket_io`]; the others are
+//! in `tcp_functions.rs`).
 //!
-//! Both fire at the end of `sock_sendmsg`/`sock_recvmsg` in the calling thread, for
+//! Both tracepoints fire at the end of `sock_sendmsg`/`sock_recvmsg` in the calling thread, for
 //! every socket write and read whatever the syscall (write, send, sendto, sendmsg,
 //! writev and their read counterparts). The syscall's number and arguments are in the
 //! task's user `pt_regs`, so the user buffer can be read without hooking syscalls.
@@ -23,8 +25,8 @@ use tracer_common::{
 };
 
 use crate::{
-    CLOSED, EVENTS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports, header,
-    header_without_comm, now_ns,
+    CLOSED, EVENTS, IOVECS, SCRATCH, SOCKS, config, count, emit, excluded_pid, excluded_ports,
+    header, header_without_comm, now_ns,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -48,12 +50,9 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 }
 
 fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
-    let cfg = config();
-    let tp = &cfg.tp;
+    let tp = &config().tp;
     // SAFETY: offsets come from this kernel's tracepoint format file.
     let ret: i32 = unsafe { ctx.read_at(tp.len_ret as usize) }.map_err(|_| 1u32)?;
-    // A read of 0 bytes is the peer's end of stream: it resumes whoever waited for
-    // it, which the agent's causality wants to know. Failed I/O is never interesting.
     if ret < 0 || (ret == 0 && direction == Direction::Send) {
         return Ok(0);
     }
@@ -62,13 +61,39 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    if direction == Direction::Recv {
+    let flags: i32 = if direction == Direction::Recv {
         // SAFETY: as above.
-        let flags: i32 = unsafe { ctx.read_at(tp.len_flags as usize) }.map_err(|_| 1u32)?;
-        if flags & MSG_PEEK != 0 {
-            // The same bytes will be read again without MSG_PEEK.
-            return Ok(0);
-        }
+        unsafe { ctx.read_at(tp.len_flags as usize) }.map_err(|_| 1u32)?
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let sk: u64 = unsafe { ctx.read_at(tp.len_sk as usize) }.map_err(|_| 1u32)?;
+    Ok(socket_io(direction, sk, ret, flags))
+}
+
+/// One finished TCP socket write or read of `ret` bytes on kernel socket `sk`, in
+/// the calling thread: what every capture backend reports (`flags` are the read's
+/// `MSG_*` flags, 0 for writes). Not inlined: each backend's programs stay a thin
+/// frame over it, within the verifier's 512-byte stack for a chain of calls.
+#[inline(never)]
+pub(crate) fn socket_io(direction: Direction, sk: u64, ret: i32, flags: i32) -> u32 {
+    match socket_io_inner(direction, sk, ret, flags) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn socket_io_inner(direction: Direction, sk: u64, ret: i32, flags: i32) -> Result<u32, u32> {
+    let cfg = config();
+    // A read of 0 bytes is the peer's end of stream: it resumes whoever waited for
+    // it, which the agent's causality wants to know. Failed I/O is never interesting.
+    if ret < 0 || (ret == 0 && direction == Direction::Send) {
+        return Ok(0);
+    }
+    if direction == Direction::Recv && flags & MSG_PEEK != 0 {
+        // The same bytes will be read again without MSG_PEEK.
+        return Ok(0);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -77,8 +102,6 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
         count(Counter::Filtered, 1);
         return Ok(0);
     }
-    // SAFETY: as above.
-    let sk: u64 = unsafe { ctx.read_at(tp.len_sk as usize) }.map_err(|_| 1u32)?;
 
     let info = match SOCKS.get_ptr_mut(sk).or_else(|| CLOSED.get_ptr_mut(sk)) {
         Some(p) => p,
@@ -102,28 +125,13 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
         if info.announced == 0 {
             return Ok(0);
         }
-        let eof = DataHeader {
-            header: header_without_comm(EventKind::Data, tgid, tid, sk, now),
-            direction: direction as u32,
-            syscall: 0,
-            total_len: 0,
-            captured_len: 0,
-            flags: 0,
-            _pad: 0,
-        };
-        emit(&eof);
+        emit_eof(direction, tgid, tid, sk, now);
         return Ok(0);
     }
     if info.announced == 0 {
         info.announced = 1;
         info.tgid = tgid;
-        let open = ConnEvent {
-            header: header(EventKind::ConnOpen, tgid, tid, sk, info.opened_ns),
-            tuple: info.tuple,
-            role: info.role,
-            old_state: 0,
-        };
-        emit(&open);
+        announce(info, tgid, tid, sk);
     }
     // The thread's name goes out with the socket's first event (above) and again
     // only when another process uses the socket: user space keeps it per connection.
@@ -178,8 +186,41 @@ fn try_io(ctx: &TracePointContext, direction: Direction) -> Result<u32, u32> {
     Ok(0)
 }
 
+// The helpers below are kept out of line: each builds an event on its own stack
+// frame, off the call chain that copies the payload (`capture`), so that the
+// chain's frames stay within the verifier's 512 bytes on kernels without private
+// BPF stacks (before 6.13).
+
+/// End of stream on a connection user space follows: a bare header.
+#[inline(never)]
+fn emit_eof(direction: Direction, tgid: u32, tid: u32, sk: u64, now: u64) {
+    let eof = DataHeader {
+        header: header_without_comm(EventKind::Data, tgid, tid, sk, now),
+        direction: direction as u32,
+        syscall: 0,
+        total_len: 0,
+        captured_len: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    emit(&eof);
+}
+
+/// The connection's first event: its tuple and role, with the thread's name.
+#[inline(never)]
+fn announce(info: &SockInfo, tgid: u32, tid: u32, sk: u64) {
+    let open = ConnEvent {
+        header: header(EventKind::ConnOpen, tgid, tid, sk, info.opened_ns),
+        tuple: info.tuple,
+        role: info.role,
+        old_state: 0,
+    };
+    emit(&open);
+}
+
 /// A socket seen doing I/O without having been seen established: it existed before
 /// the agent started. Its tuple is read from `struct sock_common` with offsets from BTF.
+#[inline(never)]
 fn adopt_socket(sk: u64) -> Option<*mut SockInfo> {
     let k = &config().kernel;
     if k.have_sock_offsets == 0 {
@@ -303,8 +344,12 @@ fn copy_iovecs(event: &mut DataEvent, iov: u64, cnt: u64, want: usize) -> bool {
         return true;
     }
     // struct iovec { void *iov_base; size_t iov_len; }: the entries looked at are
-    // read in one go.
-    let mut vecs = [0u64; 2 * MAX_IOVECS as usize];
+    // read in one go, into per-CPU scratch rather than the stack.
+    let Some(vecs) = IOVECS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU scratch slot, used only by this program run.
+    let vecs = unsafe { &mut *vecs };
     // 16 to 128 bytes, in a form the verifier can bound (n is 1..=8).
     let size = (((n - 1) & (MAX_IOVECS as usize - 1)) + 1) * 16;
     // SAFETY: destination is the local array (size checked); source is user memory
@@ -330,7 +375,10 @@ fn copy_iovecs(event: &mut DataEvent, iov: u64, cnt: u64, want: usize) -> bool {
         } else {
             room
         });
-        let at = off & MASK;
+        // Laundered too, so that the mask survives: older verifiers (6.1) cannot
+        // bound the running sum otherwise.
+        // SAFETY: a plain read of a local.
+        let at = unsafe { core::ptr::read_volatile(&off) } & MASK;
         // SAFETY: at ≤ MAX_CAPTURE-1 and take ≤ MAX_CAPTURE, inside the 2×MAX_CAPTURE payload.
         let rc = unsafe {
             probe_read_user_raw(
@@ -349,12 +397,21 @@ fn copy_iovecs(event: &mut DataEvent, iov: u64, cnt: u64, want: usize) -> bool {
     true
 }
 
-/// Clamps a length to `[0, MAX_CAPTURE]` in a way the verifier can follow.
+/// Clamps a length to `[0, MAX_CAPTURE]` in a way every supported verifier can
+/// follow: a 32-bit value (never negative to the verifier), laundered so that the
+/// compiler keeps the comparison as written.
 #[inline(always)]
 fn bounded(n: usize) -> usize {
-    if n >= MAX_CAPTURE {
-        MAX_CAPTURE
+    let n = if n > MAX_CAPTURE {
+        MAX_CAPTURE as u32
     } else {
-        n & MASK
-    }
+        n as u32
+    };
+    // SAFETY: a plain read of a local.
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    (if n > MAX_CAPTURE as u32 {
+        MAX_CAPTURE as u32
+    } else {
+        n
+    }) as usize
 }

@@ -2,9 +2,12 @@
 //!
 //! Attach points (see docs/kernel-probes.md for the measured costs):
 //! - `sock:inet_sock_set_state`: connection lifecycle, 4-tuple and role.
-//! - `sock:sock_send_length` / `sock:sock_recv_length`: every socket write/read, in
-//!   the calling thread; the syscall's user buffer is found through the task's
-//!   `pt_regs` and a bounded prefix of it is copied out.
+//! - `sock:sock_send_length` / `sock:sock_recv_length` (Linux ≥ 6.3): every socket
+//!   write/read, in the calling thread; the syscall's user buffer is found through
+//!   the task's `pt_regs` and a bounded prefix of it is copied out.
+//! - Where those are missing, the same from the kernel functions `tcp_sendmsg` /
+//!   `tcp_recvmsg`, by fexit or by kprobe + kretprobe (`tcp_functions.rs`). The agent
+//!   loads one of the three capture backends.
 //! - `sched:sched_process_exit`: process exits, so user space can forget processes.
 //!
 //! Nothing but TCP socket I/O and process exits reaches user space.
@@ -13,6 +16,7 @@
 
 mod io;
 mod lifecycle;
+mod tcp_functions;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -51,6 +55,10 @@ static CLOSED: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(4096, 0)
 
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Room for the iovecs of one readv/writev/sendmsg/recvmsg (see `io.rs`).
+#[map(name = "IOVECS")]
+static IOVECS: PerCpuArray<[u64; 16]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FILTER_PIDS")]
 static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -164,5 +172,28 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 /// uses, does nothing. What any tracepoint-based agent costs at least.
 #[aya_ebpf::macros::tracepoint]
 pub fn empty_probe(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    0
+}
+
+/// The benchmark floor of the fexit backend, one per function (an fexit program
+/// is bound to one function).
+#[aya_ebpf::macros::fexit(function = "tcp_sendmsg")]
+pub fn empty_fexit_send(_ctx: aya_ebpf::programs::FExitContext) -> u32 {
+    0
+}
+
+#[aya_ebpf::macros::fexit(function = "tcp_recvmsg")]
+pub fn empty_fexit_recv(_ctx: aya_ebpf::programs::FExitContext) -> u32 {
+    0
+}
+
+/// The benchmark floor of the kprobe backend.
+#[aya_ebpf::macros::kprobe]
+pub fn empty_kprobe(_ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    0
+}
+
+#[aya_ebpf::macros::kretprobe]
+pub fn empty_kretprobe(_ctx: aya_ebpf::programs::RetProbeContext) -> u32 {
     0
 }

@@ -30,6 +30,10 @@ pub enum KernelInfoError {
     Btf(String),
     #[error("kernel BTF has no member `{member}` in `struct {strukt}`")]
     MissingMember { strukt: String, member: String },
+    #[error("kernel BTF describes no function `{0}`")]
+    MissingFunction(String),
+    #[error("kernel function {function}({params}) does not have the parameters tracer reads")]
+    FunctionLayout { function: String, params: String },
     #[error("cannot mount tracefs at {TRACEFS}: {0}")]
     Mount(std::io::Error),
     #[error("unsupported architecture {0}: tracer knows the syscall table of x86_64 and aarch64")]
@@ -77,24 +81,9 @@ fn field_offset(format: &str, name: &str) -> Option<u16> {
     })
 }
 
-/// Tracepoint offsets for every field the programs read.
-pub fn tracepoint_offsets() -> Result<TracepointOffsets, KernelInfoError> {
-    let len = tracepoint_fields(
-        "sock",
-        "sock_send_length",
-        &["sk", "family", "protocol", "ret", "flags"],
-    )?;
-    let recv = tracepoint_fields(
-        "sock",
-        "sock_recv_length",
-        &["sk", "family", "protocol", "ret", "flags"],
-    )?;
-    if len != recv {
-        return Err(KernelInfoError::MissingField {
-            tracepoint: "sock:sock_recv_length".into(),
-            field: "(layout differs from sock_send_length)".into(),
-        });
-    }
+/// Offsets of the `sock:inet_sock_set_state` fields the lifecycle program reads
+/// (every backend needs it). The I/O tracepoints' fields are left zero.
+pub fn lifecycle_offsets() -> Result<TracepointOffsets, KernelInfoError> {
     let st = tracepoint_fields(
         "sock",
         "inet_sock_set_state",
@@ -104,11 +93,6 @@ pub fn tracepoint_offsets() -> Result<TracepointOffsets, KernelInfoError> {
         ],
     )?;
     Ok(TracepointOffsets {
-        len_sk: len[0],
-        len_family: len[1],
-        len_protocol: len[2],
-        len_ret: len[3],
-        len_flags: len[4],
         state_skaddr: st[0],
         state_oldstate: st[1],
         state_newstate: st[2],
@@ -120,7 +104,130 @@ pub fn tracepoint_offsets() -> Result<TracepointOffsets, KernelInfoError> {
         state_daddr: st[8],
         state_saddr_v6: st[9],
         state_daddr_v6: st[10],
+        ..TracepointOffsets::default()
     })
+}
+
+/// Offsets of the `sock:sock_send_length` / `sock:sock_recv_length` fields (the
+/// tracepoints backend), as `(sk, family, protocol, ret, flags)`.
+pub fn io_tracepoint_offsets() -> Result<[u16; 5], KernelInfoError> {
+    let fields = ["sk", "family", "protocol", "ret", "flags"];
+    let send = tracepoint_fields("sock", "sock_send_length", &fields)?;
+    let recv = tracepoint_fields("sock", "sock_recv_length", &fields)?;
+    if send != recv {
+        return Err(KernelInfoError::MissingField {
+            tracepoint: "sock:sock_recv_length".into(),
+            field: "(layout differs from sock_send_length)".into(),
+        });
+    }
+    Ok([send[0], send[1], send[2], send[3], send[4]])
+}
+
+/// Tracepoint offsets for every field the programs of the tracepoints backend read.
+pub fn tracepoint_offsets() -> Result<TracepointOffsets, KernelInfoError> {
+    let len = io_tracepoint_offsets()?;
+    Ok(TracepointOffsets {
+        len_sk: len[0],
+        len_family: len[1],
+        len_protocol: len[2],
+        len_ret: len[3],
+        len_flags: len[4],
+        ..lifecycle_offsets()?
+    })
+}
+
+fn load_btf() -> Result<Btf, KernelInfoError> {
+    Btf::from_file(VMLINUX_BTF).map_err(|e| KernelInfoError::Btf(e.to_string()))
+}
+
+/// The parameter names of kernel function `name`, from BTF.
+fn function_params(btf: &Btf, name: &str) -> Result<Vec<String>, KernelInfoError> {
+    let missing = || KernelInfoError::MissingFunction(name.to_string());
+    let types = btf.resolve_types_by_name(name).map_err(|_| missing())?;
+    let func = types
+        .iter()
+        .find_map(|t| match t {
+            Type::Func(f) => Some(f.clone()),
+            _ => None,
+        })
+        .ok_or_else(missing)?;
+    let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&func) else {
+        return Err(missing());
+    };
+    Ok(proto
+        .parameters
+        .iter()
+        .map(|p| btf.resolve_name(p).unwrap_or_default())
+        .collect())
+}
+
+/// Where `tcp_sendmsg` and `tcp_recvmsg` keep the arguments the fexit and kprobe
+/// backends read (the kernel programs exist for each layout these allow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionArgs {
+    /// Index of `flags` among `tcp_recvmsg`'s parameters: 3 from Linux 5.19, 4
+    /// before (a `nonblock` parameter came first).
+    pub recv_flags: u16,
+    /// Number of `tcp_recvmsg` parameters.
+    pub recv_nargs: u16,
+    /// Number of `tcp_sendmsg` parameters.
+    pub send_nargs: u16,
+}
+
+/// The layout of `tcp_sendmsg` and `tcp_recvmsg`, from the running kernel's BTF.
+pub fn function_args() -> Result<FunctionArgs, KernelInfoError> {
+    function_args_in(&load_btf()?)
+}
+
+fn function_args_in(btf: &Btf) -> Result<FunctionArgs, KernelInfoError> {
+    let send = function_params(btf, "tcp_sendmsg")?;
+    let recv = function_params(btf, "tcp_recvmsg")?;
+    check_tcp_params(&send, &recv)
+}
+
+/// The layout of the two functions' parameters, refusing any the programs would
+/// misread: `tcp_sendmsg(sk, msg, size)`, and `tcp_recvmsg` as 6.10+ has it
+/// `(sk, msg, len, flags)`, as 5.19–6.9 have it `(sk, msg, len, flags, addr_len)`,
+/// or as before `(sk, msg, len, nonblock, flags, addr_len)`.
+fn check_tcp_params(send: &[String], recv: &[String]) -> Result<FunctionArgs, KernelInfoError> {
+    let unexpected = |f: &str, params: &[String]| KernelInfoError::FunctionLayout {
+        function: f.to_string(),
+        params: params.join(", "),
+    };
+    if send.len() != 3 || send[0] != "sk" {
+        return Err(unexpected("tcp_sendmsg", send));
+    }
+    let flags = recv.iter().position(|p| p == "flags");
+    let layout_known = recv.first().map(String::as_str) == Some("sk")
+        && matches!((flags, recv.len()), (Some(3), 4 | 5) | (Some(4), 6));
+    let (Some(flags), true) = (flags, layout_known) else {
+        return Err(unexpected("tcp_recvmsg", recv));
+    };
+    Ok(FunctionArgs {
+        recv_flags: flags as u16,
+        recv_nargs: recv.len() as u16,
+        send_nargs: send.len() as u16,
+    })
+}
+
+/// Whether each of `names` can be probed, from tracefs's
+/// `available_filter_functions`; names it cannot tell about are left out (the file
+/// missing or unreadable says nothing either way).
+pub fn traceable_functions(names: &[&str]) -> std::collections::HashMap<String, bool> {
+    let path = Path::new(TRACEFS).join("available_filter_functions");
+    let Ok(text) = fs::read_to_string(path) else {
+        return Default::default();
+    };
+    let mut found: std::collections::HashMap<String, bool> =
+        names.iter().map(|n| (n.to_string(), false)).collect();
+    for line in text.lines() {
+        // `name` or `name [module]`.
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if let Some(v) = found.get_mut(name) {
+            *v = true;
+        }
+    }
+    found
 }
 
 /// Byte offset of `member` in `struct strukt`, looking through anonymous unions and structs.
@@ -186,7 +293,7 @@ fn find_member(
 /// Struct offsets from the running kernel's BTF: `pt_regs` (syscall number and
 /// arguments) and `sock_common` (addresses of sockets opened before the agent).
 pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
-    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| KernelInfoError::Btf(e.to_string()))?;
+    let btf = load_btf()?;
     let (nr, a1, a2, a3) = match std::env::consts::ARCH {
         "x86_64" => ("orig_ax", "di", "si", "dx"),
         // aarch64: regs[0..] are x0.., syscallno holds the number; arguments are
@@ -321,5 +428,39 @@ format:
         assert!(k.regs_syscall_nr > 0);
         assert_eq!(k.have_sock_offsets, 1, "sock_common members found");
         assert_ne!(k.skc_daddr, k.skc_rcv_saddr);
+        // Every kernel tracer supports has both functions with the socket first.
+        let f = function_args().expect("tcp_sendmsg/tcp_recvmsg in BTF");
+        assert_eq!(f.send_nargs, 3);
+        assert!(f.recv_flags == 3 || f.recv_flags == 4, "{f:?}");
+        assert!(f.recv_nargs > f.recv_flags, "{f:?}");
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn finds_tcp_recvmsg_flags_on_old_and_new_kernels() {
+        let send = names(&["sk", "msg", "size"]);
+        // Linux ≥ 6.10.
+        let newest =
+            check_tcp_params(&send, &names(&["sk", "msg", "len", "flags"])).expect("6.10+ layout");
+        assert_eq!((newest.recv_flags, newest.recv_nargs), (3, 4));
+        // 5.19 to 6.9.
+        let new = check_tcp_params(&send, &names(&["sk", "msg", "len", "flags", "addr_len"]))
+            .expect("5.19+ layout");
+        assert_eq!((new.recv_flags, new.recv_nargs, new.send_nargs), (3, 5, 3));
+        // 5.15: `nonblock` before `flags`.
+        let old = check_tcp_params(
+            &send,
+            &names(&["sk", "msg", "len", "nonblock", "flags", "addr_len"]),
+        )
+        .expect("5.15 layout");
+        assert_eq!((old.recv_flags, old.recv_nargs), (4, 6));
+        // A layout the programs would misread is refused, not guessed.
+        assert!(check_tcp_params(&send, &names(&["msg", "sk", "len", "flags"])).is_err());
+        assert!(check_tcp_params(&send, &names(&["sk", "msg", "len"])).is_err());
+        assert!(check_tcp_params(&send, &names(&["sk", "msg", "len", "x", "flags"])).is_err());
+        assert!(check_tcp_params(&names(&["s", "m", "n"]), &names(&["sk", "flags"])).is_err());
     }
 }

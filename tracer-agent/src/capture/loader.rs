@@ -5,7 +5,7 @@ use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FExit, KProbe, TracePoint},
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,9 @@ use tracer_common::{
 };
 
 use super::{
-    Clock, Event, kernel_info,
+    Clock, Event,
+    backend::{Backend, BackendChoice},
+    kernel_info::{self, FunctionArgs},
     reader::{drain, take_all},
     recording::{RecordingWriter, Tee},
 };
@@ -30,21 +32,59 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[cfg(tracer_no_ebpf)]
 static EBPF_OBJECT: &[u8] = &[];
 
-/// The tracepoints the agent attaches, as (program, category, name).
-pub const TRACEPOINTS: [(&str, &str, &str); 4] = [
+/// The tracepoints every backend attaches, as (program, category, name).
+pub const LIFECYCLE_TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sock_send_length", "sock", "sock_send_length"),
-    ("sock_recv_length", "sock", "sock_recv_length"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
-/// The do-nothing program of the benchmark floor.
-const EMPTY_PROBE: &str = "empty_probe";
+/// The I/O tracepoints of the tracepoints backend, as (program, category, name).
+pub const IO_TRACEPOINTS: [(&str, &str, &str); 2] = [
+    ("sock_send_length", "sock", "sock_send_length"),
+    ("sock_recv_length", "sock", "sock_recv_length"),
+];
 
-fn tracepoint_program<'a>(
-    ebpf: &'a mut Ebpf,
-    program: &'static str,
-) -> Result<&'a mut TracePoint, CaptureError> {
+/// The fexit backend's programs for this kernel's `tcp_recvmsg` layout, as
+/// (program, kernel function).
+fn fexit_programs(args: FunctionArgs) -> [(&'static str, &'static str); 2] {
+    [
+        ("tcp_sendmsg_exit", "tcp_sendmsg"),
+        match args.recv_nargs {
+            4 => ("tcp_recvmsg_exit4", "tcp_recvmsg"),
+            5 => ("tcp_recvmsg_exit5", "tcp_recvmsg"),
+            _ => ("tcp_recvmsg_exit6", "tcp_recvmsg"),
+        },
+    ]
+}
+
+/// The kprobe backend's programs, as (program, kernel function).
+fn kprobe_programs(args: FunctionArgs) -> [(&'static str, &'static str); 4] {
+    [
+        ("tcp_sendmsg_entry", "tcp_sendmsg"),
+        ("tcp_sendmsg_return", "tcp_sendmsg"),
+        if args.recv_flags == 4 {
+            ("tcp_recvmsg_nonblock_entry", "tcp_recvmsg")
+        } else {
+            ("tcp_recvmsg_entry", "tcp_recvmsg")
+        },
+        ("tcp_recvmsg_return", "tcp_recvmsg"),
+    ]
+}
+
+/// The do-nothing programs of the benchmark floor, one per program type (an
+/// fexit program is bound to one function when it loads).
+const EMPTY_PROBE: &str = "empty_probe";
+const EMPTY_FEXIT: [(&str, &str); 2] = [
+    ("empty_fexit_send", "tcp_sendmsg"),
+    ("empty_fexit_recv", "tcp_recvmsg"),
+];
+const EMPTY_KPROBE: &str = "empty_kprobe";
+const EMPTY_KRETPROBE: &str = "empty_kretprobe";
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(program)
         .ok_or(CaptureError::Program {
             program,
@@ -52,6 +92,31 @@ fn tracepoint_program<'a>(
         })?
         .try_into()
         .map_err(|source| CaptureError::Program { program, source })
+}
+
+/// Loads and attaches tracepoint programs (or, for the benchmark floor, the
+/// do-nothing program at each of them).
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    tracepoints: &[(&'static str, &'static str, &'static str)],
+    empty: bool,
+) -> Result<(), CaptureError> {
+    for &(name, category, tracepoint) in tracepoints {
+        let name = if empty { EMPTY_PROBE } else { name };
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| CaptureError::Program {
+                program: name,
+                source,
+            })?;
+        }
+        prog.attach(category, tracepoint)
+            .map_err(|source| CaptureError::Program {
+                program: name,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +143,10 @@ pub enum CaptureError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("no capture backend can run here: {0}")]
+    NoBackend(String),
+    #[error("reading the kernel's BTF for {0}: {1}")]
+    Btf(&'static str, aya::BtfError),
     #[error("ring buffer polling: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -93,6 +162,8 @@ pub struct CaptureConfig {
     /// Benchmark floor: attach the same tracepoints with a program that does
     /// nothing (no event ever reaches user space).
     pub empty_probes: bool,
+    /// Which capture backend to use (`auto`: the first that works here).
+    pub backend: BackendChoice,
 }
 
 /// Tells the kernel to skip sockets user space decodes nothing on. Cheap to clone;
@@ -131,6 +202,7 @@ impl SocketIgnorer {
 /// The loaded and attached kernel programs.
 pub struct BpfCapture {
     ebpf: Ebpf,
+    backend: Backend,
     stats: PerCpuArray<MapData, u64>,
     ignorer: Option<SocketIgnorer>,
 }
@@ -155,7 +227,8 @@ pub fn privileged() -> bool {
 }
 
 impl BpfCapture {
-    /// Loads and attaches everything. Mounts tracefs first when it is missing.
+    /// Loads and attaches everything with the first backend of `cfg.backend` that
+    /// this kernel has and that loads. Mounts tracefs first when it is missing.
     pub fn load(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         if !privileged() {
             return Err(CaptureError::NotPrivileged);
@@ -169,8 +242,67 @@ impl BpfCapture {
                 kernel_info::TRACEFS
             );
         }
+        let mut passed_over = Vec::new();
+        for &backend in cfg.backend.candidates() {
+            let attempt = backend
+                .requirements()
+                .and_then(|()| Self::load_backend(cfg, backend).map_err(|e| e.to_string()));
+            match attempt {
+                Ok(capture) => {
+                    for (other, why) in &passed_over {
+                        log::info!("capture backend {other} not used: {why}");
+                    }
+                    return Ok(capture);
+                }
+                Err(why) => passed_over.push((backend, why)),
+            }
+        }
+        Err(CaptureError::NoBackend(
+            passed_over
+                .iter()
+                .map(|(b, why)| format!("{b}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
+    }
+
+    /// Tries every backend in turn, attaching and detaching it: what `check`
+    /// reports. Needs the privileges of [`BpfCapture::load`]. The programs are
+    /// verified with the largest capture size (the verifier reads the
+    /// configuration as constants: a smaller one could hide a path).
+    pub fn try_backends() -> Vec<(Backend, Result<(), String>)> {
+        let cfg = CaptureConfig {
+            capture_bytes: MAX_CAPTURE as u32,
+            pids: Vec::new(),
+            ports: Vec::new(),
+            ringbuf_bytes: 4096,
+            max_sockets: 64,
+            empty_probes: false,
+            backend: BackendChoice::Auto,
+        };
+        Backend::ALL
+            .iter()
+            .map(|&backend| {
+                let attempt = backend.requirements().and_then(|()| {
+                    Self::load_backend(&cfg, backend)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                });
+                (backend, attempt)
+            })
+            .collect()
+    }
+
+    /// Loads the object configured for `backend` and attaches the lifecycle
+    /// tracepoints and the backend's I/O programs. Dropping the result detaches all.
+    fn load_backend(cfg: &CaptureConfig, backend: Backend) -> Result<Self, CaptureError> {
+        let uses_functions = backend != Backend::Tracepoints;
         let kernel = KernelConfig {
-            tp: kernel_info::tracepoint_offsets()?,
+            tp: if uses_functions {
+                kernel_info::lifecycle_offsets()?
+            } else {
+                kernel_info::tracepoint_offsets()?
+            },
             kernel: kernel_info::kernel_offsets()?,
             syscalls: kernel_info::syscall_numbers()?,
             capture_bytes: cfg.capture_bytes.min(MAX_CAPTURE as u32),
@@ -224,22 +356,48 @@ impl BpfCapture {
             }
         }
 
-        if cfg.empty_probes {
-            let program = EMPTY_PROBE;
-            let prog = tracepoint_program(&mut ebpf, program)?;
-            prog.load()
-                .map_err(|source| CaptureError::Program { program, source })?;
-            for (_, category, name) in TRACEPOINTS {
-                prog.attach(category, name)
-                    .map_err(|source| CaptureError::Program { program, source })?;
+        attach_tracepoints(&mut ebpf, &LIFECYCLE_TRACEPOINTS, cfg.empty_probes)?;
+        match backend {
+            Backend::Tracepoints => {
+                attach_tracepoints(&mut ebpf, &IO_TRACEPOINTS, cfg.empty_probes)?
             }
-        } else {
-            for (program, category, name) in TRACEPOINTS {
-                let prog = tracepoint_program(&mut ebpf, program)?;
-                prog.load()
-                    .map_err(|source| CaptureError::Program { program, source })?;
-                prog.attach(category, name)
-                    .map_err(|source| CaptureError::Program { program, source })?;
+            Backend::Fexit => {
+                let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Btf("fexit", e))?;
+                let programs = if cfg.empty_probes {
+                    EMPTY_FEXIT
+                } else {
+                    fexit_programs(kernel_info::function_args()?)
+                };
+                for (name, function) in programs {
+                    let prog: &mut FExit = program(&mut ebpf, name)?;
+                    prog.load(function, &btf)
+                        .and_then(|()| prog.attach().map(drop))
+                        .map_err(|source| CaptureError::Program {
+                            program: name,
+                            source,
+                        })?;
+                }
+            }
+            Backend::Kprobes => {
+                for (name, function) in kprobe_programs(kernel_info::function_args()?) {
+                    let name = match (cfg.empty_probes, name.ends_with("_return")) {
+                        (false, _) => name,
+                        (true, false) => EMPTY_KPROBE,
+                        (true, true) => EMPTY_KRETPROBE,
+                    };
+                    let prog: &mut KProbe = program(&mut ebpf, name)?;
+                    if prog.fd().is_err() {
+                        prog.load().map_err(|source| CaptureError::Program {
+                            program: name,
+                            source,
+                        })?;
+                    }
+                    prog.attach(function, 0)
+                        .map_err(|source| CaptureError::Program {
+                            program: name,
+                            source,
+                        })?;
+                }
             }
         }
         let socks = ebpf
@@ -261,9 +419,15 @@ impl BpfCapture {
         })?;
         Ok(Self {
             ebpf,
+            backend,
             stats,
             ignorer,
         })
+    }
+
+    /// The capture backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The handle user space uses to have the kernel skip sockets.

@@ -6,6 +6,7 @@
 //! `Vec<Event>` batches from a bounded channel, so it can be tested by replaying
 //! recorded events without root.
 
+pub mod backend;
 pub mod kernel_info;
 pub mod loader;
 pub mod reader;
