@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod overhead;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -62,6 +63,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', value_parser = overhead::PARTS)]
         only: Vec<String>,
     },
+    /// Only the kernel matrix of `test`: the main integration tests in VMs booting
+    /// Debian's packaged kernels (as root).
+    Vm,
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 30)]
@@ -106,6 +110,18 @@ fn main() -> Result<()> {
             }
             bench(&which, requests)
         }
+        Cmd::Vm => {
+            setup(true)?;
+            let rotel =
+                rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
+            let mut tally = Tally::default();
+            vm::matrix(&rotel, &mut tally)?;
+            println!(
+                "kernel matrix: {} passed, {} failed",
+                tally.passed, tally.failed
+            );
+            Ok(())
+        }
         Cmd::Fuzz { seconds } => {
             setup(true)?;
             fuzz(seconds)
@@ -142,6 +158,27 @@ struct Tally {
     failed: u64,
 }
 
+/// Counts the results in cargo test output lines.
+fn count_results(line: &str, tally: &mut Tally) {
+    if let Some(rest) = line.strip_prefix("test result: ") {
+        let count = |word: &str| {
+            rest.split(';')
+                .find_map(|part| {
+                    part.trim()
+                        .strip_suffix(word)?
+                        .trim()
+                        .rsplit(' ')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        tally.passed += count(" passed");
+        tally.failed += count(" failed");
+    }
+}
+
 /// Runs a test command, echoing its output and counting its results.
 fn run_tests(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
     use std::io::{BufRead, BufReader};
@@ -154,23 +191,7 @@ fn run_tests(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(word)?
-                            .trim()
-                            .rsplit(' ')
-                            .next()?
-                            .parse::<u64>()
-                            .ok()
-                    })
-                    .unwrap_or(0)
-            };
-            tally.passed += count(" passed");
-            tally.failed += count(" failed");
-        }
+        count_results(&line, tally);
     }
     let status = child.wait()?;
     if !status.success() {
@@ -235,6 +256,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libpostgresql-jdbc-java",
     // JDBC driver of the MariaDB/MySQL driver tests (drivers.rs).
     "libmariadb-java",
+    // The kernel matrix (vm.rs): QEMU, and what virtme-ng builds its initramfs from.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 /// Python clients the integration tests drive (in the private venv).
 const PYTHON_PACKAGES: &[&str] = &[
@@ -252,6 +277,8 @@ const PYTHON_PACKAGES: &[&str] = &[
     "asyncpg==0.32.0",
     "uvicorn==0.54.0",
     "httpx==0.28.1",
+    // Boots packaged kernels over the host's own files for the kernel matrix.
+    "virtme-ng==1.42",
 ];
 /// npm packages of the Node.js server model (bench_parents.rs), in target/xtask/node.
 const NPM_PACKAGES: &[&str] = &["pg@8.23.1", "ioredis@6.0.0", "mysql2@3.24.6"];

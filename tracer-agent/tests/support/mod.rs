@@ -43,7 +43,9 @@ pub fn free_port() -> u16 {
 }
 
 pub fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // Generous: in the kernel matrix's emulated VMs a Python program importing
+    // SQLAlchemy takes tens of seconds to start.
+    let deadline = Instant::now() + Duration::from_secs(90);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,

@@ -1,0 +1,296 @@
+//! The kernel matrix: the integration tests that matter most, run against the
+//! agent built once on the host, inside VMs booting the kernels production nodes
+//! run (Debian's packaged kernels, under QEMU, by virtme-ng over the host's own
+//! files). A kernel that cannot be fetched or booted, or a run that does not
+//! finish, fails: never a skip.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Tally, count_results, is_root, output, run, tools_dir, workspace_root};
+
+/// One VM run: a kernel (the newest Debian package whose name matches) and the
+/// capture backend the agent is made to use (`auto` lets it choose).
+struct Entry {
+    /// `apt-cache search` pattern of the kernel package.
+    package: &'static str,
+    backend: &'static str,
+}
+
+const MATRIX: &[Entry] = &[
+    // Debian 12, Amazon Linux 2023, COS: no sock_*_length tracepoints, so auto
+    // takes fexit there.
+    Entry {
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        backend: "auto",
+    },
+    // The kprobe backend, on the same kernel (what kernels without BPF
+    // trampolines get).
+    Entry {
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        backend: "kprobes",
+    },
+];
+
+/// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
+/// detection and the parent chain.
+const TESTS: &[(&str, &[&str])] = &[
+    (
+        "http_capture",
+        &[
+            "python_http_server_and_curl_give_one_server_and_one_client_span",
+            "get_404_post_with_body_and_keep_alive",
+        ],
+    ),
+    (
+        "db_capture",
+        &[
+            "psql_simple_and_failing_queries",
+            "psycopg_session_gives_exactly_its_five_calls",
+        ],
+    ),
+    (
+        "leaks",
+        &["leaked_connections_are_reported_with_their_culprit_and_nothing_else"],
+    ),
+    (
+        "parent_chain",
+        &[
+            "a_three_service_chain_without_headers_gives_the_exact_tree",
+            "a_three_service_chain_with_traceparent_headers_gives_the_exact_tree",
+        ],
+    ),
+];
+
+/// Longest one VM run may take (software emulation: no usable KVM here).
+const VM_TIMEOUT_SECS: u64 = 1800;
+
+fn as_root_cmd(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+/// The newest package matching `pattern`, downloaded and unpacked under
+/// target/xtask/kernels, its modules visible at /lib/modules/<release> and
+/// indexed. Returns (release, vmlinuz).
+fn kernel(pattern: &str) -> Result<(String, PathBuf)> {
+    let list = output(Command::new("apt-cache").args(["search", "--names-only", pattern]))
+        .context("apt-cache search failed")?;
+    let number = |name: &str| -> u64 {
+        name.split('-')
+            .nth(3)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let package = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .max_by_key(|name| number(name))
+        .with_context(|| format!("no kernel package matches {pattern} (apt-get update?)"))?
+        .to_string();
+    // linux-image-6.1.0-57-amd64-unsigned → 6.1.0-57-amd64
+    let release = package
+        .trim_start_matches("linux-image-")
+        .trim_end_matches("-unsigned")
+        .to_string();
+    let dir = tools_dir().join("kernels").join(&package);
+    let root = dir.join("root");
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", "-q", &package]))?;
+        let deb = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        let _ = std::fs::remove_file(&deb);
+    }
+    let modules = root.join("lib/modules").join(&release);
+    let visible = Path::new("/lib/modules").join(&release);
+    if std::fs::read_link(&visible).ok().as_deref() != Some(modules.as_path()) {
+        run(as_root_cmd("mkdir").args(["-p", "/lib/modules"]))?;
+        run(as_root_cmd("ln").arg("-sfn").arg(&modules).arg(&visible))?;
+    }
+    if !modules.join("modules.dep.bin").exists() {
+        run(as_root_cmd("/sbin/depmod")
+            .arg("-b")
+            .arg(&root)
+            .arg(&release))?;
+    }
+    Ok((release, vmlinuz))
+}
+
+/// Builds the integration tests (release: the agent's start-up is slow enough
+/// under emulation) and returns each binary by test name.
+fn release_tests() -> Result<Vec<(String, PathBuf)>> {
+    let out = crate::cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "tracer-agent",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("building the release integration tests")?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("building the release integration tests failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !(line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains("\"kind\":[\"test\"]"))
+        {
+            continue;
+        }
+        let name = line
+            .split("\"name\":\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next());
+        let exe = line
+            .split("\"executable\":\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next());
+        if let (Some(name), Some(exe)) = (name, exe) {
+            found.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(found)
+}
+
+/// Runs every matrix entry; their test results join `tally`.
+pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
+    let binaries = release_tests()?;
+    let agent = workspace_root().join("target/release/tracer-agent");
+    let vng = tools_dir().join("venv/bin/vng");
+    for entry in MATRIX {
+        let (release, vmlinuz) = kernel(entry.package)?;
+        let label = format!("{release} ({} backend)", entry.backend);
+        let out = tools_dir()
+            .join("vm")
+            .join(format!("{release}-{}", entry.backend));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out)?;
+        let mut script = String::from("#!/bin/bash\n");
+        script += &format!(
+            "cd {root}/tracer-agent\nexport CI=true TRACER_ROTEL_AGENT={rotel} TRACER_PYTHON={py}\n",
+            root = workspace_root().display(),
+            rotel = rotel.display(),
+            py = tools_dir().join("venv/bin/python").display(),
+        );
+        if entry.backend != "auto" {
+            script += &format!("export TRACER_CAPTURE_BACKEND={}\n", entry.backend);
+        }
+        let o = out.display();
+        script += &format!("uname -r > {o}/uname\n");
+        script += &format!(
+            "{} check > {o}/check.txt 2>&1; echo $? > {o}/check.rc\n",
+            agent.display()
+        );
+        for (name, tests) in TESTS {
+            let (_, exe) = binaries
+                .iter()
+                .find(|(n, _)| n == name)
+                .with_context(|| format!("no release test binary {name}"))?;
+            script += &format!(
+                "{} --test-threads=1 --exact {} >> {o}/tests.txt 2>&1; echo \"{name} $?\" >> {o}/rcs\n",
+                exe.display(),
+                tests.join(" ")
+            );
+        }
+        script += &format!("echo finished > {o}/finished\n");
+        let script_path = out.join("run.sh");
+        std::fs::write(&script_path, script)?;
+
+        eprintln!("xtask: kernel matrix: {label}");
+        // vng runs its helpers (virtme-run) from PATH: the venv's bin first.
+        let path = format!(
+            "{}:{}",
+            tools_dir().join("venv/bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let status = Command::new("timeout")
+            .env("PATH", path)
+            .arg(VM_TIMEOUT_SECS.to_string())
+            .arg(&vng)
+            .arg("--run")
+            .arg(&vmlinuz)
+            .args([
+                "--disable-kvm",
+                "--force-9p",
+                "--cpus",
+                "2",
+                "--memory",
+                "4G",
+            ])
+            .arg("--rwdir")
+            .arg(&out)
+            .arg("--")
+            .arg(format!("bash {}", script_path.display()))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("starting {}", vng.display()))?;
+        let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+        if read("finished").is_empty() {
+            bail!(
+                "kernel matrix {label}: the VM did not finish its run ({status}); see {}",
+                out.display()
+            );
+        }
+        if read("uname").trim() != release {
+            bail!(
+                "kernel matrix {label}: the VM ran {:?}, not {release}",
+                read("uname").trim()
+            );
+        }
+        let check = read("check.txt");
+        println!("--- {label}: tracer-agent check\n{check}");
+        if read("check.rc").trim() != "0" || !check.contains("verdict: ready") {
+            bail!("kernel matrix {label}: tracer-agent check does not say ready");
+        }
+        let (passed_before, before) = (tally.passed, tally.failed);
+        for line in read("tests.txt").lines() {
+            println!("{line}");
+            count_results(line, tally);
+        }
+        let failed_binaries: Vec<String> = read("rcs")
+            .lines()
+            .filter(|l| !l.ends_with(" 0"))
+            .map(str::to_string)
+            .collect();
+        if tally.failed > before || !failed_binaries.is_empty() {
+            bail!("kernel matrix {label}: tests failed: {failed_binaries:?}");
+        }
+        let expected: usize = TESTS.iter().map(|(_, t)| t.len()).sum();
+        if tally.passed - passed_before != expected as u64 {
+            bail!(
+                "kernel matrix {label}: {} of the {expected} tests passed",
+                tally.passed - passed_before
+            );
+        }
+        let ran = read("rcs").lines().count();
+        if ran != TESTS.len() {
+            bail!(
+                "kernel matrix {label}: {ran} of {} test binaries ran",
+                TESTS.len()
+            );
+        }
+    }
+    Ok(())
+}
