@@ -509,6 +509,41 @@ fn test_binary(name: &str, release: bool) -> Result<PathBuf> {
         .with_context(|| format!("no executable for {name}"))
 }
 
+/// Builds tracer-agent's integration tests (debug or release) and returns each
+/// binary with its test name.
+fn integration_tests(release: bool) -> Result<Vec<(String, PathBuf)>> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "tracer-agent",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().context("building the integration tests")?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("building the integration tests failed");
+    }
+    let field = |line: &str, key: &str| {
+        line.split(&format!("\"{key}\":\"")[..])
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .map(str::to_string)
+    };
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"kind\":[\"test\"]")
+        })
+        .filter_map(|l| Some((field(l, "name")?, PathBuf::from(field(l, "executable")?))))
+        .collect())
+}
+
 /// Runs a benchmark as root (it loads the real BPF programs).
 fn bench(which: &str, requests: usize) -> Result<()> {
     match which {
@@ -558,34 +593,10 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
     // Integration tests load real BPF programs: build them, then run them as root,
     // one at a time.
     let rotel = rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
-    let out = cargo()
-        .args([
-            "test",
-            "-p",
-            "tracer-agent",
-            "--tests",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .output()
-        .context("building integration tests")?;
-    if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        bail!("building the integration tests failed");
-    }
-    let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let is_test = line.contains("\"reason\":\"compiler-artifact\"")
-            && line.contains("\"kind\":[\"test\"]");
-        if is_test
-            && let Some(exe) = line
-                .split("\"executable\":\"")
-                .nth(1)
-                .and_then(|s| s.split('"').next())
-        {
-            binaries.push(PathBuf::from(exe));
-        }
-    }
+    let binaries: Vec<PathBuf> = integration_tests(false)?
+        .into_iter()
+        .map(|(_, exe)| exe)
+        .collect();
     if binaries.is_empty() {
         bail!("no integration test binaries were built");
     }

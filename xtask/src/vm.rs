@@ -133,50 +133,10 @@ fn kernel(pattern: &str) -> Result<(String, PathBuf)> {
     Ok((release, vmlinuz))
 }
 
-/// Builds the integration tests (release: the agent's start-up is slow enough
-/// under emulation) and returns each binary by test name.
-fn release_tests() -> Result<Vec<(String, PathBuf)>> {
-    let out = crate::cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "tracer-agent",
-            "--tests",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .output()
-        .context("building the release integration tests")?;
-    if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        bail!("building the release integration tests failed");
-    }
-    let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if !(line.contains("\"reason\":\"compiler-artifact\"")
-            && line.contains("\"kind\":[\"test\"]"))
-        {
-            continue;
-        }
-        let name = line
-            .split("\"name\":\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next());
-        let exe = line
-            .split("\"executable\":\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next());
-        if let (Some(name), Some(exe)) = (name, exe) {
-            found.push((name.to_string(), PathBuf::from(exe)));
-        }
-    }
-    Ok(found)
-}
-
 /// Runs every matrix entry; their test results join `tally`.
 pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
-    let binaries = release_tests()?;
+    // Release: the agent's start-up is slow enough under emulation.
+    let binaries = crate::integration_tests(true)?;
     let agent = workspace_root().join("target/release/tracer-agent");
     let vng = tools_dir().join("venv/bin/vng");
     for entry in MATRIX {
