@@ -70,8 +70,8 @@ pub struct RunArgs {
     /// SQL literals may hold personal data or secrets).
     #[arg(long)]
     pub keep_sql_literals: bool,
-    /// How to capture socket I/O: auto (the first of tracepoints, fexit, kprobes
-    /// that this kernel has and that loads), or one of them [default: auto].
+    /// How to capture socket I/O: auto (the first of tracepoints, fexit, kprobes,
+    /// syscalls that this kernel has and that loads), or one of them [default: auto].
     #[arg(long, value_enum, env = "TRACER_CAPTURE_BACKEND")]
     pub capture_backend: Option<BackendChoice>,
     /// Benchmark floor: attach the same tracepoints with programs that do nothing

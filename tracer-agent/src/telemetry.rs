@@ -235,7 +235,7 @@ impl Telemetry {
         };
         registry.register(
             "capture_backend",
-            "The capture backend in use (tracepoints, fexit or kprobes): 1 on its label",
+            "The capture backend in use (tracepoints, fexit, kprobes or syscalls): 1 on its label",
             t.capture_backend.clone(),
         );
         registry.register(

@@ -53,6 +53,31 @@ pub struct KernelOffsets {
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24);
 
+/// What the syscalls backend reads to get from a syscall's file descriptor to its
+/// TCP socket (`task->files->fdt->fd[fd]->private_data->sk`), from BTF, and where
+/// the `syscalls:sys_exit_*` records keep the return value (from their format).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FdOffsets {
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdt_max_fds: u16,
+    pub fdt_fd: u16,
+    pub file_inode: u16,
+    pub file_private_data: u16,
+    pub inode_mode: u16,
+    pub socket_sk: u16,
+    pub sk_protocol: u16,
+    /// `struct pt_regs`: the fourth syscall argument (recvfrom's flags).
+    pub regs_arg4: u16,
+    /// `ret` in the `syscalls:sys_exit_*` records.
+    pub exit_ret: u16,
+    /// 1 when the offsets above are valid.
+    pub valid: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<FdOffsets>() == 24);
+
 /// Syscall numbers the programs decode buffers for (architecture specific).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -74,6 +99,7 @@ pub struct KernelConfig {
     pub tp: TracepointOffsets,
     pub kernel: KernelOffsets,
     pub syscalls: SyscallNumbers,
+    pub fd: FdOffsets,
     /// Payload bytes to capture per syscall (≤ `MAX_CAPTURE`).
     pub capture_bytes: u32,
     /// The agent's own process id: its socket I/O is never traced.
@@ -88,7 +114,7 @@ pub struct KernelConfig {
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 24 + 32 + 24);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 24 + 32 + 24 + 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelConfig {}

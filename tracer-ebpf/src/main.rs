@@ -7,7 +7,9 @@
 //!   the task's `pt_regs` and a bounded prefix of it is copied out.
 //! - Where those are missing, the same from the kernel functions `tcp_sendmsg` /
 //!   `tcp_recvmsg`, by fexit or by kprobe + kretprobe (`tcp_functions.rs`). The agent
-//!   loads one of the three capture backends.
+//!   loads one of the capture backends.
+//! - As a last resort, the syscall tracepoints `syscalls:sys_exit_{read,write,…}`,
+//!   following each syscall's file descriptor to its socket (`syscalls.rs`).
 //! - `sched:sched_process_exit`: process exits, so user space can forget processes.
 //!
 //! Nothing but TCP socket I/O and process exits reaches user space.
@@ -16,6 +18,7 @@
 
 mod io;
 mod lifecycle;
+mod syscalls;
 mod tcp_functions;
 
 use aya_ebpf::{

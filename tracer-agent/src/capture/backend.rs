@@ -1,10 +1,11 @@
-//! Capture backends: the three ways the kernel programs can see every TCP socket
+//! Capture backends: the four ways the kernel programs can see every TCP socket
 //! write and read, what each needs from the kernel, and which one to use.
 //!
-//! All three feed the same kernel-side core and produce the same events; they
+//! All four feed the same kernel-side core and produce the same events; they
 //! differ only in where they attach. `auto` takes the first whose requirements the
 //! running kernel meets and whose programs load and attach, in the order of
-//! [`Backend::ALL`] (cheapest first). Nothing is chosen by kernel version.
+//! [`Backend::ALL`] (cheapest first; the syscall tracepoints, which run on every
+//! read and write of every file, last). Nothing is chosen by kernel version.
 
 use std::path::Path;
 
@@ -21,6 +22,9 @@ pub enum Backend {
     Fexit,
     /// kprobe + kretprobe on `tcp_sendmsg` / `tcp_recvmsg`.
     Kprobes,
+    /// `syscalls:sys_exit_{read,write,…}`, each syscall's file descriptor followed
+    /// to its socket. The last resort: it runs on every read and write.
+    Syscalls,
 }
 
 /// `--capture-backend`: a backend, or `auto`.
@@ -32,6 +36,7 @@ pub enum BackendChoice {
     Tracepoints,
     Fexit,
     Kprobes,
+    Syscalls,
 }
 
 impl BackendChoice {
@@ -42,6 +47,7 @@ impl BackendChoice {
             BackendChoice::Tracepoints => &[Backend::Tracepoints],
             BackendChoice::Fexit => &[Backend::Fexit],
             BackendChoice::Kprobes => &[Backend::Kprobes],
+            BackendChoice::Syscalls => &[Backend::Syscalls],
         }
     }
 }
@@ -51,13 +57,19 @@ pub const TCP_FUNCTIONS: [&str; 2] = ["tcp_sendmsg", "tcp_recvmsg"];
 
 impl Backend {
     /// Every backend, in the order `auto` tries them.
-    pub const ALL: [Backend; 3] = [Backend::Tracepoints, Backend::Fexit, Backend::Kprobes];
+    pub const ALL: [Backend; 4] = [
+        Backend::Tracepoints,
+        Backend::Fexit,
+        Backend::Kprobes,
+        Backend::Syscalls,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Backend::Tracepoints => "tracepoints",
             Backend::Fexit => "fexit",
             Backend::Kprobes => "kprobes",
+            Backend::Syscalls => "syscalls",
         }
     }
 
@@ -70,7 +82,12 @@ impl Backend {
             Backend::Fexit => {
                 "fexit (BPF trampolines) on tcp_sendmsg and tcp_recvmsg, described in BTF"
             }
-            Backend::Kprobes => "kprobes and kretprobes on tcp_sendmsg and tcp_recvmsg",
+            Backend::Kprobes => {
+                "kprobes on tcp_sendmsg and tcp_recvmsg, and return probes defined in tracefs kprobe_events"
+            }
+            Backend::Syscalls => {
+                "syscall exit tracepoints (CONFIG_FTRACE_SYSCALLS) and struct file/socket in BTF; runs on every read and write, not only on sockets"
+            }
         }
     }
 
@@ -99,6 +116,15 @@ impl Backend {
                 if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
                     return Err("the kernel has no kprobes (CONFIG_KPROBES)".into());
                 }
+                if !Path::new(kernel_info::TRACEFS)
+                    .join("kprobe_events")
+                    .exists()
+                {
+                    return Err(format!(
+                        "no {}/kprobe_events (CONFIG_KPROBE_EVENTS)",
+                        kernel_info::TRACEFS
+                    ));
+                }
                 kernel_info::function_args()
                     .map(|_| ())
                     .map_err(|e| e.to_string())?;
@@ -110,6 +136,21 @@ impl Backend {
                     Some(f) => Err(format!("{f} cannot be probed on this kernel")),
                     None => Ok(()),
                 }
+            }
+            Backend::Syscalls => {
+                for (_, name) in kernel_info::SYSCALL_EXITS {
+                    let dir = Path::new(kernel_info::TRACEFS)
+                        .join("events/syscalls")
+                        .join(name);
+                    if !dir.is_dir() {
+                        return Err(format!(
+                            "no tracepoint syscalls:{name} (the kernel needs CONFIG_FTRACE_SYSCALLS)"
+                        ));
+                    }
+                }
+                kernel_info::fd_offsets()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
         }
     }

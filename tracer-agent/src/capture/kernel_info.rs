@@ -8,7 +8,7 @@ use std::{
 };
 
 use btf_rs::{Btf, Type};
-use tracer_common::config::{KernelOffsets, SyscallNumbers, TracepointOffsets};
+use tracer_common::config::{FdOffsets, KernelOffsets, SyscallNumbers, TracepointOffsets};
 
 /// Where the running kernel's BTF lives.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -290,6 +290,57 @@ fn find_member(
     None
 }
 
+/// The syscall exits the syscalls backend attaches to, as (program, name in the
+/// `syscalls` category).
+pub const SYSCALL_EXITS: [(&str, &str); 8] = [
+    ("sys_exit_send", "sys_exit_write"),
+    ("sys_exit_send", "sys_exit_writev"),
+    ("sys_exit_send", "sys_exit_sendto"),
+    ("sys_exit_send", "sys_exit_sendmsg"),
+    ("sys_exit_recv", "sys_exit_read"),
+    ("sys_exit_recv", "sys_exit_readv"),
+    ("sys_exit_recv", "sys_exit_recvfrom"),
+    ("sys_exit_recv", "sys_exit_recvmsg"),
+];
+
+/// What the syscalls backend reads to follow a file descriptor to its socket
+/// (BTF), and where the syscall exit records keep `ret` (their format files, which
+/// must agree).
+pub fn fd_offsets() -> Result<FdOffsets, KernelInfoError> {
+    let mut ret = None;
+    for (_, name) in SYSCALL_EXITS {
+        let off = tracepoint_fields("syscalls", name, &["ret"])?[0];
+        if ret.is_some_and(|r| r != off) {
+            return Err(KernelInfoError::MissingField {
+                tracepoint: format!("syscalls:{name}"),
+                field: "ret (at another offset than in the other syscall exits)".into(),
+            });
+        }
+        ret = Some(off);
+    }
+    let btf = load_btf()?;
+    let byte = |strukt: &str, member: &str| member_offset(&btf, strukt, member);
+    let regs_arg4 = match std::env::consts::ARCH {
+        "x86_64" => byte("pt_regs", "r10")?,
+        "aarch64" => byte("pt_regs", "regs")? + 24,
+        other => return Err(KernelInfoError::Arch(other)),
+    };
+    Ok(FdOffsets {
+        task_files: byte("task_struct", "files")?,
+        files_fdt: byte("files_struct", "fdt")?,
+        fdt_max_fds: byte("fdtable", "max_fds")?,
+        fdt_fd: byte("fdtable", "fd")?,
+        file_inode: byte("file", "f_inode")?,
+        file_private_data: byte("file", "private_data")?,
+        inode_mode: byte("inode", "i_mode")?,
+        socket_sk: byte("socket", "sk")?,
+        sk_protocol: byte("sock", "sk_protocol")?,
+        regs_arg4,
+        exit_ret: ret.unwrap_or_default(),
+        valid: 1,
+    })
+}
+
 /// Struct offsets from the running kernel's BTF: `pt_regs` (syscall number and
 /// arguments) and `sock_common` (addresses of sockets opened before the agent).
 pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
@@ -298,7 +349,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
         "x86_64" => ("orig_ax", "di", "si", "dx"),
         // aarch64: regs[0..] are x0.., syscallno holds the number; arguments are
         // looked up as the array base plus 8 bytes per register.
-        "aarch64" => ("syscallno", "regs", "regs", "regs"),
+        "aarch64" => ("syscallno", "orig_x0", "regs", "regs"),
         other => return Err(KernelInfoError::Arch(other)),
     };
     let mut k = KernelOffsets {
@@ -309,7 +360,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
         ..KernelOffsets::default()
     };
     if std::env::consts::ARCH == "aarch64" {
-        // x0 holds the first argument (orig_x0 after syscall entry), x1 and x2 the next.
+        // x0 holds the first argument until the syscall returns into it, so the
+        // first is read from orig_x0; x1 and x2 hold the next two.
         k.regs_arg2 += 8;
         k.regs_arg3 += 16;
     }
@@ -433,6 +485,31 @@ format:
         assert_eq!(f.send_nargs, 3);
         assert!(f.recv_flags == 3 || f.recv_flags == 4, "{f:?}");
         assert!(f.recv_nargs > f.recv_flags, "{f:?}");
+    }
+
+    #[test]
+    fn follows_file_descriptors_to_sockets_in_this_kernels_btf() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            return;
+        }
+        let btf = load_btf().expect("BTF");
+        let byte = |s: &str, m: &str| member_offset(&btf, s, m).expect("member");
+        // The chain the syscalls backend follows, one struct at a time: each
+        // pointer it reads lies inside its struct, and members that share a
+        // struct sit at different places.
+        assert!(byte("task_struct", "files") > 0);
+        assert_ne!(byte("fdtable", "max_fds"), byte("fdtable", "fd"));
+        assert_ne!(byte("file", "f_inode"), byte("file", "private_data"));
+        assert!(byte("socket", "sk") > 0);
+        assert!(byte("sock", "sk_protocol") > byte("sock", "__sk_common"));
+        if !tracefs_mounted() {
+            return;
+        }
+        let fd = fd_offsets().expect("syscall exits and file offsets");
+        assert_eq!(fd.valid, 1);
+        assert_eq!(fd.task_files, byte("task_struct", "files"));
+        // `ret` follows the common fields and the syscall number.
+        assert!(fd.exit_ret >= 16, "{fd:?}");
     }
 
     fn names(list: &[&str]) -> Vec<String> {

@@ -1,6 +1,10 @@
 //! Loads the kernel programs, attaches them and reads their ring buffer.
 
-use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -11,7 +15,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracer_common::{
     MAX_CAPTURE,
-    config::KernelConfig,
+    config::{FdOffsets, KernelConfig},
     conn::{IGNORED_NOT_DECODED, SockInfo},
     names,
     stats::{COUNTERS, Counter},
@@ -23,6 +27,7 @@ use super::{
     kernel_info::{self, FunctionArgs},
     reader::{drain, take_all},
     recording::{RecordingWriter, Tee},
+    return_probe::{self, ReturnProbe},
 };
 use crate::telemetry::Telemetry;
 
@@ -125,6 +130,11 @@ pub enum CaptureError {
         "loading eBPF programs needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN); run it with sudo"
     )]
     NotPrivileged,
+    #[error("program {program}: {source}")]
+    ReturnProbe {
+        program: &'static str,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     KernelInfo(#[from] kernel_info::KernelInfoError),
     #[error("this agent was built without its eBPF object (AYA_BUILD_SKIP was set)")]
@@ -205,6 +215,9 @@ pub struct BpfCapture {
     backend: Backend,
     stats: PerCpuArray<MapData, u64>,
     ignorer: Option<SocketIgnorer>,
+    /// The kprobe backend's return probes (attached outside aya, see
+    /// `return_probe.rs`); dropping them detaches them.
+    _return_probes: Vec<ReturnProbe>,
 }
 
 /// True when the process can load BPF programs (root or the needed capabilities).
@@ -296,15 +309,19 @@ impl BpfCapture {
     /// Loads the object configured for `backend` and attaches the lifecycle
     /// tracepoints and the backend's I/O programs. Dropping the result detaches all.
     fn load_backend(cfg: &CaptureConfig, backend: Backend) -> Result<Self, CaptureError> {
-        let uses_functions = backend != Backend::Tracepoints;
         let kernel = KernelConfig {
-            tp: if uses_functions {
-                kernel_info::lifecycle_offsets()?
-            } else {
+            tp: if backend == Backend::Tracepoints {
                 kernel_info::tracepoint_offsets()?
+            } else {
+                kernel_info::lifecycle_offsets()?
             },
             kernel: kernel_info::kernel_offsets()?,
             syscalls: kernel_info::syscall_numbers()?,
+            fd: if backend == Backend::Syscalls {
+                kernel_info::fd_offsets()?
+            } else {
+                FdOffsets::default()
+            },
             capture_bytes: cfg.capture_bytes.min(MAX_CAPTURE as u32),
             agent_tgid: std::process::id(),
             filter_pids: u32::from(!cfg.pids.is_empty()),
@@ -357,9 +374,15 @@ impl BpfCapture {
         }
 
         attach_tracepoints(&mut ebpf, &LIFECYCLE_TRACEPOINTS, cfg.empty_probes)?;
+        let mut return_probes = Vec::new();
         match backend {
             Backend::Tracepoints => {
                 attach_tracepoints(&mut ebpf, &IO_TRACEPOINTS, cfg.empty_probes)?
+            }
+            Backend::Syscalls => {
+                let exits =
+                    kernel_info::SYSCALL_EXITS.map(|(program, name)| (program, "syscalls", name));
+                attach_tracepoints(&mut ebpf, &exits, cfg.empty_probes)?
             }
             Backend::Fexit => {
                 let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Btf("fexit", e))?;
@@ -379,8 +402,10 @@ impl BpfCapture {
                 }
             }
             Backend::Kprobes => {
+                ReturnProbe::remove_stale();
                 for (name, function) in kprobe_programs(kernel_info::function_args()?) {
-                    let name = match (cfg.empty_probes, name.ends_with("_return")) {
+                    let is_return = name.ends_with("_return");
+                    let name = match (cfg.empty_probes, is_return) {
                         (false, _) => name,
                         (true, false) => EMPTY_KPROBE,
                         (true, true) => EMPTY_KRETPROBE,
@@ -392,11 +417,26 @@ impl BpfCapture {
                             source,
                         })?;
                     }
-                    prog.attach(function, 0)
-                        .map_err(|source| CaptureError::Program {
+                    if is_return {
+                        // With room for as many blocked readers as the kernel allows.
+                        let fd = prog.fd().map_err(|source| CaptureError::Program {
                             program: name,
                             source,
                         })?;
+                        let probe =
+                            ReturnProbe::attach(fd.as_fd(), function, return_probe::MAX_ACTIVE)
+                                .map_err(|source| CaptureError::ReturnProbe {
+                                    program: name,
+                                    source,
+                                })?;
+                        return_probes.push(probe);
+                    } else {
+                        prog.attach(function, 0)
+                            .map_err(|source| CaptureError::Program {
+                                program: name,
+                                source,
+                            })?;
+                    }
                 }
             }
         }
@@ -422,6 +462,7 @@ impl BpfCapture {
             backend,
             stats,
             ignorer,
+            _return_probes: return_probes,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod kernel_info;
 pub mod loader;
 pub mod reader;
 pub mod recording;
+mod return_probe;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
