@@ -62,10 +62,25 @@ enum Cmd {
         /// saturation, floor, fixed, pgbench, redis); all when absent.
         #[arg(long, value_delimiter = ',', value_parser = overhead::PARTS)]
         only: Vec<String>,
+        /// Measure this agent binary, with the tools already set up, instead of
+        /// setting up and building one (overhead; what the VM runs use).
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// Only the kernel matrix of `test`: the main integration tests in VMs booting
     /// Debian's packaged kernels (as root).
-    Vm,
+    Vm {
+        /// Instead of the tests, the overhead benchmark (its saturation and floor
+        /// parts) inside the VM, once per backend the kernel offers.
+        #[arg(long)]
+        bench: bool,
+        /// Pairs of runs without and with the agent (with --bench).
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        /// Seconds per run (with --bench).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 30)]
@@ -91,16 +106,25 @@ fn main() -> Result<()> {
             pairs,
             seconds,
             only,
+            agent,
         } => {
-            setup(true)?;
+            if agent.is_none() {
+                setup(true)?;
+            }
             if which == "overhead" {
-                run(cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+                let agent = match agent {
+                    Some(agent) => agent,
+                    None => {
+                        run(cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+                        workspace_root().join("target/release/tracer-agent")
+                    }
+                };
                 let venv = tools_dir().join("venv");
                 let opts = overhead::Options {
                     pairs: pairs.max(1),
                     seconds: seconds.max(1),
                     only,
-                    agent: workspace_root().join("target/release/tracer-agent"),
+                    agent,
                     rotel: rotel_agent(&venv).context("rotel-agent not installed")?,
                 };
                 if !is_root() {
@@ -110,11 +134,27 @@ fn main() -> Result<()> {
             }
             bench(&which, requests)
         }
-        Cmd::Vm => {
+        Cmd::Vm {
+            bench: true,
+            pairs,
+            seconds,
+        } => {
+            setup(true)?;
+            vm::bench(pairs.max(1), seconds.max(1))
+        }
+        Cmd::Vm { .. } => {
             setup(true)?;
             let rotel =
                 rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
             let mut tally = Tally::default();
+            vm::on_host(
+                &integration_tests(false)?,
+                "syscalls",
+                &rotel,
+                ci,
+                &mut tally,
+            )?;
             vm::matrix(&rotel, &mut tally)?;
             println!(
                 "kernel matrix: {} passed, {} failed",
@@ -544,6 +584,20 @@ fn integration_tests(release: bool) -> Result<Vec<(String, PathBuf)>> {
         .collect())
 }
 
+/// One integration test binary, run as root one test at a time with the tools the
+/// tests find through the environment.
+fn integration_cmd(bin: &Path, rotel: &Path, ci: bool) -> Result<Command> {
+    let mut cmd = as_root(bin)?;
+    cmd.current_dir(workspace_root().join("tracer-agent"))
+        .env("TRACER_ROTEL_AGENT", rotel)
+        .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
+        .args(["--test-threads=1"]);
+    if ci {
+        cmd.env("CI", "true");
+    }
+    Ok(cmd)
+}
+
 /// Runs a benchmark as root (it loads the real BPF programs).
 fn bench(which: &str, requests: usize) -> Result<()> {
     match which {
@@ -593,24 +647,21 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
     // Integration tests load real BPF programs: build them, then run them as root,
     // one at a time.
     let rotel = rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
-    let binaries: Vec<PathBuf> = integration_tests(false)?
-        .into_iter()
-        .map(|(_, exe)| exe)
-        .collect();
+    let binaries = integration_tests(false)?;
     if binaries.is_empty() {
         bail!("no integration test binaries were built");
     }
-    for bin in binaries {
-        let mut cmd = as_root(&bin)?;
-        cmd.current_dir(workspace_root().join("tracer-agent"))
-            .env("TRACER_ROTEL_AGENT", &rotel)
-            .env("TRACER_PYTHON", tools_dir().join("venv/bin/python"))
-            .args(["--test-threads=1"])
-            .args(args);
-        if ci {
-            cmd.env("CI", "true");
-        }
+    for (_, bin) in &binaries {
+        let mut cmd = integration_cmd(bin, &rotel, ci)?;
+        cmd.args(args);
         run_tests(&mut cmd, &mut tally)?;
+    }
+    if args.is_empty() {
+        // The kernel matrix: the main tests again on this kernel with the
+        // last-resort backend (the syscall tracepoints every kernel has), then in
+        // VMs booting the kernels production nodes run.
+        vm::on_host(&binaries, "syscalls", &rotel, ci, &mut tally)?;
+        vm::matrix(&rotel, &mut tally)?;
     }
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;

@@ -1,8 +1,9 @@
 //! The kernel matrix: the integration tests that matter most, run against the
 //! agent built once on the host, inside VMs booting the kernels production nodes
 //! run (Debian's packaged kernels, under QEMU, by virtme-ng over the host's own
-//! files). A kernel that cannot be fetched or booted, or a run that does not
-//! finish, fails: never a skip.
+//! files), and on the host's kernel with the last-resort backend. A kernel that
+//! cannot be fetched or booted, or a run that does not finish, fails: never a
+//! skip. `bench` runs the overhead benchmark in such a VM.
 
 use std::{
     path::{Path, PathBuf},
@@ -133,12 +134,138 @@ fn kernel(pattern: &str) -> Result<(String, PathBuf)> {
     Ok((release, vmlinuz))
 }
 
+/// Boots `vmlinuz` over the host's files and runs `script` in it as root, with
+/// `out` writable (the guest's console is not kept: the script writes there).
+/// Returns when the guest powers off or the time runs out.
+fn boot(vmlinuz: &Path, out: &Path, script: &Path) -> Result<std::process::ExitStatus> {
+    let vng = tools_dir().join("venv/bin/vng");
+    // vng runs its helpers (virtme-run) from PATH: the venv's bin first.
+    let path = format!(
+        "{}:{}",
+        tools_dir().join("venv/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("timeout")
+        .env("PATH", path)
+        .arg(VM_TIMEOUT_SECS.to_string())
+        .arg(&vng)
+        .arg("--run")
+        .arg(vmlinuz)
+        .args([
+            "--disable-kvm",
+            "--force-9p",
+            "--cpus",
+            "2",
+            "--memory",
+            "4G",
+        ])
+        .arg("--rwdir")
+        .arg(out)
+        .arg("--")
+        .arg(format!("bash {}", script.display()))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("starting {}", vng.display()))
+}
+
+/// The backends measured by [`bench`], on the first kernel of the matrix.
+const BENCH_BACKENDS: [&str; 3] = ["fexit", "kprobes", "syscalls"];
+
+/// The overhead benchmark's saturation and floor parts inside a VM booting the
+/// first kernel of the matrix, once per backend: the agent against no agent in
+/// the same VM. Emulation inflates every absolute cost; the ratios are what the
+/// run is for.
+pub fn bench(pairs: usize, seconds: u64) -> Result<()> {
+    run(crate::cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+    let agent = workspace_root().join("target/release/tracer-agent");
+    let xtask = std::env::current_exe().context("the xtask binary")?;
+    let (release, vmlinuz) = kernel(MATRIX[0].package)?;
+    let out = tools_dir().join("vm").join(format!("{release}-bench"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let o = out.display();
+    let mut script = format!(
+        "#!/bin/bash\ncd {root}\nuname -r > {o}/uname\n",
+        root = workspace_root().display()
+    );
+    for backend in BENCH_BACKENDS {
+        script += &format!(
+            "TRACER_CAPTURE_BACKEND={backend} {x} bench overhead --agent {a} --only saturation,floor --pairs {pairs} --seconds {seconds} > {o}/{backend}.txt 2>&1; echo \"{backend} $?\" >> {o}/rcs\n",
+            x = xtask.display(),
+            a = agent.display(),
+        );
+    }
+    script += &format!("echo finished > {o}/finished\n");
+    let script_path = out.join("run.sh");
+    std::fs::write(&script_path, script)?;
+    eprintln!("xtask: overhead benchmark in a VM booting {release}");
+    let status = boot(&vmlinuz, &out, &script_path)?;
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    if read("finished").is_empty() {
+        bail!("the benchmark VM did not finish ({status}); see {o}");
+    }
+    if read("uname").trim() != release {
+        bail!(
+            "the benchmark VM ran {:?}, not {release}",
+            read("uname").trim()
+        );
+    }
+    for backend in BENCH_BACKENDS {
+        println!("--- {release} in a VM (QEMU without KVM), {backend} backend");
+        let text = read(&format!("{backend}.txt"));
+        // The tables, without the progress lines.
+        for line in text.lines().filter(|l| !l.starts_with("xtask: ")) {
+            println!("{line}");
+        }
+    }
+    let rcs = read("rcs");
+    if rcs.lines().count() != BENCH_BACKENDS.len() || rcs.lines().any(|l| !l.ends_with(" 0")) {
+        bail!(
+            "the benchmark failed in the VM: {}; see {o}",
+            read("rcs").trim()
+        );
+    }
+    Ok(())
+}
+
+/// The matrix's tests on the host's own kernel with `backend` forced (the agent
+/// fails to start when it cannot load it, so a pass is that backend's). `binaries`
+/// are the integration test binaries by name.
+pub fn on_host(
+    binaries: &[(String, PathBuf)],
+    backend: &str,
+    rotel: &Path,
+    ci: bool,
+    tally: &mut Tally,
+) -> Result<()> {
+    eprintln!("xtask: kernel matrix: this kernel ({backend} backend)");
+    let passed_before = tally.passed;
+    for (name, tests) in TESTS {
+        let (_, exe) = binaries
+            .iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("no test binary {name}"))?;
+        let mut cmd = crate::integration_cmd(exe, rotel, ci)?;
+        cmd.env("TRACER_CAPTURE_BACKEND", backend)
+            .arg("--exact")
+            .args(*tests);
+        crate::run_tests(&mut cmd, tally)?;
+    }
+    let expected: usize = TESTS.iter().map(|(_, t)| t.len()).sum();
+    if tally.passed - passed_before != expected as u64 {
+        bail!(
+            "kernel matrix, this kernel ({backend} backend): {} of the {expected} tests passed",
+            tally.passed - passed_before
+        );
+    }
+    Ok(())
+}
+
 /// Runs every matrix entry; their test results join `tally`.
 pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
     // Release: the agent's start-up is slow enough under emulation.
     let binaries = crate::integration_tests(true)?;
     let agent = workspace_root().join("target/release/tracer-agent");
-    let vng = tools_dir().join("venv/bin/vng");
     for entry in MATRIX {
         let (release, vmlinuz) = kernel(entry.package)?;
         let label = format!("{release} ({} backend)", entry.backend);
@@ -179,33 +306,7 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
         std::fs::write(&script_path, script)?;
 
         eprintln!("xtask: kernel matrix: {label}");
-        // vng runs its helpers (virtme-run) from PATH: the venv's bin first.
-        let path = format!(
-            "{}:{}",
-            tools_dir().join("venv/bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let status = Command::new("timeout")
-            .env("PATH", path)
-            .arg(VM_TIMEOUT_SECS.to_string())
-            .arg(&vng)
-            .arg("--run")
-            .arg(&vmlinuz)
-            .args([
-                "--disable-kvm",
-                "--force-9p",
-                "--cpus",
-                "2",
-                "--memory",
-                "4G",
-            ])
-            .arg("--rwdir")
-            .arg(&out)
-            .arg("--")
-            .arg(format!("bash {}", script_path.display()))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .with_context(|| format!("starting {}", vng.display()))?;
+        let status = boot(&vmlinuz, &out, &script_path)?;
         let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
         if read("finished").is_empty() {
             bail!(
