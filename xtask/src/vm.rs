@@ -19,6 +19,9 @@ use crate::{Tally, count_results, is_root, output, run, tools_dir, workspace_roo
 struct Entry {
     /// `apt-cache search` pattern of the kernel package.
     package: &'static str,
+    /// The Debian suite it comes from when not one the host's apt knows (looked
+    /// up with a private apt state under target/xtask, the host's left alone).
+    suite: Option<&'static str>,
     backend: &'static str,
 }
 
@@ -27,15 +30,53 @@ const MATRIX: &[Entry] = &[
     // takes fexit there.
     Entry {
         package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        suite: None,
         backend: "auto",
     },
     // The kprobe backend, on the same kernel (what kernels without BPF
     // trampolines get).
     Entry {
         package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        suite: None,
         backend: "kprobes",
     },
+    // The newest packaged LTS for Debian 12 (bookworm-backports): the
+    // sock_*_length tracepoints, and still no private BPF stacks (6.13).
+    Entry {
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
+        suite: Some("bookworm-backports"),
+        backend: "auto",
+    },
 ];
+
+/// The Debian archive the extra suites come from.
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// `apt-get`/`apt-cache` options that make them use only `suite`, from a private
+/// state under target/xtask (none when the host's own sources are meant).
+fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
+    let Some(suite) = suite else {
+        return Ok(Vec::new());
+    };
+    let dir = tools_dir().join("apt").join(suite);
+    std::fs::create_dir_all(dir.join("lists/partial"))?;
+    std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    let list = dir.join("sources.list");
+    std::fs::write(&list, format!("deb {DEBIAN_MIRROR} {suite} main\n"))?;
+    let options = vec![
+        format!("Dir::Etc::SourceList={}", list.display()),
+        "Dir::Etc::SourceParts=-".to_string(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+    ];
+    let mut update = Command::new("apt-get");
+    update.args(["-q", "update"]);
+    for o in &options {
+        update.arg("-o").arg(o);
+    }
+    run(&mut update).with_context(|| format!("apt-get update of {suite}"))?;
+    Ok(options)
+}
 
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
 /// detection and the parent chain.
@@ -83,19 +124,27 @@ fn as_root_cmd(program: &str) -> Command {
 /// The newest package matching `pattern`, downloaded and unpacked under
 /// target/xtask/kernels, its modules visible at /lib/modules/<release> and
 /// indexed. Returns (release, vmlinuz).
-fn kernel(pattern: &str) -> Result<(String, PathBuf)> {
-    let list = output(Command::new("apt-cache").args(["search", "--names-only", pattern]))
+fn kernel(pattern: &str, suite: Option<&str>) -> Result<(String, PathBuf)> {
+    let apt = |tool: &str, options: &[String]| {
+        let mut c = Command::new(tool);
+        for o in options {
+            c.arg("-o").arg(o);
+        }
+        c
+    };
+    let options = apt_options(suite)?;
+    let list = output(apt("apt-cache", &options).args(["search", "--names-only", pattern]))
         .context("apt-cache search failed")?;
-    let number = |name: &str| -> u64 {
-        name.split('-')
-            .nth(3)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+    // 6.1.0-57 → [6, 1, 0, 57]; 6.12.95+deb12 → [6, 12, 95, 12]: newest is largest.
+    let version = |name: &str| -> Vec<u64> {
+        name.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
     };
     let package = list
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .max_by_key(|name| number(name))
+        .max_by_key(|name| version(name))
         .with_context(|| format!("no kernel package matches {pattern} (apt-get update?)"))?
         .to_string();
     // linux-image-6.1.0-57-amd64-unsigned → 6.1.0-57-amd64
@@ -108,7 +157,7 @@ fn kernel(pattern: &str) -> Result<(String, PathBuf)> {
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
     if !vmlinuz.exists() {
         std::fs::create_dir_all(&dir)?;
-        run(Command::new("apt-get")
+        run(apt("apt-get", &options)
             .current_dir(&dir)
             .args(["download", "-q", &package]))?;
         let deb = std::fs::read_dir(&dir)?
@@ -163,7 +212,10 @@ fn boot(vmlinuz: &Path, out: &Path, script: &Path) -> Result<std::process::ExitS
         .arg(out)
         .arg("--")
         .arg(format!("bash {}", script.display()))
-        .stdout(std::process::Stdio::null())
+        // QEMU reopens its own stdout and stderr by path, truncating a file
+        // behind them (a log the caller writes to): give it files of its own.
+        .stdout(std::fs::File::create(out.join("vm.stdout"))?)
+        .stderr(std::fs::File::create(out.join("vm.stderr"))?)
         .status()
         .with_context(|| format!("starting {}", vng.display()))
 }
@@ -179,7 +231,7 @@ pub fn bench(pairs: usize, seconds: u64) -> Result<()> {
     run(crate::cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
     let agent = workspace_root().join("target/release/tracer-agent");
     let xtask = std::env::current_exe().context("the xtask binary")?;
-    let (release, vmlinuz) = kernel(MATRIX[0].package)?;
+    let (release, vmlinuz) = kernel(MATRIX[0].package, MATRIX[0].suite)?;
     let out = tools_dir().join("vm").join(format!("{release}-bench"));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
@@ -267,7 +319,7 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
     let binaries = crate::integration_tests(true)?;
     let agent = workspace_root().join("target/release/tracer-agent");
     for entry in MATRIX {
-        let (release, vmlinuz) = kernel(entry.package)?;
+        let (release, vmlinuz) = kernel(entry.package, entry.suite)?;
         let label = format!("{release} ({} backend)", entry.backend);
         let out = tools_dir()
             .join("vm")

@@ -12,7 +12,10 @@
 //!   (ROLLBACK, DISCARD ALL, RESET) was given back.
 //! - `pool_growth`: the pool's open connections kept rising over each of the last
 //!   two `leak_after` periods while some of its connections sat unused for longer
-//!   than `leak_after`. Reported per pool, with its longest unused connection.
+//!   than `leak_after`. Reported per pool, with its longest unused connection that
+//!   is not already reported on its own (a pool whose stale connections are all
+//!   `never_returned` or `idle_in_transaction` is explained by them: reporting the
+//!   growth too would report the same connection twice).
 //!
 //! A healthy pool is never reported: FIFO pools reuse every connection in turn;
 //! LIFO pools leave spare connections idle but neither open new ones nor take the
@@ -157,13 +160,14 @@ impl LeakDetector {
                 current.insert(key(r), (kind, r));
             }
         }
-        // A growing pool with connections unused for a whole period: the longest
-        // unused one stands for the pool.
+        // A growing pool with connections unused for a whole period that no other
+        // leak explains: the longest unused of those stands for the pool.
         for pool in &growing {
             let oldest = rows
                 .iter()
                 .filter(|r| r.pool == *pool && !in_transaction(r))
                 .filter(|r| r.idle_seconds > self.leak_after_s)
+                .filter(|r| !current.contains_key(&key(r)))
                 .max_by(|a, b| a.idle_seconds.total_cmp(&b.idle_seconds));
             if let Some(r) = oldest {
                 current.insert((*pool, 0), (LeakKind::PoolGrowth, r));
@@ -416,6 +420,59 @@ mod tests {
                 .any(|e| e.kind == LeakKind::PoolGrowth && e.state == LeakState::Resolved),
             "{later:#?}"
         );
+    }
+
+    #[test]
+    fn growth_explained_by_connections_reported_on_their_own_is_not_reported_again() {
+        let mut d = LeakDetector::new(Duration::from_secs(60));
+        // Connection 1 is busy; every other one was used once and then left
+        // while the pool opened a newer one: each is never_returned.
+        let pool = |n: u16, t: f64, explained: bool| -> Vec<DbConnectionRow> {
+            (1..=n)
+                .map(|i| {
+                    let idle = if i == 1 { 0.1 } else { t - f64::from(i) * 20.0 };
+                    DbConnectionRow {
+                        newer_in_pool: explained || i != 2,
+                        ..row(i, idle.max(0.1), "idle", "SELECT ?")
+                    }
+                })
+                .collect()
+        };
+        let run = |d: &mut LeakDetector, explained: bool| {
+            let mut events = Vec::new();
+            let mut t = 0.0;
+            while t <= 130.0 {
+                let n = 2 + (t / 10.0) as u16;
+                events.extend(d.evaluate(&pool(n, t, explained), t));
+                t += 1.0;
+            }
+            events
+        };
+        let events = run(&mut d, true);
+        assert!(
+            events.iter().all(|e| e.kind == LeakKind::NeverReturned),
+            "{events:#?}"
+        );
+        assert!(!events.is_empty());
+        let mut ports: Vec<u16> = events.iter().map(|e| e.row.client_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(
+            ports.len(),
+            events.len(),
+            "each connection once: {events:#?}"
+        );
+
+        // The same pool with connection 2 not explained (nothing newer is known
+        // to have replaced it): the growth is reported, naming it.
+        let mut d = LeakDetector::new(Duration::from_secs(60));
+        let events = run(&mut d, false);
+        let growth: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == LeakKind::PoolGrowth)
+            .collect();
+        assert_eq!(growth.len(), 1, "{events:#?}");
+        assert_eq!(growth[0].row.client_port, 2);
     }
 
     #[test]
