@@ -100,7 +100,9 @@ fn python_http_server_and_curl_give_one_server_and_one_client_span() {
     assert_eq!(attr(srv[0], "client.address"), "127.0.0.1");
     // The server's work happens inside the client's wait. Send times are taken when
     // the send returns, and on loopback the receiver may already have read the bytes
-    // by then, so the server's end may trail the client's by microseconds.
+    // by then: the server's start may precede the client's (the request's send) and
+    // its end trail the client's (the response's send), by microseconds on hardware
+    // and by a few hundred under emulation (120 µs seen in the 6.1 VM).
     let (cs, ce) = (
         cli[0]["start_unix_nano"].as_u64().unwrap(),
         cli[0]["end_unix_nano"].as_u64().unwrap(),
@@ -111,7 +113,7 @@ fn python_http_server_and_curl_give_one_server_and_one_client_span() {
     );
     const SLACK_NS: u64 = 1_000_000;
     assert!(
-        cs <= ss && se <= ce + SLACK_NS,
+        cs <= ss + SLACK_NS && se <= ce + SLACK_NS && ss < ce && cs < se,
         "server span [{ss},{se}] not inside client span [{cs},{ce}]"
     );
 }
