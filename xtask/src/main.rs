@@ -519,55 +519,33 @@ fn fuzz(seconds: u64) -> Result<()> {
 
 /// Builds a test binary of tracer-agent and returns its path.
 fn test_binary(name: &str, release: bool) -> Result<PathBuf> {
-    let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "tracer-agent",
-        "--test",
-        name,
-        "--no-run",
-        "--message-format=json",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd.output().context("building the benchmark")?;
-    if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        bail!("building {name} failed");
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("\"kind\":[\"test\"]"))
-        .find_map(|l| {
-            l.split("\"executable\":\"")
-                .nth(1)
-                .and_then(|s| s.split('"').next())
-                .map(PathBuf::from)
-        })
+    built_tests(&["--test", name], release)?
+        .into_iter()
+        .map(|(_, exe)| exe)
+        .next()
         .with_context(|| format!("no executable for {name}"))
 }
 
 /// Builds tracer-agent's integration tests (debug or release) and returns each
 /// binary with its test name.
 fn integration_tests(release: bool) -> Result<Vec<(String, PathBuf)>> {
+    built_tests(&["--tests"], release)
+}
+
+/// Builds the tracer-agent test targets `selector` picks (`--tests`, `--test
+/// NAME`) and returns each binary with its target name.
+fn built_tests(selector: &[&str], release: bool) -> Result<Vec<(String, PathBuf)>> {
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "tracer-agent",
-        "--tests",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    cmd.args(["test", "-p", "tracer-agent"])
+        .args(selector)
+        .args(["--no-run", "--message-format=json"]);
     if release {
         cmd.arg("--release");
     }
-    let out = cmd.output().context("building the integration tests")?;
+    let out = cmd.output().context("building the tests")?;
     if !out.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        bail!("building the integration tests failed");
+        bail!("building the tests ({}) failed", selector.join(" "));
     }
     let field = |line: &str, key: &str| {
         line.split(&format!("\"{key}\":\"")[..])

@@ -220,6 +220,28 @@ fn boot(vmlinuz: &Path, out: &Path, script: &Path) -> Result<std::process::ExitS
         .with_context(|| format!("starting {}", vng.display()))
 }
 
+/// Runs the shell commands `body` as root in a VM booting `vmlinuz` (release
+/// `release`), with `out` writable; fails, naming `what`, when the VM did not
+/// finish the script or ran another kernel.
+fn run_in_vm(vmlinuz: &Path, release: &str, out: &Path, body: &str, what: &str) -> Result<()> {
+    let o = out.display();
+    let script = format!("#!/bin/bash\nuname -r > {o}/uname\n{body}echo finished > {o}/finished\n");
+    let script_path = out.join("run.sh");
+    std::fs::write(&script_path, script)?;
+    let status = boot(vmlinuz, out, &script_path)?;
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    if read("finished").is_empty() {
+        bail!("{what}: the VM did not finish its run ({status}); see {o}");
+    }
+    if read("uname").trim() != release {
+        bail!(
+            "{what}: the VM ran {:?}, not {release}",
+            read("uname").trim()
+        );
+    }
+    Ok(())
+}
+
 /// The backends measured by [`bench`], on the first kernel of the matrix.
 const BENCH_BACKENDS: [&str; 3] = ["fexit", "kprobes", "syscalls"];
 
@@ -236,10 +258,7 @@ pub fn bench(pairs: usize, seconds: u64) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
     let o = out.display();
-    let mut script = format!(
-        "#!/bin/bash\ncd {root}\nuname -r > {o}/uname\n",
-        root = workspace_root().display()
-    );
+    let mut script = format!("cd {}\n", workspace_root().display());
     for backend in BENCH_BACKENDS {
         script += &format!(
             "TRACER_CAPTURE_BACKEND={backend} {x} bench overhead --agent {a} --only saturation,floor --pairs {pairs} --seconds {seconds} > {o}/{backend}.txt 2>&1; echo \"{backend} $?\" >> {o}/rcs\n",
@@ -247,21 +266,9 @@ pub fn bench(pairs: usize, seconds: u64) -> Result<()> {
             a = agent.display(),
         );
     }
-    script += &format!("echo finished > {o}/finished\n");
-    let script_path = out.join("run.sh");
-    std::fs::write(&script_path, script)?;
     eprintln!("xtask: overhead benchmark in a VM booting {release}");
-    let status = boot(&vmlinuz, &out, &script_path)?;
+    run_in_vm(&vmlinuz, &release, &out, &script, "the benchmark VM")?;
     let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-    if read("finished").is_empty() {
-        bail!("the benchmark VM did not finish ({status}); see {o}");
-    }
-    if read("uname").trim() != release {
-        bail!(
-            "the benchmark VM ran {:?}, not {release}",
-            read("uname").trim()
-        );
-    }
     for backend in BENCH_BACKENDS {
         println!("--- {release} in a VM (QEMU without KVM), {backend} backend");
         let text = read(&format!("{backend}.txt"));
@@ -326,8 +333,7 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
             .join(format!("{release}-{}", entry.backend));
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
-        let mut script = String::from("#!/bin/bash\n");
-        script += &format!(
+        let mut script = format!(
             "cd {root}/tracer-agent\nexport CI=true TRACER_ROTEL_AGENT={rotel} TRACER_PYTHON={py}\n",
             root = workspace_root().display(),
             rotel = rotel.display(),
@@ -337,7 +343,6 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
             script += &format!("export TRACER_CAPTURE_BACKEND={}\n", entry.backend);
         }
         let o = out.display();
-        script += &format!("uname -r > {o}/uname\n");
         script += &format!(
             "{} check > {o}/check.txt 2>&1; echo $? > {o}/check.rc\n",
             agent.display()
@@ -353,25 +358,15 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
                 tests.join(" ")
             );
         }
-        script += &format!("echo finished > {o}/finished\n");
-        let script_path = out.join("run.sh");
-        std::fs::write(&script_path, script)?;
-
         eprintln!("xtask: kernel matrix: {label}");
-        let status = boot(&vmlinuz, &out, &script_path)?;
+        run_in_vm(
+            &vmlinuz,
+            &release,
+            &out,
+            &script,
+            &format!("kernel matrix {label}"),
+        )?;
         let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-        if read("finished").is_empty() {
-            bail!(
-                "kernel matrix {label}: the VM did not finish its run ({status}); see {}",
-                out.display()
-            );
-        }
-        if read("uname").trim() != release {
-            bail!(
-                "kernel matrix {label}: the VM ran {:?}, not {release}",
-                read("uname").trim()
-            );
-        }
         let check = read("check.txt");
         println!("--- {label}: tracer-agent check\n{check}");
         if read("check.rc").trim() != "0" || !check.contains("verdict: ready") {
