@@ -100,6 +100,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let (span_tx, span_rx) = mpsc::channel(SPAN_QUEUE);
     let (leak_tx, leak_rx) = mpsc::channel(64);
 
+    let kube = config.kube.as_ref().map(|k| {
+        let kube = crate::kube::Kube::new(&k.node_name, k.well_known_labels);
+        log::info!(
+            "Kubernetes metadata: watching the pods of node {} on {}",
+            k.node_name,
+            k.api
+        );
+        tokio::spawn(crate::kube::client::run(
+            k.clone(),
+            kube.clone(),
+            telemetry.kube.clone(),
+            cancel.clone(),
+        ));
+        kube
+    });
     let red = RedMetrics::shared(MAX_METRIC_SERIES);
     let inventory = SharedInventory::default();
     let server = tokio::spawn(server::serve(
@@ -126,6 +141,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             recovered: recover_connections(&config),
             ignorer,
             naming: config.naming.clone(),
+            kube,
         },
         telemetry.clone(),
         red.clone(),

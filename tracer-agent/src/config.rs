@@ -85,7 +85,42 @@ pub struct RunArgs {
     /// test data). It holds the captured payload prefixes as they are: keep it private.
     #[arg(long, value_name = "FILE")]
     pub record_events: Option<PathBuf>,
+    /// Kubernetes metadata: auto (when running in a cluster: KUBERNETES_SERVICE_HOST
+    /// is set, or --kube-api given), on (required), off [default: auto].
+    #[arg(long, value_enum, env = "TRACER_KUBERNETES")]
+    pub kubernetes: Option<KubeMode>,
+    /// This node's name, whose pods are watched (set it from the downward API's
+    /// spec.nodeName) [default: the host name].
+    #[arg(long, env = "K8S_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubernetes API server URL [default: in-cluster, from KUBERNETES_SERVICE_HOST
+    /// and KUBERNETES_SERVICE_PORT]; e.g. http://127.0.0.1:8001 behind `kubectl proxy`.
+    #[arg(long, env = "TRACER_KUBE_API")]
+    pub kube_api: Option<String>,
+    /// Bearer token file for the API server [default: the pod's service account token].
+    #[arg(long)]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA certificate of an https API server [default: the service account's ca.crt].
+    #[arg(long)]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Name services after the well-known labels app.kubernetes.io/instance and
+    /// app.kubernetes.io/name before their workload (opt-in, as OpenTelemetry advises).
+    #[arg(long)]
+    pub kube_well_known_labels: bool,
 }
+
+/// Whether the agent reads Kubernetes metadata.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubeMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Where a pod's service account token and cluster CA are mounted.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The config file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +149,12 @@ pub struct FileConfig {
     /// `[[service]]` rules naming processes that do not name themselves.
     #[serde(default)]
     pub service: Vec<crate::service::ServiceRule>,
+    pub kubernetes: Option<KubeMode>,
+    pub node_name: Option<String>,
+    pub kube_api: Option<String>,
+    pub kube_token_file: Option<PathBuf>,
+    pub kube_ca_file: Option<PathBuf>,
+    pub kube_well_known_labels: Option<bool>,
 }
 
 mod humantime_serde_opt {
@@ -149,6 +190,8 @@ pub struct Config {
     pub record_events: Option<PathBuf>,
     /// How processes that do not name themselves are named.
     pub naming: crate::service::ServiceNaming,
+    /// How to reach the Kubernetes API server, when metadata is read.
+    pub kube: Option<crate::kube::KubeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +307,18 @@ impl Config {
             rules: file.service,
             namespace,
         };
+        let kube = kube_config(
+            args,
+            KubeFile {
+                mode: file.kubernetes,
+                node_name: file.node_name,
+                api: file.kube_api,
+                token_file: file.kube_token_file,
+                ca_file: file.kube_ca_file,
+                well_known_labels: file.kube_well_known_labels,
+            },
+            &|k| std::env::var(k).ok(),
+        )?;
         Ok(Self {
             otlp_endpoint,
             otlp_protocol,
@@ -293,8 +348,80 @@ impl Config {
                 .unwrap_or_default(),
             record_events: args.record_events.clone().or(file.record_events),
             naming,
+            kube,
         })
     }
+}
+
+/// The Kubernetes keys of the config file.
+#[derive(Default)]
+struct KubeFile {
+    mode: Option<KubeMode>,
+    node_name: Option<String>,
+    api: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    well_known_labels: Option<bool>,
+}
+
+/// Whether and how to read Kubernetes metadata. `auto` reads it in a cluster (the
+/// kubelet sets KUBERNETES_SERVICE_HOST in every container) or when an API URL is
+/// given, and tries nothing otherwise.
+fn kube_config(
+    args: &RunArgs,
+    file: KubeFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
+    let mode = args.kubernetes.or(file.mode).unwrap_or_default();
+    if mode == KubeMode::Off {
+        return Ok(None);
+    }
+    let in_cluster = env("KUBERNETES_SERVICE_HOST")
+        .filter(|h| !h.is_empty())
+        .map(|host| {
+            let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+            if host.contains(':') {
+                format!("https://[{host}]:{port}")
+            } else {
+                format!("https://{host}:{port}")
+            }
+        });
+    let api = args.kube_api.clone().or(file.api).or(in_cluster);
+    let Some(api) = api else {
+        return if mode == KubeMode::On {
+            Err(ConfigError::Invalid(
+                "kubernetes = on, but this is no Kubernetes pod (KUBERNETES_SERVICE_HOST is not set) and no --kube-api is given".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    let sa = std::path::Path::new(SERVICE_ACCOUNT_DIR);
+    let token_file = args
+        .kube_token_file
+        .clone()
+        .or(file.token_file)
+        .or_else(|| Some(sa.join("token")).filter(|p| p.exists()));
+    let ca_file = args
+        .kube_ca_file
+        .clone()
+        .or(file.ca_file)
+        .or_else(|| Some(sa.join("ca.crt")).filter(|p| p.exists()));
+    let node_name = args
+        .node_name
+        .clone()
+        .or(file.node_name)
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(crate::process::host_name);
+    let config = crate::kube::KubeConfig {
+        api,
+        token_file,
+        ca_file,
+        node_name,
+        well_known_labels: args.kube_well_known_labels || file.well_known_labels.unwrap_or(false),
+    };
+    crate::kube::client::validate(&config).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(Some(config))
 }
 
 #[cfg(test)]

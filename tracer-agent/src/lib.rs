@@ -10,6 +10,7 @@ pub mod config;
 pub mod connections;
 pub mod conns;
 pub mod export;
+pub mod kube;
 pub mod metrics;
 #[cfg(test)]
 mod module_graph;

@@ -765,6 +765,8 @@ mod tests {
             service_namespace: None,
             service_instance_id: String::new(),
             host_name: "h".into(),
+            k8s: None,
+            k8s_node: None,
         })
     }
 

@@ -85,6 +85,8 @@ pub struct PipelineConfig {
     pub ignorer: Option<SocketIgnorer>,
     /// How processes that do not name themselves are named.
     pub naming: crate::service::ServiceNaming,
+    /// This node's pods, in a Kubernetes cluster.
+    pub kube: Option<crate::kube::Kube>,
 }
 
 /// Spans waiting for export at most; beyond it batches are dropped, counted.
@@ -118,7 +120,9 @@ pub async fn process_events(
 ) {
     let mut pools = PoolStage::new(config.leak_after);
     let mut table = ConnectionTable::with_options(config.limits, config.options);
-    let mut procs = ProcessTable::new(16384).with_naming(config.naming);
+    let mut procs = ProcessTable::new(16384)
+        .with_naming(config.naming)
+        .with_kube(config.kube);
     let mut down = Downstream::default();
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
     let mut tick = tokio::time::interval(Duration::from_millis(50));

@@ -19,6 +19,28 @@ pub struct ProcessResource {
     /// `service.instance.id`: the process's own, else one made for this process.
     pub service_instance_id: String,
     pub host_name: String,
+    /// What Kubernetes says of the process's pod and container (`k8s.*`), when the
+    /// agent runs in a cluster and knows the pod.
+    pub k8s: Option<crate::kube::SharedK8sResource>,
+    /// `k8s.node.name` of a process in no known pod, in a cluster.
+    pub k8s_node: Option<Arc<str>>,
+}
+
+impl ProcessResource {
+    /// The `k8s.*` (and pod-annotated) attributes of the process: its pod's when
+    /// known, else the node's name in a cluster.
+    pub fn k8s_attributes(&self) -> impl Iterator<Item = (&str, &str)> {
+        let pod = self
+            .k8s
+            .iter()
+            .flat_map(|k| k.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let node = self
+            .k8s_node
+            .as_deref()
+            .filter(|_| self.k8s.is_none())
+            .map(|n| ("k8s.node.name", n));
+        pod.chain(node)
+    }
 }
 
 /// How a process runs its requests on threads, as far as parent inference cares.
@@ -45,6 +67,10 @@ pub struct ProcessTable {
     capacity: usize,
     proc_root: std::path::PathBuf,
     naming: crate::service::ServiceNaming,
+    kube: Option<crate::kube::Kube>,
+    /// Processes in a container whose pod was unknown when they were read, with
+    /// the metadata generation then: read again once it changes.
+    unplaced: HashMap<u32, u64>,
 }
 
 impl ProcessTable {
@@ -62,7 +88,15 @@ impl ProcessTable {
             capacity: capacity.max(1),
             proc_root: root.into(),
             naming: Default::default(),
+            kube: None,
+            unplaced: HashMap::new(),
         }
+    }
+
+    /// Adds Kubernetes metadata to the resources of processes in pods.
+    pub fn with_kube(mut self, kube: Option<crate::kube::Kube>) -> Self {
+        self.kube = kube;
+        self
     }
 
     /// Names services that do not name themselves by `naming`.
@@ -75,12 +109,20 @@ impl ProcessTable {
     /// from the kernel, used when /proc has nothing (the process already exited).
     pub fn get(&mut self, pid: u32, comm: &str) -> Arc<ProcessResource> {
         if let Some(r) = self.procs.get(&pid) {
-            return r.clone();
+            let stale = match (&self.kube, self.unplaced.get(&pid)) {
+                (Some(k), Some(&generation)) => k.generation() != generation,
+                _ => false,
+            };
+            if !stale {
+                return r.clone();
+            }
+            self.procs.remove(&pid);
         }
         if self.procs.len() >= self.capacity {
             // Evict an arbitrary entry: processes are re-read cheaply when seen again.
             if let Some(&victim) = self.procs.keys().next() {
                 self.procs.remove(&victim);
+                self.unplaced.remove(&victim);
             }
         }
         let r = Arc::new(self.read(pid, comm));
@@ -98,6 +140,7 @@ impl ProcessTable {
             self.exited.pop_front();
             self.procs.remove(&pid);
             self.scheduling.remove(&pid);
+            self.unplaced.remove(&pid);
         }
     }
 
@@ -105,6 +148,7 @@ impl ProcessTable {
     pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
         self.scheduling.remove(&pid);
+        self.unplaced.remove(&pid);
     }
 
     /// How `pid` schedules its work, read from /proc the first time: its executable
@@ -130,7 +174,22 @@ impl ProcessTable {
         self.procs.is_empty()
     }
 
-    fn read(&self, pid: u32, comm: &str) -> ProcessResource {
+    /// Where `pid` runs, for a table with Kubernetes metadata; a process in a pod
+    /// the cache does not know yet is marked to be read again.
+    fn place(&mut self, dir: &std::path::Path, pid: u32) -> Option<crate::kube::Placement> {
+        let kube = self.kube.as_ref()?;
+        let generation = kube.generation();
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        let placement = kube.place(&cgroup);
+        if matches!(placement, crate::kube::Placement::Unknown(_)) {
+            self.unplaced.insert(pid, generation);
+        } else {
+            self.unplaced.remove(&pid);
+        }
+        Some(placement)
+    }
+
+    fn read(&mut self, pid: u32, comm: &str) -> ProcessResource {
         let dir = self.proc_root.join(pid.to_string());
         let exe = std::fs::read_link(dir.join("exe"))
             .ok()
@@ -149,7 +208,21 @@ impl ProcessTable {
         let own = std::fs::read(dir.join("environ"))
             .map(|env| crate::service::own_resource(&env))
             .unwrap_or_default();
-        let (service_name, rule_namespace) = match own.name {
+        let k8s = match self.place(&dir, pid) {
+            Some(crate::kube::Placement::Pod(r)) => Some(r),
+            _ => None,
+        };
+        // A pod's annotation names its service as if the process had; its workload
+        // names it when no rule does.
+        let annotated = k8s
+            .as_ref()
+            .filter(|r| r.service_name_annotated)
+            .map(|r| r.service_name.clone());
+        let workload = k8s
+            .as_ref()
+            .filter(|r| !r.service_name_annotated)
+            .map(|r| r.service_name.as_str());
+        let (service_name, rule_namespace) = match own.name.or(annotated) {
             Some(name) => (name, None),
             None => {
                 let argv = read_cmdline(&dir.join("cmdline"));
@@ -164,13 +237,17 @@ impl ProcessTable {
                         cwd: cwd.as_deref(),
                         root: Some(&dir.join("root")),
                         ports: &mut ports,
+                        workload,
                     },
                 )
             }
         };
-        let service_instance_id = own.instance_id.unwrap_or_else(|| {
-            crate::service::instance_id(&self.host_name, pid, start_ticks(&dir))
-        });
+        let service_instance_id = own
+            .instance_id
+            .or_else(|| k8s.as_ref().map(|r| r.service_instance_id.clone()))
+            .unwrap_or_else(|| {
+                crate::service::instance_id(&self.host_name, pid, start_ticks(&dir))
+            });
         ProcessResource {
             pid,
             executable_name,
@@ -178,9 +255,12 @@ impl ProcessTable {
             service_namespace: own
                 .namespace
                 .or(rule_namespace)
+                .or_else(|| k8s.as_ref().map(|r| r.service_namespace.clone()))
                 .or_else(|| self.naming.namespace.clone()),
             service_instance_id,
             host_name: self.host_name.clone(),
+            k8s_node: self.kube.as_ref().map(|k| k.node_name.clone()),
+            k8s,
         }
     }
 }

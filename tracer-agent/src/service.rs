@@ -139,6 +139,9 @@ pub struct ProcessFacts<'a> {
     pub root: Option<&'a Path>,
     /// The TCP ports it listens on, read only when a rule asks.
     pub ports: &'a mut dyn FnMut() -> Vec<u16>,
+    /// The service name of its Kubernetes workload, when it runs in a known pod:
+    /// it comes after the rules and before what the command line says.
+    pub workload: Option<&'a str>,
 }
 
 /// The service of a process that set no `OTEL_SERVICE_NAME`: (name, namespace from
@@ -151,6 +154,9 @@ pub fn name_of(naming: &ServiceNaming, p: &mut ProcessFacts<'_>) -> (String, Opt
         if rule.matches(p.exe, p.argv, &mut ports) {
             return (rule.name.clone(), rule.namespace.clone());
         }
+    }
+    if let Some(name) = p.workload.filter(|n| !n.is_empty()) {
+        return (name.to_string(), None);
     }
     let derived = from_cmdline(p.exe, p.argv, p.cwd, p.root).filter(|n| !n.is_empty());
     (derived.unwrap_or_else(|| p.exe.to_string()), None)
@@ -582,6 +588,7 @@ mod tests {
             cwd: None,
             root: None,
             ports: &mut no_ports,
+            workload: None,
         };
         assert_eq!(
             name_of(&naming, &mut p),
@@ -593,6 +600,7 @@ mod tests {
             cwd: None,
             root: None,
             ports: &mut no_ports,
+            workload: None,
         };
         assert_eq!(
             name_of(&naming, &mut p),
@@ -606,6 +614,7 @@ mod tests {
             cwd: None,
             root: None,
             ports: &mut listening,
+            workload: None,
         };
         assert_eq!(name_of(&naming, &mut p), ("edge".into(), None));
         assert!(

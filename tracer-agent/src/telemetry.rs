@@ -162,6 +162,8 @@ pub struct Telemetry {
     pub spans_backlog: Backlog,
     /// 1 for the capture backend in use (`backend` label).
     pub capture_backend: Family<BackendLabel, Gauge>,
+    /// The Kubernetes metadata cache and its API requests.
+    pub kube: crate::kube::KubeCounters,
 }
 
 /// The `backend` label of `tracer_capture_backend`.
@@ -232,6 +234,7 @@ impl Telemetry {
             connections_evicted: Counter::default(),
             parent_inference: Family::default(),
             capture_backend: Family::default(),
+            kube: Default::default(),
         };
         registry.register(
             "capture_backend",
@@ -298,6 +301,21 @@ impl Telemetry {
             "parent_inference",
             "Spans released by parent inference, by the rule that linked them (outcome = header, socket, thread, timing, none), and links it refused or repaired (evicted, duplicate_id, cycle)",
             t.parent_inference.clone(),
+        );
+        registry.register(
+            "kubernetes_pods",
+            "Pods of this node in the Kubernetes metadata cache",
+            t.kube.pods.clone(),
+        );
+        registry.register(
+            "kubernetes_pods_dropped",
+            "Pods left out of the Kubernetes metadata cache: over its limit, or undecodable",
+            t.kube.pods_dropped.clone(),
+        );
+        registry.register(
+            "kubernetes_api_errors",
+            "Failed list or watch requests to the Kubernetes API server",
+            t.kube.api_errors.clone(),
         );
         Self { registry, ..t }
     }

@@ -161,6 +161,7 @@ fn replay(bytes: &[u8], leak_after: Duration) -> Replayed {
         recovered: Vec::new(),
         ignorer: None,
         naming: Default::default(),
+        kube: None,
     };
     let (spans, leaks) = rt.block_on(async {
         let pipeline = tokio::spawn(process_events(

@@ -317,6 +317,7 @@ impl ConnectionTable {
                     service: resource.service_name.clone(),
                     service_namespace: resource.service_namespace.clone(),
                     service_instance_id: resource.service_instance_id.clone(),
+                    k8s: crate::pools::inventory::K8sOfRow::of(&resource),
                     namespace: db.decoder.namespace().map(str::to_string),
                     client_port: c.endpoints.local.port(),
                     state: if db.decoder.in_flight() || tx.in_transaction() {

@@ -49,6 +49,9 @@ pub fn span_json(span: &Span) -> Value {
     if let Some(ns) = &span.resource.service_namespace {
         object["resource"]["service.namespace"] = json!(ns);
     }
+    for (key, value) in span.resource.k8s_attributes() {
+        object["resource"][key] = json!(value);
+    }
     if let Some(message) = span.status_message {
         object["status_message"] = json!(message);
     }
@@ -63,7 +66,7 @@ pub fn span_line(span: &Span) -> String {
 /// The `{"type":"leak",…}` object for one leak event.
 pub fn leak_json(e: &crate::pools::LeakEvent) -> Value {
     let r = &e.row;
-    json!({
+    let mut object = json!({
         "type": "leak",
         "state": e.state,
         "kind": e.kind,
@@ -86,5 +89,9 @@ pub fn leak_json(e: &crate::pools::LeakEvent) -> Value {
         "last_server_span_id": r.culprit.as_ref().map(|c| c.span_id.as_str()),
         "last_query": r.last_query,
         "recovered": r.recovered,
-    })
+    });
+    for (key, value) in r.k8s.resource().k8s_attributes() {
+        object[key] = json!(value);
+    }
+    object
 }

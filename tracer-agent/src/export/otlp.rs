@@ -126,7 +126,7 @@ pub(crate) enum ResourceValue<'a> {
 /// encoders (the generated types here, and `wire` for spans) write this list.
 pub(crate) fn resource_attributes(
     r: &ProcessResource,
-) -> impl Iterator<Item = (&'static str, ResourceValue<'_>)> {
+) -> impl Iterator<Item = (&str, ResourceValue<'_>)> {
     use ResourceValue::{Int, Str};
     let namespace = r
         .service_namespace
@@ -147,6 +147,7 @@ pub(crate) fn resource_attributes(
     .into_iter()
     .chain(namespace)
     .chain(instance)
+    .chain(r.k8s_attributes().map(|(k, v)| (k, Str(v))))
 }
 
 /// `items` split by process, in the order each process first appears.
@@ -297,6 +298,8 @@ pub fn leak_export_request(
                     service_namespace: row.service_namespace.clone(),
                     service_instance_id: row.service_instance_id.clone(),
                     host_name: host_name.to_string(),
+                    k8s: row.k8s.pod.clone(),
+                    k8s_node: row.k8s.node.clone(),
                 };
                 ResourceLogs {
                     resource: Some(resource(&process)),
@@ -826,6 +829,41 @@ mod tests {
             .map(|r| attrs(&r.attributes)[0].1.clone())
             .collect();
         assert_eq!(kinds, [s("pool_growth"), s("never_returned")]);
+    }
+
+    #[test]
+    fn leaks_of_a_process_in_a_pod_carry_its_pod_in_every_output() {
+        let pod = crate::kube::Pod::from_object(
+            serde_json::from_str(
+                r#"{"metadata": {"name": "api-5d4c3b2a1-abcde", "namespace": "shop", "uid": "u",
+                    "labels": {"pod-template-hash": "5d4c3b2a1"},
+                    "ownerReferences": [{"kind": "ReplicaSet", "name": "api-5d4c3b2a1", "controller": true}]},
+                    "spec": {"nodeName": "node-a"}}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut event = leak(7, LeakState::Found, LeakKind::NeverReturned);
+        event.row.k8s.pod = Some(std::sync::Arc::new(pod.resource(Some("app"), None, false)));
+        let req = leak_export_request(std::slice::from_ref(&event), "box", 1);
+        let res = attrs(&req.resource_logs[0].resource.as_ref().unwrap().attributes);
+        for (key, value) in [
+            ("k8s.pod.name", "api-5d4c3b2a1-abcde"),
+            ("k8s.namespace.name", "shop"),
+            ("k8s.deployment.name", "api"),
+            ("k8s.container.name", "app"),
+            ("k8s.node.name", "node-a"),
+        ] {
+            assert!(res.contains(&(key, s(value))), "{key}: {res:?}");
+        }
+        let json = crate::export::json::leak_json(&event);
+        assert_eq!(json["k8s.deployment.name"], "api");
+        let row = serde_json::to_value(&event.row).unwrap();
+        assert_eq!(row["k8s"]["k8s.pod.name"], "api-5d4c3b2a1-abcde");
+        // Outside a cluster nothing is added.
+        let plain =
+            serde_json::to_value(&leak(8, LeakState::Found, LeakKind::NeverReturned).row).unwrap();
+        assert!(plain.get("k8s").is_none());
     }
 
     #[test]

@@ -66,6 +66,51 @@ fn tx_str<S: serde::Serializer>(v: &TxStatus, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v.as_str())
 }
 
+/// The Kubernetes side of a connection's process: its pod's attributes, or its
+/// node's name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct K8sOfRow {
+    pub pod: Option<crate::kube::SharedK8sResource>,
+    pub node: Option<std::sync::Arc<str>>,
+}
+
+impl K8sOfRow {
+    pub fn of(r: &crate::process::ProcessResource) -> Self {
+        Self {
+            pod: r.k8s.clone(),
+            node: r.k8s_node.clone(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pod.is_none() && self.node.is_none()
+    }
+
+    fn serialize<S: serde::Serializer>(v: &Self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = v.resource();
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in r.k8s_attributes() {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+
+    /// A resource holding only these attributes (to reuse the exporters' code).
+    pub fn resource(&self) -> crate::process::ProcessResource {
+        crate::process::ProcessResource {
+            pid: 0,
+            executable_name: String::new(),
+            service_name: String::new(),
+            service_namespace: None,
+            service_instance_id: String::new(),
+            host_name: String::new(),
+            k8s: self.pod.clone(),
+            k8s_node: self.node.clone(),
+        }
+    }
+}
+
 /// One database client connection in the inventory (`/connections`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct DbConnectionRow {
@@ -79,6 +124,12 @@ pub struct DbConnectionRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_namespace: Option<String>,
     pub service_instance_id: String,
+    /// The process's Kubernetes attributes (`k8s.*`), out as one object.
+    #[serde(
+        skip_serializing_if = "K8sOfRow::is_empty",
+        serialize_with = "K8sOfRow::serialize"
+    )]
+    pub k8s: K8sOfRow,
     pub namespace: Option<String>,
     pub client_port: u16,
     pub state: ConnState,
@@ -126,6 +177,7 @@ impl DbConnectionRow {
             service: format!("svc{pid}"),
             service_namespace: None,
             service_instance_id: String::new(),
+            k8s: K8sOfRow::default(),
             namespace: None,
             client_port,
             state: ConnState::Idle,

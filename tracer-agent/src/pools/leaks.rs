@@ -245,6 +245,7 @@ mod tests {
             service: "app".into(),
             service_namespace: None,
             service_instance_id: String::new(),
+            k8s: Default::default(),
             namespace: Some("shop".into()),
             state: if tx == TxStatus::InTransaction {
                 ConnState::Used

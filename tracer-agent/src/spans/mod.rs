@@ -604,6 +604,8 @@ pub fn sample_span(pid: u32) -> Span {
             service_namespace: None,
             service_instance_id: String::new(),
             host_name: "h".into(),
+            k8s: None,
+            k8s_node: None,
         }),
         tid: 1,
         link: Link::default(),
@@ -639,6 +641,8 @@ mod tests {
             service_namespace: None,
             service_instance_id: String::new(),
             host_name: "h".into(),
+            k8s: None,
+            k8s_node: None,
         })
     }
 

@@ -93,9 +93,24 @@ pub struct Agent {
 impl Agent {
     /// Starts `tracer-agent` with `args` and waits until its programs are attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with(&[], &[], args)
+    }
+
+    /// Starts the agent through `wrapper` (e.g. `setpriv …`, empty for none), with
+    /// `env` added to its environment.
+    pub fn start_with(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> Self {
         let bin = env!("CARGO_BIN_EXE_tracer-agent");
         let listen = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
+            .envs(env.iter().copied())
             .args(args)
             .args(["--listen", &listen])
             // TRACER_TEST_LOG raises the agent's log level when investigating.
