@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     connections::{SpanOptions, TableLimits},
     export::{ExportStage, otlp::OtlpExporter},
+    health::Stage,
     metrics::RedMetrics,
     pipeline::{self, PipelineConfig, SharedInventory},
     server,
@@ -28,6 +29,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("a stage of the agent stopped on its own: {0}")]
+    Stopped(String),
     #[error("installing the signal handler failed: {0}")]
     Signal(std::io::Error),
     #[error("cannot create the event recording {path}: {source}")]
@@ -175,23 +178,83 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
         None => None,
     };
+    // Everything that needs privileges is done: keep only what reading /proc needs.
+    match crate::privileges::drop_after_attach() {
+        Ok(d) => log::info!(
+            "programs attached; capabilities given up: {}; kept: {}",
+            list_or_none(&crate::privileges::names(d.dropped)),
+            list_or_none(&crate::privileges::names(d.kept))
+        ),
+        Err(e) => log::warn!("cannot give up capabilities after attaching: {e}"),
+    }
     let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone(), recording));
     tokio::spawn(return_free_memory(cancel.clone()));
 
-    wait_for_signal().await.map_err(AgentError::Signal)?;
-    log::info!("stopping: flushing spans");
+    // A stage that ends before we are told to stop leaves an agent that sees
+    // nothing: that is a failure, reported by /healthz and the exit status.
+    let stopped = {
+        let mut signal = std::pin::pin!(wait_for_signal());
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = &mut signal => {
+                    r.map_err(AgentError::Signal)?;
+                    break None;
+                }
+                _ = check.tick() => {
+                    let ended = [
+                        (Stage::Capture, capture.is_finished()),
+                        (Stage::Pipeline, pipeline.is_finished()),
+                        (Stage::Export, export.is_finished()),
+                    ];
+                    if let Some((stage, _)) = ended.into_iter().find(|(_, done)| *done) {
+                        break Some(stage);
+                    }
+                }
+            }
+        }
+    };
+    if stopped.is_none() {
+        log::info!("stopping: flushing spans");
+    }
     cancel.cancel();
     // Capture drains the ring buffer and closes the event channel; the pipeline then
     // closes the span channel and export flushes.
-    match capture.await {
-        Ok(Err(e)) => log::error!("capture stopped with an error: {e}"),
-        Err(e) => log::error!("capture task failed: {e}"),
-        Ok(Ok(())) => {}
+    let why = |r: Result<(), tokio::task::JoinError>| match r {
+        Ok(()) => "ended".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let mut failure = None;
+    let capture = match capture.await {
+        Ok(Err(e)) => Err(format!("capture stopped with an error: {e}")),
+        Err(e) => Err(format!("capture task failed: {e}")),
+        Ok(Ok(())) => Ok(()),
+    };
+    if let Err(e) = &capture {
+        log::error!("{e}");
     }
-    let _ = pipeline.await;
-    let _ = export.await;
+    let pipeline = pipeline.await;
+    let export = export.await;
+    if let Some(stage) = stopped {
+        let reason = match stage {
+            Stage::Capture => capture.err().unwrap_or_else(|| "ended".into()),
+            Stage::Pipeline => why(pipeline),
+            Stage::Export => why(export),
+        };
+        telemetry.health.failed(stage, &reason);
+        log::error!("the {stage:?} stage stopped on its own ({reason}); the agent stops");
+        failure = Some(AgentError::Stopped(format!("{stage:?}: {reason}")));
+    }
     let _ = server.await;
-    Ok(())
+    failure.map_or(Ok(()), Err)
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// How often heap pages freed by bursts are handed back to the system.

@@ -28,6 +28,13 @@ pub struct Cli {
 pub enum Command {
     /// Say which kernel features the agent needs and which are present here.
     Check,
+    /// Probe a running agent's /healthz: exit 0 when healthy, 1 (and why) when not
+    /// (a liveness probe that keeps the endpoint on loopback).
+    Health {
+        /// The agent's `--listen` address.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
     /// Show a running agent's database connections per process and destination.
     Conns {
         /// The agent's `--listen` address.

@@ -27,25 +27,35 @@ pub enum ConnsError {
     Answer { addr: SocketAddr, reason: String },
 }
 
-/// Fetches the pools from the agent's `/connections`.
-pub fn fetch(addr: SocketAddr) -> Result<Vec<PoolRow>, ConnsError> {
+/// GETs `path` from the agent's endpoint: (status code, body).
+pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ConnsError> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|source| ConnsError::Connect { addr, source })?;
     let io = |source| ConnsError::Io { addr, source };
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
-    s.write_all(b"GET /connections HTTP/1.0\r\nHost: tracer-agent\r\n\r\n")
-        .map_err(io)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: tracer-agent\r\n\r\n").map_err(io)?;
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(io)?;
-    let body = text
+    let answer = |reason: &str| ConnsError::Answer {
+        addr,
+        reason: reason.into(),
+    };
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or_else(|| ConnsError::Answer {
-            addr,
-            reason: "no HTTP body".into(),
-        })?;
-    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| ConnsError::Answer {
+        .ok_or_else(|| answer("no HTTP body"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| answer("no HTTP status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Fetches the pools from the agent's `/connections`.
+pub fn fetch(addr: SocketAddr) -> Result<Vec<PoolRow>, ConnsError> {
+    let (_, body) = get(addr, "/connections")?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| ConnsError::Answer {
         addr,
         reason: e.to_string(),
     })?;

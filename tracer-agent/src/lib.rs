@@ -10,12 +10,14 @@ pub mod config;
 pub mod connections;
 pub mod conns;
 pub mod export;
+pub mod health;
 pub mod kube;
 pub mod metrics;
 #[cfg(test)]
 mod module_graph;
 pub mod pipeline;
 pub mod pools;
+pub mod privileges;
 pub mod process;
 pub use tracer_protocols as protocols;
 pub mod recover;

@@ -21,6 +21,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Some(Command::Health { listen }) => match tracer_agent::conns::get(listen, "/healthz") {
+            Ok((200, body)) => {
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Ok((status, body)) => {
+                eprint!("tracer-agent: {status} {body}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("tracer-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Conns { listen }) => match tracer_agent::conns::fetch(listen) {
             Ok(pools) => {
                 print!("{}", tracer_agent::conns::render(&pools));

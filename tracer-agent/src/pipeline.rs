@@ -145,6 +145,7 @@ pub async fn process_events(
                 stitch_new_spans(&mut down, &mut stitch, &mut ready);
             }
             _ = tick.tick() => {
+                telemetry.health.beat(crate::health::Stage::Pipeline);
                 table.expire_closing(unix_nano_now(), &mut procs, &telemetry, &mut down);
                 stitch_new_spans(&mut down, &mut stitch, &mut ready);
                 stitch.expire(Instant::now().into_std(), &mut ready);

@@ -1,4 +1,5 @@
-//! The agent's own HTTP endpoint: `/healthz` and `/metrics`.
+//! The agent's own HTTP endpoint: `/healthz` (200 `ok`, or 503 and why),
+//! `/metrics` and `/connections`.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -27,8 +28,24 @@ pub fn router(
     red: SharedRedMetrics,
     inventory: SharedInventory,
 ) -> Router {
+    let health = telemetry.clone();
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let problems = health.health.problems();
+                async move {
+                    if problems.is_empty() {
+                        (axum::http::StatusCode::OK, "ok\n".to_string())
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("unhealthy: {}\n", problems.join("; ")),
+                        )
+                    }
+                }
+            }),
+        )
         .route(
             "/connections",
             get(move || {

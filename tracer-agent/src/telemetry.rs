@@ -164,6 +164,8 @@ pub struct Telemetry {
     pub capture_backend: Family<BackendLabel, Gauge>,
     /// The Kubernetes metadata cache and its API requests.
     pub kube: crate::kube::KubeCounters,
+    /// Whether each stage is alive (`/healthz`).
+    pub health: crate::health::Health,
 }
 
 /// The `backend` label of `tracer_capture_backend`.
@@ -235,6 +237,7 @@ impl Telemetry {
             parent_inference: Family::default(),
             capture_backend: Family::default(),
             kube: Default::default(),
+            health: Default::default(),
         };
         registry.register(
             "capture_backend",

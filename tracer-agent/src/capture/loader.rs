@@ -528,6 +528,7 @@ impl BpfCapture {
                     last = now;
                 }
                 _ = poll_tick.tick() => {
+                    telemetry.health.beat(crate::health::Stage::Capture);
                     let mut source = Tee { source: fd.get_mut(), recording: recording.as_mut() };
                     drain(&mut source, &clock, &tx, &telemetry);
                 }

@@ -72,6 +72,7 @@ impl ExportStage {
         metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         metrics_tick.tick().await;
         loop {
+            telemetry.health.beat(crate::health::Stage::Export);
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { break };

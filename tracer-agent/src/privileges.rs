@@ -1,0 +1,202 @@
+//! Capabilities. Loading and attaching the BPF programs needs `CAP_BPF` and
+//! `CAP_PERFMON`; once they are attached, only reading other users' processes in
+//! /proc is still needed (`CAP_SYS_PTRACE` to be let in, `CAP_DAC_READ_SEARCH`
+//! past the files' modes: `/proc/PID/environ` is 0400 and owned by the process's
+//! user), so the rest is given up for good.
+
+use std::io;
+
+/// Linux capability numbers (linux/capability.h).
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SETPCAP: u32 = 8;
+
+/// What the agent keeps after attaching, and why.
+pub const KEPT_AFTER_ATTACH: &[(u32, &str)] = &[
+    (
+        CAP_SYS_PTRACE,
+        "open /proc/PID/{environ,exe,cwd,root,fd} of processes of other users",
+    ),
+    (
+        CAP_DAC_READ_SEARCH,
+        "read those files (mode 0400, owned by the process's user) and its own files through /proc/PID/root",
+    ),
+];
+
+const VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct Header {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Data {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The (effective, permitted) capability sets of this process, as 64-bit masks.
+pub fn current() -> io::Result<(u64, u64)> {
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget with a v3 header writes two data structs, which `d` holds.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Ok((
+        join(d[0].effective, d[1].effective),
+        join(d[0].permitted, d[1].permitted),
+    ))
+}
+
+/// The names of the capabilities in `mask` (`bpf`, `sys_ptrace`, …).
+pub fn names(mask: u64) -> Vec<String> {
+    const NAMES: [&str; 41] = [
+        "chown",
+        "dac_override",
+        "dac_read_search",
+        "fowner",
+        "fsetid",
+        "kill",
+        "setgid",
+        "setuid",
+        "setpcap",
+        "linux_immutable",
+        "net_bind_service",
+        "net_broadcast",
+        "net_admin",
+        "net_raw",
+        "ipc_lock",
+        "ipc_owner",
+        "sys_module",
+        "sys_rawio",
+        "sys_chroot",
+        "sys_ptrace",
+        "sys_pacct",
+        "sys_admin",
+        "sys_boot",
+        "sys_nice",
+        "sys_resource",
+        "sys_time",
+        "sys_tty_config",
+        "mknod",
+        "lease",
+        "audit_write",
+        "audit_control",
+        "setfcap",
+        "mac_override",
+        "mac_admin",
+        "syslog",
+        "wake_alarm",
+        "block_suspend",
+        "audit_read",
+        "perfmon",
+        "bpf",
+        "checkpoint_restore",
+    ];
+    (0..64)
+        .filter(|i| mask & (1u64 << i) != 0)
+        .map(|i| {
+            NAMES
+                .get(i)
+                .map_or_else(|| format!("cap_{i}"), |n| n.to_string())
+        })
+        .collect()
+}
+
+/// What [`drop_after_attach`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Dropped {
+    /// Effective capabilities given up.
+    pub dropped: u64,
+    /// Effective capabilities kept.
+    pub kept: u64,
+}
+
+/// Gives up every capability but [`KEPT_AFTER_ATTACH`]: from the effective,
+/// permitted and inheritable sets, the ambient set and, when allowed
+/// (`CAP_SETPCAP`), the bounding set; and sets no_new_privs, so that nothing the
+/// agent might run gains any back.
+pub fn drop_after_attach() -> io::Result<Dropped> {
+    let (effective, permitted) = current()?;
+    let keep_mask: u64 = KEPT_AFTER_ATTACH
+        .iter()
+        .fold(0, |m, (cap, _)| m | (1u64 << cap));
+    // SAFETY: prctl with these options takes plain integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+    }
+    if effective & (1u64 << CAP_SETPCAP) != 0 {
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(40)
+            .min(63);
+        for cap in (0..=last).filter(|c| keep_mask & (1u64 << c) == 0) {
+            // SAFETY: as above; a capability the kernel does not know fails harmlessly.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    let kept = permitted & keep_mask;
+    let lo = |m: u64| m as u32;
+    let hi = |m: u64| (m >> 32) as u32;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let d = [
+        Data {
+            effective: lo(kept),
+            permitted: lo(kept),
+            inheritable: 0,
+        },
+        Data {
+            effective: hi(kept),
+            permitted: hi(kept),
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a v3 header reads two data structs, which `d` holds.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Dropped {
+        dropped: effective & !kept,
+        kept,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_masks_are_named() {
+        assert_eq!(names((1 << 19) | (1 << 39)), ["sys_ptrace", "bpf"]);
+        assert_eq!(names(1 << 45), ["cap_45"]);
+        assert!(names(0).is_empty());
+    }
+
+    #[test]
+    fn this_process_can_read_its_capabilities() {
+        let (effective, permitted) = current().expect("capget");
+        assert_eq!(effective & !permitted, 0, "effective is within permitted");
+    }
+}
