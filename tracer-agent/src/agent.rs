@@ -50,13 +50,34 @@ const MAX_METRIC_SERIES: usize = 2000;
 
 pub async fn run(config: Config) -> Result<(), AgentError> {
     let telemetry = Arc::new(Telemetry::new());
-    let otlp = match &config.otlp_endpoint {
-        Some(endpoint) => Some(OtlpExporter::new(
-            endpoint,
-            config.otlp_protocol,
-            Duration::from_secs(10),
-        )?),
-        None => None,
+    let otlp = if config.otlp.is_empty() {
+        None
+    } else {
+        for signal in crate::export::otlp_settings::SIGNALS {
+            if let Some(s) = config.otlp.get(signal) {
+                log::info!(
+                    "OTLP {}: {} over {}{}{}",
+                    signal.name(),
+                    s.url,
+                    match s.protocol {
+                        crate::export::otlp::OtlpProtocol::Grpc => "grpc",
+                        crate::export::otlp::OtlpProtocol::HttpProtobuf => "http/protobuf",
+                    },
+                    if s.protocol_guessed {
+                        " (port 4317: set OTEL_EXPORTER_OTLP_PROTOCOL to override)"
+                    } else {
+                        ""
+                    },
+                    if s.headers.is_empty() {
+                        String::new()
+                    } else {
+                        let keys: Vec<&str> = s.headers.iter().map(|(k, _)| k.as_str()).collect();
+                        format!(", headers {}", keys.join(", "))
+                    }
+                );
+            }
+        }
+        Some(OtlpExporter::from_settings(&config.otlp)?)
     };
     let listener = server::bind(config.listen)
         .await

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::{
     capture::backend::BackendChoice,
-    export::{Output, otlp::OtlpProtocol},
+    export::{Output, otlp_settings::OtlpSettings},
 };
 
 #[derive(Debug, Parser)]
@@ -46,12 +46,45 @@ pub enum Command {
 /// Flags of the agent itself. Each one can also be set in the config file.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// OTLP collector endpoint, e.g. http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318 (HTTP).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    /// OTLP collector endpoint for every signal, e.g. http://127.0.0.1:4318 (HTTP: the
+    /// signal's path is appended) or https://collector:4317 (gRPC)
+    /// [env: OTEL_EXPORTER_OTLP_ENDPOINT].
+    #[arg(long)]
     pub otlp_endpoint: Option<String>,
-    /// OTLP transport: grpc or http/protobuf [default: http/protobuf, as OpenTelemetry specifies].
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    /// Endpoint of traces only, used as it is [env: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT].
+    #[arg(long)]
+    pub otlp_traces_endpoint: Option<String>,
+    /// Endpoint of metrics only [env: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT].
+    #[arg(long)]
+    pub otlp_metrics_endpoint: Option<String>,
+    /// Endpoint of logs (leak reports) only [env: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT].
+    #[arg(long)]
+    pub otlp_logs_endpoint: Option<String>,
+    /// OTLP transport: grpc or http/protobuf [env: OTEL_EXPORTER_OTLP_PROTOCOL;
+    /// default: grpc for an endpoint on port 4317, else http/protobuf].
+    #[arg(long)]
     pub otlp_protocol: Option<String>,
+    /// A header sent with every OTLP request, e.g. an API key (repeatable; over
+    /// OTEL_EXPORTER_OTLP_HEADERS by key). Its value is never printed.
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE", value_parser = crate::export::otlp_settings::parse_header_flag)]
+    pub otlp_headers: Vec<(String, String)>,
+    /// gzip or none [env: OTEL_EXPORTER_OTLP_COMPRESSION; default: none].
+    #[arg(long)]
+    pub otlp_compression: Option<String>,
+    /// Longest one OTLP export takes, connecting included [env:
+    /// OTEL_EXPORTER_OTLP_TIMEOUT, in milliseconds; default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub otlp_timeout: Option<Duration>,
+    /// CA certificates (PEM) trusted besides the system's, for an https collector
+    /// [env: OTEL_EXPORTER_OTLP_CERTIFICATE].
+    #[arg(long)]
+    pub otlp_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE].
+    #[arg(long)]
+    pub otlp_client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM) [env: OTEL_EXPORTER_OTLP_CLIENT_KEY].
+    #[arg(long)]
+    pub otlp_client_key: Option<PathBuf>,
     /// What to print on stdout [default: pretty without an OTLP endpoint, else none].
     #[arg(long, value_enum)]
     pub output: Option<Output>,
@@ -134,7 +167,19 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
+    pub otlp_traces_endpoint: Option<String>,
+    pub otlp_metrics_endpoint: Option<String>,
+    pub otlp_logs_endpoint: Option<String>,
     pub otlp_protocol: Option<String>,
+    /// Headers of every OTLP request (`[otlp-headers]` table).
+    #[serde(default)]
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    pub otlp_compression: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub otlp_timeout: Option<Duration>,
+    pub otlp_ca_file: Option<PathBuf>,
+    pub otlp_client_cert: Option<PathBuf>,
+    pub otlp_client_key: Option<PathBuf>,
     pub output: Option<Output>,
     #[serde(default)]
     pub pids: Vec<u32>,
@@ -179,8 +224,8 @@ mod humantime_serde_opt {
 /// The validated configuration the agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub otlp_endpoint: Option<String>,
-    pub otlp_protocol: OtlpProtocol,
+    /// Where each OTLP signal goes (none of them: no OTLP export).
+    pub otlp: OtlpSettings,
     pub output: Output,
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
@@ -240,23 +285,12 @@ impl Config {
     }
 
     pub fn merge(args: &RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
-        let otlp_endpoint = args
-            .otlp_endpoint
-            .clone()
-            .or(file.otlp_endpoint)
-            .filter(|e| !e.trim().is_empty());
-        let otlp_protocol = match args.otlp_protocol.clone().or(file.otlp_protocol) {
-            Some(p) => p.parse().map_err(ConfigError::Invalid)?,
-            None => OtlpProtocol::HttpProtobuf,
-        };
-        let output = args
-            .output
-            .or(file.output)
-            .unwrap_or(if otlp_endpoint.is_some() {
-                Output::None
-            } else {
-                Output::Pretty
-            });
+        let otlp = otlp_settings(args, &file, &|k| std::env::var(k).ok())?;
+        let output = args.output.or(file.output).unwrap_or(if !otlp.is_empty() {
+            Output::None
+        } else {
+            Output::Pretty
+        });
         let capture_bytes = args
             .capture_bytes
             .or(file.capture_bytes)
@@ -327,8 +361,7 @@ impl Config {
             &|k| std::env::var(k).ok(),
         )?;
         Ok(Self {
-            otlp_endpoint,
-            otlp_protocol,
+            otlp,
             output,
             pids,
             ports,
@@ -358,6 +391,62 @@ impl Config {
             kube,
         })
     }
+}
+
+/// The OTLP settings from flags, the environment (through `env`) and the file.
+fn otlp_settings(
+    args: &RunArgs,
+    file: &FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<OtlpSettings, ConfigError> {
+    use crate::export::otlp_settings::{Fields, Source, from_env, resolve};
+    let endpoint_only = |e: &Option<String>| Fields {
+        endpoint: e.clone().filter(|e| !e.trim().is_empty()),
+        ..Default::default()
+    };
+    let flags = Source {
+        generic: Fields {
+            endpoint: args.otlp_endpoint.clone().filter(|e| !e.trim().is_empty()),
+            protocol: args.otlp_protocol.clone(),
+            headers: args.otlp_headers.clone(),
+            compression: args.otlp_compression.clone(),
+            timeout: args.otlp_timeout,
+            ca_file: args.otlp_ca_file.clone(),
+            client_cert: args.otlp_client_cert.clone(),
+            client_key: args.otlp_client_key.clone(),
+        },
+        signal: [
+            endpoint_only(&args.otlp_traces_endpoint),
+            endpoint_only(&args.otlp_metrics_endpoint),
+            endpoint_only(&args.otlp_logs_endpoint),
+        ],
+    };
+    let environment = from_env(env).map_err(ConfigError::Invalid)?;
+    let mut file_headers = Vec::new();
+    for (k, v) in &file.otlp_headers {
+        file_headers.push(
+            crate::export::otlp_settings::parse_header_flag(&format!("{k}={v}"))
+                .map_err(|e| ConfigError::Invalid(e.replace("--otlp-header", "otlp-headers")))?,
+        );
+    }
+    let from_file = Source {
+        generic: Fields {
+            endpoint: file.otlp_endpoint.clone().filter(|e| !e.trim().is_empty()),
+            protocol: file.otlp_protocol.clone(),
+            headers: file_headers,
+            compression: file.otlp_compression.clone(),
+            timeout: file.otlp_timeout,
+            ca_file: file.otlp_ca_file.clone(),
+            client_cert: file.otlp_client_cert.clone(),
+            client_key: file.otlp_client_key.clone(),
+        },
+        signal: [
+            endpoint_only(&file.otlp_traces_endpoint),
+            endpoint_only(&file.otlp_metrics_endpoint),
+            endpoint_only(&file.otlp_logs_endpoint),
+        ],
+    };
+    resolve(&[&flags, &environment, &from_file]).map_err(ConfigError::Invalid)
 }
 
 /// The Kubernetes keys of the config file.
@@ -492,6 +581,7 @@ mod tests {
             .to_string();
         assert!(e.contains("capture-bytes"), "{e}");
         let args = RunArgs {
+            otlp_endpoint: Some("http://127.0.0.1:4318".into()),
             otlp_protocol: Some("thrift".into()),
             ..RunArgs::default()
         };

@@ -26,3 +26,4 @@ pub mod service;
 pub mod spans;
 pub mod stitch;
 pub mod telemetry;
+pub mod tls;

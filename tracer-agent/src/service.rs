@@ -104,7 +104,7 @@ pub fn resource_attributes(attrs: &str) -> OwnResource {
     own
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -150,6 +150,9 @@ pub struct Telemetry {
     pub spans_exported: Family<ExporterLabel, Counter>,
     /// Export attempts that failed, per exporter.
     pub export_errors: Family<ExporterLabel, Counter>,
+    /// Items a collector took the request of but rejected (`partial_success`),
+    /// per signal (`traces`, `metrics`, `logs`).
+    pub otlp_rejected: Family<ExporterLabel, Counter>,
     /// Traffic the decoders skipped or rejected, by reason.
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
@@ -232,6 +235,7 @@ impl Telemetry {
             spans_built: Counter::default(),
             spans_exported: Family::default(),
             export_errors: Family::default(),
+            otlp_rejected: Family::default(),
             traffic_dropped: Family::default(),
             connections_evicted: Counter::default(),
             parent_inference: Family::default(),
@@ -289,6 +293,11 @@ impl Telemetry {
             "export_errors",
             "Failed export attempts",
             t.export_errors.clone(),
+        );
+        registry.register(
+            "otlp_rejected",
+            "Items a collector accepted the export of but rejected (partial_success), by signal",
+            t.otlp_rejected.clone(),
         );
         registry.register(
             "traffic_dropped",

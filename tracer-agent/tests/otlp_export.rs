@@ -1,5 +1,8 @@
 //! End to end: spans built from real traffic arrive at a real OpenTelemetry
-//! collector (rotel, from PyPI) over OTLP gRPC and OTLP HTTP/protobuf.
+//! collector (rotel, from PyPI) over OTLP gRPC and OTLP HTTP/protobuf; and over
+//! TLS with a required API-key header, the way hosted backends take them: nginx
+//! (Debian's) terminates TLS with a certificate the test makes, refuses requests
+//! without the key, and passes the rest to rotel.
 
 mod support;
 
@@ -209,5 +212,291 @@ fn leak_reports_reach_a_real_collector_as_log_records() {
         needles.iter().all(|n| text.contains(n)),
         "collector never received {needles:?}; it printed:\n{text}\nthe agent logged:\n{}",
         agent_log.text()
+    );
+}
+
+/// A TLS front for `collector` (nginx, as an ingress would be): certificates
+/// from a CA the test makes, `x-api-key` required, gRPC to rotel's gRPC
+/// receiver and `/v1/*` to its HTTP one. Its access log records each request's
+/// protocol, status, TLS version and encoding.
+struct TlsFront {
+    _proc: Proc,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsFront {
+    fn start(collector: &Collector, api_key: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            d,
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=tracer test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            d,
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        std::fs::create_dir_all(d.join("tmp")).unwrap();
+        let port = free_port();
+        let p = d.display();
+        let conf = format!(
+            r#"user root;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    log_format otlp '$request $status $ssl_protocol ce=$http_content_encoding ge=$http_grpc_encoding';
+    access_log {p}/access.log otlp;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {p}/server.pem;
+        ssl_certificate_key {p}/server.key;
+        if ($http_x_api_key != "{api_key}") {{ return 401; }}
+        location /v1/ {{ proxy_pass http://127.0.0.1:{http}; }}
+        location / {{ grpc_pass grpc://127.0.0.1:{grpc}; }}
+    }}
+}}
+"#,
+            http = collector.http,
+            grpc = collector.grpc,
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nginx (Debian's /usr/sbin/nginx)");
+        let proc = Proc(child);
+        wait_for_port(port, "nginx TLS front");
+        Self {
+            _proc: proc,
+            port,
+            dir,
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+/// Serves one file and has curl fetch it with the agent following the port.
+fn traffic_for(agent_args: &[&str], env: &[(&str, &str)], path: &str) -> (Agent, Proc) {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(path.trim_start_matches('/')), "hello").unwrap();
+    let server = python_server(port, dir.path(), "1.1");
+    let mut args = agent_args.to_vec();
+    let port_text = port.to_string();
+    args.extend(["--output", "none", "--port", &port_text]);
+    let agent = Agent::start_with(&[], env, &args);
+    curl(&[&format!("http://127.0.0.1:{port}{path}")]);
+    std::thread::sleep(Duration::from_millis(500));
+    (agent, server)
+}
+
+fn tls_and_header(protocol: &str, compression: &str, path: &str) {
+    let collector = rotel();
+    let key = format!("key-{}", free_port());
+    let front = TlsFront::start(&collector, &key);
+    let endpoint = format!("https://localhost:{}", front.port);
+    let headers = format!("x-api-key={key}");
+    let (agent, _server) = traffic_for(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol,
+            "--otlp-ca-file",
+            &front.ca(),
+            "--otlp-compression",
+            compression,
+        ],
+        &[("OTEL_EXPORTER_OTLP_HEADERS", &headers)],
+        path,
+    );
+    let (_, stderr) = agent.stop();
+    collector.wait_for(&[path, "url.template"], 20);
+    let log = front.access_log();
+    // TLS 1.2 or 1.3, as the two ends agree.
+    let (request, encoding) = match protocol {
+        "grpc" => (
+            "POST /opentelemetry.proto.collector.trace.v1.TraceService/Export HTTP/2.0 200 TLSv1.",
+            "ge=gzip",
+        ),
+        _ => ("POST /v1/traces HTTP/1.1 200 TLSv1.", "ce=gzip"),
+    };
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(request))
+        .unwrap_or_else(|| panic!("no {request:?} in nginx's access log:\n{log}"));
+    if compression == "gzip" {
+        assert!(line.contains(encoding), "compressed: {line}");
+    }
+    assert!(
+        !stderr.text().contains(&key),
+        "the header's value never reaches the log:\n{}",
+        stderr.text()
+    );
+}
+
+#[test]
+fn spans_reach_a_collector_over_grpc_with_tls_a_required_header_and_gzip() {
+    if require_root("otlp_grpc_tls_header_gzip") {
+        tls_and_header("grpc", "gzip", "/tls-grpc.txt");
+    }
+}
+
+#[test]
+fn spans_reach_a_collector_over_http_protobuf_with_tls_a_required_header_and_gzip() {
+    if require_root("otlp_http_tls_header") {
+        tls_and_header("http/protobuf", "gzip", "/tls-http.txt");
+    }
+}
+
+/// A wrong key is refused by the front: the agent says so (with the status,
+/// never the key), counts it, and nothing reaches the collector. Without the
+/// test CA the handshake fails and the agent names why.
+#[test]
+fn a_wrong_key_or_an_unknown_ca_is_a_clear_counted_failure() {
+    if !require_root("otlp_tls_wrong_key") {
+        return;
+    }
+    let collector = rotel();
+    let front = TlsFront::start(&collector, "the-right-key");
+    let endpoint = format!("https://localhost:{}", front.port);
+    for (protocol, ca) in [
+        ("grpc", true),
+        ("http/protobuf", true),
+        ("grpc", false),
+        ("http/protobuf", false),
+    ] {
+        let ca_file = front.ca();
+        let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol];
+        if ca {
+            args.extend(["--otlp-ca-file", &ca_file]);
+        }
+        let (agent, _server) = traffic_for(
+            &args,
+            &[("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=wrong-key-s3cr3t")],
+            "/refused.txt",
+        );
+        // The first export runs a second after the span.
+        std::thread::sleep(Duration::from_millis(1500));
+        let metrics = agent.get("/metrics");
+        let (_, stderr) = agent.stop();
+        let log = stderr.text();
+        let why = if !ca {
+            "invalid peer certificate"
+        } else {
+            "401"
+        };
+        assert!(
+            log.contains(why),
+            "{protocol}, CA {ca}: the log says {why:?}:\n{log}"
+        );
+        assert!(
+            !log.contains("s3cr3t"),
+            "the key never reaches the log:\n{log}"
+        );
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("tracer_export_errors_total{exporter=\"otlp_")
+                    && !l.ends_with(" 0")
+            ),
+            "{protocol}: the failure is counted:\n{metrics}"
+        );
+    }
+    assert!(
+        !collector.text().contains("/refused.txt"),
+        "nothing got through:\n{}",
+        collector.text()
     );
 }

@@ -283,6 +283,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "iproute2",
     "nginx",
+    // Certificates of the OTLP-over-TLS tests (otlp_export.rs); setpriv for the
+    // least-privilege test.
+    "openssl",
+    "util-linux",
     "postgresql",
     "redis-server",
     "mariadb-server",

@@ -4,6 +4,7 @@
 pub mod json;
 pub mod otlp;
 pub mod otlp_metrics;
+pub mod otlp_settings;
 pub mod pretty;
 pub mod prometheus;
 pub mod wire;
@@ -78,7 +79,7 @@ impl ExportStage {
                     let Some(batch) = batch else { break };
                     telemetry.spans_backlog.take(batch.len());
                     self.print(&batch, &mut printer, &telemetry);
-                    if self.otlp.is_some() {
+                    if self.otlp.as_ref().is_some_and(|o| o.exports_traces()) {
                         pending.push_spans(&batch, self.batch_size);
                         drop(batch);
                         let dropped = pending.shed(self.max_buffered_bytes);
@@ -119,9 +120,12 @@ impl ExportStage {
             Ok(red) => otlp_metrics::export_request(&red, otlp::unix_nano_now()),
             Err(_) => return,
         };
-        if let Err(e) = otlp.export_metrics(request).await {
-            telemetry.export_failed("otlp_metrics");
-            log::warn!("{e}");
+        match otlp.export_metrics(request).await {
+            Ok(rejected) => note_rejected(telemetry, "metrics", rejected),
+            Err(e) => {
+                telemetry.export_failed("otlp_metrics");
+                log::warn!("{e}");
+            }
         }
     }
 
@@ -131,9 +135,12 @@ impl ExportStage {
         let Some(otlp) = self.otlp.as_mut() else {
             return;
         };
-        if let Err(e) = otlp.export_leaks(events).await {
-            telemetry.export_failed("otlp_logs");
-            log::warn!("{e}; {} leak events dropped", events.len());
+        match otlp.export_leaks(events).await {
+            Ok(rejected) => note_rejected(telemetry, "logs", rejected),
+            Err(e) => {
+                telemetry.export_failed("otlp_logs");
+                log::warn!("{e}; {} leak events dropped", events.len());
+            }
         }
     }
 
@@ -189,7 +196,10 @@ impl ExportStage {
         // not our CPU, bounds a one-at-a-time exporter.
         let mut failed = None;
         match otlp.export_encoded(requests[0].bytes.clone()).await {
-            Ok(()) => sent[0] = true,
+            Ok(rejected) => {
+                sent[0] = true;
+                note_rejected(telemetry, "traces", rejected);
+            }
             Err(e) => failed = Some(e),
         }
         let mut next = 1;
@@ -204,7 +214,10 @@ impl ExportStage {
             .await;
             for (i, result) in results {
                 match result {
-                    Ok(()) => sent[i] = true,
+                    Ok(rejected) => {
+                        sent[i] = true;
+                        note_rejected(telemetry, "traces", rejected);
+                    }
                     Err(e) => failed = Some(e),
                 }
             }
@@ -229,6 +242,31 @@ impl ExportStage {
             // The channel may be broken (a clone's reset does not reach us).
             otlp.reset();
         }
+    }
+}
+
+/// Counts what a collector accepted the request of but rejected
+/// (`partial_success`), and says so at most once a minute.
+fn note_rejected(telemetry: &Telemetry, signal: &'static str, rejected: otlp::Rejected) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_SECS: AtomicU64 = AtomicU64::new(0);
+    let Some((n, message)) = rejected else {
+        return;
+    };
+    telemetry
+        .otlp_rejected
+        .get_or_create(&crate::telemetry::ExporterLabel { exporter: signal })
+        .inc_by(n.max(0) as u64);
+    let now = otlp::unix_nano_now() / 1_000_000_000;
+    let last = LAST_LOG_SECS.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_LOG_SECS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log::warn!(
+            "the collector rejected {n} {signal} items of an export: {message:?} (counted in tracer_otlp_rejected_total)"
+        );
     }
 }
 

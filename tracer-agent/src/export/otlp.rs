@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 
+use super::otlp_settings::{Compression, OtlpSettings, Signal, SignalSettings};
 use crate::{
     pools::{LeakEvent, LeakState},
     process::ProcessResource,
@@ -61,11 +62,8 @@ pub enum OtlpError {
         endpoint: String,
         source: Box<tonic::Status>,
     },
-    #[error("OTLP/gRPC connection to {endpoint} failed: {source}")]
-    Connect {
-        endpoint: String,
-        source: tonic::transport::Error,
-    },
+    #[error("OTLP/gRPC connection to {endpoint} failed: {reason}")]
+    Connect { endpoint: String, reason: String },
     #[error("OTLP/HTTP export to {url} failed: {reason}")]
     Http { url: String, reason: String },
     #[error("OTLP export to {0} timed out")]
@@ -326,19 +324,25 @@ pub(crate) fn unix_nano_now() -> u64 {
         .unwrap_or(0)
 }
 
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
 #[derive(Clone)]
 enum Transport {
     Grpc {
         channel: Option<tonic::transport::Channel>,
-        endpoint: String,
+        endpoint: Box<tonic::transport::Endpoint>,
+        metadata: tonic::metadata::MetadataMap,
     },
     Http {
-        client: Box<Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>>,
-        base: String,
+        client: Box<HttpsClient>,
+        headers: hyper::HeaderMap,
     },
 }
 
-/// What an export carries: the signal's HTTP path and its protobuf body.
+/// What an export carries: its protobuf body.
 enum Payload {
     /// An encoded `ExportTraceServiceRequest` (see [`super::wire`]).
     Traces(Bytes),
@@ -346,100 +350,367 @@ enum Payload {
     Logs(ExportLogsServiceRequest),
 }
 
-impl Payload {
-    fn path(&self) -> &'static str {
-        match self {
-            Payload::Traces(_) => "/v1/traces",
-            Payload::Metrics(_) => "/v1/metrics",
-            Payload::Logs(_) => "/v1/logs",
-        }
-    }
+/// The part of an export the collector refused, from the answer's
+/// `partial_success`: (items rejected, its message).
+pub type Rejected = Option<(i64, String)>;
+
+/// Sends one signal to its endpoint.
+#[derive(Clone)]
+struct Sender {
+    signal: Signal,
+    url: String,
+    transport: Transport,
+    compression: Compression,
+    timeout: Duration,
 }
 
-/// Sends spans, metrics and leak events to one OTLP endpoint.
-/// Cheap to clone: clones share the gRPC channel or HTTP connection pool, so
-/// several requests can be in flight at once.
+/// Longest collector answer read.
+const MAX_RESPONSE_BYTES: usize = 64 << 10;
+
+/// Sends spans, metrics and leak events to their OTLP endpoints (one per signal;
+/// a signal without one is not sent). Cheap to clone: clones share the gRPC
+/// channel or HTTP connection pool, so several requests can be in flight at once.
 #[derive(Clone)]
 pub struct OtlpExporter {
-    transport: Transport,
-    timeout: Duration,
+    traces: Option<Sender>,
+    metrics: Option<Sender>,
+    logs: Option<Sender>,
     /// `host.name` of leak resources (span resources carry their own).
     host_name: String,
 }
 
-impl OtlpExporter {
-    /// `endpoint` follows `OTEL_EXPORTER_OTLP_ENDPOINT`: for gRPC the collector
-    /// address (`http://host:4317`); for HTTP the base URL, to which each signal's
-    /// path (`/v1/traces`, `/v1/metrics`, `/v1/logs`) is appended (a trailing
-    /// `/v1/traces` is taken off first).
-    pub fn new(
-        endpoint: &str,
-        protocol: OtlpProtocol,
-        timeout: Duration,
-    ) -> Result<Self, OtlpError> {
-        let bad = |reason: &str| OtlpError::Endpoint {
-            endpoint: endpoint.to_string(),
-            reason: reason.to_string(),
+/// `e` and its sources, one after the other (hyper and rustls put the reason, an
+/// unknown issuer or a refused connection, in the sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl Sender {
+    fn new(signal: Signal, s: &SignalSettings) -> Result<Self, OtlpError> {
+        let bad = |reason: String| OtlpError::Endpoint {
+            endpoint: s.url.clone(),
+            reason,
         };
-        let uri: hyper::Uri = endpoint
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(bad(
-                    "https is not supported yet: use a local collector over http",
-                ));
+        let transport = match s.protocol {
+            OtlpProtocol::Grpc => {
+                let mut endpoint = tonic::transport::Endpoint::from_shared(s.url.clone())
+                    .map_err(|e| bad(e.to_string()))?
+                    .connect_timeout(s.timeout)
+                    .timeout(s.timeout);
+                if s.url.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+                    if let Some(ca) = &s.tls.ca_file {
+                        let pem = std::fs::read(ca).map_err(|e| {
+                            bad(format!("cannot read CA file {}: {e}", ca.display()))
+                        })?;
+                        // Checked the same way as for HTTP, for the same clear error.
+                        crate::tls::certificates("CA file", ca).map_err(|e| bad(e.to_string()))?;
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    match (&s.tls.client_cert, &s.tls.client_key) {
+                        (None, None) => {}
+                        (Some(cert), Some(key)) => {
+                            let read = |p: &std::path::Path| {
+                                std::fs::read(p)
+                                    .map_err(|e| bad(format!("cannot read {}: {e}", p.display())))
+                            };
+                            tls = tls.identity(tonic::transport::Identity::from_pem(
+                                read(cert)?,
+                                read(key)?,
+                            ));
+                        }
+                        _ => return Err(bad(crate::tls::TlsError::HalfIdentity.to_string())),
+                    }
+                    endpoint = endpoint.tls_config(tls).map_err(|e| bad(chain(&e)))?;
+                }
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &s.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
+                        .map_err(|_| bad(format!("header {k:?} is no valid gRPC metadata key")))?;
+                    let value = v
+                        .parse()
+                        .map_err(|_| bad(format!("the value of header {k:?} is not valid")))?;
+                    metadata.insert(key, value);
+                }
+                Transport::Grpc {
+                    channel: None,
+                    endpoint: Box::new(endpoint),
+                    metadata,
+                }
             }
-            _ => return Err(bad("expected a URL such as http://127.0.0.1:4317")),
-        }
-        if uri.host().is_none() {
-            return Err(bad("no host"));
-        }
-        let transport = match protocol {
-            OtlpProtocol::Grpc => Transport::Grpc {
-                channel: None,
-                endpoint: endpoint.trim_end_matches('/').to_string(),
-            },
             OtlpProtocol::HttpProtobuf => {
-                // OTEL_EXPORTER_OTLP_ENDPOINT is a base URL; signal paths are appended.
-                let base = endpoint
-                    .trim_end_matches('/')
-                    .trim_end_matches("/v1/traces")
-                    .to_string();
+                let connector = s.tls.https_connector().map_err(|e| bad(e.to_string()))?;
+                let mut headers = hyper::HeaderMap::new();
+                for (k, v) in &s.headers {
+                    let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|_| bad(format!("header {k:?} is no valid HTTP header name")))?;
+                    let mut value = hyper::header::HeaderValue::from_str(v)
+                        .map_err(|_| bad(format!("the value of header {k:?} is not valid")))?;
+                    value.set_sensitive(true);
+                    headers.insert(name, value);
+                }
                 Transport::Http {
-                    client: Box::new(Client::builder(TokioExecutor::new()).build_http()),
-                    base,
+                    client: Box::new(Client::builder(TokioExecutor::new()).build(connector)),
+                    headers,
                 }
             }
         };
         Ok(Self {
+            signal,
+            url: s.url.clone(),
             transport,
-            timeout,
-            host_name: crate::process::host_name(),
+            compression: s.compression,
+            timeout: s.timeout,
         })
     }
 
-    pub fn name(&self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self.transport {
             Transport::Grpc { .. } => "otlp_grpc",
             Transport::Http { .. } => "otlp_http",
         }
     }
 
-    /// Exports an encoded `ExportTraceServiceRequest` (see [`super::wire`]); an error
-    /// leaves the exporter usable for the next request.
-    pub async fn export_encoded(&mut self, body: Bytes) -> Result<(), OtlpError> {
-        if body.is_empty() {
-            return Ok(());
+    /// Sends one request: connect, send and read the answer all within the timeout.
+    async fn send(&mut self, payload: Payload) -> Result<Rejected, OtlpError> {
+        let timeout = self.timeout;
+        let url = self.url.clone();
+        match tokio::time::timeout(timeout, self.send_inner(payload)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.reset();
+                Err(OtlpError::Timeout(url))
+            }
         }
-        self.send(Payload::Traces(body)).await
     }
 
-    /// Forgets the gRPC channel: the next export connects anew.
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         if let Transport::Grpc { channel, .. } = &mut self.transport {
             *channel = None;
+        }
+    }
+
+    async fn send_inner(&mut self, payload: Payload) -> Result<Rejected, OtlpError> {
+        let compression = self.compression;
+        match &mut self.transport {
+            Transport::Grpc {
+                channel,
+                endpoint,
+                metadata,
+            } => {
+                if channel.is_none() {
+                    let connected =
+                        endpoint
+                            .connect()
+                            .await
+                            .map_err(|source| OtlpError::Connect {
+                                endpoint: self.url.clone(),
+                                reason: chain(&source),
+                            })?;
+                    *channel = Some(connected);
+                }
+                let Some(ch) = channel.clone() else {
+                    return Ok(None);
+                };
+                let gzip = tonic::codec::CompressionEncoding::Gzip;
+                let result = match payload {
+                    Payload::Traces(body) => {
+                        grpc_export_encoded(ch, with_metadata(metadata, body), compression).await
+                    }
+                    Payload::Metrics(req) => {
+                        let mut c = MetricsServiceClient::new(ch);
+                        if compression == Compression::Gzip {
+                            c = c.send_compressed(gzip);
+                        }
+                        c.export(with_metadata(metadata, req)).await.map(|r| {
+                            r.into_inner()
+                                .partial_success
+                                .filter(|p| p.rejected_data_points > 0)
+                                .map(|p| (p.rejected_data_points, p.error_message))
+                        })
+                    }
+                    Payload::Logs(req) => {
+                        let mut c = LogsServiceClient::new(ch);
+                        if compression == Compression::Gzip {
+                            c = c.send_compressed(gzip);
+                        }
+                        c.export(with_metadata(metadata, req)).await.map(|r| {
+                            r.into_inner()
+                                .partial_success
+                                .filter(|p| p.rejected_log_records > 0)
+                                .map(|p| (p.rejected_log_records, p.error_message))
+                        })
+                    }
+                };
+                result.map_err(|status| {
+                    // Reconnect next time: the channel may be broken.
+                    *channel = None;
+                    OtlpError::Grpc {
+                        endpoint: self.url.clone(),
+                        source: Box::new(status),
+                    }
+                })
+            }
+            Transport::Http { client, headers } => {
+                let url = self.url.clone();
+                let http = |reason: String| OtlpError::Http {
+                    url: url.clone(),
+                    reason,
+                };
+                let body = match payload {
+                    Payload::Traces(body) => body,
+                    Payload::Metrics(r) => Bytes::from(r.encode_to_vec()),
+                    Payload::Logs(r) => Bytes::from(r.encode_to_vec()),
+                };
+                let mut req = hyper::Request::post(url.as_str())
+                    .header("content-type", "application/x-protobuf");
+                let body = if compression == Compression::Gzip {
+                    req = req.header("content-encoding", "gzip");
+                    Bytes::from(gzip(&body))
+                } else {
+                    body
+                };
+                let mut req = req.body(Full::new(body)).map_err(|e| http(e.to_string()))?;
+                req.headers_mut()
+                    .extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let resp = client.request(req).await.map_err(|e| http(chain(&e)))?;
+                let status = resp.status();
+                let body = read_limited(resp.into_body(), MAX_RESPONSE_BYTES).await;
+                if !status.is_success() {
+                    return Err(http(format!("collector answered {status}")));
+                }
+                Ok(body.and_then(|b| rejected(self.signal, &b)))
+            }
+        }
+    }
+}
+
+/// A gRPC request carrying the configured headers as metadata.
+fn with_metadata<T>(metadata: &tonic::metadata::MetadataMap, body: T) -> tonic::Request<T> {
+    tonic::Request::from_parts(metadata.clone(), tonic::Extensions::default(), body)
+}
+
+/// Reads at most `max` bytes of an answer (the rest is left unread).
+async fn read_limited(mut body: hyper::body::Incoming, max: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let data = frame.ok()?.into_data().ok();
+        if let Some(d) = data {
+            if out.len() + d.len() > max {
+                return None;
+            }
+            out.extend_from_slice(&d);
+        }
+    }
+    Some(out)
+}
+
+/// The `partial_success` of an HTTP/protobuf answer, when it rejected anything.
+fn rejected(signal: Signal, body: &[u8]) -> Rejected {
+    use opentelemetry_proto::tonic::collector::{
+        logs::v1::ExportLogsServiceResponse, metrics::v1::ExportMetricsServiceResponse,
+        trace::v1::ExportTraceServiceResponse,
+    };
+    let p = match signal {
+        Signal::Traces => ExportTraceServiceResponse::decode(body)
+            .ok()?
+            .partial_success
+            .map(|p| (p.rejected_spans, p.error_message)),
+        Signal::Metrics => ExportMetricsServiceResponse::decode(body)
+            .ok()?
+            .partial_success
+            .map(|p| (p.rejected_data_points, p.error_message)),
+        Signal::Logs => ExportLogsServiceResponse::decode(body)
+            .ok()?
+            .partial_success
+            .map(|p| (p.rejected_log_records, p.error_message)),
+    };
+    p.filter(|(n, _)| *n > 0)
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4 + 64),
+        flate2::Compression::fast(),
+    );
+    // Writing to a Vec cannot fail.
+    let _ = e.write_all(body);
+    e.finish().unwrap_or_default()
+}
+
+impl OtlpExporter {
+    /// All signals to one endpoint, the way `OTEL_EXPORTER_OTLP_ENDPOINT` means
+    /// it: for gRPC the collector's address; for HTTP a base URL to which each
+    /// signal's path is appended.
+    pub fn new(
+        endpoint: &str,
+        protocol: OtlpProtocol,
+        timeout: Duration,
+    ) -> Result<Self, OtlpError> {
+        let uri: hyper::Uri = endpoint
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| OtlpError::Endpoint {
+                endpoint: endpoint.to_string(),
+                reason: e.to_string(),
+            })?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(OtlpError::Endpoint {
+                endpoint: endpoint.to_string(),
+                reason: "expected a URL such as http://127.0.0.1:4317".into(),
+            });
+        }
+        Self::from_settings(&OtlpSettings::single(endpoint, protocol, timeout))
+    }
+
+    /// One sender per configured signal; every file (CA, client certificate) is
+    /// read and checked now.
+    pub fn from_settings(settings: &OtlpSettings) -> Result<Self, OtlpError> {
+        let sender = |s: Signal| settings.get(s).map(|cfg| Sender::new(s, cfg)).transpose();
+        Ok(Self {
+            traces: sender(Signal::Traces)?,
+            metrics: sender(Signal::Metrics)?,
+            logs: sender(Signal::Logs)?,
+            host_name: crate::process::host_name(),
+        })
+    }
+
+    /// Whether spans go out over OTLP (and so are buffered for it).
+    pub fn exports_traces(&self) -> bool {
+        self.traces.is_some()
+    }
+
+    /// The exporter label of span exports (`otlp_grpc` or `otlp_http`).
+    pub fn name(&self) -> &'static str {
+        self.traces.as_ref().map_or("otlp", Sender::name)
+    }
+
+    /// Exports an encoded `ExportTraceServiceRequest` (see [`super::wire`]); an error
+    /// leaves the exporter usable for the next request.
+    pub async fn export_encoded(&mut self, body: Bytes) -> Result<Rejected, OtlpError> {
+        match &mut self.traces {
+            Some(t) if !body.is_empty() => t.send(Payload::Traces(body)).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// Forgets the gRPC channels: the next export connects anew.
+    pub fn reset(&mut self) {
+        for s in [&mut self.traces, &mut self.metrics, &mut self.logs]
+            .into_iter()
+            .flatten()
+        {
+            s.reset();
         }
     }
 
@@ -447,95 +718,24 @@ impl OtlpExporter {
     pub async fn export_metrics(
         &mut self,
         request: ExportMetricsServiceRequest,
-    ) -> Result<(), OtlpError> {
-        if request.resource_metrics.is_empty() {
-            return Ok(());
+    ) -> Result<Rejected, OtlpError> {
+        match &mut self.metrics {
+            Some(m) if !request.resource_metrics.is_empty() => {
+                m.send(Payload::Metrics(request)).await
+            }
+            _ => Ok(None),
         }
-        self.send(Payload::Metrics(request)).await
     }
 
     /// Exports leak events as one logs request, stamped now.
-    pub async fn export_leaks(&mut self, events: &[LeakEvent]) -> Result<(), OtlpError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let request = leak_export_request(events, &self.host_name, unix_nano_now());
-        self.send(Payload::Logs(request)).await
-    }
-
-    async fn send(&mut self, payload: Payload) -> Result<(), OtlpError> {
-        let timeout = self.timeout;
-        match &mut self.transport {
-            Transport::Grpc { channel, endpoint } => {
-                if channel.is_none() {
-                    let connected = tonic::transport::Endpoint::from_shared(endpoint.clone())
-                        .map_err(|e| OtlpError::Endpoint {
-                            endpoint: endpoint.clone(),
-                            reason: e.to_string(),
-                        })?
-                        .connect_timeout(timeout)
-                        .timeout(timeout)
-                        .connect()
-                        .await
-                        .map_err(|source| OtlpError::Connect {
-                            endpoint: endpoint.clone(),
-                            source,
-                        })?;
-                    *channel = Some(connected);
-                }
-                let Some(ch) = channel.clone() else {
-                    return Ok(());
-                };
-                let result = match payload {
-                    Payload::Traces(body) => grpc_export_encoded(ch, body).await,
-                    Payload::Metrics(req) => {
-                        MetricsServiceClient::new(ch).export(req).await.map(|_| ())
-                    }
-                    Payload::Logs(req) => LogsServiceClient::new(ch).export(req).await.map(|_| ()),
-                };
-                if let Err(status) = result {
-                    // Reconnect next time: the channel may be broken.
-                    *channel = None;
-                    return Err(OtlpError::Grpc {
-                        endpoint: endpoint.clone(),
-                        source: Box::new(status),
-                    });
-                }
-                Ok(())
+    pub async fn export_leaks(&mut self, events: &[LeakEvent]) -> Result<Rejected, OtlpError> {
+        let host = self.host_name.clone();
+        match &mut self.logs {
+            Some(l) if !events.is_empty() => {
+                let request = leak_export_request(events, &host, unix_nano_now());
+                l.send(Payload::Logs(request)).await
             }
-            Transport::Http { client, base } => {
-                let url = format!("{base}{}", payload.path());
-                let body = match payload {
-                    Payload::Traces(body) => body,
-                    Payload::Metrics(r) => Bytes::from(r.encode_to_vec()),
-                    Payload::Logs(r) => Bytes::from(r.encode_to_vec()),
-                };
-                let req = hyper::Request::post(url.as_str())
-                    .header("content-type", "application/x-protobuf")
-                    .body(Full::new(body))
-                    .map_err(|e| OtlpError::Http {
-                        url: url.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let resp = tokio::time::timeout(timeout, client.request(req))
-                    .await
-                    .map_err(|_| OtlpError::Timeout(url.clone()))?
-                    .map_err(|e| OtlpError::Http {
-                        url: url.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let status = resp.status();
-                // Read the body so the connection can be reused.
-                let _ = resp.into_body().collect().await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(OtlpError::Http {
-                        url,
-                        reason: format!("collector answered {status}"),
-                    })
-                }
-            }
+            _ => Ok(None),
         }
     }
 }
@@ -543,28 +743,32 @@ impl OtlpExporter {
 /// The trace service's `Export` over gRPC with a request already encoded.
 async fn grpc_export_encoded(
     channel: tonic::transport::Channel,
-    body: Bytes,
-) -> Result<(), tonic::Status> {
+    request: tonic::Request<Bytes>,
+    compression: Compression,
+) -> Result<Rejected, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
+    if compression == Compression::Gzip {
+        grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("collector not ready: {e}")))?;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
     );
-    grpc.unary(tonic::Request::new(body), path, Encoded)
+    grpc.unary(request, path, Encoded)
         .await
-        .map(|_| ())
+        .map(|r| r.into_inner())
 }
 
-/// A gRPC codec for requests encoded beforehand; the answer
-/// (`ExportTraceServiceResponse`) is read and not interpreted.
+/// A gRPC codec for requests encoded beforehand; of the answer
+/// (`ExportTraceServiceResponse`) only `partial_success` is read.
 #[derive(Clone, Copy)]
 struct Encoded;
 
 impl tonic::codec::Codec for Encoded {
     type Encode = Bytes;
-    type Decode = ();
+    type Decode = Rejected;
     type Encoder = Encoded;
     type Decoder = Encoded;
     fn encoder(&mut self) -> Self::Encoder {
@@ -590,15 +794,15 @@ impl tonic::codec::Encoder for Encoded {
 }
 
 impl tonic::codec::Decoder for Encoded {
-    type Item = ();
+    type Item = Rejected;
     type Error = tonic::Status;
     fn decode(
         &mut self,
         src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<()>, tonic::Status> {
+    ) -> Result<Option<Rejected>, tonic::Status> {
         use bytes::Buf;
-        src.advance(src.remaining());
-        Ok(Some(()))
+        let body = src.copy_to_bytes(src.remaining());
+        Ok(Some(rejected(Signal::Traces, &body)))
     }
 }
 
