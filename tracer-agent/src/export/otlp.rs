@@ -381,7 +381,7 @@ pub struct OtlpExporter {
 
 /// `e` and its sources, one after the other (hyper and rustls put the reason, an
 /// unknown issuer or a refused connection, in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -431,7 +431,7 @@ impl Sender {
                         }
                         _ => return Err(bad(crate::tls::TlsError::HalfIdentity.to_string())),
                     }
-                    endpoint = endpoint.tls_config(tls).map_err(|e| bad(chain(&e)))?;
+                    endpoint = endpoint.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
                 }
                 let mut metadata = tonic::metadata::MetadataMap::new();
                 for (k, v) in &s.headers {
@@ -515,7 +515,7 @@ impl Sender {
                             .await
                             .map_err(|source| OtlpError::Connect {
                                 endpoint: self.url.clone(),
-                                reason: chain(&source),
+                                reason: error_chain(&source),
                             })?;
                     *channel = Some(connected);
                 }
@@ -583,7 +583,10 @@ impl Sender {
                 let mut req = req.body(Full::new(body)).map_err(|e| http(e.to_string()))?;
                 req.headers_mut()
                     .extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-                let resp = client.request(req).await.map_err(|e| http(chain(&e)))?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| http(error_chain(&e)))?;
                 let status = resp.status();
                 let body = read_limited(resp.into_body(), MAX_RESPONSE_BYTES).await;
                 if !status.is_success() {

@@ -32,9 +32,19 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Empty<Bytes>,
 >;
+
+/// Trust for an https API server: the cluster's CA when given (the service
+/// account's `ca.crt`), else the system store.
+fn tls(config: &KubeConfig) -> crate::tls::TlsFiles {
+    crate::tls::TlsFiles {
+        system_roots: config.ca_file.is_none(),
+        ca_file: config.ca_file.clone(),
+        ..Default::default()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -72,9 +82,9 @@ pub fn validate(config: &KubeConfig) -> Result<(), ApiError> {
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
-            return Err(ApiError::Request(
-                "https API servers are not supported yet".into(),
-            ));
+            tls(config)
+                .client_config()
+                .map_err(|e| ApiError::Request(e.to_string()))?;
         }
         _ => return Err(ApiError::Url(config.api.clone())),
     }
@@ -139,16 +149,19 @@ fn percent_encode(s: &str) -> String {
 }
 
 impl Api {
-    fn new(config: &KubeConfig) -> Self {
+    fn new(config: &KubeConfig) -> Result<Self, ApiError> {
+        let connector = tls(config)
+            .https_connector()
+            .map_err(|e| ApiError::Request(e.to_string()))?;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        Self {
+                .build(connector);
+        Ok(Self {
             client,
             base: config.api.trim_end_matches('/').to_string(),
             token_file: config.token_file.clone(),
             selector: percent_encode(&format!("spec.nodeName={}", config.node_name)),
-        }
+        })
     }
 
     async fn get(
@@ -171,7 +184,7 @@ impl Api {
             .client
             .request(req)
             .await
-            .map_err(|e| ApiError::Request(e.to_string()))?;
+            .map_err(|e| ApiError::Request(crate::export::otlp::error_chain(&e)))?;
         let status = resp.status().as_u16();
         if status == 200 {
             return Ok(resp);
@@ -340,7 +353,13 @@ pub async fn run(
     telemetry: KubeCounters,
     cancel: CancellationToken,
 ) {
-    let api = Api::new(&config);
+    let api = match Api::new(&config) {
+        Ok(api) => api,
+        Err(e) => {
+            log::error!("Kubernetes metadata off: {e}");
+            return;
+        }
+    };
     let mut backoff = Duration::from_secs(1);
     let mut failing = false;
     while !cancel.is_cancelled() {
