@@ -35,6 +35,9 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
     },
+    /// Check the configuration (file, environment and flags given before this
+    /// word) and print it as the agent would run with it; header values redacted.
+    ConfigCheck,
     /// Show a running agent's database connections per process and destination.
     Conns {
         /// The agent's `--listen` address.

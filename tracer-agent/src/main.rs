@@ -35,6 +35,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::ConfigCheck) => match Config::from_args(&cli.run) {
+            Ok(c) => {
+                println!("{c:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tracer-agent: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some(Command::Conns { listen }) => match tracer_agent::conns::fetch(listen) {
             Ok(pools) => {
                 print!("{}", tracer_agent::conns::render(&pools));

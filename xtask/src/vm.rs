@@ -79,7 +79,8 @@ fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
 }
 
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
-/// detection and the parent chain.
+/// detection, the parent chain, Kubernetes metadata from cgroups, and the agent
+/// under the DaemonSet's capabilities only.
 const TESTS: &[(&str, &[&str])] = &[
     (
         "http_capture",
@@ -105,6 +106,14 @@ const TESTS: &[(&str, &[&str])] = &[
             "a_three_service_chain_without_headers_gives_the_exact_tree",
             "a_three_service_chain_with_traceparent_headers_gives_the_exact_tree",
         ],
+    ),
+    (
+        "kube_metadata",
+        &["spans_of_processes_in_pods_carry_their_pod_and_workload"],
+    ),
+    (
+        "least_privilege",
+        &["the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach"],
     ),
 ];
 

@@ -1,0 +1,218 @@
+//! Root integration test: the agent runs with exactly the capabilities the
+//! DaemonSet grants (read from `deploy/kubernetes/daemonset.yaml`, and the same as
+//! the systemd unit's bounding set), as uid 0 with no_new_privs, through
+//! `setpriv`; it must still trace a server of another user (and read that
+//! process's environment for its service name), stay healthy, and give up all
+//! but `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH` once attached. Without `CAP_BPF` it must fail loudly.
+
+mod support;
+
+use std::{path::Path, process::Command};
+
+use support::*;
+
+fn repo_file(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The capabilities the DaemonSet's container adds (`capabilities: add:`), lower
+/// case without `CAP_`, sorted.
+fn daemonset_capabilities() -> Vec<String> {
+    let text = repo_file("deploy/kubernetes/daemonset.yaml");
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("add:"))
+        .expect("the DaemonSet adds capabilities");
+    let first = lines[at].trim_start().trim_start_matches("add:").trim();
+    let mut caps: Vec<String> = if first.starts_with('[') {
+        first
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|c| c.trim().trim_matches('"').to_string())
+            .collect()
+    } else {
+        lines[at + 1..]
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.starts_with('#'))
+            .take_while(|l| l.starts_with("- "))
+            .map(|l| {
+                l.trim_start_matches("- ")
+                    .split('#')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .trim_matches('"')
+                    .to_string()
+            })
+            .collect()
+    };
+    for c in &mut caps {
+        *c = c.trim_start_matches("CAP_").to_ascii_lowercase();
+    }
+    caps.retain(|c| !c.is_empty());
+    caps.sort();
+    caps
+}
+
+/// The systemd unit's `CapabilityBoundingSet=`, the same way.
+fn unit_capabilities() -> Vec<String> {
+    let text = repo_file("deploy/systemd/tracer-agent.service");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("CapabilityBoundingSet="))
+        .expect("the unit bounds capabilities");
+    let mut caps: Vec<String> = line
+        .trim_start_matches("CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect();
+    caps.sort();
+    caps
+}
+
+/// `CapEff` of a process, as a mask.
+fn effective_caps(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff")
+        .trim();
+    u64::from_str_radix(hex, 16).expect("hex mask")
+}
+
+fn setpriv(caps: &[String]) -> Vec<String> {
+    let bounding = caps.iter().fold("-all".to_string(), |s, c| s + ",+" + c);
+    vec![
+        "setpriv".into(),
+        "--no-new-privs".into(),
+        "--inh-caps=-all".into(),
+        format!("--bounding-set={bounding}"),
+        "--".into(),
+    ]
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach() {
+    if !require_root("least_privilege") {
+        return;
+    }
+    let caps = daemonset_capabilities();
+    assert_eq!(
+        caps,
+        ["bpf", "dac_read_search", "perfmon", "sys_ptrace"],
+        "the capabilities this test proves enough"
+    );
+    assert_eq!(
+        unit_capabilities(),
+        caps,
+        "the systemd unit grants the same"
+    );
+
+    // A server of another user (nobody), naming itself in its environment.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "hello\n").unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let server = Proc(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            // Debian's python: root's own (pyenv) may be out of nobody's reach.
+            .arg(if Path::new("/usr/bin/python3").exists() {
+                "/usr/bin/python3"
+            } else {
+                "python3"
+            })
+            .arg(support_dir().join("http_server.py"))
+            .arg(port.to_string())
+            .arg(dir.path())
+            .arg("HTTP/1.1")
+            .env("OTEL_SERVICE_NAME", "nobodys-shop")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the server as nobody"),
+    );
+    wait_for_port(port, "the server of user nobody");
+
+    let wrapper = setpriv(&caps);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::start_with(
+        &wrapper,
+        &[],
+        &["--output", "json", "--port", &port.to_string()],
+    );
+    // The capabilities go right after attaching, which the log says.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !agent.stderr.text().contains("capabilities given up") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never said it gave up capabilities:\n{}",
+            agent.stderr.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kept = effective_caps(agent.pid());
+    assert_eq!(
+        kept,
+        (1 << 19) | (1 << 2),
+        "only CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are left once attached (CapEff {kept:#x})\n{}",
+        agent.stderr.text()
+    );
+    curl(&[&format!("http://127.0.0.1:{port}/")]);
+    agent.wait_json(20, "the server span", |o| {
+        spans(o).iter().any(|s| s["kind"] == "server")
+    });
+    let health = agent.get("/healthz");
+    let objects = agent.stop_json();
+    assert!(
+        health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
+        "{health}"
+    );
+    let all = spans(&objects);
+    let srv = all
+        .iter()
+        .find(|s| s["kind"] == "server")
+        .expect("server span");
+    assert_eq!(srv["resource"]["process.pid"], server.pid());
+    assert_eq!(
+        srv["resource"]["service.name"], "nobodys-shop",
+        "another user's environment was read"
+    );
+    assert!(
+        all.iter().any(|s| s["kind"] == "client"),
+        "curl's span: {objects:?}"
+    );
+}
+
+#[test]
+fn without_cap_bpf_the_agent_stops_and_says_why() {
+    if !require_root("least_privilege_no_bpf") {
+        return;
+    }
+    let caps: Vec<String> = daemonset_capabilities()
+        .into_iter()
+        .filter(|c| c != "bpf")
+        .collect();
+    let mut cmd = setpriv(&caps);
+    cmd.push(env!("CARGO_BIN_EXE_tracer-agent").into());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args(["--output", "none", "--listen", &listen])
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no capture backend can run here")
+            && (stderr.contains("not permitted") || stderr.contains("failed to create map")),
+        "{stderr}"
+    );
+}
