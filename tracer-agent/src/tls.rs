@@ -124,6 +124,22 @@ impl TlsFiles {
     }
 }
 
+/// `e` and its sources, one after the other (hyper and rustls put the reason, an
+/// unknown issuer or a refused connection, in the sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -379,22 +379,6 @@ pub struct OtlpExporter {
     host_name: String,
 }
 
-/// `e` and its sources, one after the other (hyper and rustls put the reason, an
-/// unknown issuer or a refused connection, in the sources).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 impl Sender {
     fn new(signal: Signal, s: &SignalSettings) -> Result<Self, OtlpError> {
         let bad = |reason: String| OtlpError::Endpoint {
@@ -431,7 +415,9 @@ impl Sender {
                         }
                         _ => return Err(bad(crate::tls::TlsError::HalfIdentity.to_string())),
                     }
-                    endpoint = endpoint.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| bad(crate::tls::error_chain(&e)))?;
                 }
                 let mut metadata = tonic::metadata::MetadataMap::new();
                 for (k, v) in &s.headers {
@@ -515,7 +501,7 @@ impl Sender {
                             .await
                             .map_err(|source| OtlpError::Connect {
                                 endpoint: self.url.clone(),
-                                reason: error_chain(&source),
+                                reason: crate::tls::error_chain(&source),
                             })?;
                     *channel = Some(connected);
                 }
@@ -586,7 +572,7 @@ impl Sender {
                 let resp = client
                     .request(req)
                     .await
-                    .map_err(|e| http(error_chain(&e)))?;
+                    .map_err(|e| http(crate::tls::error_chain(&e)))?;
                 let status = resp.status();
                 let body = read_limited(resp.into_body(), MAX_RESPONSE_BYTES).await;
                 if !status.is_success() {

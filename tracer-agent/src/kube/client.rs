@@ -184,7 +184,7 @@ impl Api {
             .client
             .request(req)
             .await
-            .map_err(|e| ApiError::Request(crate::export::otlp::error_chain(&e)))?;
+            .map_err(|e| ApiError::Request(crate::tls::error_chain(&e)))?;
         let status = resp.status().as_u16();
         if status == 200 {
             return Ok(resp);
