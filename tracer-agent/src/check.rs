@@ -68,6 +68,23 @@ pub fn report() -> Report {
         present: privileged,
         detail: "needed to load eBPF programs".into(),
     });
+    let paranoid = crate::privileges::perf_event_paranoid();
+    let restricted = crate::privileges::attach_needs_sys_admin(paranoid);
+    let has_admin = crate::privileges::current()
+        .is_ok_and(|(eff, _)| eff & (1u64 << crate::privileges::CAP_SYS_ADMIN) != 0);
+    out.push(Finding {
+        name: "perf_event_open allowed".into(),
+        required: true,
+        present: !restricted || has_admin,
+        detail: match paranoid {
+            Some(p) if p <= 2 => format!("kernel.perf_event_paranoid={p}: CAP_PERFMON attaches"),
+            Some(p) => format!(
+                "kernel.perf_event_paranoid={p} (Debian/Ubuntu restriction): attaching needs CAP_SYS_ADMIN{}",
+                if has_admin { ", which this process has" } else { ", which this process lacks; or sysctl kernel.perf_event_paranoid=2" }
+            ),
+            None => "kernel.perf_event_paranoid unreadable: CAP_SYS_ADMIN may be needed".into(),
+        },
+    });
     let (major, minor) = OLDEST_KERNEL;
     out.push(Finding {
         name: format!("kernel ≥ {major}.{minor} (ring buffer, bpf_task_pt_regs)"),

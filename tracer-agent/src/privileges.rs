@@ -1,5 +1,6 @@
 //! Capabilities. Loading and attaching the BPF programs needs `CAP_BPF` and
-//! `CAP_PERFMON`; once they are attached, only reading other users' processes in
+//! `CAP_PERFMON` (and `CAP_SYS_ADMIN` where `kernel.perf_event_paranoid` is above
+//! 2, as Debian and Ubuntu ship it; given up before loading elsewhere); once they are attached, only reading other users' processes in
 //! /proc is still needed (`CAP_SYS_PTRACE` to be let in, `CAP_DAC_READ_SEARCH`
 //! past the files' modes: `/proc/PID/environ` is 0400 and owned by the process's
 //! user), so the rest is given up for good.
@@ -10,6 +11,9 @@ use std::io;
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
 
 /// What the agent keeps after attaching, and why.
 pub const KEPT_AFTER_ATTACH: &[(u32, &str)] = &[
@@ -113,6 +117,99 @@ pub fn names(mask: u64) -> Vec<String> {
         .collect()
 }
 
+/// `kernel.perf_event_paranoid`, when readable. Above 2 is a distribution's
+/// restriction (Debian's and Ubuntu's kernels ship 3 or 4): there `perf_event_open`,
+/// which attaching tracepoints and probes goes through, needs `CAP_SYS_ADMIN`, and
+/// `CAP_PERFMON` is not enough.
+pub fn perf_event_paranoid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether attaching needs `CAP_SYS_ADMIN` on a kernel with this
+/// `perf_event_paranoid` (unknown: assume it may).
+pub fn attach_needs_sys_admin(paranoid: Option<i32>) -> bool {
+    paranoid.is_none_or(|p| p > 2)
+}
+
+/// Why attaching failed for want of `CAP_SYS_ADMIN`, when that is the likely
+/// reason: the kernel restricts `perf_event_open` and this process lacks it.
+pub fn attach_hint() -> Option<String> {
+    let paranoid = perf_event_paranoid()?;
+    let (effective, _) = current().ok()?;
+    (attach_needs_sys_admin(Some(paranoid)) && effective & (1u64 << CAP_SYS_ADMIN) == 0).then(
+        || {
+            format!(
+                "kernel.perf_event_paranoid is {paranoid} (a Debian/Ubuntu restriction): attaching \
+             needs CAP_SYS_ADMIN here, CAP_PERFMON is not enough; grant CAP_SYS_ADMIN (the \
+             agent gives it up once attached) or set `sysctl kernel.perf_event_paranoid=2`"
+            )
+        },
+    )
+}
+
+/// Gives up `CAP_SYS_ADMIN` before loading when this kernel does not need it:
+/// `CAP_BPF` and `CAP_PERFMON` are held and `perf_event_paranoid` is at most 2.
+/// Returns whether it was given up. A unit or pod may then grant it for the
+/// kernels that restrict `perf_event_open` and it is used only there.
+pub fn drop_sys_admin_if_unneeded() -> io::Result<bool> {
+    let (effective, permitted) = current()?;
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if !has(CAP_SYS_ADMIN)
+        || !has(CAP_BPF)
+        || !has(CAP_PERFMON)
+        || attach_needs_sys_admin(perf_event_paranoid())
+    {
+        return Ok(false);
+    }
+    if has(CAP_SETPCAP) {
+        // SAFETY: prctl with these options takes plain integer arguments.
+        unsafe {
+            libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                CAP_SYS_ADMIN as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        };
+    }
+    let without = !(1u64 << CAP_SYS_ADMIN);
+    set(effective & without, permitted & without)?;
+    Ok(true)
+}
+
+/// Sets the effective and permitted sets (the inheritable one empty).
+fn set(effective: u64, permitted: u64) -> io::Result<()> {
+    let lo = |m: u64| m as u32;
+    let hi = |m: u64| (m >> 32) as u32;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let d = [
+        Data {
+            effective: lo(effective),
+            permitted: lo(permitted),
+            inheritable: 0,
+        },
+        Data {
+            effective: hi(effective),
+            permitted: hi(permitted),
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a v3 header reads two data structs, which `d` holds.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// What [`drop_after_attach`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Dropped {
@@ -154,29 +251,7 @@ pub fn drop_after_attach() -> io::Result<Dropped> {
         }
     }
     let kept = permitted & keep_mask;
-    let lo = |m: u64| m as u32;
-    let hi = |m: u64| (m >> 32) as u32;
-    let mut h = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let d = [
-        Data {
-            effective: lo(kept),
-            permitted: lo(kept),
-            inheritable: 0,
-        },
-        Data {
-            effective: hi(kept),
-            permitted: hi(kept),
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset with a v3 header reads two data structs, which `d` holds.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set(kept, kept)?;
     Ok(Dropped {
         dropped: effective & !kept,
         kept,
@@ -192,6 +267,15 @@ mod tests {
         assert_eq!(names((1 << 19) | (1 << 39)), ["sys_ptrace", "bpf"]);
         assert_eq!(names(1 << 45), ["cap_45"]);
         assert!(names(0).is_empty());
+    }
+
+    #[test]
+    fn only_a_restricted_or_unknown_perf_event_paranoid_needs_sys_admin() {
+        assert!(!attach_needs_sys_admin(Some(-1)));
+        assert!(!attach_needs_sys_admin(Some(2)));
+        assert!(attach_needs_sys_admin(Some(3)));
+        assert!(attach_needs_sys_admin(Some(4)));
+        assert!(attach_needs_sys_admin(None));
     }
 
     #[test]

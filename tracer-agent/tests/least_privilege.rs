@@ -1,9 +1,11 @@
 //! Root integration test: the agent runs with exactly the capabilities the
-//! DaemonSet grants (read from `deploy/kubernetes/daemonset.yaml`, and the same as
-//! the systemd unit's bounding set), as uid 0 with no_new_privs, through
-//! `setpriv`; it must still trace a server of another user (and read that
-//! process's environment for its service name), stay healthy, and give up all
-//! but `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH` once attached. Without `CAP_BPF` it must fail loudly.
+//! DaemonSet grants (read from `deploy/kubernetes/daemonset.yaml`; on kernels with
+//! `kernel.perf_event_paranoid` above 2, plus the CAP_SYS_ADMIN of
+//! `components/restricted-perf-events`; the systemd unit's bounding set is their
+//! union), as uid 0 with no_new_privs, through `setpriv`; it must still trace a
+//! server of another user (and read that process's environment for its service
+//! name), stay healthy, and give up all but `CAP_SYS_PTRACE` and
+//! `CAP_DAC_READ_SEARCH` once attached. Without `CAP_BPF` it must fail loudly.
 
 mod support;
 
@@ -95,23 +97,31 @@ fn setpriv(caps: &[String]) -> Vec<String> {
     ]
 }
 
-#[test]
-fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach() {
-    if !require_root("least_privilege") {
-        return;
-    }
-    let caps = daemonset_capabilities();
-    assert_eq!(
-        caps,
-        ["bpf", "dac_read_search", "perfmon", "sys_ptrace"],
-        "the capabilities this test proves enough"
-    );
-    assert_eq!(
-        unit_capabilities(),
-        caps,
-        "the systemd unit grants the same"
-    );
+/// `kernel.perf_event_paranoid`; above 2 (Debian's and Ubuntu's kernels) attaching
+/// needs CAP_SYS_ADMIN.
+fn perf_event_paranoid() -> i32 {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .expect("perf_event_paranoid")
+        .trim()
+        .parse()
+        .expect("a number")
+}
 
+/// The capability the component for restricted kernels adds.
+fn component_capabilities() -> Vec<String> {
+    let text = repo_file("deploy/kubernetes/components/restricted-perf-events/kustomization.yaml");
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("value: "))
+        .filter(|v| v.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(|v| v.to_ascii_lowercase())
+        .collect()
+}
+
+/// Runs the agent with exactly `caps` (bounding set, uid 0, no_new_privs) and
+/// checks that it traces a server of another user, reads its environment, is
+/// healthy and keeps only CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH once attached.
+/// Returns what the agent logged.
+fn traces_with(caps: &[String]) -> String {
     // A server of another user (nobody), naming itself in its environment.
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -141,7 +151,7 @@ fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_
     );
     wait_for_port(port, "the server of user nobody");
 
-    let wrapper = setpriv(&caps);
+    let wrapper = setpriv(caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let agent = Agent::start_with(
         &wrapper,
@@ -170,6 +180,7 @@ fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_
         spans(o).iter().any(|s| s["kind"] == "server")
     });
     let health = agent.get("/healthz");
+    let log = agent.stderr.text();
     let objects = agent.stop_json();
     assert!(
         health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
@@ -189,6 +200,67 @@ fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_
         all.iter().any(|s| s["kind"] == "client"),
         "curl's span: {objects:?}"
     );
+    log
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach() {
+    if !require_root("least_privilege") {
+        return;
+    }
+    let caps = daemonset_capabilities();
+    assert_eq!(
+        caps,
+        ["bpf", "dac_read_search", "perfmon", "sys_ptrace"],
+        "the capabilities this test proves enough"
+    );
+    let restricted = component_capabilities();
+    assert_eq!(
+        restricted,
+        ["sys_admin"],
+        "what the component for restricted kernels adds"
+    );
+    let mut with_admin: Vec<String> = caps.iter().chain(&restricted).cloned().collect();
+    with_admin.sort();
+    assert_eq!(
+        unit_capabilities(),
+        with_admin,
+        "the systemd unit grants the DaemonSet's and the component's"
+    );
+
+    if perf_event_paranoid() <= 2 {
+        // Upstream's levels: the DaemonSet's four are enough, and given
+        // CAP_SYS_ADMIN too (the systemd unit) the agent lets it go before loading.
+        traces_with(&caps);
+        let log = traces_with(&with_admin);
+        assert!(
+            log.contains("CAP_SYS_ADMIN given up before loading"),
+            "{log}"
+        );
+    } else {
+        // A Debian/Ubuntu kernel: the four are not enough, and the agent says
+        // what to do; with the component's CAP_SYS_ADMIN it traces, and gives it up.
+        let mut cmd = setpriv(&caps);
+        cmd.push(env!("CARGO_BIN_EXE_tracer-agent").into());
+        let listen = format!("127.0.0.1:{}", free_port());
+        let out = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .args(["--output", "none", "--listen", &listen])
+            .output()
+            .expect("run the agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("kernel.perf_event_paranoid is")
+                && stderr.contains("grant CAP_SYS_ADMIN"),
+            "{stderr}"
+        );
+        let log = traces_with(&with_admin);
+        assert!(
+            !log.contains("CAP_SYS_ADMIN given up before loading"),
+            "{log}"
+        );
+    }
 }
 
 #[test]

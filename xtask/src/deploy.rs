@@ -131,29 +131,47 @@ fn check(name: &str, cmd: &mut Command, passed: &mut Vec<String>) -> Result<Stri
     Ok(text)
 }
 
-/// Every check of the deployment files; the names of those that passed. Any
-/// failure is an error, never a skip.
-pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
-    let root = workspace_root();
-    let deploy = root.join("deploy");
-    let scratch = tools_dir().join("deploy-check");
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch)?;
-    let mut passed = Vec::new();
+/// `to` as a path relative to the directory `from` (kustomize refuses absolute ones).
+fn relative(from: &Path, to: &Path) -> Result<PathBuf> {
+    let from = from.canonicalize()?;
+    let to = to.canonicalize()?;
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut path = PathBuf::new();
+    for _ in from.components().skip(common) {
+        path.push("..");
+    }
+    for part in to.components().skip(common) {
+        path.push(part);
+    }
+    Ok(path)
+}
 
-    // 1. kustomize renders the base; every document parses and is one of ours.
+/// Renders one kustomization and checks what it renders: it parses into our
+/// objects, the API's schemas accept it and checkov finds nothing.
+fn check_manifests(
+    variant: &str,
+    dir: &Path,
+    scratch: &Path,
+    passed: &mut Vec<String>,
+) -> Result<()> {
+    // 1. kustomize renders it; every document parses and is one of ours.
     let rendered = check(
-        "kustomize",
-        Command::new("kubectl")
-            .arg("kustomize")
-            .arg(deploy.join("kubernetes")),
-        &mut passed,
+        &format!("kustomize {variant}"),
+        Command::new("kubectl").arg("kustomize").arg(dir),
+        passed,
     )?;
-    let manifests = scratch.join("rendered.yaml");
+    if rendered.contains("- SYS_ADMIN") != (variant != "base") {
+        bail!("{variant}: CAP_SYS_ADMIN is granted by the component and nowhere else");
+    }
+    let manifests = scratch.join(format!("{variant}.yaml"));
     // kubectl's stderr is empty on success; what it printed is the YAML.
     std::fs::write(&manifests, &rendered)?;
     let kinds = check(
-        "yaml",
+        &format!("yaml {variant}"),
         Command::new(venv_bin("python")).args([
             "-c",
             "import sys, yaml\n\
@@ -163,7 +181,7 @@ pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
              print(' '.join(kinds))",
         ])
         .arg(&manifests),
-        &mut passed,
+        passed,
     )?;
     let want =
         "ClusterRole ClusterRoleBinding ConfigMap DaemonSet Namespace NetworkPolicy ServiceAccount";
@@ -178,18 +196,18 @@ pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
     //    newest Kubernetes the validator knows that the manifests target.
     for version in ["1.30.0", "1.37.0"] {
         check(
-            &format!("kubernetes-validate {version}"),
+            &format!("kubernetes-validate {version} {variant}"),
             Command::new(venv_bin("kubernetes-validate"))
                 .args(["--strict", "--quiet", "-k", version])
                 .arg(&manifests),
-            &mut passed,
+            passed,
         )?;
     }
 
     // 3. checkov: no failed check; the skips the agent's job needs are in the
     //    manifests with their reasons. --skip-download: no network.
     check(
-        "checkov kubernetes",
+        &format!("checkov kubernetes {variant}"),
         Command::new(venv_bin("checkov"))
             .args([
                 "--framework",
@@ -200,8 +218,43 @@ pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
                 "-f",
             ])
             .arg(&manifests),
-        &mut passed,
+        passed,
     )?;
+    Ok(())
+}
+
+/// Every check of the deployment files; the names of those that passed. Any
+/// failure is an error, never a skip.
+pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
+    let root = workspace_root();
+    let deploy = root.join("deploy");
+    let scratch = tools_dir().join("deploy-check");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let mut passed = Vec::new();
+
+    // The base, and the base with the component for kernels that restrict
+    // perf_event_open, rendered through an overlay of the kind a user writes.
+    let overlay = scratch.join("restricted-perf-events");
+    std::fs::create_dir_all(&overlay)?;
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\ncomponents:\n  - {}\n",
+            relative(&overlay, &deploy.join("kubernetes"))?.display(),
+            relative(
+                &overlay,
+                &deploy.join("kubernetes/components/restricted-perf-events")
+            )?
+            .display()
+        ),
+    )?;
+    for (variant, dir) in [
+        ("base", deploy.join("kubernetes")),
+        ("restricted-perf-events", overlay),
+    ] {
+        check_manifests(variant, &dir, &scratch, &mut passed)?;
+    }
     check(
         "checkov dockerfile",
         Command::new(venv_bin("checkov"))

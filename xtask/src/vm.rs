@@ -113,7 +113,10 @@ const TESTS: &[(&str, &[&str])] = &[
     ),
     (
         "least_privilege",
-        &["the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach"],
+        &[
+            "the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach",
+            "without_cap_bpf_the_agent_stops_and_says_why",
+        ],
     ),
 ];
 

@@ -255,6 +255,15 @@ impl BpfCapture {
                 kernel_info::TRACEFS
             );
         }
+        // Mounting tracefs was the last use of CAP_SYS_ADMIN where the kernel
+        // lets CAP_BPF and CAP_PERFMON attach.
+        match crate::privileges::drop_sys_admin_if_unneeded() {
+            Ok(true) => log::info!(
+                "CAP_SYS_ADMIN given up before loading: kernel.perf_event_paranoid lets CAP_BPF and CAP_PERFMON attach"
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!("cannot give up CAP_SYS_ADMIN: {e}"),
+        }
         let mut passed_over = Vec::new();
         for &backend in cfg.backend.candidates() {
             let attempt = backend
@@ -270,13 +279,15 @@ impl BpfCapture {
                 Err(why) => passed_over.push((backend, why)),
             }
         }
-        Err(CaptureError::NoBackend(
-            passed_over
-                .iter()
-                .map(|(b, why)| format!("{b}: {why}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        ))
+        let mut why = passed_over
+            .iter()
+            .map(|(b, why)| format!("{b}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if let Some(hint) = crate::privileges::attach_hint() {
+            why = format!("{why}. {hint}");
+        }
+        Err(CaptureError::NoBackend(why))
     }
 
     /// Tries every backend in turn, attaching and detaching it: what `check`
