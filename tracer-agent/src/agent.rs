@@ -182,6 +182,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             max_buffered_bytes: 16 << 20,
             red,
             metrics_interval: Duration::from_secs(15),
+            retry: Default::default(),
         }
         .run(span_rx, leak_rx, telemetry.clone()),
     );

@@ -25,5 +25,6 @@ pub mod server;
 pub mod service;
 pub mod spans;
 pub mod stitch;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;

@@ -183,7 +183,8 @@ pub async fn process_events(
                 last_recovered_check = Instant::now();
                 prune_recovered(&mut table, &mut down);
             }
-            if let Ok(mut shared) = inventory.lock() {
+            {
+                let mut shared = crate::sync::lock(&inventory);
                 *shared = round.rows;
             }
         }
@@ -233,7 +234,7 @@ fn record_pool_samples(samples: Vec<PoolSample>, red: &SharedRedMetrics, procs: 
         return;
     }
     let now = unix_nano_now();
-    let Ok(mut red) = red.lock() else { return };
+    let mut red = crate::sync::lock(red);
     for s in samples {
         let resource = Some(procs.get(s.pool.pid, ""));
         match s.kind {
@@ -256,9 +257,11 @@ fn record_pool_counts(
         .iter()
         .map(|r| (r.pool.pid, procs.get(r.pool.pid, &r.executable)))
         .collect();
-    if let Ok(mut red) = red.lock() {
-        red.set_pool_counts(counts, &|pid| resources.get(&pid).cloned(), unix_nano_now());
-    }
+    crate::sync::lock(red).set_pool_counts(
+        counts,
+        &|pid| resources.get(&pid).cloned(),
+        unix_nano_now(),
+    );
 }
 
 fn send(
@@ -270,7 +273,8 @@ fn send(
     if spans.is_empty() {
         return;
     }
-    if let Ok(mut red) = red.lock() {
+    {
+        let mut red = crate::sync::lock(red);
         spans.iter().for_each(|s| red.record(s));
     }
     let n = spans.len() as u64;

@@ -16,9 +16,7 @@ fn render(telemetry: &Telemetry, red: &SharedRedMetrics) -> String {
     let mut text = telemetry.render();
     let body_end = text.rfind("# EOF").unwrap_or(text.len());
     text.truncate(body_end);
-    if let Ok(red) = red.lock() {
-        crate::export::prometheus::render(&red, &mut text);
-    }
+    crate::export::prometheus::render(&crate::sync::lock(red), &mut text);
     text.push_str("# EOF\n");
     text
 }
@@ -49,7 +47,7 @@ pub fn router(
         .route(
             "/connections",
             get(move || {
-                let rows = inventory.lock().map(|r| r.clone()).unwrap_or_default();
+                let rows = crate::sync::lock(&inventory).clone();
                 async move {
                     axum::Json(serde_json::json!({ "pools": pools(&rows), "connections": rows }))
                 }

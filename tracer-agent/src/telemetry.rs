@@ -116,6 +116,17 @@ pub struct ParentLabel {
     pub outcome: &'static str,
 }
 
+/// Why OTLP data was given up, by signal: `rejected` (the collector refused it
+/// with an answer that retrying cannot change, such as 400 or 401), `buffer_full`
+/// (spans beyond the buffer while the collector was down or slow), `busy` (leak
+/// events while earlier ones were still being sent), `failed` (metrics and
+/// logs are not retried), `shutdown` (still unsent when the agent had to stop).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OtlpDropLabel {
+    pub signal: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: DropReason,
@@ -153,6 +164,10 @@ pub struct Telemetry {
     /// Items a collector took the request of but rejected (`partial_success`),
     /// per signal (`traces`, `metrics`, `logs`).
     pub otlp_rejected: Family<ExporterLabel, Counter>,
+    /// OTLP items given up, by signal and reason.
+    pub otlp_dropped: Family<OtlpDropLabel, Counter>,
+    /// Seconds until the next span export attempt after failures (0: none due).
+    pub otlp_retry_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Traffic the decoders skipped or rejected, by reason.
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
@@ -231,6 +246,8 @@ impl Telemetry {
             kernel: Family::default(),
             decode_errors: Counter::default(),
             queue_dropped: Family::default(),
+            otlp_dropped: Family::default(),
+            otlp_retry_delay: Gauge::default(),
             queue_depth: Family::default(),
             spans_built: Counter::default(),
             spans_exported: Family::default(),
@@ -298,6 +315,16 @@ impl Telemetry {
             "otlp_rejected",
             "Items a collector accepted the export of but rejected (partial_success), by signal",
             t.otlp_rejected.clone(),
+        );
+        registry.register(
+            "otlp_dropped",
+            "OTLP items given up, by signal and reason (rejected, buffer_full, busy, failed, shutdown)",
+            t.otlp_dropped.clone(),
+        );
+        registry.register(
+            "otlp_retry_delay_seconds",
+            "Seconds the span exporter waits before its next attempt after failures (0: none due)",
+            t.otlp_retry_delay.clone(),
         );
         registry.register(
             "traffic_dropped",
@@ -415,6 +442,15 @@ impl Telemetry {
         self.spans_exported
             .get_or_create(&ExporterLabel { exporter })
             .inc_by(n);
+    }
+
+    /// Counts OTLP items given up.
+    pub fn otlp_dropped(&self, signal: &'static str, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.otlp_dropped
+                .get_or_create(&OtlpDropLabel { signal, reason })
+                .inc_by(n);
+        }
     }
 
     pub fn export_failed(&self, exporter: &'static str) {

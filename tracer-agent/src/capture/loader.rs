@@ -194,9 +194,7 @@ impl SocketIgnorer {
     /// connection (same ports: the address may have been reused since; a socket
     /// closed meanwhile is not re-created). Returns whether it was marked.
     pub fn ignore(&self, sock: u64, local_port: u16, remote_port: u16) -> bool {
-        let Ok(mut socks) = self.socks.lock() else {
-            return false;
-        };
+        let mut socks = crate::sync::lock(&self.socks);
         let Ok(mut info) = socks.get(&sock, 0) else {
             return false;
         };

@@ -46,15 +46,167 @@ pub struct ExportStage {
     /// RED histograms, exported over OTLP every `metrics_interval` and at the end.
     pub red: SharedRedMetrics,
     pub metrics_interval: Duration,
+    /// When span exports are retried after a failure.
+    pub retry: RetryPolicy,
 }
 
 /// OTLP span requests in flight at once.
 const IN_FLIGHT: usize = 4;
 
+/// Leak-event exports in flight at once; more are dropped and counted.
+const LEAK_EXPORTS_IN_FLIGHT: usize = 4;
+
+/// When span exports are retried after a failure: the delay doubles from
+/// `first` up to `max` (each with up to a quarter taken off at random, so that
+/// the agents of a cluster do not retry in step), or is what the collector asked
+/// for (`Retry-After`, at most `max_asked`).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub first: Duration,
+    pub max: Duration,
+    pub max_asked: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            max_asked: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The exponential backoff of span exports.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    fn ready(&self, now: tokio::time::Instant) -> bool {
+        self.until.is_none_or(|t| now >= t)
+    }
+
+    /// Records a failure; returns the delay before the next attempt.
+    fn failed(&mut self, policy: &RetryPolicy, asked: Option<Duration>) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = match asked {
+            Some(d) => d.min(policy.max_asked),
+            None => {
+                let doubled = policy
+                    .first
+                    .saturating_mul(1u32 << (self.failures - 1).min(20))
+                    .min(policy.max);
+                // Up to a quarter off, from the clock's nanoseconds.
+                let noise = u64::from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos()),
+                ) % 1024;
+                doubled.saturating_sub(doubled.mul_f64(noise as f64 / 4096.0))
+            }
+        };
+        self.until = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.until = None;
+    }
+}
+
+/// What one round of span requests came to.
+struct Sent {
+    /// Not sent (a retryable failure stopped the round), in order.
+    unsent: Vec<Part>,
+    /// The retryable failure that stopped it.
+    failure: Option<otlp::OtlpError>,
+    /// Spans the collector took.
+    exported: usize,
+    /// Spans of requests refused for good, and the last such refusal.
+    refused: usize,
+    refusal: Option<otlp::OtlpError>,
+}
+
+/// Sends `requests`: the first alone (it connects when needed), the rest
+/// [`IN_FLIGHT`] at a time over the same connection (the collector's round trip,
+/// not our CPU, bounds a one-at-a-time exporter). A request refused for good is
+/// dropped and the others go on; a retryable failure stops the round and what
+/// was not sent is returned, in order.
+async fn send_requests(otlp: OtlpExporter, requests: Vec<Part>, telemetry: Arc<Telemetry>) -> Sent {
+    let mut done = vec![false; requests.len()];
+    let mut out = Sent {
+        unsent: Vec::new(),
+        failure: None,
+        exported: 0,
+        refused: 0,
+        refusal: None,
+    };
+    let mut next = 0;
+    while out.failure.is_none() && next < requests.len() {
+        let width = if next == 0 { 1 } else { IN_FLIGHT };
+        let group: Vec<usize> = (next..requests.len().min(next + width)).collect();
+        next += group.len();
+        let results = futures_util::future::join_all(group.iter().map(|&i| {
+            let mut exporter = otlp.clone();
+            let body = requests[i].bytes.clone();
+            async move { (i, exporter.export_encoded(body).await) }
+        }))
+        .await;
+        for (i, result) in results {
+            match result {
+                Ok(rejected) => {
+                    done[i] = true;
+                    out.exported += requests[i].spans;
+                    note_rejected(&telemetry, "traces", rejected);
+                }
+                Err(e) if e.retryable() => out.failure = Some(e),
+                Err(e) => {
+                    done[i] = true;
+                    out.refused += requests[i].spans;
+                    out.refusal = Some(e);
+                }
+            }
+        }
+    }
+    out.unsent = requests
+        .into_iter()
+        .zip(done)
+        .filter(|(_, done)| !done)
+        .map(|(part, _)| part)
+        .collect();
+    out
+}
+
+/// Waits for the round in flight, if any (never resolves otherwise).
+async fn round_done(sending: &mut Option<tokio::task::JoinHandle<Sent>>) -> Option<Sent> {
+    match sending {
+        Some(handle) => handle.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The round in flight, waited for; `None` when there is none (`Some(None)`:
+/// its task died).
+async fn wait_round(sending: &mut Option<tokio::task::JoinHandle<Sent>>) -> Option<Option<Sent>> {
+    let handle = sending.take()?;
+    Some(handle.await.ok())
+}
+
+/// Longest the export stage takes to stop once the pipeline has drained: within
+/// Kubernetes' default 30 s grace, with room for the stages before it.
+pub const STOP_BUDGET: Duration = Duration::from_secs(20);
+
 impl ExportStage {
-    /// Runs until the span channel closes, then flushes everything buffered.
+    /// Runs until the span channel closes, then flushes what it can within
+    /// [`STOP_BUDGET`]. Sending happens beside the loop, so a slow or
+    /// black-holed collector never stops spans from being read, printed and
+    /// buffered; after a failure, span exports back off (see [`RetryPolicy`]).
     pub async fn run(
-        mut self,
+        self,
         mut rx: mpsc::Receiver<Vec<Span>>,
         mut leaks: mpsc::Receiver<Vec<LeakEvent>>,
         telemetry: Arc<Telemetry>,
@@ -72,6 +224,11 @@ impl ExportStage {
         let mut metrics_tick = tokio::time::interval(self.metrics_interval);
         metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         metrics_tick.tick().await;
+        let mut sending: Option<tokio::task::JoinHandle<Sent>> = None;
+        // Spans and bytes of the round in flight.
+        let mut in_flight = (0usize, 0usize);
+        let mut backoff = Backoff::default();
+        let mut side = SideExports::default();
         loop {
             telemetry.health.beat(crate::health::Stage::Export);
             tokio::select! {
@@ -82,64 +239,164 @@ impl ExportStage {
                     if self.otlp.as_ref().is_some_and(|o| o.exports_traces()) {
                         pending.push_spans(&batch, self.batch_size);
                         drop(batch);
-                        let dropped = pending.shed(self.max_buffered_bytes);
-                        if dropped > 0 {
-                            telemetry.queue_dropped.get_or_create(&crate::telemetry::QueueLabel::new(crate::telemetry::Queue::Otlp)).inc_by(dropped as u64);
-                        }
+                        self.shed(&mut pending, in_flight.1, &telemetry);
                         if pending.spans >= self.batch_size {
-                            self.flush(&mut pending, &telemetry).await;
+                            self.start_round(&mut pending, &mut sending, &mut in_flight, &backoff, &telemetry);
                         }
-                        otlp_depth.set(pending.spans as i64);
                     }
                 }
                 _ = tick.tick() => {
-                    self.flush(&mut pending, &telemetry).await;
-                    otlp_depth.set(pending.spans as i64);
+                    self.start_round(&mut pending, &mut sending, &mut in_flight, &backoff, &telemetry);
                 }
-                _ = metrics_tick.tick() => self.export_metrics(&telemetry).await,
+                done = round_done(&mut sending) => {
+                    sending = None;
+                    let lost = std::mem::take(&mut in_flight).0;
+                    self.end_round(done, lost, &mut pending, &mut backoff, &telemetry);
+                }
+                _ = metrics_tick.tick() => side.metrics(&self, &telemetry),
                 Some(events) = leaks.recv() => {
                     self.print_leaks(&events);
-                    self.export_leaks(&events, &telemetry).await;
+                    side.leaks(&self, events, &telemetry);
                 }
             }
+            otlp_depth.set((pending.spans + in_flight.0) as i64);
         }
-        // Leaks reported just before the pipeline stopped.
-        while let Ok(events) = leaks.try_recv() {
-            self.print_leaks(&events);
-            self.export_leaks(&events, &telemetry).await;
+        // Stopping: everything below within the budget, then what is left is
+        // counted as dropped.
+        let stop = async {
+            while let Ok(events) = leaks.try_recv() {
+                self.print_leaks(&events);
+                side.leaks(&self, events, &telemetry);
+            }
+            if let Some(done) = wait_round(&mut sending).await {
+                let lost = std::mem::take(&mut in_flight).0;
+                self.end_round(done, lost, &mut pending, &mut backoff, &telemetry);
+            }
+            // One last try even while backing off: the collector may be back.
+            self.start_round(
+                &mut pending,
+                &mut sending,
+                &mut in_flight,
+                &Backoff::default(),
+                &telemetry,
+            );
+            if let Some(done) = wait_round(&mut sending).await {
+                let lost = std::mem::take(&mut in_flight).0;
+                self.end_round(done, lost, &mut pending, &mut backoff, &telemetry);
+            }
+            side.metrics(&self, &telemetry);
+            side.finish().await;
+        };
+        if tokio::time::timeout(STOP_BUDGET, stop).await.is_err() {
+            log::warn!(
+                "the collector did not take what was left within {} s of stopping",
+                STOP_BUDGET.as_secs()
+            );
         }
-        self.flush(&mut pending, &telemetry).await;
-        self.export_metrics(&telemetry).await;
+        let left = pending.spans + in_flight.0;
+        if left > 0 {
+            telemetry.otlp_dropped("traces", "shutdown", left as u64);
+            log::warn!(
+                "{left} spans not exported at shutdown (counted in tracer_otlp_dropped_total)"
+            );
+        }
     }
 
-    async fn export_metrics(&mut self, telemetry: &Telemetry) {
-        let Some(otlp) = self.otlp.as_mut() else {
+    /// Drops the oldest buffered spans beyond the budget (what is in flight
+    /// counts against it), counted.
+    fn shed(&self, pending: &mut Encoded, in_flight_bytes: usize, telemetry: &Telemetry) {
+        let dropped = pending.shed(self.max_buffered_bytes.saturating_sub(in_flight_bytes));
+        if dropped > 0 {
+            telemetry
+                .queue_dropped
+                .get_or_create(&crate::telemetry::QueueLabel::new(
+                    crate::telemetry::Queue::Otlp,
+                ))
+                .inc_by(dropped as u64);
+            telemetry.otlp_dropped("traces", "buffer_full", dropped as u64);
+        }
+    }
+
+    /// Starts a round of span requests with everything buffered, unless one is in
+    /// flight or the exporter is backing off.
+    fn start_round(
+        &self,
+        pending: &mut Encoded,
+        sending: &mut Option<tokio::task::JoinHandle<Sent>>,
+        in_flight: &mut (usize, usize),
+        backoff: &Backoff,
+        telemetry: &Arc<Telemetry>,
+    ) {
+        let Some(otlp) = self.otlp.as_ref() else {
             return;
         };
-        let request = match self.red.lock() {
-            Ok(red) => otlp_metrics::export_request(&red, otlp::unix_nano_now()),
-            Err(_) => return,
+        if sending.is_some() || pending.spans == 0 || !backoff.ready(tokio::time::Instant::now()) {
+            return;
+        }
+        *in_flight = (pending.spans, pending.bytes);
+        let requests = pending.take_requests(self.batch_size.max(1));
+        *sending = Some(tokio::spawn(send_requests(
+            otlp.clone(),
+            requests,
+            telemetry.clone(),
+        )));
+    }
+
+    /// Takes back what a round did not send and sets the backoff. `done` is
+    /// `None` when the round's task died; its `lost` spans are then counted.
+    fn end_round(
+        &self,
+        done: Option<Sent>,
+        lost: usize,
+        pending: &mut Encoded,
+        backoff: &mut Backoff,
+        telemetry: &Telemetry,
+    ) {
+        let Some(otlp) = self.otlp.as_ref() else {
+            return;
         };
-        match otlp.export_metrics(request).await {
-            Ok(rejected) => note_rejected(telemetry, "metrics", rejected),
-            Err(e) => {
-                telemetry.export_failed("otlp_metrics");
-                log::warn!("{e}");
+        let Some(done) = done else {
+            telemetry.otlp_dropped("traces", "failed", lost as u64);
+            log::error!("the span export task died; {lost} spans lost");
+            return;
+        };
+        telemetry.exported(otlp.name(), done.exported as u64);
+        if done.refused > 0 {
+            telemetry.export_failed(otlp.name());
+            telemetry.otlp_dropped("traces", "rejected", done.refused as u64);
+            if let Some(e) = &done.refusal {
+                log::warn!(
+                    "{e}; {} spans dropped: the collector refused them and retrying cannot help",
+                    done.refused
+                );
             }
         }
-    }
-
-    /// Sends what the pool stage reported together as one OTLP logs request. Unlike
-    /// spans, a failed request is not kept for retry: it is counted and dropped.
-    async fn export_leaks(&mut self, events: &[LeakEvent], telemetry: &Telemetry) {
-        let Some(otlp) = self.otlp.as_mut() else {
-            return;
-        };
-        match otlp.export_leaks(events).await {
-            Ok(rejected) => note_rejected(telemetry, "logs", rejected),
-            Err(e) => {
-                telemetry.export_failed("otlp_logs");
-                log::warn!("{e}; {} leak events dropped", events.len());
+        let mut unsent = 0;
+        for part in done.unsent.into_iter().rev() {
+            unsent += part.spans;
+            pending.push_front(part);
+        }
+        self.shed(pending, 0, telemetry);
+        match done.failure {
+            Some(e) => {
+                telemetry.export_failed(otlp.name());
+                let delay = backoff.failed(&self.retry, e.retry_after());
+                telemetry.otlp_retry_delay.set(delay.as_secs_f64());
+                // Once per doubling: a long outage logs a line every `max`.
+                log::warn!(
+                    "{e}; keeping {unsent} spans, next attempt in {:.1} s",
+                    delay.as_secs_f64()
+                );
+            }
+            None => {
+                if backoff.failures > 0 {
+                    log::info!(
+                        "span export works again after {} failed attempts",
+                        backoff.failures
+                    );
+                }
+                backoff.succeeded();
+                telemetry.otlp_retry_delay.set(0.0);
             }
         }
     }
@@ -181,70 +438,80 @@ impl ExportStage {
         let _ = out.flush();
         telemetry.exported(name, ok);
     }
-
-    async fn flush(&mut self, pending: &mut Encoded, telemetry: &Telemetry) {
-        let Some(otlp) = self.otlp.as_mut() else {
-            return;
-        };
-        let mut requests = pending.take_requests(self.batch_size.max(1));
-        if requests.is_empty() {
-            return;
-        }
-        let mut sent = vec![false; requests.len()];
-        // The first request goes alone (it connects when needed); the rest go
-        // [`IN_FLIGHT`] at a time over the same channel: the collector's round trip,
-        // not our CPU, bounds a one-at-a-time exporter.
-        let mut failed = None;
-        match otlp.export_encoded(requests[0].bytes.clone()).await {
-            Ok(rejected) => {
-                sent[0] = true;
-                note_rejected(telemetry, "traces", rejected);
-            }
-            Err(e) => failed = Some(e),
-        }
-        let mut next = 1;
-        while failed.is_none() && next < requests.len() {
-            let group: Vec<usize> = (next..requests.len().min(next + IN_FLIGHT)).collect();
-            next += group.len();
-            let results = futures_util::future::join_all(group.iter().map(|&i| {
-                let mut exporter = otlp.clone();
-                let body = requests[i].bytes.clone();
-                async move { (i, exporter.export_encoded(body).await) }
-            }))
-            .await;
-            for (i, result) in results {
-                match result {
-                    Ok(rejected) => {
-                        sent[i] = true;
-                        note_rejected(telemetry, "traces", rejected);
-                    }
-                    Err(e) => failed = Some(e),
-                }
-            }
-        }
-        let exported: usize = requests
-            .iter()
-            .zip(&sent)
-            .filter(|(_, sent)| **sent)
-            .map(|(r, _)| r.spans)
-            .sum();
-        telemetry.exported(otlp.name(), exported as u64);
-        // Keep what was not sent, in order and ahead of anything newer, for the
-        // next attempt.
-        let mut unsent = 0;
-        for (part, _) in requests.drain(..).zip(sent).filter(|(_, sent)| !sent).rev() {
-            unsent += part.spans;
-            pending.push_front(part);
-        }
-        if let Some(e) = failed {
-            telemetry.export_failed(otlp.name());
-            log::warn!("{e}; keeping {unsent} spans for the next attempt");
-            // The channel may be broken (a clone's reset does not reach us).
-            otlp.reset();
-        }
-    }
 }
 
+/// Metrics and leak events go out beside the loop too: one metrics export at a
+/// time (a snapshot skipped while the previous is still out loses nothing, the
+/// next one carries the same cumulative totals), up to
+/// [`LEAK_EXPORTS_IN_FLIGHT`] leak exports. Neither is retried: a failure is
+/// counted and logged.
+#[derive(Default)]
+struct SideExports {
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    leaks: tokio::task::JoinSet<()>,
+}
+
+impl SideExports {
+    fn metrics(&mut self, stage: &ExportStage, telemetry: &Arc<Telemetry>) {
+        let Some(otlp) = stage.otlp.as_ref() else {
+            return;
+        };
+        if self.metrics.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let request = {
+            let red = crate::sync::lock(&stage.red);
+            otlp_metrics::export_request(&red, otlp::unix_nano_now())
+        };
+        let mut otlp = otlp.clone();
+        let telemetry = telemetry.clone();
+        self.metrics = Some(tokio::spawn(async move {
+            match otlp.export_metrics(request).await {
+                Ok(rejected) => note_rejected(&telemetry, "metrics", rejected),
+                Err(e) => {
+                    telemetry.export_failed("otlp_metrics");
+                    log::warn!("{e}");
+                }
+            }
+        }));
+    }
+
+    /// Sends what the pool stage reported together as one OTLP logs request.
+    fn leaks(&mut self, stage: &ExportStage, events: Vec<LeakEvent>, telemetry: &Arc<Telemetry>) {
+        let Some(otlp) = stage.otlp.as_ref() else {
+            return;
+        };
+        while self.leaks.try_join_next().is_some() {}
+        if self.leaks.len() >= LEAK_EXPORTS_IN_FLIGHT {
+            telemetry.otlp_dropped("logs", "busy", events.len() as u64);
+            log::warn!(
+                "{} leak events dropped: {LEAK_EXPORTS_IN_FLIGHT} exports are still waiting for the collector",
+                events.len()
+            );
+            return;
+        }
+        let mut otlp = otlp.clone();
+        let telemetry = telemetry.clone();
+        self.leaks.spawn(async move {
+            match otlp.export_leaks(&events).await {
+                Ok(rejected) => note_rejected(&telemetry, "logs", rejected),
+                Err(e) => {
+                    telemetry.export_failed("otlp_logs");
+                    telemetry.otlp_dropped("logs", "failed", events.len() as u64);
+                    log::warn!("{e}; {} leak events dropped", events.len());
+                }
+            }
+        });
+    }
+
+    /// Waits for every export still out.
+    async fn finish(&mut self) {
+        if let Some(h) = self.metrics.take() {
+            let _ = h.await;
+        }
+        while self.leaks.join_next().await.is_some() {}
+    }
+}
 /// Counts what a collector accepted the request of but rejected
 /// (`partial_success`), and says so at most once a minute.
 fn note_rejected(telemetry: &Telemetry, signal: &'static str, rejected: otlp::Rejected) {
@@ -385,6 +652,203 @@ mod tests {
         }
     }
 
+    impl ExportStage {
+        /// One round, waited for, ignoring any backoff.
+        async fn flush_now(&self, pending: &mut Encoded, telemetry: &Arc<Telemetry>) {
+            let mut sending = None;
+            let mut in_flight = (0, 0);
+            self.start_round(
+                pending,
+                &mut sending,
+                &mut in_flight,
+                &Backoff::default(),
+                telemetry,
+            );
+            if let Some(done) = wait_round(&mut sending).await {
+                self.end_round(
+                    done,
+                    in_flight.0,
+                    pending,
+                    &mut Backoff::default(),
+                    telemetry,
+                );
+            }
+        }
+    }
+
+    /// A collector answering with the status `answer` holds (and counting requests).
+    async fn collector(answer: Arc<AtomicUsize>, seen: Arc<AtomicUsize>) -> std::net::SocketAddr {
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let code = answer.load(Ordering::SeqCst) as u16;
+                async move { axum::http::StatusCode::from_u16(code).unwrap() }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn stage_for(addr: std::net::SocketAddr, timeout: Duration) -> ExportStage {
+        ExportStage {
+            output: Output::None,
+            otlp: Some(
+                OtlpExporter::new(
+                    &format!("http://{addr}"),
+                    OtlpProtocol::HttpProtobuf,
+                    timeout,
+                )
+                .unwrap(),
+            ),
+            batch_size: 2,
+            batch_timeout: Duration::from_millis(20),
+            max_buffered_bytes: 1 << 20,
+            red: RedMetrics::shared(10),
+            metrics_interval: Duration::from_secs(3600),
+            retry: RetryPolicy {
+                first: Duration::from_millis(200),
+                max: Duration::from_millis(400),
+                max_asked: Duration::from_secs(1),
+            },
+        }
+    }
+
+    fn metric(text: &str, line_start: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// An answer retrying cannot change (400, 401) drops that request, counted,
+    /// and is not sent again; a 503 keeps its spans.
+    #[tokio::test]
+    async fn a_refused_request_is_dropped_and_counted_not_retried() {
+        let answer = Arc::new(AtomicUsize::new(400));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let addr = collector(answer.clone(), seen.clone()).await;
+        let stage = stage_for(addr, Duration::from_secs(5));
+        let telemetry = Arc::new(Telemetry::new());
+        let mut pending = Encoded::default();
+        pending.push_spans(&(0..2).map(span).collect::<Vec<_>>(), 2);
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(pending.spans, 0, "refused for good: not kept");
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "not sent again");
+        let text = telemetry.render();
+        assert_eq!(
+            metric(
+                &text,
+                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"rejected\"}"
+            ),
+            2,
+            "{text}"
+        );
+        answer.store(401, Ordering::SeqCst);
+        pending.push_spans(&(2..4).map(span).collect::<Vec<_>>(), 2);
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(pending.spans, 0);
+        answer.store(503, Ordering::SeqCst);
+        pending.push_spans(&(4..6).map(span).collect::<Vec<_>>(), 2);
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(pending.spans, 2, "503 is retryable: kept");
+        let text = telemetry.render();
+        assert_eq!(
+            metric(
+                &text,
+                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"rejected\"}"
+            ),
+            4,
+            "{text}"
+        );
+    }
+
+    /// While the collector fails, attempts back off instead of following every
+    /// batch; when it is back, export resumes by itself and nothing buffered is
+    /// lost.
+    #[tokio::test]
+    async fn a_failing_collector_is_retried_with_backoff_and_export_resumes() {
+        let answer = Arc::new(AtomicUsize::new(503));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let addr = collector(answer.clone(), seen.clone()).await;
+        let stage = stage_for(addr, Duration::from_secs(5));
+        let telemetry = Arc::new(Telemetry::new());
+        let (tx, rx) = mpsc::channel(4);
+        let (_leak_tx, leak_rx) = mpsc::channel(1);
+        let run = tokio::spawn(stage.run(rx, leak_rx, telemetry.clone()));
+        // 100 batches over one second: without backoff, as many attempts.
+        for i in 0..100u8 {
+            tx.send(vec![span(i), span(i)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let attempts = seen.load(Ordering::SeqCst);
+        assert!(
+            (2..=12).contains(&attempts),
+            "a few attempts 200-400 ms apart, not one per batch: {attempts}"
+        );
+        answer.store(200, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = telemetry.render();
+            if metric(&text, "tracer_spans_exported_total{exporter=\"otlp_http\"}") == 200 {
+                assert!(text.contains("tracer_otlp_retry_delay_seconds 0"), "{text}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "export never resumed:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(tx);
+        run.await.unwrap();
+    }
+
+    /// A collector that takes connections and never answers neither blocks the
+    /// loop (spans keep being read) nor stopping beyond the export timeout; what
+    /// could not go out is counted.
+    #[tokio::test]
+    async fn a_black_holed_collector_blocks_neither_reading_nor_stopping() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let stage = stage_for(addr, Duration::from_millis(500));
+        let telemetry = Arc::new(Telemetry::new());
+        let (tx, rx) = mpsc::channel(1);
+        let (_leak_tx, leak_rx) = mpsc::channel(1);
+        let run = tokio::spawn(stage.run(rx, leak_rx, telemetry.clone()));
+        let sending = async {
+            for i in 0..200u8 {
+                tx.send(vec![span(i)]).await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("the loop kept reading while the collector hung");
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stopping is bounded by the export timeout")
+            .unwrap();
+        let text = telemetry.render();
+        assert_eq!(
+            metric(
+                &text,
+                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"shutdown\"}"
+            ),
+            200,
+            "{text}"
+        );
+    }
+
     /// Requests go out several at a time; what a failed request carried, and what
     /// was not tried, stays buffered in order, nothing is sent twice.
     #[tokio::test]
@@ -413,7 +877,7 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
-        let mut stage = ExportStage {
+        let stage = ExportStage {
             output: Output::None,
             otlp: Some(otlp),
             batch_size: 2,
@@ -421,8 +885,9 @@ mod tests {
             max_buffered_bytes: 1 << 20,
             red: RedMetrics::shared(10),
             metrics_interval: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
         };
-        let telemetry = Telemetry::new();
+        let telemetry = Arc::new(Telemetry::new());
         // Five requests of two spans: the first alone, then four at once, of which
         // the second overall-after-the-first (the third request) fails. Spans
         // arrive one at a time and parts are joined up to two spans a request.
@@ -432,7 +897,7 @@ mod tests {
             pending.push_spans(batch, stage.batch_size);
         }
         assert_eq!(pending.spans, 10);
-        stage.flush(&mut pending, &telemetry).await;
+        stage.flush_now(&mut pending, &telemetry).await;
         assert_eq!(seen.load(Ordering::SeqCst), 5);
         assert_eq!(pending.spans, 2, "one failed request's spans stay");
         let kept: Vec<u8> = pending
@@ -451,7 +916,7 @@ mod tests {
         let text = telemetry.render();
         assert!(text.contains("} 8"), "eight spans exported:\n{text}");
         // The next flush sends only what was kept.
-        stage.flush(&mut pending, &telemetry).await;
+        stage.flush_now(&mut pending, &telemetry).await;
         assert_eq!(pending.spans, 0);
         assert!(pending.parts.is_empty());
         assert_eq!(seen.load(Ordering::SeqCst), 6);

@@ -65,9 +65,56 @@ pub enum OtlpError {
     #[error("OTLP/gRPC connection to {endpoint} failed: {reason}")]
     Connect { endpoint: String, reason: String },
     #[error("OTLP/HTTP export to {url} failed: {reason}")]
-    Http { url: String, reason: String },
+    Http {
+        url: String,
+        reason: String,
+        /// The collector's status code, when it answered.
+        status: Option<u16>,
+        /// How long it asked to wait (`Retry-After`, in seconds).
+        retry_after: Option<Duration>,
+    },
     #[error("OTLP export to {0} timed out")]
     Timeout(String),
+}
+
+impl OtlpError {
+    /// Whether the same request may go through later. As the OTLP specification
+    /// has it: transport failures and timeouts, HTTP 429, 502, 503 and 504, gRPC
+    /// UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, DEADLINE_EXCEEDED,
+    /// OUT_OF_RANGE and DATA_LOSS (and UNKNOWN, which is how a broken connection
+    /// can surface); any other answer refuses the data for good, and sending it
+    /// again would only block what comes after it.
+    pub fn retryable(&self) -> bool {
+        match self {
+            OtlpError::Endpoint { .. } => false,
+            OtlpError::Connect { .. } | OtlpError::Timeout(_) => true,
+            OtlpError::Http { status, .. } => {
+                status.is_none_or(|s| matches!(s, 429 | 502 | 503 | 504))
+            }
+            OtlpError::Grpc { source, .. } => {
+                use tonic::Code;
+                matches!(
+                    source.code(),
+                    Code::Unavailable
+                        | Code::ResourceExhausted
+                        | Code::Aborted
+                        | Code::Cancelled
+                        | Code::DeadlineExceeded
+                        | Code::OutOfRange
+                        | Code::DataLoss
+                        | Code::Unknown
+                )
+            }
+        }
+    }
+
+    /// How long the collector asked the agent to wait before retrying.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            OtlpError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 fn kv(key: &str, value: AnyValue) -> KeyValue {
@@ -332,7 +379,9 @@ type HttpsClient = Client<
 #[derive(Clone)]
 enum Transport {
     Grpc {
-        channel: Option<tonic::transport::Channel>,
+        /// Shared by every clone of the exporter: one connection, reset for all
+        /// when it breaks.
+        channel: std::sync::Arc<std::sync::Mutex<Option<tonic::transport::Channel>>>,
         endpoint: Box<tonic::transport::Endpoint>,
         metadata: tonic::metadata::MetadataMap,
     },
@@ -429,7 +478,7 @@ impl Sender {
                     metadata.insert(key, value);
                 }
                 Transport::Grpc {
-                    channel: None,
+                    channel: Default::default(),
                     endpoint: Box::new(endpoint),
                     metadata,
                 }
@@ -481,8 +530,8 @@ impl Sender {
     }
 
     fn reset(&mut self) {
-        if let Transport::Grpc { channel, .. } = &mut self.transport {
-            *channel = None;
+        if let Transport::Grpc { channel, .. } = &self.transport {
+            *lock(channel) = None;
         }
     }
 
@@ -494,19 +543,21 @@ impl Sender {
                 endpoint,
                 metadata,
             } => {
-                if channel.is_none() {
-                    let connected =
-                        endpoint
-                            .connect()
-                            .await
-                            .map_err(|source| OtlpError::Connect {
-                                endpoint: self.url.clone(),
-                                reason: crate::tls::error_chain(&source),
-                            })?;
-                    *channel = Some(connected);
-                }
-                let Some(ch) = channel.clone() else {
-                    return Ok(None);
+                let shared = lock(channel).clone();
+                let ch = match shared {
+                    Some(ch) => ch,
+                    None => {
+                        let connected =
+                            endpoint
+                                .connect()
+                                .await
+                                .map_err(|source| OtlpError::Connect {
+                                    endpoint: self.url.clone(),
+                                    reason: crate::tls::error_chain(&source),
+                                })?;
+                        *lock(channel) = Some(connected.clone());
+                        connected
+                    }
                 };
                 let gzip = tonic::codec::CompressionEncoding::Gzip;
                 let result = match payload {
@@ -540,7 +591,7 @@ impl Sender {
                 };
                 result.map_err(|status| {
                     // Reconnect next time: the channel may be broken.
-                    *channel = None;
+                    *lock(channel) = None;
                     OtlpError::Grpc {
                         endpoint: self.url.clone(),
                         source: Box::new(status),
@@ -552,6 +603,8 @@ impl Sender {
                 let http = |reason: String| OtlpError::Http {
                     url: url.clone(),
                     reason,
+                    status: None,
+                    retry_after: None,
                 };
                 let body = match payload {
                     Payload::Traces(body) => body,
@@ -574,14 +627,30 @@ impl Sender {
                     .await
                     .map_err(|e| http(crate::tls::error_chain(&e)))?;
                 let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get(hyper::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
                 let body = read_limited(resp.into_body(), MAX_RESPONSE_BYTES).await;
                 if !status.is_success() {
-                    return Err(http(format!("collector answered {status}")));
+                    return Err(OtlpError::Http {
+                        url,
+                        reason: format!("collector answered {status}"),
+                        status: Some(status.as_u16()),
+                        retry_after,
+                    });
                 }
                 Ok(body.and_then(|b| rejected(self.signal, &b)))
             }
         }
     }
+}
+
+/// The shared channel; a panic elsewhere cannot leave an `Option` half-written.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A gRPC request carrying the configured headers as metadata.
