@@ -2,9 +2,14 @@
 //! `http.server.request.duration`, `http.client.request.duration` and
 //! `db.client.operation.duration` histograms (seconds, cumulative).
 //!
-//! Cardinality is bounded: URL paths become templates (`/orders/{id}`), and past
-//! `max_series` series new attribute sets go to one overflow series per metric
-//! (`otel.metric.overflow=true`), as the OpenTelemetry SDKs do.
+//! Cardinality is bounded: URL paths become templates (`/orders/{id}`); one process
+//! has at most [`RedMetrics::per_process_limit`] series per metric, beyond which its
+//! new attribute sets go to that process's own overflow series (so a client
+//! requesting thousands of distinct paths from one server cannot crowd out every
+//! other service); past `max_series` series in all, new attribute sets go to one
+//! overflow series per metric (`otel.metric.overflow=true`), as the OpenTelemetry
+//! SDKs do. A series that records nothing for [`SERIES_FORGET_AFTER_NS`] is
+//! forgotten (exited processes, paths no longer asked for), making room again.
 //!
 //! Database connection pools, by the `db.client.connection.*` conventions: one pool is
 //! one process and one database destination (`pools::PoolKey`). `db.client.connection.count`
@@ -113,8 +118,15 @@ pub struct SeriesKey {
 pub struct Series {
     pub resource: Option<Arc<ProcessResource>>,
     pub start_ns: u64,
+    /// When it last recorded a span (Unix ns).
+    pub last_ns: u64,
     pub hist: HistogramState,
 }
+
+/// A RED series that records nothing this long is forgotten.
+pub const SERIES_FORGET_AFTER_NS: u64 = 10 * 60 * 1_000_000_000;
+/// How often forgotten series are looked for (by span time).
+const SWEEP_EVERY_NS: u64 = 60 * 1_000_000_000;
 
 /// The cumulative state of one histogram series.
 #[derive(Clone, Debug)]
@@ -309,9 +321,23 @@ pub struct RedMetrics {
     pools: BTreeMap<PoolKey, PoolSeries>,
     max_series: usize,
     overflowed: u64,
+    /// Series per (metric, pid), overflow series excluded.
+    per_process: HashMap<(RedMetric, u32), usize, foldhash::fast::RandomState>,
+    /// Series forgotten for being idle.
+    forgotten: u64,
+    next_sweep_ns: u64,
 }
 
 pub type SharedRedMetrics = Arc<Mutex<RedMetrics>>;
+
+/// Whether `key` is an overflow series (a process's own, or the metric's).
+fn is_overflow(key: &SeriesKey) -> bool {
+    key.pid == 0
+        || key
+            .attrs
+            .first()
+            .is_some_and(|(k, _)| *k == "otel.metric.overflow")
+}
 
 /// Whether a span attribute's value is the string a series key holds for it.
 fn attr_eq(v: &AttrValue, stored: &str) -> bool {
@@ -339,7 +365,43 @@ impl RedMetrics {
             pools: BTreeMap::new(),
             max_series: max_series.max(1),
             overflowed: 0,
+            per_process: HashMap::default(),
+            forgotten: 0,
+            next_sweep_ns: 0,
         }
+    }
+
+    /// Series one process may have per metric: an eighth of `max_series`, at
+    /// least 16.
+    pub fn per_process_limit(&self) -> usize {
+        (self.max_series / 8).max(16).min(self.max_series)
+    }
+
+    /// RED series forgotten for recording nothing for [`SERIES_FORGET_AFTER_NS`].
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// Forgets every series idle since `now_ns - SERIES_FORGET_AFTER_NS`; returns
+    /// how many.
+    pub fn sweep(&mut self, now_ns: u64) -> usize {
+        let cutoff = now_ns.saturating_sub(SERIES_FORGET_AFTER_NS);
+        let before = self.series.len();
+        self.series.retain(|(_, s)| s.last_ns >= cutoff);
+        let gone = before - self.series.len();
+        if gone > 0 {
+            self.forgotten += gone as u64;
+            self.index.clear();
+            self.prints.clear();
+            self.per_process.clear();
+            for (i, (key, _)) in self.series.iter().enumerate() {
+                self.index.insert(key.clone(), i);
+                if !is_overflow(key) {
+                    *self.per_process.entry((key.metric, key.pid)).or_default() += 1;
+                }
+            }
+        }
+        gone
     }
 
     pub fn shared(max_series: usize) -> SharedRedMetrics {
@@ -368,6 +430,10 @@ impl RedMetrics {
     /// against the series' key, so a span of a known series allocates nothing; a
     /// new series (or a fingerprint taken by another) builds its key.
     pub fn record(&mut self, span: &Span) {
+        if span.end_unix_nano >= self.next_sweep_ns {
+            self.sweep(span.end_unix_nano);
+            self.next_sweep_ns = span.end_unix_nano.saturating_add(SWEEP_EVERY_NS);
+        }
         let is_db = span.attr("db.system.name").is_some();
         let metric = match (is_db, span.kind) {
             (true, _) => RedMetric::DbClient,
@@ -417,7 +483,7 @@ impl RedMetrics {
                 let i = self.series_index(metric, span, keys, templated);
                 // The overflow series matches no span's key: spans that go there take
                 // the slow path each time, and their fingerprints are not kept.
-                if self.series[i].0.pid != 0 {
+                if !is_overflow(&self.series[i].0) {
                     if self.prints.len() >= 4 * self.max_series {
                         self.prints.clear();
                     }
@@ -427,7 +493,9 @@ impl RedMetrics {
             }
         };
         let seconds = span.duration_ns() as f64 / 1e9;
-        self.series[i].1.hist.observe(metric.bounds(), seconds);
+        let series = &mut self.series[i].1;
+        series.hist.observe(metric.bounds(), seconds);
+        series.last_ns = series.last_ns.max(span.end_unix_nano);
     }
 
     /// Whether `key` is the key `span` would make (`self.template` holds its template).
@@ -478,12 +546,28 @@ impl RedMetrics {
         if let Some(&i) = self.index.get(&key) {
             return i;
         }
-        if self.series.len() >= self.max_series {
+        let overflow = || vec![("otel.metric.overflow", "true".to_string())];
+        let mine = self
+            .per_process
+            .get(&(metric, key.pid))
+            .copied()
+            .unwrap_or(0);
+        if mine >= self.per_process_limit() {
+            // This process's own overflow series.
             self.overflowed += 1;
+            key.attrs = overflow();
+            if let Some(&i) = self.index.get(&key) {
+                return i;
+            }
+        }
+        if self.series.len() >= self.max_series {
+            if !is_overflow(&key) {
+                self.overflowed += 1;
+            }
             key = SeriesKey {
                 metric,
                 pid: 0,
-                attrs: vec![("otel.metric.overflow", "true".to_string())],
+                attrs: overflow(),
             };
             if let Some(&i) = self.index.get(&key) {
                 return i;
@@ -493,8 +577,12 @@ impl RedMetrics {
         let series = Series {
             resource,
             start_ns: span.start_unix_nano,
+            last_ns: span.end_unix_nano,
             hist: HistogramState::new(metric.bounds()),
         };
+        if !is_overflow(&key) {
+            *self.per_process.entry((metric, key.pid)).or_default() += 1;
+        }
         self.index.insert(key.clone(), self.series.len());
         self.series.push((key, series));
         self.series.len() - 1
@@ -704,6 +792,78 @@ mod tests {
         assert_eq!(m.series_count(), 4, "three series and the overflow one");
         assert_eq!(m.overflowed(), 47);
         assert!(m.prints.len() <= 3, "overflowed spans keep no fingerprint");
+    }
+
+    /// The cardinality attack: one client asks one server for 2,000 distinct
+    /// letter-only paths (no template folds them). Only that server's own
+    /// overflow series takes the excess; a new endpoint of another service still
+    /// gets its series; once the attack's series stay idle past the forget time
+    /// they are forgotten and their room is free again.
+    #[test]
+    fn one_process_cannot_push_others_into_overflow_and_idle_series_are_forgotten() {
+        let mut m = RedMetrics::new(2000);
+        let letters = |i: usize| -> String {
+            (0..4)
+                .map(|k| (b'a' + ((i / 26usize.pow(k)) % 26) as u8) as char)
+                .collect()
+        };
+        for i in 0..2000 {
+            m.record(&span(
+                SpanKind::Server,
+                &format!("/{}", letters(i)),
+                404,
+                1,
+                7,
+            ));
+        }
+        let limit = m.per_process_limit();
+        assert_eq!(limit, 250);
+        assert_eq!(
+            m.series_count(),
+            limit + 1,
+            "its limit and its own overflow series"
+        );
+        assert_eq!(m.overflowed(), (2000 - limit) as u64);
+        let own_overflow = m
+            .series
+            .iter()
+            .find(|(k, _)| k.pid == 7 && is_overflow(k))
+            .expect("pid 7's overflow series");
+        assert_eq!(own_overflow.1.hist.count, (2000 - limit) as u64);
+        assert!(own_overflow.1.resource.is_some(), "it names its process");
+
+        // Another service's new endpoint: its own series, not an overflow one.
+        m.record(&span(SpanKind::Server, "/checkout", 200, 1, 8));
+        assert!(
+            m.series.iter().any(|(k, _)| k.pid == 8
+                && !is_overflow(k)
+                && k.attrs
+                    .iter()
+                    .any(|(a, v)| *a == "url.template" && v == "/checkout")),
+            "pid 8's endpoint has its series"
+        );
+
+        // Eleven minutes later only pid 8 is still asked for.
+        let later = 1_000_000_000 + 11 * 60 * 1_000_000_000;
+        let mut fresh = span(SpanKind::Server, "/checkout", 200, 1, 8);
+        fresh.start_unix_nano = later - 1_000_000;
+        fresh.end_unix_nano = later;
+        m.record(&fresh);
+        // All went idle before this span (pid 8's too: its series starts anew).
+        assert_eq!(m.series_count(), 1, "the idle series are forgotten");
+        assert_eq!(m.forgotten(), (limit + 2) as u64);
+        // pid 7 gets series again.
+        let mut back = span(SpanKind::Server, "/health", 200, 1, 7);
+        back.end_unix_nano = later;
+        m.record(&back);
+        assert!(m.series.iter().any(|(k, _)| k.pid == 7 && !is_overflow(k)));
+        let mut text = String::new();
+        crate::export::prometheus::render(&m, &mut text);
+        assert!(
+            text.contains(&format!("tracer_red_series_forgotten_total {}", limit + 2)),
+            "{text}"
+        );
+        assert!(text.contains("tracer_red_series 2"), "{text}");
     }
 
     /// The fingerprint shortcut finds exactly the series the full key names: spans

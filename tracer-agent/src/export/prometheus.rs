@@ -10,6 +10,21 @@ use crate::{
 
 /// OpenMetrics text for the histograms (appended to the agent's own counters).
 pub fn render(red: &RedMetrics, out: &mut String) {
+    let _ = write!(
+        out,
+        "# TYPE tracer_red_series gauge\n\
+         # HELP tracer_red_series RED metric series kept (overflow series included).\n\
+         tracer_red_series {}\n\
+         # TYPE tracer_red_series_overflowed counter\n\
+         # HELP tracer_red_series_overflowed Attribute sets recorded into an overflow series (a process's own past its per-process limit, or the metric's past the total), and pool observations over the pool limit.\n\
+         tracer_red_series_overflowed_total {}\n\
+         # TYPE tracer_red_series_forgotten counter\n\
+         # HELP tracer_red_series_forgotten RED metric series forgotten after 10 minutes without a span.\n\
+         tracer_red_series_forgotten_total {}\n",
+        red.series_count(),
+        red.overflowed(),
+        red.forgotten()
+    );
     let sorted = red.sorted();
     for metric in RedMetric::ALL {
         let rows: Vec<_> = sorted.iter().filter(|(k, _)| k.metric == metric).collect();
