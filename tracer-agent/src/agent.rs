@@ -85,6 +85,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             addr: config.listen,
             source,
         })?;
+    if !config.listen.ip().is_loopback() {
+        log::warn!(
+            "listening on {}, not loopback: /metrics and /connections (database peers, users, \
+             client addresses) are open to anyone who reaches it, with no authentication",
+            config.listen
+        );
+    }
     let capture = BpfCapture::load(&CaptureConfig {
         capture_bytes: config.capture_bytes,
         pids: config.pids.clone(),

@@ -249,6 +249,11 @@ pub struct Config {
     pub kube: Option<crate::kube::KubeConfig>,
 }
 
+/// Longest `--parent-wait`: every span waits in memory that long.
+pub const MAX_PARENT_WAIT: Duration = Duration::from_secs(60);
+/// Longest `--leak-after`.
+pub const MAX_LEAK_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -308,10 +313,23 @@ impl Config {
             .leak_after
             .or(file.leak_after)
             .unwrap_or(Duration::from_secs(60));
-        if leak_after.is_zero() {
-            return Err(ConfigError::Invalid(
-                "leak-after must be longer than zero".into(),
-            ));
+        if leak_after.is_zero() || leak_after > MAX_LEAK_AFTER {
+            return Err(ConfigError::Invalid(format!(
+                "leak-after must be longer than zero and at most {}, got {}",
+                humantime::format_duration(MAX_LEAK_AFTER),
+                humantime::format_duration(leak_after)
+            )));
+        }
+        let parent_wait = args
+            .parent_wait
+            .or(file.parent_wait)
+            .unwrap_or(Duration::from_secs(2));
+        if parent_wait > MAX_PARENT_WAIT {
+            return Err(ConfigError::Invalid(format!(
+                "parent-wait must be at most {} (every span waits in memory that long), got {}",
+                humantime::format_duration(MAX_PARENT_WAIT),
+                humantime::format_duration(parent_wait)
+            )));
         }
         let pids = if args.pids.is_empty() {
             file.pids
@@ -380,10 +398,7 @@ impl Config {
                 .unwrap_or(tracer_common::MAX_SOCKETS as usize)
                 .max(1),
             keep_sql_literals: args.keep_sql_literals || file.keep_sql_literals.unwrap_or(false),
-            parent_wait: args
-                .parent_wait
-                .or(file.parent_wait)
-                .unwrap_or(Duration::from_secs(2)),
+            parent_wait,
             empty_probes: args.empty_probes,
             capture_backend: args
                 .capture_backend
@@ -590,5 +605,28 @@ mod tests {
         };
         assert!(Config::merge(&args, FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("no-such-key = 1").is_err());
+        // Durations that would overflow a deadline, or hold every span for
+        // years, are refused with the limit.
+        for (args, name) in [
+            (
+                RunArgs {
+                    parent_wait: Some(Duration::from_secs(u64::MAX / 2)),
+                    ..RunArgs::default()
+                },
+                "parent-wait must be at most 1m",
+            ),
+            (
+                RunArgs {
+                    leak_after: Some(Duration::from_secs(u64::MAX)),
+                    ..RunArgs::default()
+                },
+                "leak-after must be longer than zero and at most 30days",
+            ),
+        ] {
+            let e = Config::merge(&args, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
+        }
     }
 }

@@ -38,26 +38,50 @@ struct Dialect {
     double_quoted_strings: bool,
     /// `#` starts a comment to the end of the line (MySQL).
     hash_comments: bool,
+    /// `/* ... */` comments nest (PostgreSQL): `/* /* */ ... */` is one comment.
+    nested_comments: bool,
 }
 
-/// PostgreSQL with standard-conforming strings.
+/// PostgreSQL with standard-conforming strings (its comments nest).
 const STANDARD: Dialect = Dialect {
     backslash_escapes: false,
     double_quoted_strings: false,
     hash_comments: false,
+    nested_comments: true,
 };
-/// Backslash escapes but `"..."` identifiers: MySQL in `ANSI_QUOTES` mode, or
 /// PostgreSQL with `standard_conforming_strings = off`.
 const BACKSLASH: Dialect = Dialect {
     backslash_escapes: true,
-    double_quoted_strings: false,
-    hash_comments: false,
+    ..STANDARD
+};
+/// Standard strings, comments that end at the first `*/` (SQL Server, SQLite, …).
+const FLAT: Dialect = Dialect {
+    nested_comments: false,
+    ..STANDARD
+};
+/// Backslash escapes, `"..."` identifiers, flat comments: MySQL in `ANSI_QUOTES`
+/// mode.
+const FLAT_BACKSLASH: Dialect = Dialect {
+    backslash_escapes: true,
+    ..FLAT
 };
 /// MySQL's defaults.
 const MYSQL: Dialect = Dialect {
     backslash_escapes: true,
     double_quoted_strings: true,
     hash_comments: true,
+    nested_comments: false,
+};
+/// MySQL with `NO_BACKSLASH_ESCAPES` in its `sql_mode`.
+const MYSQL_NO_BACKSLASH: Dialect = Dialect {
+    backslash_escapes: false,
+    ..MYSQL
+};
+/// MySQL read as if its comments nested (they do not, but a statement written
+/// for a server that does must not show its literals either).
+const MYSQL_NESTED: Dialect = Dialect {
+    nested_comments: true,
+    ..MYSQL
 };
 
 /// Replaces literals with `?`, for any SQL dialect.
@@ -76,17 +100,18 @@ const MYSQL: Dialect = Dialect {
 ///
 /// The output is never longer than the input.
 pub fn obfuscate(sql: &str) -> String {
-    obfuscate_with(sql, &[STANDARD, BACKSLASH])
+    obfuscate_with(sql, &[STANDARD, BACKSLASH, FLAT, FLAT_BACKSLASH])
 }
 
-/// [`obfuscate`] for a known database. For MySQL, with its default `sql_mode`: a
-/// backslash escapes the next character in strings (so `'it\'s'` is one literal),
-/// `"..."` is a string (hidden) and `#` starts a comment. A server in
-/// `NO_BACKSLASH_ESCAPES` mode (OK packet status flag `0x0200`) should get
-/// [`obfuscate`] instead, which is safe either way. Other systems get [`obfuscate`].
+/// [`obfuscate`] for a known database. For MySQL: `"..."` is a string (hidden), `#`
+/// starts a comment, and the text is read both with a backslash escaping the next
+/// character (the default `sql_mode`: `'it\'s'` is one literal) and without
+/// (`NO_BACKSLASH_ESCAPES`: `'C:\tmp\'` ends at its second quote), hiding what
+/// either reading takes for a literal, whatever mode the server is in. Other
+/// systems get [`obfuscate`].
 pub fn obfuscate_for(sql: &str, system: DbSystem) -> String {
     match system {
-        DbSystem::Mysql => obfuscate_with(sql, &[MYSQL]),
+        DbSystem::Mysql => obfuscate_with(sql, &[MYSQL, MYSQL_NO_BACKSLASH, MYSQL_NESTED]),
         DbSystem::Postgresql | DbSystem::Redis => obfuscate(sql),
     }
 }
@@ -123,7 +148,14 @@ fn classify(sql: &[u8], dialect: Dialect) -> Vec<Class> {
         let (end, class) = match b {
             b'-' if next == Some(b'-') => (line_end(sql, i), Class::Comment),
             b'#' if dialect.hash_comments => (line_end(sql, i), Class::Comment),
-            b'/' if next == Some(b'*') => (block_comment_end(sql, i), Class::Comment),
+            b'/' if next == Some(b'*') => (
+                if dialect.nested_comments {
+                    nested_comment_end(sql, i)
+                } else {
+                    block_comment_end(sql, i)
+                },
+                Class::Comment,
+            ),
             b'\'' => (
                 string_end(sql, i, dialect.backslash_escapes),
                 Class::Literal,
@@ -326,6 +358,30 @@ fn block_comment_end(sql: &[u8], i: usize) -> usize {
     sql.get(i + 2..)
         .and_then(|rest| rest.windows(2).position(|w| w == b"*/"))
         .map_or(sql.len(), |p| i + 2 + p + 2)
+}
+
+/// End of a `/* ... */` comment opened at `i` in which comments nest (after the
+/// `*/` that closes the outermost), or the end.
+fn nested_comment_end(sql: &[u8], i: usize) -> usize {
+    let mut depth = 0usize;
+    let mut j = i;
+    while j + 1 < sql.len() {
+        match (sql[j], sql[j + 1]) {
+            (b'/', b'*') => {
+                depth += 1;
+                j += 2;
+            }
+            (b'*', b'/') => {
+                depth -= 1;
+                j += 2;
+                if depth == 0 {
+                    return j;
+                }
+            }
+            _ => j += 1,
+        }
+    }
+    sql.len()
 }
 
 /// End of the single-quoted string whose quote is at `i` (after the closing quote),
@@ -938,6 +994,39 @@ mod tests {
         }
     }
 
+    /// Literals never show whichever way the server reads backslashes or
+    /// comments: MySQL's NO_BACKSLASH_ESCAPES, PostgreSQL's nested comments.
+    #[test]
+    fn no_reading_of_quotes_or_comments_lets_a_literal_through() {
+        let secret = "sk_live_123";
+        for (sql, system) in [
+            (
+                "INSERT INTO t VALUES ('C:\\tmp\\', 'sk_live_123')",
+                DbSystem::Mysql,
+            ),
+            (
+                "INSERT INTO t VALUES ('C:\\tmp\\', 'sk_live_123')",
+                DbSystem::Postgresql,
+            ),
+            ("SELECT 1 /* /* */ ' */ 'sk_live_123'", DbSystem::Postgresql),
+            ("SELECT 1 /* /* */ ' */ 'sk_live_123'", DbSystem::Mysql),
+            (
+                "SELECT 1 /* a /* b */ c */ , 'sk_live_123' -- '",
+                DbSystem::Postgresql,
+            ),
+            ("SELECT \"x\\\" 'sk_live_123' \"", DbSystem::Mysql),
+        ] {
+            let out = obfuscate_for(sql, system);
+            assert!(!out.contains(secret), "{system:?} {sql:?} -> {out:?}");
+            assert!(!out.contains("tmp"), "{system:?} {sql:?} -> {out:?}");
+        }
+        // PostgreSQL reads a nested comment whole: what follows is SQL again.
+        assert_eq!(
+            obfuscate("SELECT a /* x /* y */ z */ FROM t"),
+            "SELECT a FROM t"
+        );
+    }
+
     #[test]
     fn obfuscate_for_mysql_reads_mysql_strings_and_comments() {
         let cases: &[(&str, &str)] = &[
@@ -945,13 +1034,20 @@ mod tests {
                 "SELECT * FROM t WHERE name = \"alice\" # it's",
                 "SELECT * FROM t WHERE name = ?",
             ),
+            // Read with and without backslash escapes (the server's sql_mode is
+            // not known): a backslash before a quote makes the readings differ,
+            // and everything either takes for a literal goes, up to the end.
             (
                 "INSERT INTO t VALUES ('it\\'s', 'x')",
-                "INSERT INTO t VALUES (?, ?)",
+                "INSERT INTO t VALUES (?",
             ),
             (
                 "INSERT INTO `users` (`name`, `email`) VALUES ('O\\'Brien', 'ob@example.com')",
-                "INSERT INTO `users` (`name`, `email`) VALUES (?, ?)",
+                "INSERT INTO `users` (`name`, `email`) VALUES (?",
+            ),
+            (
+                "INSERT INTO t VALUES ('a', 'b')",
+                "INSERT INTO t VALUES (?, ?)",
             ),
             ("SELECT 5--1", "SELECT ?"),
             ("SELECT \"a\"\"b\", 'c'", "SELECT ?, ?"),

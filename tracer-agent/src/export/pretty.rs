@@ -9,6 +9,26 @@ use crate::spans::{AttrValue, Span, SpanId, SpanKind, SpanStatus};
 /// Width of the waterfall bar, in characters.
 const BAR: usize = 24;
 
+/// `text` safe to print on a terminal: control characters (escape sequences, the
+/// C1 range, DEL) and bidirectional overrides, which captured traffic may carry
+/// to rewrite or hide what the operator sees, become visible `\u{..}` escapes.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// What a child needs from its parent's line.
 #[derive(Clone, Copy)]
 struct Placed {
@@ -77,8 +97,8 @@ impl PrettyPrinter {
         self.placed.insert(span.span_id, at);
 
         let str_attr = |k: &str| match span.attr(k) {
-            Some(AttrValue::Str(s)) => s.to_string(),
-            Some(other) => other.to_string(),
+            Some(AttrValue::Str(s)) => printable(s).into_owned(),
+            Some(other) => printable(&other.to_string()).into_owned(),
             None => String::new(),
         };
         let secs = span.start_unix_nano / 1_000_000_000;
@@ -132,7 +152,7 @@ impl PrettyPrinter {
             trace = &trace[..8],
             bar = Self::bar(span, &at),
             indent = "  ".repeat(at.depth.min(12)),
-            exe = span.resource.executable_name,
+            exe = printable(&span.resource.executable_name),
             pid = span.resource.pid,
         );
         out
@@ -152,7 +172,7 @@ pub fn leak_line(e: &crate::pools::LeakEvent, color: bool) -> String {
         label.to_string()
     };
     let culprit = match &r.culprit {
-        Some(c) => format!(" by {} {}", c.method, c.path),
+        Some(c) => format!(" by {} {}", printable(&c.method), printable(&c.path)),
         None => String::new(),
     };
     let trace = match &r.last_trace_id {
@@ -162,14 +182,14 @@ pub fn leak_line(e: &crate::pools::LeakEvent, color: bool) -> String {
     format!(
         "{label} {kind} {exe}[{pid}] → {db} {addr}:{port} (local port {local}) idle {idle:.0}s{culprit}{trace} last query: {query}",
         kind = e.kind.as_str(),
-        exe = r.executable,
+        exe = printable(&r.executable),
         pid = r.pool.pid,
         db = r.pool.db_system.as_str(),
         addr = r.pool.server.ip(),
         port = r.pool.server.port(),
         local = r.client_port,
         idle = r.idle_seconds,
-        query = r.last_query.as_deref().unwrap_or("-"),
+        query = printable(r.last_query.as_deref().unwrap_or("-")),
     )
 }
 
@@ -214,6 +234,36 @@ mod tests {
             tid: 1,
             link: Link::default(),
         }
+    }
+
+    /// Escape sequences and bidi overrides in captured traffic or process names
+    /// never reach the terminal raw.
+    #[test]
+    fn hostile_bytes_are_escaped_not_printed() {
+        let mut p = PrettyPrinter::new(true);
+        let mut s = span(
+            None,
+            1,
+            2,
+            "/a\x1b]0;owned\x07\x1b[2J\u{9b}31m\u{202e}gpj.exe",
+        );
+        let resource = Arc::make_mut(&mut s.resource);
+        resource.executable_name = "sh\x1b[8m".into();
+        let line = p.line(&s);
+        let raw: String = line
+            .replace("\x1b[36m", "")
+            .replace("\x1b[32m", "")
+            .replace("\x1b[0m", "");
+        assert!(
+            !raw.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{line:?}"
+        );
+        assert!(
+            raw.contains("/a\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9b}31m\\u{202e}gpj.exe"),
+            "{raw}"
+        );
+        assert!(raw.contains("sh\\u{1b}[8m[1]"), "{raw}");
+        assert_eq!(printable("plain /path ünï"), "plain /path ünï");
     }
 
     #[test]
