@@ -1,5 +1,5 @@
 //! Runs the whole agent: capture, pipeline, export and the HTTP endpoint, until
-//! SIGINT/SIGTERM, then flushes.
+//! SIGTERM, SIGINT or SIGHUP, then flushes (a second signal stops at once).
 
 use std::{sync::Arc, time::Duration};
 
@@ -227,7 +227,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         loop {
             tokio::select! {
                 r = &mut signal => {
-                    r.map_err(AgentError::Signal)?;
+                    let name = r.map_err(AgentError::Signal)?;
+                    log::info!("{name}: stopping (a second signal stops at once, without flushing)");
+                    tokio::spawn(async {
+                        if let Ok(name) = wait_for_signal().await {
+                            log::error!("second signal ({name}): stopping now; what was not exported is lost");
+                            std::process::exit(EXIT_FORCED);
+                        }
+                    });
                     break None;
                 }
                 _ = check.tick() => {
@@ -244,7 +251,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
     };
     if stopped.is_none() {
-        log::info!("stopping: flushing spans");
+        log::info!("flushing spans");
     }
     cancel.cancel();
     // Capture drains the ring buffer and closes the event channel; the pipeline then
@@ -274,7 +281,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         log::error!("the {stage:?} stage stopped on its own ({reason}); the agent stops");
         failure = Some(AgentError::Stopped(format!("{stage:?}: {reason}")));
     }
-    let _ = server.await;
+    // Graceful: requests being answered finish; one that never completes (a
+    // client that sent half a request) does not hold the agent up.
+    let server_abort = server.abort_handle();
+    if tokio::time::timeout(SERVER_STOP, server).await.is_err() {
+        log::warn!(
+            "the agent's endpoint still had connections after {} s; closed",
+            SERVER_STOP.as_secs()
+        );
+        server_abort.abort();
+    }
     failure.map_or(Ok(()), Err)
 }
 
@@ -307,15 +323,24 @@ async fn return_free_memory(cancel: CancellationToken) {
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
+/// Exit status when a second signal cuts stopping short.
+const EXIT_FORCED: i32 = 2;
+
+/// Longest the endpoint's open connections may hold up stopping.
+const SERVER_STOP: Duration = Duration::from_secs(2);
+
+/// Waits for SIGTERM, SIGINT or SIGHUP (a closed terminal: flush and stop too);
+/// returns its name.
+async fn wait_for_signal() -> std::io::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    })
 }
 
 /// Connections open before the agent started, from /proc, within the --pid and

@@ -196,6 +196,26 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// The agent's exit status once it exits within `secs`, or `None`.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait for agent") {
+                // Let the reader threads reach end of file.
+                thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGTERM, then wait: the agent must flush and exit 0.
     pub fn stop(mut self) -> (Lines, Lines) {
         // SAFETY: kill(2) on our own child's pid.
