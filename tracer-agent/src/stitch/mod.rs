@@ -404,6 +404,10 @@ impl ParentInference {
             && let Some(list) = self.waiters.get_mut(&on)
         {
             list.retain(|w| *w != id);
+            if list.is_empty() {
+                // The parent it waited for never came: forget it too.
+                self.waiters.remove(&on);
+            }
         }
         // Keep a link only when its parent's trace is known (or came on the wire):
         // an unlinked span is better than a link to a span that never shows up.
@@ -655,6 +659,10 @@ mod tests {
             "no link to a span that never came"
         );
         assert_eq!(st.pending(), 0);
+        assert!(
+            st.waiters.is_empty() && st.servers_waiting.is_empty(),
+            "nothing is kept for the parent that never came"
+        );
     }
 
     #[test]
