@@ -68,6 +68,10 @@ use crate::db::{DbCall, DbSystem, TxStatus};
 pub const MAX_QUERY_TEXT_BYTES: usize = 4096;
 /// Most prepared statements remembered per connection; the oldest is forgotten first.
 pub const MAX_STATEMENTS: usize = 1024;
+/// Most bytes of statement names and texts remembered per connection (the oldest
+/// are forgotten first): 1,024 statements of a 4 KiB capture would be 4 MiB a
+/// connection, and a pooler holds thousands.
+pub const MAX_STATEMENT_BYTES: usize = 256 << 10;
 /// Most portals remembered per connection; the oldest is forgotten first.
 pub const MAX_PORTALS: usize = 64;
 /// Most requests awaiting an answer per connection; beyond it the oldest is dropped
@@ -459,6 +463,9 @@ struct Named {
 /// A bounded name → SQL text map that forgets the oldest name first.
 struct NameMap {
     cap: usize,
+    /// Bytes of names and texts held, and the most allowed.
+    bytes: usize,
+    max_bytes: usize,
     entries: HashMap<Box<[u8]>, Named>,
     order: VecDeque<(u64, Box<[u8]>)>,
     next_gen: u64,
@@ -476,8 +483,14 @@ impl fmt::Debug for NameMap {
 
 impl NameMap {
     fn new(cap: usize) -> Self {
+        Self::with_budget(cap, MAX_STATEMENT_BYTES)
+    }
+
+    fn with_budget(cap: usize, max_bytes: usize) -> Self {
         Self {
             cap,
+            bytes: 0,
+            max_bytes,
             entries: HashMap::new(),
             order: VecDeque::new(),
             next_gen: 0,
@@ -488,12 +501,20 @@ impl NameMap {
         self.entries.len()
     }
 
+    fn cost(name: &[u8], named: &Named) -> usize {
+        name.len() + named.text.as_ref().map_or(0, |t| t.len())
+    }
+
     fn insert(&mut self, name: &[u8], text: Option<Arc<str>>) {
         let generation = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1);
-        self.entries.insert(name.into(), Named { generation, text });
+        let named = Named { generation, text };
+        self.bytes += Self::cost(name, &named);
+        if let Some(old) = self.entries.insert(name.into(), named) {
+            self.bytes -= Self::cost(name, &old);
+        }
         self.order.push_back((generation, name.into()));
-        while self.entries.len() > self.cap {
+        while self.entries.len() > self.cap || self.bytes > self.max_bytes {
             let Some((old_gen, old_name)) = self.order.pop_front() else {
                 break;
             };
@@ -502,7 +523,7 @@ impl NameMap {
                 .get(&old_name)
                 .is_some_and(|named| named.generation == old_gen)
             {
-                self.entries.remove(&old_name);
+                self.remove(&old_name);
             }
         }
         // Re-used names leave stale order entries behind; drop them now and then.
@@ -519,12 +540,15 @@ impl NameMap {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        self.entries.remove(name);
+        if let Some(old) = self.entries.remove(name) {
+            self.bytes -= Self::cost(name, &old);
+        }
     }
 
     fn clear(&mut self) {
         self.entries.clear();
         self.order.clear();
+        self.bytes = 0;
     }
 }
 
@@ -3145,6 +3169,41 @@ mod tests {
         assert_eq!(kept_text("aé".as_bytes(), 2), "a");
         assert_eq!(kept_text(b"a\xffb", 10), "a\u{fffd}b");
         assert_eq!(kept_text(b"abc", 10), "abc");
+    }
+
+    /// Long statements: the byte budget forgets the oldest before the count does,
+    /// and the count of bytes held stays exact through overwrites and removals.
+    #[test]
+    fn statement_map_holds_at_most_its_byte_budget() {
+        let mut s = Session::started();
+        let text = format!("SELECT {}", "x, ".repeat(1300));
+        let mut batch = Vec::new();
+        for i in 0..200 {
+            batch.extend(parse(&format!("s{i}"), &text));
+        }
+        batch.extend(sync());
+        s.client(&batch);
+        let held: usize = s
+            .dec
+            .statements
+            .entries
+            .iter()
+            .map(|(n, named)| NameMap::cost(n, named))
+            .sum();
+        assert_eq!(held, s.dec.statements.bytes);
+        assert!(held <= MAX_STATEMENT_BYTES, "{held}");
+        assert!(s.dec.statements.len() < 200, "the oldest went");
+        assert!(s.dec.statements.get(b"s199").is_some(), "the newest stays");
+        assert!(s.dec.statements.get(b"s0").is_none());
+        s.client(&cat(&[parse("s199", "SELECT 1"), sync()]));
+        let held: usize = s
+            .dec
+            .statements
+            .entries
+            .iter()
+            .map(|(n, named)| NameMap::cost(n, named))
+            .sum();
+        assert_eq!(held, s.dec.statements.bytes, "after an overwrite");
     }
 
     #[test]
