@@ -348,7 +348,10 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
     let mut attributes: Vec<(&'static str, AttrValue)> = Vec::with_capacity(13);
     attributes.extend([
         ("http.request.method", AttrValue::Str(known.clone())),
-        ("url.path", AttrValue::Str(Text::Owned(path.to_string()))),
+        (
+            "url.path",
+            AttrValue::Str(Text::Owned(route::redacted_path(path).into_owned())),
+        ),
         ("url.template", AttrValue::Str(Text::Owned(template))),
         ("server.address", AttrValue::Str(server_address.clone())),
         ("server.port", AttrValue::Int(i64::from(server.port()))),

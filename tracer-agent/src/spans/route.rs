@@ -16,6 +16,47 @@ pub fn url_path(target: &str) -> &str {
     &t[..end]
 }
 
+/// What a secret-looking path segment becomes in `url.path` (as OpenTelemetry
+/// writes scrubbed URL parts).
+pub const REDACTED: &str = "REDACTED";
+
+/// `path` with what may be a credential taken out, for `url.path` and leak
+/// culprits: path parameters (`;jsessionid=…`) are dropped, and every segment that
+/// looks like a token (a JWT; 16 or more characters of a token alphabet mixing
+/// letters and digits: reset links, session ids, API keys, UUIDs) becomes
+/// [`REDACTED`]. Numbers, words and file names stay.
+pub fn redacted_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path
+        .split('/')
+        .any(|seg| seg.contains(';') || looks_like_secret(seg))
+    {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let seg = seg.split(';').next().unwrap_or_default();
+        out.push_str(if looks_like_secret(seg) {
+            REDACTED
+        } else {
+            seg
+        });
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn looks_like_secret(seg: &str) -> bool {
+    let jwt = seg.starts_with("eyJ") && seg.bytes().filter(|&b| b == b'.').count() == 2;
+    let tokenish = seg.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'=' | b'%' | b'+')
+    });
+    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+    let letters = seg.bytes().filter(u8::is_ascii_alphabetic).count();
+    jwt || (tokenish && seg.len() >= 16 && digits >= 2 && letters >= 2)
+}
+
 /// Replaces path segments that look like identifiers with `{id}` so that metric
 /// cardinality and span names stay bounded: numbers, UUIDs, long hex strings, long
 /// tokens that mix letters and digits (JWTs, reset tokens, base64 keys), and any
@@ -59,6 +100,9 @@ fn looks_like_id(seg: &str) -> bool {
     if seg.is_empty() {
         return false;
     }
+    if seg == REDACTED {
+        return true;
+    }
     if seg.len() > MAX_SEGMENT {
         return true;
     }
@@ -77,9 +121,9 @@ fn looks_like_id(seg: &str) -> bool {
     tokenish && seg.len() >= 16 && digits >= 2
 }
 
-/// `url.path` of a request target, bounded (as leak culprits keep it).
+/// `url.path` of a request target, redacted and bounded (as leak culprits keep it).
 pub fn bounded_path(target: &str) -> String {
-    crate::protocols::bounded_text(url_path(target).as_bytes(), 256)
+    crate::protocols::bounded_text(redacted_path(url_path(target)).as_bytes(), 256)
 }
 
 #[cfg(test)]
@@ -124,5 +168,43 @@ mod tests {
             "/p/{id}"
         );
         assert_eq!(url_template("/api/v2/orders.json"), "/api/v2/orders.json");
+    }
+
+    /// Tokens in paths never reach `url.path` or leak culprits; ordinary paths
+    /// are untouched; the template of a redacted path is the raw path's.
+    #[test]
+    fn tokens_in_paths_are_redacted() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJlMTI";
+        for (raw, want) in [
+            (format!("/auth/{jwt}"), "/auth/REDACTED".to_string()),
+            (
+                "/reset/Kq3ZpW9xLm2N7vB4/confirm".into(),
+                "/reset/REDACTED/confirm".into(),
+            ),
+            (
+                "/cart;jsessionid=A1B2C3D4E5F6/items".into(),
+                "/cart/items".into(),
+            ),
+            (
+                "/u/550e8400-e29b-41d4-a716-446655440000".into(),
+                "/u/REDACTED".into(),
+            ),
+            ("/orders/12345".into(), "/orders/12345".into()),
+            (
+                "/static/app-v2.min.js".into(),
+                "/static/app-v2.min.js".into(),
+            ),
+            ("/".into(), "/".into()),
+        ] {
+            assert_eq!(redacted_path(&raw), want, "{raw}");
+            assert_eq!(
+                url_template(&redacted_path(&raw)),
+                url_template(&raw),
+                "{raw}"
+            );
+            assert!(
+                !bounded_path(&raw).contains("Kq3ZpW9x") && !bounded_path(&raw).contains("eyJ")
+            );
+        }
     }
 }
