@@ -205,9 +205,7 @@ impl ProcessTable {
             .ok()
             .map(|s| s.trim().to_string());
         let executable_name = exe.or(comm_file).unwrap_or_else(|| comm.to_string());
-        let own = std::fs::read(dir.join("environ"))
-            .map(|env| crate::service::own_resource(&env))
-            .unwrap_or_default();
+        let own = crate::service::read_own_resource(&dir.join("environ")).unwrap_or_default();
         let k8s = match self.place(&dir, pid) {
             Some(crate::kube::Placement::Pod(r)) => Some(r),
             _ => None,

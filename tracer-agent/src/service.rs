@@ -85,6 +85,64 @@ pub fn own_resource(environ: &[u8]) -> OwnResource {
     own
 }
 
+/// [`own_resource`] of a process's `environ` file, read in pieces: only the two
+/// variables are ever kept, a variable longer than [`MAX_OWN_VARIABLE`] is skipped
+/// unread, and the buffer that held the rest (other variables may be secrets) is
+/// zeroed before it is freed. `None` when the file cannot be opened.
+pub fn read_own_resource(path: &std::path::Path) -> Option<OwnResource> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut kept: Vec<u8> = Vec::new();
+    // Bytes of an unfinished variable at the start of `buf`, and whether the
+    // variable being read is being skipped (too long).
+    let mut carry = 0;
+    let mut skipping = false;
+    loop {
+        let n = match file.read(&mut buf[carry..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let filled = carry + n;
+        let mut start = 0;
+        while let Some(end) = buf[start..filled].iter().position(|&b| b == 0) {
+            if !skipping {
+                keep_own(&buf[start..start + end], &mut kept);
+            }
+            skipping = false;
+            start += end + 1;
+        }
+        let rest = filled - start;
+        if rest >= MAX_OWN_VARIABLE || skipping {
+            // Not one of ours (or far too long to be): skip to its end.
+            skipping = true;
+            carry = 0;
+        } else {
+            buf.copy_within(start..filled, 0);
+            carry = rest;
+        }
+    }
+    if !skipping && carry > 0 {
+        keep_own(&buf[..carry], &mut kept);
+    }
+    buf.fill(0);
+    std::hint::black_box(&buf);
+    let own = own_resource(&kept);
+    kept.fill(0);
+    std::hint::black_box(&kept);
+    Some(own)
+}
+
+/// Longest environment variable [`read_own_resource`] reads.
+pub const MAX_OWN_VARIABLE: usize = 32 << 10;
+
+fn keep_own(var: &[u8], kept: &mut Vec<u8>) {
+    if var.starts_with(b"OTEL_SERVICE_NAME=") || var.starts_with(b"OTEL_RESOURCE_ATTRIBUTES=") {
+        kept.extend_from_slice(var);
+        kept.push(0);
+    }
+}
+
 /// The service attributes of an `OTEL_RESOURCE_ATTRIBUTES` value
 /// (`key=value,key=value`, values percent-decoded).
 pub fn resource_attributes(attrs: &str) -> OwnResource {
@@ -625,6 +683,42 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    /// Read in pieces: variables across piece boundaries, after a huge one, and
+    /// the huge one itself skipped.
+    #[test]
+    fn environ_files_are_read_in_pieces_and_only_our_variables_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("environ");
+        let mut env = Vec::new();
+        env.extend_from_slice(b"SECRET_KEY=");
+        env.extend(std::iter::repeat_n(b's', 200 << 10));
+        env.push(0);
+        for i in 0..5000 {
+            env.extend_from_slice(format!("PAD{i}=xxxxxxxxxxxxxxxx").as_bytes());
+            env.push(0);
+        }
+        env.extend_from_slice(
+            b"OTEL_RESOURCE_ATTRIBUTES=service.namespace=shop\0OTEL_SERVICE_NAME=cart",
+        );
+        std::fs::write(&path, &env).unwrap();
+        let own = read_own_resource(&path).unwrap();
+        assert_eq!(own.name.as_deref(), Some("cart"));
+        assert_eq!(own.namespace.as_deref(), Some("shop"));
+        // A variable that would otherwise look like ours, buried in a too-long one.
+        std::fs::write(
+            &path,
+            [
+                &b"X="[..],
+                &vec![b'a'; 100 << 10],
+                b"OTEL_SERVICE_NAME=no\0",
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(read_own_resource(&path).unwrap().name, None);
+        assert!(read_own_resource(&dir.path().join("missing")).is_none());
     }
 
     #[test]
