@@ -128,6 +128,7 @@ pub async fn process_events(
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_recovered_check = Instant::now();
+    let mut idle_checked: std::collections::HashMap<u64, std::time::Instant> = Default::default();
     let mut published = (stitch.counts, down.causality.refused);
     if !config.recovered.is_empty() {
         let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
@@ -170,6 +171,13 @@ pub async fn process_events(
         send(ready, &tx, &telemetry, &red);
         let now = Instant::now();
         if pools.due(now.into_std()) {
+            check_idle_connections(
+                &mut table,
+                &mut down,
+                &mut idle_checked,
+                config.leak_after,
+                &telemetry,
+            );
             let rows = table.db_inventory(unix_nano_now(), &mut procs, &down.pools);
             let round = pools.round(rows, now.into_std());
             record_pool_counts(&round.counts, &round.rows, &red, &mut procs);
@@ -226,6 +234,65 @@ fn prune_recovered(table: &mut ConnectionTable, down: &mut Downstream) {
         },
         down,
     );
+}
+
+/// How often one idle database connection is looked up in /proc.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Database connections idle for half the leak threshold are looked up in their
+/// process's /proc (each at most every [`IDLE_CHECK_EVERY`]): one the process no
+/// longer holds was closed without the kernel's close event reaching us (the ring
+/// buffer was full), and is taken out of its pool before it could be reported as
+/// leaked. A process whose /proc cannot be read keeps its connections.
+fn check_idle_connections(
+    table: &mut ConnectionTable,
+    down: &mut Downstream,
+    checked: &mut std::collections::HashMap<u64, std::time::Instant>,
+    leak_after: Duration,
+    telemetry: &Telemetry,
+) {
+    let idle_before = unix_nano_now().saturating_sub((leak_after / 2).as_nanos() as u64);
+    let candidates = table.idle_db_connections(idle_before);
+    let now = std::time::Instant::now();
+    let keep: std::collections::HashSet<u64> = candidates.iter().map(|c| c.0).collect();
+    checked.retain(|sock, _| keep.contains(sock));
+    let mut open: std::collections::HashMap<
+        u32,
+        Option<std::collections::HashSet<(u16, std::net::SocketAddr)>>,
+    > = Default::default();
+    let canonical =
+        |a: std::net::SocketAddr| std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+    for (sock, pid, ends) in candidates {
+        if ends.local.port() == 0 || ends.remote.ip().is_unspecified() {
+            continue; // endpoints unknown: cannot tell
+        }
+        if checked
+            .get(&sock)
+            .is_some_and(|t| now.duration_since(*t) < IDLE_CHECK_EVERY)
+        {
+            continue;
+        }
+        checked.insert(sock, now);
+        let held = open.entry(pid).or_insert_with(|| {
+            crate::recover::open_connections(std::path::Path::new("/proc"), pid).map(|set| {
+                set.into_iter()
+                    .map(|(local, remote)| (local.port(), canonical(remote)))
+                    .collect()
+            })
+        });
+        let Some(held) = held else { continue };
+        if !held.contains(&(ends.local.port(), canonical(ends.remote)))
+            && table.forget_closed(sock, down)
+        {
+            checked.remove(&sock);
+            telemetry.connections_closed_unseen.inc();
+            log::debug!(
+                "database connection {} → {} of pid {pid} is closed, its close event was lost",
+                ends.local,
+                ends.remote
+            );
+        }
+    }
 }
 
 /// Connection create and use times into the pool histograms.

@@ -216,6 +216,33 @@ pub fn open_socket_inodes(proc_root: &Path, pid: u32) -> Option<HashSet<u64>> {
     Some(owners.into_keys().collect())
 }
 
+/// The TCP connections `pid` holds now, as (local, remote) endpoints of the
+/// sockets among its fds that are not listening (established, or closing but
+/// still held: a connection in CLOSE_WAIT that the process never closes is still
+/// its connection). `None` when that cannot be told: its fds or its network
+/// namespace's tables cannot be read.
+pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+    let inodes = open_socket_inodes(proc_root, pid)?;
+    let net = proc_root.join(pid.to_string()).join("net");
+    let mut open = HashSet::new();
+    let mut read = false;
+    for name in ["tcp", "tcp6"] {
+        let Ok(file) = std::fs::File::open(net.join(name)) else {
+            continue;
+        };
+        read = true;
+        for_each_line(file, |line| {
+            if let Some(row) = parse_line(line)
+                && row.state != TCP_LISTEN
+                && inodes.contains(&row.inode)
+            {
+                open.insert((row.local, row.remote));
+            }
+        });
+    }
+    read.then_some(open)
+}
+
 /// The TCP ports `pid` listens on (its sockets in LISTEN in its network
 /// namespace), at most [`MAX_LISTENERS`]; empty when they cannot be read.
 pub fn listening_ports(proc_root: &Path, pid: u32) -> Vec<u16> {
@@ -492,6 +519,28 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use std::{os::unix::fs::symlink, path::PathBuf};
+
+    /// This process's own connections, from the real /proc: held while open,
+    /// gone once closed; a pid that does not exist cannot tell.
+    #[test]
+    fn open_connections_are_what_the_process_holds_now() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let ends = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let me = std::process::id();
+        let open = open_connections(Path::new("/proc"), me).expect("our own /proc");
+        assert!(open.contains(&ends), "{ends:?} in {open:?}");
+        assert!(
+            !open.contains(&(listener.local_addr().unwrap(), "0.0.0.0:0".parse().unwrap())),
+            "listening sockets are not connections"
+        );
+        drop(client);
+        drop(server);
+        let open = open_connections(Path::new("/proc"), me).expect("our own /proc");
+        assert!(!open.contains(&ends), "closed: {open:?}");
+        assert!(open_connections(Path::new("/proc"), u32::MAX - 1).is_none());
+    }
 
     const NS_A: u64 = 4026531840;
     const NS_B: u64 = 4026532000;

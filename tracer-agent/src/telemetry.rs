@@ -172,6 +172,8 @@ pub struct Telemetry {
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
     pub connections_evicted: Counter,
+    /// Database connections found closed in /proc whose close event was lost.
+    pub connections_closed_unseen: Counter,
     /// Spans by how parent inference linked them, and what it refused.
     pub parent_inference: Family<ParentLabel, Counter>,
     /// Events waiting between capture and the pipeline, and spans waiting between
@@ -255,6 +257,7 @@ impl Telemetry {
             otlp_rejected: Family::default(),
             traffic_dropped: Family::default(),
             connections_evicted: Counter::default(),
+            connections_closed_unseen: Counter::default(),
             parent_inference: Family::default(),
             capture_backend: Family::default(),
             kube: Default::default(),
@@ -335,6 +338,11 @@ impl Telemetry {
             "connections_evicted",
             "Connections evicted because the table was full",
             t.connections_evicted.clone(),
+        );
+        registry.register(
+            "connections_closed_unseen",
+            "Idle database connections found closed in /proc although their close event was lost (taken out of their pool, never reported as leaked)",
+            t.connections_closed_unseen.clone(),
         );
         registry.register(
             "parent_inference",

@@ -505,6 +505,25 @@ impl ConnectionTable {
         added
     }
 
+    /// Database connections without I/O since `idle_before_ns` (Unix ns), as
+    /// (socket, pid, endpoints): the candidates for a leak report, which the
+    /// pipeline checks are still open (their close may have been lost).
+    pub fn idle_db_connections(&self, idle_before_ns: u64) -> Vec<(u64, u32, Endpoints)> {
+        self.conns
+            .values()
+            .filter(|c| matches!(c.protocol, Protocol::Db(_)) && c.last_io_ns < idle_before_ns)
+            .map(|c| (c.sock, c.pid, c.endpoints))
+            .collect()
+    }
+
+    /// Takes out a connection that is gone although the kernel never reported its
+    /// close (the event was lost): out of its pool too, so that it is never
+    /// reported as leaked. Returns whether it was there.
+    pub fn forget_closed(&mut self, sock: u64, out: &mut impl Observer) -> bool {
+        self.recovered.retain(|_, k| *k != sock);
+        self.remove(sock, out).is_some()
+    }
+
     /// Recovered connections not seen by the kernel yet, as (pid, socket inode),
     /// so their owner can check they are still open.
     pub fn recovered_sockets(&self) -> Vec<(u32, u64)> {

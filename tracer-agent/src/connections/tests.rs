@@ -693,6 +693,48 @@ fn a_fifo_pool_reused_in_turn_is_healthy_until_it_passes_one_over() {
     assert_eq!(p.leaks(120), [(1, LeakKind::NeverReturned)]);
 }
 
+/// A connection whose close event was lost would be reported `never_returned`;
+/// once /proc shows it closed the pipeline forgets it, out of its pool, and no
+/// leak is reported.
+#[test]
+fn a_connection_closed_unseen_is_forgotten_and_never_reported() {
+    use crate::pools::LeakKind;
+    let mut p = PoolReplay::new();
+    for port in [1, 2, 3] {
+        p.open(port);
+    }
+    p.query(1, "SELECT 1", b'I');
+    for _ in 0..5 {
+        for port in [2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+    }
+    assert_eq!(
+        p.leaks(120),
+        [(1, LeakKind::NeverReturned)],
+        "the lost close"
+    );
+    let idle = p.r.table.idle_db_connections(p.now + 1);
+    assert_eq!(idle.len(), 3);
+    let (sock, pid, ends) = idle
+        .iter()
+        .copied()
+        .find(|(s, _, _)| *s == PoolReplay::sock(1))
+        .expect("connection 1 is a candidate");
+    assert_eq!((pid, ends.local.port()), (300, 1));
+    assert!(p.r.table.forget_closed(sock, &mut p.r.down));
+    assert!(!p.r.table.forget_closed(sock, &mut p.r.down), "once");
+    assert_eq!(p.leaks(120), []);
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert!(
+        rows.iter().all(|r| r.client_port != 1),
+        "out of the inventory"
+    );
+    assert_eq!(rows.len(), 2);
+}
+
 #[test]
 fn a_lifo_pool_leaves_spares_idle_without_a_report() {
     let mut p = PoolReplay::new();
