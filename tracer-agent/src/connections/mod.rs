@@ -213,6 +213,10 @@ pub struct Connection {
 /// All followed connections, keyed by kernel socket address.
 pub struct ConnectionTable {
     conns: HashMap<u64, Connection>,
+    /// What the table knew of connections it evicted (full), for when one of them
+    /// comes back: sock → endpoints, role, and its database if it was a client of
+    /// one. At most a quarter of `max_connections` (64 at least); cleared when full.
+    evicted: HashMap<u64, (Endpoints, Role, Option<DbSystem>)>,
     /// Connections recovered from /proc and not seen by the kernel yet: their
     /// (local, remote) → the key they are kept under until then.
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
@@ -264,6 +268,7 @@ impl ConnectionTable {
     pub fn with_options(limits: TableLimits, options: SpanOptions) -> Self {
         Self {
             conns: HashMap::new(),
+            evicted: HashMap::new(),
             recovered: HashMap::new(),
             not_decoded: Vec::new(),
             closing: HashMap::new(),
@@ -394,6 +399,7 @@ impl ConnectionTable {
                     // The kernel reused the socket address: the old connection is over.
                     old.close(&mut ctx);
                 }
+                self.evicted.remove(&meta.sock);
                 if let Some(key) = self.recovered.remove(&(endpoints.local, endpoints.remote))
                     && let Some(mut conn) = self.conns.remove(&key)
                 {
@@ -415,6 +421,7 @@ impl ConnectionTable {
             }
             Event::Data(rec) => self.data(rec, &mut ctx),
             Event::ConnClose { meta, .. } => {
+                self.evicted.remove(&meta.sock);
                 if let Some(mut conn) = self.remove(meta.sock, ctx.out) {
                     conn.closed_ns = meta.ts_ns;
                     if matches!(conn.protocol, Protocol::Http1(_)) {
@@ -557,23 +564,40 @@ impl ConnectionTable {
         Some(conn)
     }
 
+    /// When the table is full, evicts the least recently used 1/64 of it at once
+    /// (one pass over the table per 1/64 of its size in new connections, not one
+    /// per connection), other connections before database clients (whose pools
+    /// and leak tracking an eviction would cut). What it knew of each is kept for
+    /// when one comes back (see [`ConnectionTable::evicted`]).
     fn make_room<O: Observer>(&mut self, ctx: &mut Ctx<'_, O>) {
         if self.conns.len() < self.limits.max_connections {
             return;
         }
-        let victim = self
+        let batch = (self.limits.max_connections / 64).max(1);
+        let mut order: Vec<(bool, u64, u64)> = self
             .conns
-            .iter()
-            .min_by_key(|(_, c)| c.last_io_ns)
-            .map(|(&sock, _)| sock);
-        if let Some(conn) = victim.and_then(|sock| self.remove(sock, ctx.out)) {
-            ctx.telemetry.connections_evicted.inc();
-            log::debug!(
-                "connection table full ({}): evicting the least recently used",
-                self.limits.max_connections
-            );
-            conn.close(ctx);
+            .values()
+            .map(|c| (matches!(c.protocol, Protocol::Db(_)), c.last_io_ns, c.sock))
+            .collect();
+        if order.len() > batch {
+            order.select_nth_unstable(batch - 1);
+            order.truncate(batch);
         }
+        if self.evicted.len() + order.len() > (self.limits.max_connections / 4).max(64) {
+            self.evicted.clear();
+        }
+        for (_, _, sock) in order {
+            if let Some(conn) = self.remove(sock, ctx.out) {
+                ctx.telemetry.connections_evicted.inc();
+                let db = conn.db_system().filter(|_| conn.role == Role::Client);
+                self.evicted.insert(sock, (conn.endpoints, conn.role, db));
+                conn.close(ctx);
+            }
+        }
+        log::debug!(
+            "connection table full ({}): evicted the {batch} least recently used",
+            self.limits.max_connections
+        );
     }
 
     /// Closes the connections closed before `now_ns` (Unix ns) less the grace.
@@ -636,17 +660,36 @@ impl ConnectionTable {
 
     fn data_on_known<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
         if !self.conns.contains_key(&rec.meta.sock) {
-            // Its open event was lost (ring buffer full): follow it with what we know.
-            ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
+            let known = self.evicted.remove(&rec.meta.sock);
             self.make_room(ctx);
-            let unknown = Endpoints {
-                local: UNKNOWN_ADDR,
-                remote: UNKNOWN_ADDR,
+            let conn = match known {
+                // Evicted when the table was full: back with what it was.
+                Some((endpoints, role, db)) => {
+                    let mut conn = Connection::new(&rec.meta, endpoints, role);
+                    if let Some(system) = db {
+                        let db = DbConn::new(DbDecoder::mid_stream(system), rec.meta.tid, true);
+                        ctx.out.db(DbObservation::Joined {
+                            sock: rec.meta.sock,
+                            pool: conn.pool_key(&db),
+                            opened_ns: rec.meta.ts_ns,
+                            opened_by_kernel: false,
+                        });
+                        conn.protocol = Protocol::Db(Box::new(db));
+                    }
+                    conn
+                }
+                None => {
+                    // Its open event was lost (ring buffer full): follow it with
+                    // what we know.
+                    ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
+                    let unknown = Endpoints {
+                        local: UNKNOWN_ADDR,
+                        remote: UNKNOWN_ADDR,
+                    };
+                    Connection::new(&rec.meta, unknown, Role::Unknown)
+                }
             };
-            self.conns.insert(
-                rec.meta.sock,
-                Connection::new(&rec.meta, unknown, Role::Unknown),
-            );
+            self.conns.insert(rec.meta.sock, conn);
         }
         let Some(conn) = self.conns.get_mut(&rec.meta.sock) else {
             return;

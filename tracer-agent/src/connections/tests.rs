@@ -921,6 +921,56 @@ fn the_table_is_bounded() {
     );
 }
 
+/// A full table evicts other connections before database clients; a database
+/// connection evicted all the same comes back with its endpoints and decoder
+/// (its queries are spans again, to the right server), not as an unknown
+/// `0.0.0.0:0` connection that is never decoded again.
+#[test]
+fn eviction_spares_database_connections_and_an_evicted_one_comes_back_whole() {
+    let mut p = PoolReplay::new();
+    p.r.table = ConnectionTable::new(TableLimits {
+        max_connections: 3,
+        ..TableLimits::default()
+    });
+    p.open(1);
+    p.query(1, "SELECT 1", b'I');
+    // Idle HTTP connections opened after it fill the table.
+    for i in 0..5u64 {
+        p.now += 1_000_000;
+        p.r.feed(vec![Event::ConnOpen {
+            meta: meta(1000 + i, p.now, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        }]);
+    }
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert_eq!(rows.len(), 1, "the older database connection stayed");
+    // Only database connections: the least recently used one goes, then returns.
+    p.open(2);
+    p.open(3);
+    p.open(4);
+    assert!(p.r.table.get(PoolReplay::sock(1)).is_none(), "evicted");
+    p.r.spans.clear();
+    p.query(1, "SELECT 2", b'I');
+    let conn = p.r.table.get(PoolReplay::sock(1)).expect("back");
+    assert_eq!(conn.endpoints.local.port(), 1);
+    assert_eq!(conn.endpoints.remote, "127.0.0.1:5432".parse().unwrap());
+    assert_eq!(conn.db_system(), Some(DbSystem::Postgresql));
+    assert!(
+        p.r.spans
+            .iter()
+            .any(|s| s.attr("server.port") == Some(&crate::spans::AttrValue::Int(5432))),
+        "its query is a span again: {:?}",
+        p.r.spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    assert!(
+        !p.r.telemetry.render().contains("connection_open_missed"),
+        "not an unknown connection"
+    );
+}
+
 /// A protocol-10 greeting as MariaDB sends it.
 fn mysql_greeting() -> Vec<u8> {
     let mut p = vec![10u8];

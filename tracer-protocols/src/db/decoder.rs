@@ -67,10 +67,20 @@ impl DbDecoder {
     /// A decoder for a connection met mid-stream, by its server's well-known port.
     pub fn guess_by_port(port: u16) -> Option<Self> {
         match port {
-            5432 => Some(DbDecoder::Postgres(PgDecoder::mid_stream())),
-            3306 => Some(DbDecoder::Mysql(MysqlDecoder::new())),
-            6379 => Some(DbDecoder::Redis(RedisDecoder::new())),
+            5432 => Some(Self::mid_stream(DbSystem::Postgresql)),
+            3306 => Some(Self::mid_stream(DbSystem::Mysql)),
+            6379 => Some(Self::mid_stream(DbSystem::Redis)),
             _ => None,
+        }
+    }
+
+    /// A decoder for `system` joining a connection wherever its next bytes start
+    /// (its handshake long over).
+    pub fn mid_stream(system: DbSystem) -> Self {
+        match system {
+            DbSystem::Postgresql => DbDecoder::Postgres(PgDecoder::mid_stream()),
+            DbSystem::Mysql => DbDecoder::Mysql(MysqlDecoder::new()),
+            DbSystem::Redis => DbDecoder::Redis(RedisDecoder::new()),
         }
     }
 
