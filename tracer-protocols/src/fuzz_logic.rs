@@ -9,6 +9,7 @@
 
 use crate::Chunk;
 use crate::db::{DbCall, DbSystem};
+use crate::http_target::{REDACTED, bounded_path, redacted_path, url_path, url_template};
 use crate::http1::{Http1Decoder, Http1Limits, Http1Message, MessageKind, StartLine};
 use crate::mysql::{self, MysqlDecoder};
 use crate::postgres::{self, PgDecoder, UNKNOWN_SQLSTATE};
@@ -429,6 +430,39 @@ fn check_sql(sql: &str) {
     }
 }
 
+/// Fuzzes what a request target becomes (`url.path`, `url.template`, a leak
+/// culprit's path): any text in (the input, lossily UTF-8), never a panic; the
+/// path has no query; the template has at most 8 segments (and the `{…}` marker),
+/// no segment over 40 bytes and no path parameter; redaction is idempotent, keeps
+/// the segment count, and leaves no segment it would redact again; the culprit's
+/// path is at most 256 bytes.
+///
+/// Target `http_target`: `cargo +nightly fuzz run http_target` in `fuzz/`.
+pub fn http_target(data: &[u8]) {
+    let target = String::from_utf8_lossy(data);
+    let path = url_path(&target);
+    assert!(!path.contains(['?', '#']), "{path:?}");
+    let template = url_template(path);
+    let segments: Vec<&str> = template.split('/').skip(1).collect();
+    assert!(segments.len() <= 9, "{template:?}");
+    for seg in &segments {
+        assert!(seg.len() <= 40 && !seg.contains(';'), "{template:?}");
+    }
+    let redacted = redacted_path(path);
+    assert_eq!(redacted.split('/').count(), path.split('/').count());
+    assert!(!redacted.contains(';'), "{redacted:?}");
+    assert_eq!(redacted_path(&redacted), redacted, "idempotent");
+    assert_eq!(
+        url_template(&redacted),
+        template,
+        "the template is the raw path's"
+    );
+    for seg in redacted.split('/') {
+        assert!(seg == REDACTED || redacted_path(seg) == seg);
+    }
+    assert!(bounded_path(&target).len() <= 256);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,12 +471,13 @@ mod tests {
     /// A harness and its target's name.
     type Harness = (&'static str, fn(&[u8]));
 
-    const HARNESSES: [Harness; 5] = [
+    const HARNESSES: [Harness; 6] = [
         ("http1", http1),
         ("postgres", postgres),
         ("mysql", mysql),
         ("redis", redis),
         ("sql", sql),
+        ("http_target", http_target),
     ];
 
     /// A recorded session in the `postgres` harness's layout: each record as chunks
@@ -521,5 +556,9 @@ mod tests {
             &[0x02, 0xff, 0xff, b'G', b'E', b'T', b' '],
         );
         run_all("invalid UTF-8", b"SELECT '\xff\xfe' FROM t WHERE a = \xc3");
+        run_all(
+            "a target full of tokens",
+            b"http://h/a;jsessionid=X1/eyJa.b.c/Kq3ZpW9xLm2N7vB4;x=1/1/2/3/4/5/6/7/8/9?q#f",
+        );
     }
 }

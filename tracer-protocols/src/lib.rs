@@ -14,6 +14,7 @@ pub mod db;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz_logic;
 pub mod http1;
+pub mod http_target;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;

@@ -1,7 +1,8 @@
 //! Spans: one per request a process answers (SERVER) or sends (CLIENT), with
 //! OpenTelemetry semantic-convention attributes.
 
-pub mod route;
+/// Request targets as span attributes (pure, in tracer-protocols: fuzzed there).
+pub use tracer_protocols::http_target as route;
 pub mod status;
 
 use std::{fmt, net::SocketAddr, sync::Arc};

@@ -69,7 +69,7 @@ pub fn url_template(path: &str) -> String {
 }
 
 /// [`url_template`] into `out` (cleared first).
-pub(crate) fn url_template_into(path: &str, out: &mut String) {
+pub fn url_template_into(path: &str, out: &mut String) {
     out.clear();
     for (i, seg) in path.split('/').enumerate() {
         if i == 0 {
@@ -100,7 +100,7 @@ fn looks_like_id(seg: &str) -> bool {
     if seg.is_empty() {
         return false;
     }
-    if seg == REDACTED {
+    if seg == REDACTED || looks_like_secret(seg) {
         return true;
     }
     if seg.len() > MAX_SEGMENT {
@@ -123,7 +123,7 @@ fn looks_like_id(seg: &str) -> bool {
 
 /// `url.path` of a request target, redacted and bounded (as leak culprits keep it).
 pub fn bounded_path(target: &str) -> String {
-    crate::protocols::bounded_text(redacted_path(url_path(target)).as_bytes(), 256)
+    crate::bounded_text(redacted_path(url_path(target)).as_bytes(), 256)
 }
 
 #[cfg(test)]
