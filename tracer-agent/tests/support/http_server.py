@@ -3,14 +3,22 @@
 usage: http_server.py PORT DIRECTORY [1.0|1.1]
 
 GET serves files from DIRECTORY (404 when missing); POST reads the whole body and
-answers 201 with its length. With 1.1, connections are kept alive.
+answers 201 with its length. With 1.1, connections are kept alive. With
+SET_COOKIE in the environment, every answer sets that cookie.
 """
 import functools
 import http.server
+import os
 import sys
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        cookie = os.environ.get("SET_COOKIE")
+        if cookie:
+            self.send_header("Set-Cookie", cookie)
+        super().end_headers()
+
     def do_POST(self):
         length = int(self.headers.get("Content-Length", "0"))
         remaining = length
