@@ -3171,6 +3171,14 @@ mod tests {
         assert_eq!(kept_text(b"abc", 10), "abc");
     }
 
+    /// What a statement map's entries cost, counted afresh.
+    fn held_bytes(map: &NameMap) -> usize {
+        map.entries
+            .iter()
+            .map(|(n, named)| NameMap::cost(n, named))
+            .sum()
+    }
+
     /// Long statements: the byte budget forgets the oldest before the count does,
     /// and the count of bytes held stays exact through overwrites and removals.
     #[test]
@@ -3183,26 +3191,14 @@ mod tests {
         }
         batch.extend(sync());
         s.client(&batch);
-        let held: usize = s
-            .dec
-            .statements
-            .entries
-            .iter()
-            .map(|(n, named)| NameMap::cost(n, named))
-            .sum();
+        let held = held_bytes(&s.dec.statements);
         assert_eq!(held, s.dec.statements.bytes);
         assert!(held <= MAX_STATEMENT_BYTES, "{held}");
         assert!(s.dec.statements.len() < 200, "the oldest went");
         assert!(s.dec.statements.get(b"s199").is_some(), "the newest stays");
         assert!(s.dec.statements.get(b"s0").is_none());
         s.client(&cat(&[parse("s199", "SELECT 1"), sync()]));
-        let held: usize = s
-            .dec
-            .statements
-            .entries
-            .iter()
-            .map(|(n, named)| NameMap::cost(n, named))
-            .sum();
+        let held = held_bytes(&s.dec.statements);
         assert_eq!(held, s.dec.statements.bytes, "after an overwrite");
     }
 

@@ -738,15 +738,13 @@ mod tests {
         assert_eq!(pending.spans, 0, "refused for good: not kept");
         stage.flush_now(&mut pending, &telemetry).await;
         assert_eq!(seen.load(Ordering::SeqCst), 1, "not sent again");
-        let text = telemetry.render();
-        assert_eq!(
+        let rejected = || {
             metric(
-                &text,
-                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"rejected\"}"
-            ),
-            2,
-            "{text}"
-        );
+                &telemetry.render(),
+                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"rejected\"}",
+            )
+        };
+        assert_eq!(rejected(), 2);
         answer.store(401, Ordering::SeqCst);
         pending.push_spans(&(2..4).map(span).collect::<Vec<_>>(), 2);
         stage.flush_now(&mut pending, &telemetry).await;
@@ -755,15 +753,7 @@ mod tests {
         pending.push_spans(&(4..6).map(span).collect::<Vec<_>>(), 2);
         stage.flush_now(&mut pending, &telemetry).await;
         assert_eq!(pending.spans, 2, "503 is retryable: kept");
-        let text = telemetry.render();
-        assert_eq!(
-            metric(
-                &text,
-                "tracer_otlp_dropped_total{signal=\"traces\",reason=\"rejected\"}"
-            ),
-            4,
-            "{text}"
-        );
+        assert_eq!(rejected(), 4);
     }
 
     /// While the collector fails, attempts back off instead of following every
