@@ -203,6 +203,22 @@ fn traces_with(caps: &[String]) -> String {
     log
 }
 
+/// Runs the agent with exactly `caps`, which must not be enough: it must exit
+/// with a failure. Returns what it said.
+fn fails_with(caps: &[String]) -> String {
+    let mut cmd = setpriv(caps);
+    cmd.push(env!("CARGO_BIN_EXE_tracer-agent").into());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args(["--output", "none", "--listen", &listen])
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    stderr
+}
+
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach() {
     if !require_root("least_privilege") {
@@ -240,16 +256,7 @@ fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_
     } else {
         // A Debian/Ubuntu kernel: the four are not enough, and the agent says
         // what to do; with the component's CAP_SYS_ADMIN it traces, and gives it up.
-        let mut cmd = setpriv(&caps);
-        cmd.push(env!("CARGO_BIN_EXE_tracer-agent").into());
-        let listen = format!("127.0.0.1:{}", free_port());
-        let out = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .args(["--output", "none", "--listen", &listen])
-            .output()
-            .expect("run the agent");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        let stderr = fails_with(&caps);
         assert!(
             stderr.contains("kernel.perf_event_paranoid is")
                 && stderr.contains("grant CAP_SYS_ADMIN"),
@@ -272,16 +279,7 @@ fn without_cap_bpf_the_agent_stops_and_says_why() {
         .into_iter()
         .filter(|c| c != "bpf")
         .collect();
-    let mut cmd = setpriv(&caps);
-    cmd.push(env!("CARGO_BIN_EXE_tracer-agent").into());
-    let listen = format!("127.0.0.1:{}", free_port());
-    let out = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .args(["--output", "none", "--listen", &listen])
-        .output()
-        .expect("run the agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = fails_with(&caps);
     assert!(
         stderr.contains("no capture backend can run here")
             && (stderr.contains("not permitted") || stderr.contains("failed to create map")),

@@ -531,7 +531,7 @@ impl Sender {
 
     fn reset(&mut self) {
         if let Transport::Grpc { channel, .. } = &self.transport {
-            *lock(channel) = None;
+            *crate::sync::lock(channel) = None;
         }
     }
 
@@ -543,7 +543,7 @@ impl Sender {
                 endpoint,
                 metadata,
             } => {
-                let shared = lock(channel).clone();
+                let shared = crate::sync::lock(channel).clone();
                 let ch = match shared {
                     Some(ch) => ch,
                     None => {
@@ -555,7 +555,7 @@ impl Sender {
                                     endpoint: self.url.clone(),
                                     reason: crate::tls::error_chain(&source),
                                 })?;
-                        *lock(channel) = Some(connected.clone());
+                        *crate::sync::lock(channel) = Some(connected.clone());
                         connected
                     }
                 };
@@ -591,7 +591,7 @@ impl Sender {
                 };
                 result.map_err(|status| {
                     // Reconnect next time: the channel may be broken.
-                    *lock(channel) = None;
+                    *crate::sync::lock(channel) = None;
                     OtlpError::Grpc {
                         endpoint: self.url.clone(),
                         source: Box::new(status),
@@ -646,11 +646,6 @@ impl Sender {
             }
         }
     }
-}
-
-/// The shared channel; a panic elsewhere cannot leave an `Option` half-written.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A gRPC request carrying the configured headers as metadata.
