@@ -226,8 +226,8 @@ fn spans_of_processes_in_pods_carry_their_pod_and_workload() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello\n").unwrap();
     let (p1, p2) = (free_port(), free_port());
-    let checkout_srv = python_server(p1, dir.path(), "HTTP/1.1");
-    let ledger_srv = python_server(p2, dir.path(), "HTTP/1.1");
+    let checkout_srv = python_server(p1, dir.path(), "1.1");
+    let ledger_srv = python_server(p2, dir.path(), "1.1");
     checkout_cg.add(checkout_srv.pid());
     ledger_cg.add(ledger_srv.pid());
 
@@ -341,7 +341,7 @@ fn a_wrong_token_is_reported_and_tracing_goes_on() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello\n").unwrap();
-    let _srv = python_server(port, dir.path(), "HTTP/1.1");
+    let _srv = python_server(port, dir.path(), "1.1");
     let agent = Agent::start(&[
         "--output",
         "json",

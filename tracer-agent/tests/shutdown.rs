@@ -18,7 +18,7 @@ fn traced(extra: &[&str]) -> (Proc, u16, Agent, tempfile::TempDir) {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello\n").unwrap();
-    let server = python_server(port, dir.path(), "HTTP/1.1");
+    let server = python_server(port, dir.path(), "1.1");
     wait_for_port(port, "the HTTP server");
     let port_arg = port.to_string();
     let mut args = vec!["--port", port_arg.as_str()];

@@ -47,11 +47,14 @@ pub struct KernelOffsets {
     pub skc_family: u16,
     pub skc_v6_daddr: u16,
     pub skc_v6_rcv_saddr: u16,
+    /// `skc_state`: a socket already closed is not added to the live socket map.
+    pub skc_state: u16,
     /// 1 when the `skc_*` offsets are valid.
     pub have_sock_offsets: u16,
+    pub _pad: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 28);
 
 /// What the syscalls backend reads to get from a syscall's file descriptor to its
 /// TCP socket (`task->files->fdt->fd[fd]->private_data->sk`), from BTF, and where
@@ -114,7 +117,7 @@ pub struct KernelConfig {
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 24 + 32 + 24 + 24);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 32 + 28 + 32 + 24 + 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelConfig {}

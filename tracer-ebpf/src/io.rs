@@ -31,6 +31,7 @@ use crate::{
 
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
+const TCP_CLOSE: u8 = 7;
 /// iovecs looked at per readv/writev/sendmsg/recvmsg.
 const MAX_IOVECS: u32 = 8;
 const MASK: usize = MAX_CAPTURE - 1;
@@ -265,7 +266,28 @@ fn adopt_socket(sk: u64) -> Option<*mut SockInfo> {
         count(Counter::SockMapFull, 1);
         return None;
     }
-    SOCKS.get_ptr_mut(sk)
+    let p = SOCKS.get_ptr_mut(sk)?;
+    // `SOCKS` is not an LRU: an entry leaves it only at TCP_CLOSE. A socket closed
+    // already (a read finishing after a reset), or on another CPU since the insert,
+    // had its TCP_CLOSE find nothing to remove: it goes where closed ones go. Looked
+    // at after the insert, so that no close falls between the look and the insert.
+    // The entry is copied from the map's own memory (the combined stack of the
+    // programs that get here is at its limit on kernels before 6.13).
+    if socket_state(base) == Some(TCP_CLOSE) {
+        // SAFETY: pointer from a successful lookup.
+        let _ = CLOSED.insert(sk, unsafe { &*p }, 0);
+        let _ = SOCKS.remove(sk);
+        return CLOSED.get_ptr_mut(sk);
+    }
+    Some(p)
+}
+
+/// `sk->__sk_common.skc_state`, when it can be read.
+#[inline(always)]
+fn socket_state(base: *const u8) -> Option<u8> {
+    let k = &config().kernel;
+    // SAFETY: read through bpf_probe_read_kernel, which tolerates bad addresses.
+    unsafe { bpf_probe_read_kernel(base.add(k.skc_state as usize).cast::<u8>()).ok() }
 }
 
 /// Copies up to `want` bytes of the syscall's user buffer into `event.payload`.

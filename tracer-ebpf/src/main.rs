@@ -46,8 +46,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
+/// Followed sockets, by `struct sock *`. A plain hash map, not an LRU: a live
+/// socket is never pushed out (it would come back mid-stream, its role and pool
+/// lost). Entries leave at TCP_CLOSE; when the map is full a new socket is not
+/// followed and each refused insert counts as `sock_map_full`.
 #[map(name = "SOCKS")]
-static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+static SOCKS: HashMap<u64, SockInfo> = HashMap::with_max_entries(MAX_SOCKS, 0);
 
 /// Sockets followed until they reached `TCP_CLOSE`, for the records of syscalls
 /// still running then (a send during which the peer's reset closed the socket is

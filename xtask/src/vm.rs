@@ -79,8 +79,8 @@ fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
 }
 
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
-/// detection, the parent chain, Kubernetes metadata from cgroups, and the agent
-/// under the DaemonSet's capabilities only.
+/// detection, the parent chain, Kubernetes metadata from cgroups, the kernel's
+/// socket map when full, and the agent under the DaemonSet's capabilities only.
 const TESTS: &[(&str, &[&str])] = &[
     (
         "http_capture",
@@ -110,6 +110,10 @@ const TESTS: &[(&str, &[&str])] = &[
     (
         "kube_metadata",
         &["spans_of_processes_in_pods_carry_their_pod_and_workload"],
+    ),
+    (
+        "socket_map",
+        &["a_full_socket_map_refuses_and_counts_new_sockets_and_keeps_the_live_ones"],
     ),
     (
         "least_privilege",

@@ -374,8 +374,9 @@ pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
         sock("skc_family"),
         sock("skc_v6_daddr"),
         sock("skc_v6_rcv_saddr"),
+        sock("skc_state"),
     ) {
-        (Ok(d), Ok(s), Ok(dp), Ok(n), Ok(f), Ok(d6), Ok(s6)) => {
+        (Ok(d), Ok(s), Ok(dp), Ok(n), Ok(f), Ok(d6), Ok(s6), Ok(st)) => {
             k.skc_daddr = d;
             k.skc_rcv_saddr = s;
             k.skc_dport = dp;
@@ -383,6 +384,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, KernelInfoError> {
             k.skc_family = f;
             k.skc_v6_daddr = d6;
             k.skc_v6_rcv_saddr = s6;
+            k.skc_state = st;
             k.have_sock_offsets = 1;
         }
         _ => log::warn!(

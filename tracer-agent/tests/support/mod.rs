@@ -281,6 +281,10 @@ pub fn support_dir() -> PathBuf {
 
 /// The test HTTP server (Python), serving `dir`, HTTP/1.0 or 1.1.
 pub fn python_server(port: u16, dir: &Path, version: &str) -> Proc {
+    assert!(
+        version == "1.0" || version == "1.1",
+        "http_server.py takes 1.0 or 1.1, not {version}"
+    );
     let child = Command::new("python3")
         .arg(support_dir().join("http_server.py"))
         .arg(port.to_string())
