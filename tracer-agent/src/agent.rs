@@ -92,6 +92,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             config.listen
         );
     }
+    // The connections open already, found in /proc before the programs attach: once
+    // they are, events wait in the ring buffer until the capture task reads them,
+    // and a scan of a busy host's sockets would let it fill. A socket opened between
+    // the scan and the attach is met at its first I/O instead.
+    let recovered = recover_connections(&config);
     let capture = BpfCapture::load(&CaptureConfig {
         capture_bytes: config.capture_bytes,
         pids: config.pids.clone(),
@@ -169,7 +174,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             parent_wait: config.parent_wait,
             max_waiting_spans: 100_000,
             leak_after: config.leak_after,
-            recovered: recover_connections(&config),
+            recovered,
             ignorer,
             naming: config.naming.clone(),
             kube,

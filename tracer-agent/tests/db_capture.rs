@@ -459,3 +459,126 @@ fn mariadb_cli_queries_and_an_error() {
     assert_eq!(attr(&ours[1], "db.response.status_code"), "1146");
     assert_eq!(ours[1]["status_message"], "ER_NO_SUCH_TABLE");
 }
+
+/// The database client spans of `pid` with `system`, as (text, span).
+fn db_calls<'a>(objects: &'a [Value], pid: u32, system: &str) -> Vec<&'a Value> {
+    spans(objects)
+        .into_iter()
+        .filter(|s| {
+            s["kind"] == "client"
+                && s["resource"]["process.pid"] == pid
+                && attr(s, "db.system.name") == system
+        })
+        .collect()
+}
+
+#[test]
+fn pooled_connections_opened_before_the_agent_are_decoded_on_any_port_across_restarts() {
+    // Neither server is on its well-known port (free ports, like pgbouncer's 6432 or
+    // a second MySQL's 3307): the agent can only tell them from their traffic.
+    let pg = Postgres::start();
+    let my = Mariadb::start();
+    let mut child = std::process::Command::new(python())
+        .arg(support_dir().join("db_clients.py"))
+        .args([
+            "pg-mysql-rounds",
+            &pg.port.to_string(),
+            &my.port.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pg-mysql-rounds");
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = Lines::follow(child.stdout.take().unwrap());
+    let _client = Proc(child);
+    let wait_line = |line: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !lines.snapshot().iter().any(|l| l == line) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never said {line:?}: {}",
+                lines.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_line("ready");
+    let pid_arg = pid.to_string();
+    for round in 1..=2 {
+        // Round 1: an agent started after the connections opened; round 2: the
+        // agent restarted, the connections still open.
+        let agent = Agent::start(&["--output", "json", "--pid", &pid_arg]);
+        use std::io::Write;
+        writeln!(stdin, "go {round}").unwrap();
+        stdin.flush().unwrap();
+        wait_line(&format!("done {round}"));
+        agent.wait_json(20, "both databases' calls", |o| {
+            db_calls(o, pid, "postgresql").len() >= 2 && db_calls(o, pid, "mysql").len() >= 2
+        });
+        // The inventory is published about once a second.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let inventory = loop {
+            let body = agent.get("/connections");
+            let json: Value =
+                serde_json::from_str(body.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap();
+            let ours = json["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["pid"] == pid)
+                .count();
+            if ours >= 2 || std::time::Instant::now() > deadline {
+                break json;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let objects = stop_and_collect(agent);
+        // psycopg prepares its statement once per connection: in round 2 it was
+        // prepared before this agent started, so its executions carry no text (a
+        // span named after the system) rather than a guessed one.
+        let twice = if round == 1 {
+            "SELECT $1::int * ? AS twice"
+        } else {
+            ""
+        };
+        for (system, port, texts) in [
+            (
+                "postgresql",
+                pg.port,
+                ["SELECT ? AS s, $1::int AS n", twice],
+            ),
+            (
+                "mysql",
+                my.port,
+                ["SELECT ? AS s, ? AS n", "SELECT ? * ? AS twice"],
+            ),
+        ] {
+            let calls = db_calls(&objects, pid, system);
+            let got: Vec<&str> = calls
+                .iter()
+                .map(|s| attr(s, "db.query.text").as_str().unwrap_or(""))
+                .collect();
+            assert_eq!(got, texts, "round {round}, {system}: {calls:#?}");
+            for s in &calls {
+                assert_span_contract(s);
+                assert_eq!(attr(s, "server.port"), port, "round {round}: {s}");
+                assert_eq!(s["status"], "unset", "round {round}: {s}");
+            }
+            // Both connections are in the inventory as that database's, recovered.
+            let row = inventory["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["pid"] == pid && c["server_port"] == port)
+                .unwrap_or_else(|| {
+                    panic!("round {round}: no {system} connection in {inventory:#}")
+                });
+            assert_eq!(row["db_system"], system, "round {round}: {row}");
+            assert_eq!(row["recovered"], true, "round {round}: {row}");
+        }
+        let everything = serde_json::to_string(&objects).unwrap();
+        assert!(!everything.contains("round-secret"), "a SQL literal leaked");
+    }
+}

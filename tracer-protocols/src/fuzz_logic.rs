@@ -124,6 +124,7 @@ fn check_http1(msg: &Http1Message) {
 ///
 /// Target `postgres`: `cargo +nightly fuzz run postgres` in `fuzz/`.
 pub fn postgres(data: &[u8]) {
+    mid_stream_detection(data);
     let mut decoder = PgDecoder::new();
     let mut calls = Vec::new();
     let mut rest = data;
@@ -192,6 +193,19 @@ fn check_postgres(call: &DbCall) {
     }
 }
 
+/// Mid-stream detection of whatever bytes: whole messages (or packets) that end at
+/// the write's end still pass when the capture was cut there (the write longer).
+fn mid_stream_detection(data: &[u8]) {
+    let pg = postgres::looks_like_session_messages(data, data.len());
+    let my = mysql::looks_like_session_commands(data, data.len());
+    if pg {
+        assert!(postgres::looks_like_session_messages(data, data.len() + 7));
+    }
+    if my {
+        assert!(mysql::looks_like_session_commands(data, data.len() + 7));
+    }
+}
+
 /// A MariaDB 10.11 server greeting (testdata/mysql/cli_select.cap).
 const GREETING: &[u8] = b"d\x00\x00\x00\x0a5.5.5-10.11.19-MariaDB-0+deb12u1\x00\x06\x00\x00\x00Z~0ob}l'\x00\xfe\xff\x08\x02\x00\xff\x81\x15\x00\x00\x00\x00\x00\x00\x1d\x00\x00\x00xIFa6*no_n/;\x00mysql_native_password\x00";
 
@@ -213,6 +227,7 @@ pub fn mysql(data: &[u8]) {
         return;
     };
     let (control, stream) = rest.split_at(usize::from(header & 0x3f).min(rest.len()));
+    mid_stream_detection(stream);
     let mut dec = MysqlDecoder::new();
     let mut calls = Vec::new();
     if header & 0x40 != 0 {

@@ -1547,6 +1547,48 @@ impl MysqlDecoder {
     }
 }
 
+/// Detection on a connection met mid-stream (opened before the agent, its handshake
+/// long over): `bytes`, the captured start of `total_len` bytes the client sent in a
+/// row, are whole command packets (sequence id 0) of the commands a session sends
+/// (a query, a prepared statement's steps, `COM_INIT_DB`, `COM_PING`, `COM_QUIT`,
+/// `COM_RESET_CONNECTION`, …), each of its command's length, the packets ending
+/// exactly at `total_len` (where `bytes` are whole) or consistent as far as they
+/// were captured. Text protocols never pass (the sequence id byte is zero).
+#[must_use]
+pub fn looks_like_session_commands(bytes: &[u8], total_len: usize) -> bool {
+    let mut at = 0usize;
+    let mut packets = 0usize;
+    while at < bytes.len() {
+        let (Some(&[l0, l1, l2, seq]), Some(&command)) = (
+            bytes
+                .get(at..at + 4)
+                .and_then(|h| <&[u8; 4]>::try_from(h).ok()),
+            bytes.get(at + 4),
+        ) else {
+            // A header cut by the end of what was captured.
+            return packets > 0 && bytes.len() < total_len;
+        };
+        let len = u24(l0, l1, l2);
+        let fits = match command {
+            COM_QUIT | COM_PING | COM_STATISTICS | COM_RESET_CONNECTION => len == 1,
+            COM_STMT_CLOSE | COM_STMT_RESET => len == 5,
+            COM_SET_OPTION => len == 3,
+            COM_STMT_FETCH => len == 9,
+            COM_QUERY | COM_INIT_DB | COM_STMT_PREPARE => len >= 2,
+            COM_STMT_SEND_LONG_DATA => len >= 7,
+            COM_STMT_EXECUTE => len >= 10,
+            _ => false,
+        };
+        let end = at + 4 + len;
+        if seq != 0 || !fits || len == MAX_PACKET_LEN || end > total_len {
+            return false;
+        }
+        packets += 1;
+        at = end;
+    }
+    packets > 0
+}
+
 /// Cheap protocol detection: `bytes` begins with a protocol-10 server greeting (the
 /// first packet of a MySQL/MariaDB connection: sequence id 0, protocol version 10, a
 /// printable server version).

@@ -1388,6 +1388,55 @@ pub fn looks_like_startup(bytes: &[u8]) -> bool {
     }
 }
 
+/// Detection on a connection met mid-stream (opened before the agent, its startup
+/// long over): `bytes`, the captured start of `total_len` bytes the client sent in a
+/// row, are whole frontend messages of a session: a simple query or steps of the
+/// extended protocol (Parse, Bind, Describe, Execute, Close, Sync, Flush,
+/// Terminate), each at least its smallest length and under 16 MiB, the messages
+/// ending exactly at `total_len` (where `bytes` are whole) or consistent as far as
+/// they were captured. Text protocols never pass (a length's high byte is zero, an
+/// ASCII byte is not); a random binary write rarely does (the lengths must chain).
+#[must_use]
+pub fn looks_like_session_messages(bytes: &[u8], total_len: usize) -> bool {
+    let mut at = 0usize;
+    let mut messages = 0usize;
+    while at < bytes.len() {
+        let ty = bytes[at];
+        let Some(len) = bytes.get(at + 1..).and_then(be_u32) else {
+            // A header cut by the end of what was captured.
+            return messages > 0 && bytes.len() < total_len;
+        };
+        let len = len as usize;
+        let fits = match ty {
+            b'S' | b'H' | b'X' => len == 4,
+            b'Q' => len >= 5,
+            b'D' | b'C' => len >= 6 && matches!(bytes.get(at + 5), None | Some(b'S' | b'P')),
+            b'P' => len >= 8,
+            b'E' => len >= 9,
+            b'B' => len >= 12,
+            _ => false,
+        };
+        let end = at + 1 + len;
+        if !fits || len >= 1 << 24 || end > total_len {
+            return false;
+        }
+        // A query's text and a Describe's or Close's name end with their NUL; an
+        // Execute's portal name ends just before its row limit (which tells it from
+        // a server's ErrorResponse, also `E`).
+        let nul_at = match ty {
+            b'Q' | b'D' | b'C' => Some(end - 1),
+            b'E' => Some(end - 5),
+            _ => None,
+        };
+        if nul_at.and_then(|i| bytes.get(i)).is_some_and(|&b| b != 0) {
+            return false;
+        }
+        messages += 1;
+        at = end;
+    }
+    messages > 0
+}
+
 fn startup_kind(len: u32, code: u32) -> Result<StartupKind, &'static str> {
     if !(8..=MAX_STARTUP_BYTES).contains(&len) {
         return Err("the packet length is out of range");

@@ -123,7 +123,16 @@ const MAX_PROBE_PREFIX: usize = 128;
 struct Probe {
     records: Vec<DataRecord>,
     bytes: usize,
+    /// Times a connection met mid-stream let received bytes go by undecided,
+    /// waiting for its own next request (see [`MID_STREAM_WAITS`]).
+    waits: u8,
 }
+
+/// A connection met mid-stream (opened before the agent) whose first bytes are
+/// received rather than sent may be a database client reading the answer to a
+/// request sent before the agent started: its protocol is told from what it sends
+/// next, this many times at most.
+const MID_STREAM_WAITS: u8 = 4;
 
 impl Probe {
     /// Whether `rec` is kept rather than deciding: it continues the first
@@ -826,6 +835,13 @@ impl Connection {
             .chain(next)
             .map(|r| u64::from(r.total_len))
             .sum();
+        // The bytes moved in the first direction before it turned.
+        let run = held
+            .iter()
+            .chain(next)
+            .take_while(|r| r.direction == first.direction)
+            .map(|r| r.total_len as usize)
+            .sum();
         // The leading bytes of the first direction's stream, as far as they were
         // captured without a gap.
         for rec in held.iter().chain(next) {
@@ -838,7 +854,7 @@ impl Connection {
                 break;
             }
         }
-        self.detect(first, &prefix, seen, &ctx.http_limits);
+        self.detect(first, &prefix, seen, run, &ctx.http_limits);
         if matches!(self.protocol, Protocol::Other) {
             ctx.telemetry.dropped(DropReason::UnknownProtocol);
         }
@@ -853,14 +869,26 @@ impl Connection {
     }
 
     /// Learns the protocol (and, for sockets the kernel did not see connect or
-    /// accept, the role) from the leading bytes `bytes` of the stream `rec` began,
-    /// `seen` bytes having been moved on the connection so far.
-    fn detect(&mut self, rec: &DataRecord, bytes: &[u8], seen: u64, limits: &Http1Limits) {
+    /// accept, the role) from the leading bytes `bytes` of the stream `rec` began
+    /// (`run` bytes in that direction before it turned), `seen` bytes having been
+    /// moved on the connection so far.
+    fn detect(
+        &mut self,
+        rec: &DataRecord,
+        bytes: &[u8],
+        seen: u64,
+        run: usize,
+        limits: &Http1Limits,
+    ) {
         if bytes.is_empty() {
             return; // nothing captured to tell from: the next record will
         }
         let sent = rec.direction == Direction::Send;
-        let db = DbDecoder::detect(bytes, sent);
+        // A connection the kernel did not see open (opened before the agent) can be
+        // a database session in its middle, on any port: its client's requests tell.
+        let mid_stream = !self.role_from_kernel && self.role != Role::Server;
+        let db = DbDecoder::detect(bytes, sent)
+            .or_else(|| mid_stream.then(|| DbDecoder::detect_mid_stream(bytes, run, sent))?);
         if let Some(decoder) = db {
             // We spoke first to a database (or it greeted us): we are its client.
             if self.role == Role::Unknown {
@@ -881,6 +909,14 @@ impl Connection {
         let request = http1::looks_like_request(bytes);
         let response = http1::looks_like_response(bytes);
         if !request && !response {
+            if mid_stream
+                && !sent
+                && let Protocol::Unknown(probe) = &mut self.protocol
+                && probe.waits < MID_STREAM_WAITS
+            {
+                probe.waits += 1;
+                return; // what it sends next tells
+            }
             self.protocol = Protocol::Other;
             return;
         }

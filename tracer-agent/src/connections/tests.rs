@@ -853,6 +853,105 @@ fn connections_recovered_from_proc_join_the_inventory_and_their_socket_later() {
     );
 }
 
+/// A connection recovered from /proc to `remote` (no well-known database port),
+/// announced by the kernel at its first I/O, as after an agent restart.
+fn recover_and_announce(p: &mut PoolReplay, port: u16, remote: u16) {
+    let ends = Endpoints {
+        local: SocketAddr::from(([127, 0, 0, 1], port)),
+        remote: SocketAddr::from(([127, 0, 0, 1], remote)),
+    };
+    let socket = RecoveredSocket {
+        pid: 300,
+        comm: "app".into(),
+        local: ends.local,
+        remote: ends.remote,
+        role: Role::Client,
+        inode: u64::from(port),
+    };
+    assert_eq!(p.r.table.recover(&[socket], p.now, &mut p.r.down), 1);
+    p.now += 1_000_000;
+    p.r.feed(vec![Event::ConnOpen {
+        meta: meta(PoolReplay::sock(port), p.now, 300),
+        endpoints: ends,
+        role: Role::Unknown,
+    }]);
+}
+
+#[test]
+fn database_sessions_on_any_port_are_decoded_after_a_restart() {
+    let mut p = PoolReplay::new();
+    // pgbouncer's port: a simple query, then an extended-protocol batch.
+    recover_and_announce(&mut p, 7, 6432);
+    p.query(7, "SELECT 1", b'I');
+    let mut batch = pg_msg(b'P', b"\0SELECT $1\0\0\0");
+    batch.extend(pg_msg(b'B', b"\0\0\0\0\0\x01\0\0\0\x015\0\0"));
+    batch.extend(pg_msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(pg_msg(b'S', b""));
+    p.io(7, Direction::Send, &batch);
+    let mut answer = pg_msg(b'1', b"");
+    answer.extend(pg_msg(b'2', b""));
+    answer.extend(pg_done("SELECT 1", b'I'));
+    p.io(7, Direction::Recv, &answer);
+    // A MySQL on 3307: COM_QUERY, answered by an OK packet.
+    recover_and_announce(&mut p, 8, 3307);
+    let mut com_query = vec![17, 0, 0, 0, 0x03];
+    com_query.extend_from_slice(b"SET autocommit=1");
+    p.io(8, Direction::Send, &com_query);
+    p.io(8, Direction::Recv, &[7, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0]);
+    // A PostgreSQL client that was waiting for an answer when the agent started:
+    // the answer's tail goes by, its next query tells.
+    recover_and_announce(&mut p, 9, 6432);
+    p.io(9, Direction::Recv, &pg_done("SELECT 1", b'I'));
+    p.query(9, "SELECT 2", b'I');
+    // Not a database: binary that chains no message lengths.
+    recover_and_announce(&mut p, 10, 9000);
+    p.io(
+        10,
+        Direction::Send,
+        &[0x16, 3, 1, 0, 0x40, 1, 0, 0, 0x3c, 3, 3],
+    );
+    p.io(
+        10,
+        Direction::Recv,
+        &[0x16, 3, 3, 0, 0x40, 2, 0, 0, 0x3c, 3, 3],
+    );
+
+    let systems: Vec<(u16, Option<DbSystem>)> = [7, 8, 9, 10]
+        .into_iter()
+        .map(|port| {
+            let conn = p.r.table.get(PoolReplay::sock(port));
+            (port, conn.and_then(|c| c.db_system()))
+        })
+        .collect();
+    assert_eq!(
+        systems,
+        [
+            (7, Some(DbSystem::Postgresql)),
+            (8, Some(DbSystem::Mysql)),
+            (9, Some(DbSystem::Postgresql)),
+            (10, None),
+        ]
+    );
+    let texts: Vec<(String, String)> =
+        p.r.spans
+            .iter()
+            .map(|s| {
+                let text = |k| s.attr(k).map(|v| v.to_string()).unwrap_or_default();
+                (text("db.system.name"), text("db.query.text"))
+            })
+            .collect();
+    assert_eq!(
+        texts,
+        [
+            ("postgresql".into(), "SELECT ?".into()),
+            ("postgresql".into(), "SELECT $1".into()),
+            ("mysql".into(), "SET autocommit=?".into()),
+            ("postgresql".into(), "SELECT ?".into()),
+        ],
+        "one span per call, none for the answer met halfway or the binary"
+    );
+}
+
 #[test]
 fn malformed_traffic_is_counted_and_other_connections_keep_their_spans() {
     let mut r = Replay::new();

@@ -11,6 +11,13 @@ usage:
                                          each packet's header and payload apart), `c`
                                          its C extension (the default)
 
+  db_clients.py pg-mysql-rounds PGPORT MYSQLPORT
+                                         psycopg and mysql-connector, one connection each,
+                                         opened and used once, then kept: each line `go N`
+                                         on stdin runs a round on them (PostgreSQL: a query
+                                         and a prepared statement; MySQL: a query and a
+                                         prepared statement), answered `done N`
+
 Each prints one line per step so the test can check the client saw what the agent saw.
 """
 import sys
@@ -82,6 +89,30 @@ def mysql_prepared(port, implementation):
     conn.close()
 
 
+def pg_mysql_rounds(pg_port, mysql_port):
+    import mysql.connector
+    import psycopg
+
+    pg = psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="postgres", autocommit=True)
+    my = mysql.connector.connect(host="127.0.0.1", port=mysql_port, user="root", password="", database="mysql")
+    pg.execute("SELECT 1")
+    my_cur = my.cursor()
+    my_cur.execute("SELECT 1")
+    my_cur.fetchall()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        n = int(line.split()[1])
+        pg.execute("SELECT 'round-secret' AS s, %s::int AS n", (n,)).fetchall()
+        pg.execute("SELECT %s::int * 2 AS twice", (n,), prepare=True).fetchall()
+        my_cur.execute("SELECT 'round-secret' AS s, %s AS n" % n)
+        my_cur.fetchall()
+        prepared = my.cursor(prepared=True)
+        prepared.execute("SELECT ? * 2 AS twice", (n,))
+        prepared.fetchall()
+        prepared.close()
+        print("done", n, flush=True)
+
+
 def main():
     cmd, port = sys.argv[1], int(sys.argv[2])
     if cmd == "pg-session":
@@ -90,6 +121,8 @@ def main():
         pg_hold(port, float(sys.argv[3]))
     elif cmd == "redis-pipeline":
         redis_pipeline(port, int(sys.argv[3]))
+    elif cmd == "pg-mysql-rounds":
+        pg_mysql_rounds(port, int(sys.argv[3]))
     elif cmd == "mysql-prepared":
         mysql_prepared(port, sys.argv[3] if len(sys.argv) > 3 else "c")
     else:

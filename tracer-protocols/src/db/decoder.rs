@@ -64,6 +64,25 @@ impl DbDecoder {
         }
     }
 
+    /// The decoder for a connection met mid-stream (opened before the agent started),
+    /// whose local end sent `first`, the captured start of `total_len` bytes in a
+    /// row: whole PostgreSQL frontend messages of a session, or whole MySQL command
+    /// packets ([`postgres::looks_like_session_messages`],
+    /// [`mysql::looks_like_session_commands`]); the local end is then the client.
+    /// `None` for what was received, and for anything else (Redis needs no
+    /// handshake: [`DbDecoder::detect`] knows it anywhere).
+    pub fn detect_mid_stream(first: &[u8], total_len: usize, sent: bool) -> Option<Self> {
+        if !sent {
+            None
+        } else if postgres::looks_like_session_messages(first, total_len) {
+            Some(Self::mid_stream(DbSystem::Postgresql))
+        } else if mysql::looks_like_session_commands(first, total_len) {
+            Some(Self::mid_stream(DbSystem::Mysql))
+        } else {
+            None
+        }
+    }
+
     /// A decoder for a connection met mid-stream, by its server's well-known port.
     pub fn guess_by_port(port: u16) -> Option<Self> {
         match port {
@@ -212,6 +231,128 @@ mod tests {
         assert_eq!(detect(b"", false), None);
         for cut in 0..ssl.len() {
             assert!(detect(&ssl[..cut], true).is_none(), "{cut}");
+        }
+    }
+
+    /// Whether a recorded client write is a whole request of a session (not its
+    /// handshake): what a connection met mid-stream is recognised by.
+    fn mid_stream(bytes: &[u8]) -> Option<DbSystem> {
+        DbDecoder::detect_mid_stream(bytes, bytes.len(), true).map(|d| d.system())
+    }
+
+    #[test]
+    fn detect_mid_stream_knows_a_sessions_requests_in_every_recording() {
+        for protocol in PROTOCOLS {
+            for (name, file) in testdata::recorded(protocol) {
+                let cap = testdata::parse(&file).unwrap();
+                let encrypted = name.contains("tls") || name.contains("compressed");
+                let mut detected = 0;
+                for (i, r) in cap.records.iter().enumerate() {
+                    let what = format!("{protocol}/{name} record {i}");
+                    // What was received is never judged.
+                    assert!(
+                        DbDecoder::detect_mid_stream(r.bytes, r.bytes.len(), false).is_none(),
+                        "{what}"
+                    );
+                    let got = mid_stream(r.bytes);
+                    match protocol {
+                        // Text protocols, either end: never a database.
+                        "http1" | "redis" => assert_eq!(got, None, "{what}"),
+                        // A server's writes are never a client's session requests.
+                        _ if !r.from_client => assert_eq!(got, None, "{what}"),
+                        "postgres" => {
+                            // Every simple query and extended-protocol batch the
+                            // clients sent after their startup is recognised.
+                            let request = i > 0 && b"QPBEDCSHX".contains(&r.bytes[0]);
+                            if request {
+                                assert_eq!(got, Some(DbSystem::Postgresql), "{what}");
+                                detected += 1;
+                            } else {
+                                assert_ne!(got, Some(DbSystem::Mysql), "{what}");
+                            }
+                        }
+                        _ => {
+                            // A command packet (sequence id 0) after the handshake.
+                            let command = !encrypted && r.bytes.get(3) == Some(&0);
+                            if command {
+                                assert_eq!(got, Some(DbSystem::Mysql), "{what}");
+                                detected += 1;
+                            } else {
+                                assert_ne!(got, Some(DbSystem::Postgresql), "{what}");
+                            }
+                        }
+                    }
+                }
+                if protocol == "postgres" || (protocol == "mysql" && !encrypted) {
+                    assert!(detected > 0, "{protocol}/{name}: no request recognised");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn detect_mid_stream_wants_whole_messages_and_tells_a_cut_capture_from_a_lie() {
+        let query = |sql: &str| {
+            let mut m = vec![b'Q'];
+            m.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+            m.extend_from_slice(sql.as_bytes());
+            m.push(0);
+            m
+        };
+        let q = query("SELECT 1");
+        let detect = |bytes: &[u8], total: usize| {
+            DbDecoder::detect_mid_stream(bytes, total, true).map(|d| d.system())
+        };
+        assert_eq!(detect(&q, q.len()), Some(DbSystem::Postgresql));
+        // Two messages in one write (a query, then Sync).
+        let mut two = q.clone();
+        two.extend_from_slice(b"S\0\0\0\x04");
+        assert_eq!(detect(&two, two.len()), Some(DbSystem::Postgresql));
+        // Captured in part: consistent as far as it goes.
+        assert_eq!(detect(&q[..7], q.len()), Some(DbSystem::Postgresql));
+        assert_eq!(
+            detect(&two[..q.len() + 2], two.len()),
+            Some(DbSystem::Postgresql)
+        );
+        // The write ends before the message does.
+        assert_eq!(detect(&q[..q.len() - 1], q.len() - 1), None);
+        // The length's header cut before anything whole.
+        assert_eq!(detect(&q[..3], q.len()), None);
+        // Not NUL-terminated.
+        let mut bad = q.clone();
+        *bad.last_mut().unwrap() = b'x';
+        assert_eq!(detect(&bad, bad.len()), None);
+        // A server's ErrorResponse is an `E`, but not an Execute.
+        let mut error = vec![b'E'];
+        let body = b"SERROR\0C42601\0Msyntax error\0\0";
+        error.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        error.extend_from_slice(body);
+        assert_eq!(detect(&error, error.len()), None);
+        // MySQL: COM_QUERY, COM_PING; a handshake response's sequence id is 1.
+        let mut com_query = vec![9, 0, 0, 0, 0x03];
+        com_query.extend_from_slice(b"SELECT 1");
+        assert_eq!(detect(&com_query, com_query.len()), Some(DbSystem::Mysql));
+        let ping = [1, 0, 0, 0, 0x0e];
+        assert_eq!(detect(&ping, ping.len()), Some(DbSystem::Mysql));
+        assert_eq!(detect(&[1, 0, 0, 1, 0x0e], 5), None);
+        assert_eq!(
+            detect(&[2, 0, 0, 0, 0x0e, 0], 6),
+            None,
+            "COM_PING has no argument"
+        );
+        assert_eq!(detect(&com_query[..8], 8), None);
+        // Text and other binary protocols.
+        for text in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"PING\r\n",
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc],
+            &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+            b"",
+        ] {
+            assert_eq!(detect(text, text.len()), None, "{text:?}");
         }
     }
 
