@@ -110,7 +110,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if config.empty_probes {
         log::warn!("--empty-probes: the probes do nothing; this agent traces nothing");
     }
-    let ignorer = capture.socket_ignorer();
+    let kernel_sockets = capture.kernel_sockets();
     // Loading parsed this kernel's BTF (megabytes), now freed: give those pages
     // back to the system rather than keep them as the agent's resident set.
     // SAFETY: malloc_trim has no preconditions.
@@ -175,7 +175,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             max_waiting_spans: 100_000,
             leak_after: config.leak_after,
             recovered,
-            ignorer,
+            kernel_sockets,
             naming: config.naming.clone(),
             kube,
         },

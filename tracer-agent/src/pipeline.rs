@@ -8,9 +8,10 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc, time::Instant};
+use tracer_common::conn::Role;
 
 use crate::{
-    capture::{Event, loader::SocketIgnorer},
+    capture::{Endpoints, Event, loader::KernelSockets},
     connections::{ConnectionTable, Observer, SpanOptions, TableLimits},
     export::otlp::unix_nano_now,
     metrics::SharedRedMetrics,
@@ -37,6 +38,8 @@ pub struct Downstream {
     pub pools: PoolTracker,
     pub headers: SeenHeaders,
     pub spans: Vec<Span>,
+    /// The kernel's socket maps (none in replays).
+    pub kernel: Option<KernelSockets>,
 }
 
 impl Observer for Downstream {
@@ -63,6 +66,10 @@ impl Observer for Downstream {
     fn db(&mut self, observation: DbObservation) {
         self.pools.observe(observation);
     }
+
+    fn kernel_socket(&mut self, sock: u64) -> Option<(Endpoints, Role)> {
+        self.kernel.as_ref()?.lookup(sock)
+    }
 }
 
 /// The latest database connection inventory, published about once a second.
@@ -81,8 +88,9 @@ pub struct PipelineConfig {
     pub leak_after: Duration,
     /// Connections open before the agent started, found in /proc.
     pub recovered: Vec<RecoveredSocket>,
-    /// Has the kernel skip sockets user space does not decode.
-    pub ignorer: Option<SocketIgnorer>,
+    /// Has the kernel skip sockets user space does not decode, and looks up those
+    /// whose open event was lost.
+    pub kernel_sockets: Option<KernelSockets>,
     /// How processes that do not name themselves are named.
     pub naming: crate::service::ServiceNaming,
     /// This node's pods, in a Kubernetes cluster.
@@ -123,7 +131,10 @@ pub async fn process_events(
     let mut procs = ProcessTable::new(16384)
         .with_naming(config.naming)
         .with_kube(config.kube);
-    let mut down = Downstream::default();
+    let mut down = Downstream {
+        kernel: config.kernel_sockets.clone(),
+        ..Downstream::default()
+    };
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,9 +170,9 @@ pub async fn process_events(
         }
         record_pool_samples(down.pools.take_samples(), &red, &mut procs);
         let not_decoded = table.take_not_decoded();
-        if let Some(ignorer) = &config.ignorer {
+        if let Some(kernel) = &config.kernel_sockets {
             for n in not_decoded {
-                ignorer.ignore(n.sock, n.local_port, n.remote_port);
+                kernel.ignore(n.sock, n.local_port, n.remote_port);
             }
         }
         // Database connections remember the trace their last call ended up in.

@@ -159,7 +159,7 @@ fn replay(bytes: &[u8], leak_after: Duration) -> Replayed {
         max_waiting_spans: 100_000,
         leak_after,
         recovered: Vec::new(),
-        ignorer: None,
+        kernel_sockets: None,
         naming: Default::default(),
         kube: None,
     };

@@ -19,6 +19,9 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// Socket pointer → [`crate::conn::SockInfo`]: the TCP sockets being followed.
     pub const SOCKS: &str = "SOCKS";
+    /// Socket pointer → [`crate::conn::SockInfo`]: sockets that reached TCP_CLOSE,
+    /// for the records of syscalls still running then (an LRU).
+    pub const CLOSED: &str = "CLOSED";
     /// Per-CPU scratch space where a data event is assembled before output.
     pub const SCRATCH: &str = "SCRATCH";
     /// Process ids to follow when `--pid` is given.
@@ -29,9 +32,10 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
 }
 
-/// Sockets the kernel follows at once (the `SOCKS` map, least recently used evicted
-/// beyond it), and the connections user space tracks by default: one limit for both,
-/// so that every socket the kernel follows has room in the connection table.
+/// Sockets the kernel follows at once (the `SOCKS` map; beyond it new sockets are not
+/// followed, and counted), and the connections user space tracks by default: one
+/// limit for both, so that every socket the kernel follows has room in the
+/// connection table.
 pub const MAX_SOCKETS: u32 = 65536;
 
 /// Upper bound on captured payload bytes per syscall (`--capture-bytes` is clamped to it).

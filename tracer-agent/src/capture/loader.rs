@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracer_common::{
     MAX_CAPTURE,
     config::{FdOffsets, KernelConfig},
-    conn::{IGNORED_NOT_DECODED, SockInfo},
+    conn::{IGNORED_NOT_DECODED, Role, SockInfo},
     names,
     stats::{COUNTERS, Counter},
 };
 
 use super::{
-    Clock, Event,
+    Clock, Endpoints, Event,
     backend::{Backend, BackendChoice},
     kernel_info::{self, FunctionArgs},
     reader::{drain, take_all},
@@ -176,20 +176,23 @@ pub struct CaptureConfig {
     pub backend: BackendChoice,
 }
 
-/// Tells the kernel to skip sockets user space decodes nothing on. Cheap to clone;
-/// each call is two map syscalls, once per such connection.
+/// User space's handle on the kernel's socket maps: it has the kernel skip sockets
+/// user space decodes nothing on, and looks up a socket whose open event was lost
+/// (its endpoints and role). Cheap to clone; each call is one or two map syscalls.
 #[derive(Clone)]
-pub struct SocketIgnorer {
+pub struct KernelSockets {
     socks: Arc<std::sync::Mutex<BpfHashMap<MapData, u64, SockInfo>>>,
+    /// Sockets that reached TCP_CLOSE, kept for the records reported after it.
+    closed: Option<Arc<std::sync::Mutex<BpfHashMap<MapData, u64, SockInfo>>>>,
 }
 
-impl std::fmt::Debug for SocketIgnorer {
+impl std::fmt::Debug for KernelSockets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SocketIgnorer")
+        f.write_str("KernelSockets")
     }
 }
 
-impl SocketIgnorer {
+impl KernelSockets {
     /// Marks socket `sock` as not decoded, if the kernel still follows that very
     /// connection (same ports: the address may have been reused since; a socket
     /// closed meanwhile is not re-created). Returns whether it was marked.
@@ -205,6 +208,23 @@ impl SocketIgnorer {
         // BPF_EXIST: update only; never resurrect an entry the kernel removed.
         socks.insert(sock, info, 2).is_ok()
     }
+
+    /// What the kernel knows of socket `sock`, followed or closed since: its
+    /// endpoints, when it has them, and its role.
+    pub fn lookup(&self, sock: u64) -> Option<(Endpoints, Role)> {
+        let info = crate::sync::lock(&self.socks)
+            .get(&sock, 0)
+            .ok()
+            .or_else(|| {
+                self.closed
+                    .as_ref()
+                    .and_then(|c| crate::sync::lock(c).get(&sock, 0).ok())
+            })?;
+        Some((
+            Endpoints::from_tuple(&info.tuple)?,
+            Role::from_u32(info.role),
+        ))
+    }
 }
 
 /// The loaded and attached kernel programs.
@@ -212,7 +232,7 @@ pub struct BpfCapture {
     ebpf: Ebpf,
     backend: Backend,
     stats: PerCpuArray<MapData, u64>,
-    ignorer: Option<SocketIgnorer>,
+    sockets: Option<KernelSockets>,
     /// The kprobe backend's return probes (attached outside aya, see
     /// `return_probe.rs`); dropping them detaches them.
     _return_probes: Vec<ReturnProbe>,
@@ -452,9 +472,14 @@ impl BpfCapture {
         let socks = ebpf
             .take_map(names::SOCKS)
             .ok_or(CaptureError::MissingMap(names::SOCKS))?;
-        let ignorer = BpfHashMap::try_from(socks)
-            .map(|socks| SocketIgnorer {
+        let closed = ebpf
+            .take_map(names::CLOSED)
+            .and_then(|m| BpfHashMap::try_from(m).ok())
+            .map(|m| Arc::new(std::sync::Mutex::new(m)));
+        let sockets = BpfHashMap::try_from(socks)
+            .map(|socks| KernelSockets {
                 socks: Arc::new(std::sync::Mutex::new(socks)),
+                closed,
             })
             .map_err(|e| log::warn!("sockets cannot be skipped in the kernel: {e}"))
             .ok();
@@ -470,7 +495,7 @@ impl BpfCapture {
             ebpf,
             backend,
             stats,
-            ignorer,
+            sockets,
             _return_probes: return_probes,
         })
     }
@@ -480,9 +505,10 @@ impl BpfCapture {
         self.backend
     }
 
-    /// The handle user space uses to have the kernel skip sockets.
-    pub fn socket_ignorer(&self) -> Option<SocketIgnorer> {
-        self.ignorer.clone()
+    /// The handle user space uses to have the kernel skip sockets and to look
+    /// them up.
+    pub fn kernel_sockets(&self) -> Option<KernelSockets> {
+        self.sockets.clone()
     }
 
     /// Sums of the kernel's per-CPU counters, indexed by [`Counter`].

@@ -60,6 +60,11 @@ pub trait Observer {
     fn culprit(&mut self, span: SpanId) -> Option<Culprit>;
     /// A database client connection's life and use.
     fn db(&mut self, observation: DbObservation);
+    /// What the kernel knows of socket `sock` (endpoints, role), for a connection
+    /// whose open event was lost. None where there is no kernel (replays).
+    fn kernel_socket(&mut self, _sock: u64) -> Option<(Endpoints, Role)> {
+        None
+    }
 }
 
 /// A socket user space stopped decoding, with the ports that identify its
@@ -688,14 +693,29 @@ impl ConnectionTable {
                     conn
                 }
                 None => {
-                    // Its open event was lost (ring buffer full): follow it with
-                    // what we know.
+                    // Its open event was lost (ring buffer full): the kernel's
+                    // socket map still knows its endpoints and role.
                     ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
-                    let unknown = Endpoints {
-                        local: UNKNOWN_ADDR,
-                        remote: UNKNOWN_ADDR,
-                    };
-                    Connection::new(&rec.meta, unknown, Role::Unknown)
+                    match ctx.out.kernel_socket(rec.meta.sock) {
+                        Some((endpoints, role)) => {
+                            let mut conn = Connection::new(&rec.meta, endpoints, role);
+                            // Its first bytes may have been lost with it.
+                            conn.role_from_kernel = false;
+                            conn
+                        }
+                        // Gone from the kernel's maps too: followed, it would give
+                        // spans made-up addresses and share one pool with every
+                        // other such connection. Its traffic is ignored.
+                        None => {
+                            let unknown = Endpoints {
+                                local: UNKNOWN_ADDR,
+                                remote: UNKNOWN_ADDR,
+                            };
+                            let mut conn = Connection::new(&rec.meta, unknown, Role::Unknown);
+                            conn.protocol = Protocol::Other;
+                            conn
+                        }
+                    }
                 }
             };
             self.conns.insert(rec.meta.sock, conn);

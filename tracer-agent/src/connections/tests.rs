@@ -952,6 +952,100 @@ fn database_sessions_on_any_port_are_decoded_after_a_restart() {
     );
 }
 
+/// The pipeline's observer, with a kernel socket map that knows `known`.
+struct WithKernel<'a> {
+    down: &'a mut Downstream,
+    known: &'a [(u64, Endpoints, Role)],
+}
+
+impl Observer for WithKernel<'_> {
+    fn span(&mut self, span: Span) {
+        self.down.span(span)
+    }
+    fn thread(&mut self, event: ThreadEvent<'_>) {
+        self.down.thread(event)
+    }
+    fn cause(&mut self, pid: u32, tid: u32, ts_ns: u64, conn: u64) -> Cause {
+        self.down.cause(pid, tid, ts_ns, conn)
+    }
+    fn traceparent(&mut self, at: HeaderAt, tp: &TraceParent) -> HeaderUse {
+        self.down.traceparent(at, tp)
+    }
+    fn culprit(&mut self, span: SpanId) -> Option<Culprit> {
+        self.down.culprit(span)
+    }
+    fn db(&mut self, observation: DbObservation) {
+        self.down.db(observation)
+    }
+    fn kernel_socket(&mut self, sock: u64) -> Option<(Endpoints, Role)> {
+        self.known
+            .iter()
+            .find(|(s, _, _)| *s == sock)
+            .map(|&(_, e, r)| (e, r))
+    }
+}
+
+#[test]
+fn connections_whose_open_was_lost_take_the_kernels_endpoints_or_are_not_followed() {
+    let mut r = Replay::new();
+    let to = |server: [u8; 4], port: u16| Endpoints {
+        local: SocketAddr::from(([10, 0, 0, 9], port)),
+        remote: SocketAddr::from((server, 5432)),
+    };
+    // Three PostgreSQL connections of one process whose ConnOpen events were lost:
+    // the kernel still has two of them (to two servers), not the third.
+    let socks = [
+        0xffff_8880_2000_0001u64,
+        0xffff_8880_2000_0002,
+        0xffff_8880_2000_0003,
+    ];
+    let known = [
+        (socks[0], to([10, 0, 0, 1], 41001), Role::Client),
+        (socks[1], to([10, 0, 0, 2], 41002), Role::Client),
+    ];
+    let mut ts = 1_000_000;
+    for &sock in &socks {
+        for (dir, bytes) in [
+            (Direction::Send, pg_query("SELECT 1")),
+            (Direction::Recv, pg_done("SELECT 1", b'I')),
+        ] {
+            ts += 1_000;
+            let ev = data(sock, ts, 300, dir, &bytes, bytes.len() as u32);
+            let mut out = WithKernel {
+                down: &mut r.down,
+                known: &known,
+            };
+            r.table.handle(ev, &mut r.procs, &r.telemetry, &mut out);
+        }
+    }
+    r.spans.append(&mut r.down.spans);
+    let servers: Vec<String> = r
+        .spans
+        .iter()
+        .map(|s| format!("{}", s.attr("server.address").unwrap()))
+        .collect();
+    assert_eq!(
+        servers,
+        ["10.0.0.1", "10.0.0.2"],
+        "no span for the unknown one"
+    );
+    let rows = r.table.db_inventory(ts, &mut r.procs, &r.down.pools);
+    let mut pools: Vec<String> = rows.iter().map(|r| r.pool.server.to_string()).collect();
+    pools.sort();
+    assert_eq!(
+        pools,
+        ["10.0.0.1:5432", "10.0.0.2:5432"],
+        "one pool each, none at 0.0.0.0"
+    );
+    assert!(
+        r.telemetry
+            .render()
+            .contains("tracer_traffic_dropped_total{reason=\"connection_open_missed\"} 3"),
+        "{}",
+        r.telemetry.render()
+    );
+}
+
 #[test]
 fn malformed_traffic_is_counted_and_other_connections_keep_their_spans() {
     let mut r = Replay::new();
