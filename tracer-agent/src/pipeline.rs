@@ -158,6 +158,7 @@ pub async fn process_events(
             }
             _ = tick.tick() => {
                 telemetry.health.beat(crate::health::Stage::Pipeline);
+                telemetry.decoder_held_bytes.set(table.held_bytes() as i64);
                 table.expire_closing(unix_nano_now(), &mut procs, &telemetry, &mut down);
                 stitch_new_spans(&mut down, &mut stitch, &mut ready);
                 stitch.expire(Instant::now().into_std(), &mut ready);

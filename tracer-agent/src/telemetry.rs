@@ -57,8 +57,12 @@ impl QueueLabel {
 /// `tracer_traffic_dropped_total`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum DropReason {
-    /// Data on a socket whose open event was lost (followed with unknown endpoints).
+    /// Data on a socket whose open event was lost (followed with the endpoints the
+    /// kernel still has; ignored when it has none).
     ConnectionOpenMissed,
+    /// A connection no longer decoded: the decoders' global byte budget was spent
+    /// and its decoder grew.
+    MemoryBudget,
     /// A connection's first bytes are no protocol the agent decodes.
     UnknownProtocol,
     HttpRequestMalformed,
@@ -78,6 +82,7 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::ConnectionOpenMissed => "connection_open_missed",
+            DropReason::MemoryBudget => "memory_budget",
             DropReason::UnknownProtocol => "unknown_protocol",
             DropReason::HttpRequestMalformed => "http_request_malformed",
             DropReason::HttpResponseMalformed => "http_response_malformed",
@@ -172,6 +177,9 @@ pub struct Telemetry {
     pub traffic_dropped: Family<ReasonLabel, Counter>,
     /// Connections evicted from the connection table because it was full.
     pub connections_evicted: Counter,
+    /// Bytes the connections' decoders hold between chunks (the global budget's
+    /// count; beyond it growing connections are no longer decoded).
+    pub decoder_held_bytes: Gauge,
     /// Database connections found closed in /proc whose close event was lost.
     pub connections_closed_unseen: Counter,
     /// Spans by how parent inference linked them, and what it refused.
@@ -250,6 +258,7 @@ impl Telemetry {
             queue_dropped: Family::default(),
             otlp_dropped: Family::default(),
             otlp_retry_delay: Gauge::default(),
+            decoder_held_bytes: Gauge::default(),
             queue_depth: Family::default(),
             spans_built: Counter::default(),
             spans_exported: Family::default(),
@@ -333,6 +342,11 @@ impl Telemetry {
             "traffic_dropped",
             "Captured traffic skipped or rejected by the decoders",
             t.traffic_dropped.clone(),
+        );
+        registry.register(
+            "decoder_held_bytes",
+            "Bytes the connections' decoders hold between chunks; past the budget (256 MiB) a connection whose decoder grows is no longer decoded (traffic_dropped reason memory_budget)",
+            t.decoder_held_bytes.clone(),
         );
         registry.register(
             "connections_evicted",

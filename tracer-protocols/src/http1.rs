@@ -453,6 +453,12 @@ impl fmt::Debug for Http1Decoder {
 }
 
 impl Http1Decoder {
+    /// Bytes the decoder holds between chunks (a head spanning chunks, the methods
+    /// of requests not answered yet): what a global memory budget counts.
+    pub fn held_bytes(&self) -> usize {
+        self.head.capacity() + self.pending.capacity() * std::mem::size_of::<RequestMethod>()
+    }
+
     pub fn new(kind: MessageKind, limits: Http1Limits) -> Self {
         Self {
             kind,

@@ -614,6 +614,16 @@ impl MysqlDecoder {
     }
 
     /// True while a command awaits (the rest of) its response.
+    /// Bytes the decoder holds between chunks (kept packet prefixes, prepared
+    /// statement texts, commands not answered yet): what a global memory budget
+    /// counts.
+    pub fn held_bytes(&self) -> usize {
+        self.client_rd.buf.capacity()
+            + self.server_rd.buf.capacity()
+            + self.statement_bytes
+            + self.pending.capacity() * std::mem::size_of::<Pending>()
+    }
+
     pub fn in_flight(&self) -> bool {
         !self.pending.is_empty()
     }

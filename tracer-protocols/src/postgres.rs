@@ -684,6 +684,17 @@ impl PgDecoder {
     }
 
     /// A request was sent and its response is not complete.
+    /// Bytes the decoder holds between chunks (kept message prefixes, statement and
+    /// portal names and texts, calls not answered yet): what a global memory budget
+    /// counts.
+    pub fn held_bytes(&self) -> usize {
+        self.client.kept.capacity()
+            + self.server.kept.capacity()
+            + self.statements.bytes
+            + self.portals.bytes
+            + self.pending.capacity() * std::mem::size_of::<Pending>()
+    }
+
     pub fn in_flight(&self) -> bool {
         !self.pending.is_empty() || self.ghosts.barriers > 0 || self.ghosts.calls > 0
     }

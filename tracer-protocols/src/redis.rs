@@ -767,6 +767,13 @@ impl RedisDecoder {
     }
 
     /// True while a command is waiting for its reply or partially received.
+    /// Bytes the decoder holds between chunks (open aggregates, commands not
+    /// answered yet): what a global memory budget counts.
+    pub fn held_bytes(&self) -> usize {
+        self.stack.capacity() * std::mem::size_of::<Frame>()
+            + self.pending.capacity() * std::mem::size_of::<PendingCommand>()
+    }
+
     pub fn in_flight(&self) -> bool {
         !self.stopped
             && (!self.pending.is_empty()

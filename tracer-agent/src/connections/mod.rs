@@ -7,6 +7,10 @@
 use std::{
     collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 // The hot maps are keyed by kernel addresses, pids and random span ids: a fast,
@@ -77,6 +81,36 @@ pub struct NotDecoded {
     pub remote_port: u16,
 }
 
+/// The decoders' global byte budget by default: 16,384 HTTP heads of 16 KiB
+/// spanning reads (slowloris), or a thousand PostgreSQL connections' statement maps.
+pub const DEFAULT_MAX_HELD_BYTES: usize = 256 << 20;
+
+/// A connection's share of the bytes the table's decoders hold (what the global
+/// budget counts), given back when the connection goes, however it goes.
+struct Held {
+    total: Arc<AtomicUsize>,
+    mine: usize,
+}
+
+impl Held {
+    /// Sets the connection's share to `bytes`; returns the table's new total.
+    fn set(&mut self, bytes: usize) -> usize {
+        let total = if bytes >= self.mine {
+            self.total.fetch_add(bytes - self.mine, Ordering::Relaxed) + (bytes - self.mine)
+        } else {
+            self.total.fetch_sub(self.mine - bytes, Ordering::Relaxed) - (self.mine - bytes)
+        };
+        self.mine = bytes;
+        total
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.mine, Ordering::Relaxed);
+    }
+}
+
 /// Limits of the connection table.
 #[derive(Clone, Debug)]
 pub struct TableLimits {
@@ -84,6 +118,10 @@ pub struct TableLimits {
     pub max_connections: usize,
     /// Requests waiting for their response on one connection (pipelining depth).
     pub max_pending_requests: usize,
+    /// Bytes all connections' decoders may hold between chunks at once (heads
+    /// spanning reads, statement texts, kept prefixes); beyond it a connection
+    /// whose decoder grows is no longer decoded.
+    pub max_held_bytes: usize,
 }
 
 impl Default for TableLimits {
@@ -91,6 +129,7 @@ impl Default for TableLimits {
         Self {
             max_connections: tracer_common::MAX_SOCKETS as usize,
             max_pending_requests: 64,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
         }
     }
 }
@@ -222,6 +261,8 @@ pub struct Connection {
     ending: Option<(bool, u64)>,
     /// When the kernel reported it closed (0: not reported).
     closed_ns: u64,
+    /// Bytes its decoders hold, in the table's budget.
+    held: Held,
 }
 
 /// All followed connections, keyed by kernel socket address.
@@ -247,6 +288,8 @@ pub struct ConnectionTable {
     limits: TableLimits,
     options: SpanOptions,
     http_limits: Http1Limits,
+    /// Bytes all connections' decoders hold (see [`TableLimits::max_held_bytes`]).
+    held: Arc<AtomicUsize>,
 }
 
 const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
@@ -291,11 +334,17 @@ impl ConnectionTable {
             limits,
             options,
             http_limits: Http1Limits::default(),
+            held: Arc::default(),
         }
     }
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Bytes all connections' decoders hold between chunks (the budget's count).
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -429,8 +478,10 @@ impl ConnectionTable {
                     self.conns.insert(meta.sock, conn);
                 } else {
                     self.make_room(&mut ctx);
-                    self.conns
-                        .insert(meta.sock, Connection::new(&meta, endpoints, role));
+                    self.conns.insert(
+                        meta.sock,
+                        Connection::new(&meta, endpoints, role, &self.held),
+                    );
                 }
             }
             Event::Data(rec) => self.data(rec, &mut ctx),
@@ -503,7 +554,7 @@ impl ConnectionTable {
                 local: r.local,
                 remote: r.remote,
             };
-            let mut conn = Connection::new(&meta, endpoints, r.role);
+            let mut conn = Connection::new(&meta, endpoints, r.role, &self.held);
             conn.role_from_kernel = false;
             conn.recovered = true;
             conn.inode = r.inode;
@@ -679,7 +730,7 @@ impl ConnectionTable {
             let conn = match known {
                 // Evicted when the table was full: back with what it was.
                 Some((endpoints, role, db)) => {
-                    let mut conn = Connection::new(&rec.meta, endpoints, role);
+                    let mut conn = Connection::new(&rec.meta, endpoints, role, &self.held);
                     if let Some(system) = db {
                         let db = DbConn::new(DbDecoder::mid_stream(system), rec.meta.tid, true);
                         ctx.out.db(DbObservation::Joined {
@@ -698,7 +749,7 @@ impl ConnectionTable {
                     ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
                     match ctx.out.kernel_socket(rec.meta.sock) {
                         Some((endpoints, role)) => {
-                            let mut conn = Connection::new(&rec.meta, endpoints, role);
+                            let mut conn = Connection::new(&rec.meta, endpoints, role, &self.held);
                             // Its first bytes may have been lost with it.
                             conn.role_from_kernel = false;
                             conn
@@ -711,7 +762,8 @@ impl ConnectionTable {
                                 local: UNKNOWN_ADDR,
                                 remote: UNKNOWN_ADDR,
                             };
-                            let mut conn = Connection::new(&rec.meta, unknown, Role::Unknown);
+                            let mut conn =
+                                Connection::new(&rec.meta, unknown, Role::Unknown, &self.held);
                             conn.protocol = Protocol::Other;
                             conn
                         }
@@ -750,6 +802,11 @@ impl ConnectionTable {
             }
         }
         conn.decode(&rec, ctx);
+        let held = conn.held_bytes();
+        let grew = held > conn.held.mine;
+        if conn.held.set(held) > self.limits.max_held_bytes && grew {
+            conn.shed(ctx);
+        }
         let now_other = matches!(
             self.conns.get(&rec.meta.sock).map(|c| &c.protocol),
             Some(Protocol::Other)
@@ -779,7 +836,7 @@ impl ConnectionTable {
 }
 
 impl Connection {
-    fn new(meta: &Meta, endpoints: Endpoints, role: Role) -> Self {
+    fn new(meta: &Meta, endpoints: Endpoints, role: Role, held: &Arc<AtomicUsize>) -> Self {
         Self {
             sock: meta.sock,
             endpoints,
@@ -797,6 +854,10 @@ impl Connection {
             addr_text: None,
             ending: None,
             closed_ns: 0,
+            held: Held {
+                total: held.clone(),
+                mine: 0,
+            },
         }
     }
 
@@ -973,6 +1034,33 @@ impl Connection {
             last_woken_by: None,
             open_request: None,
         }));
+    }
+
+    /// Bytes its decoders hold between chunks.
+    fn held_bytes(&self) -> usize {
+        use std::mem::size_of;
+        match &self.protocol {
+            Protocol::Unknown(probe) => probe.bytes,
+            Protocol::Http1(h) => {
+                h.requests.held_bytes()
+                    + h.responses.held_bytes()
+                    + h.pending.capacity() * size_of::<http::PendingRequest>()
+                    + h.scratch.capacity() * size_of::<Http1Message>()
+            }
+            Protocol::Db(d) => d.decoder.held_bytes() + d.scratch.capacity() * size_of::<DbCall>(),
+            Protocol::Other => 0,
+        }
+    }
+
+    /// The decoders' budget is spent and this connection's grew: it is no longer
+    /// decoded (its memory goes now, the kernel skips it from now on), and counted.
+    fn shed<O: Observer>(&mut self, ctx: &mut Ctx<'_, O>) {
+        if matches!(self.protocol, Protocol::Db(_)) {
+            ctx.out.db(DbObservation::Left { sock: self.sock });
+        }
+        self.protocol = Protocol::Other;
+        self.held.set(0);
+        ctx.telemetry.dropped(DropReason::MemoryBudget);
     }
 
     /// The connection as (client end, server end).

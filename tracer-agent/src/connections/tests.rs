@@ -1607,3 +1607,98 @@ fn a_request_the_close_ends_is_a_span_that_says_who_ended_it() {
     assert_eq!(last.end_unix_nano, 5003 * ms);
     assert!(!r.telemetry.render().contains("request_unanswered"));
 }
+
+#[test]
+fn a_slowloris_on_many_connections_is_held_to_the_byte_budget_and_others_keep_their_spans() {
+    const BUDGET: usize = 64 << 10;
+    let mut r = Replay::new();
+    r.table = ConnectionTable::new(TableLimits {
+        max_held_bytes: BUDGET,
+        ..TableLimits::default()
+    });
+    let server = |port: u16| Endpoints {
+        local: "127.0.0.1:8000".parse().unwrap(),
+        remote: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    const HONEST: u64 = 0xffff_8880_3000_0000;
+    let slow = |i: u64| 0xffff_8880_3100_0000 + i;
+    let mut ts = 1;
+    let mut events = vec![Event::ConnOpen {
+        meta: meta(HONEST, ts, 100),
+        endpoints: server(40000),
+        role: Role::Server,
+    }];
+    for i in 0..16 {
+        events.push(Event::ConnOpen {
+            meta: meta(slow(i), ts, 100),
+            endpoints: server(41000 + i as u16),
+            role: Role::Server,
+        });
+    }
+    r.feed(events);
+    let mut honest_requests = 0;
+    // Each slow connection sends a head that never ends, a KiB at a time, the
+    // honest one full requests between them.
+    for round in 0..12 {
+        for i in 0..16 {
+            ts += 10;
+            let piece: Vec<u8> = if round == 0 {
+                b"GET /slow HTTP/1.1\r\nX-Pad: ".to_vec()
+            } else {
+                vec![b'a'; 1024]
+            };
+            let len = piece.len() as u32;
+            r.feed(vec![data(slow(i), ts, 100, Direction::Recv, &piece, len)]);
+            assert!(
+                r.table.held_bytes() <= BUDGET,
+                "{} bytes held, budget {BUDGET}",
+                r.table.held_bytes()
+            );
+        }
+        ts += 10;
+        r.feed(vec![
+            data(HONEST, ts, 100, Direction::Recv, REQ, REQ.len() as u32),
+            data(
+                HONEST,
+                ts + 5,
+                100,
+                Direction::Send,
+                RESP,
+                RESP.len() as u32,
+            ),
+        ]);
+        honest_requests += 1;
+    }
+    assert_eq!(
+        r.spans.len(),
+        honest_requests,
+        "every honest request is a span"
+    );
+    let metrics = r.telemetry.render();
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tracer_traffic_dropped_total{reason=\"memory_budget\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // 16 heads of 11 KiB do not fit in 64 KiB: some were shed, not all.
+    assert!((1..16).contains(&shed), "{shed} shed:\n{metrics}");
+    assert!(
+        r.table.held_bytes() > BUDGET / 2,
+        "the others are still decoded"
+    );
+    // Everything held is given back when the connections go.
+    let mut closes: Vec<Event> = (0..16)
+        .map(|i| Event::ConnClose {
+            meta: meta(slow(i), ts + 100, 100),
+            endpoints: None,
+        })
+        .collect();
+    closes.push(Event::ConnClose {
+        meta: meta(HONEST, ts + 100, 100),
+        endpoints: None,
+    });
+    r.feed(closes);
+    r.table
+        .expire_closing(u64::MAX, &mut r.procs, &r.telemetry, &mut r.down);
+    assert_eq!(r.table.held_bytes(), 0);
+}

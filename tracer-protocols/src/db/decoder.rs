@@ -156,6 +156,15 @@ impl DbDecoder {
         }
     }
 
+    /// Bytes the decoder holds between chunks.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            DbDecoder::Postgres(d) => d.held_bytes(),
+            DbDecoder::Mysql(d) => d.held_bytes(),
+            DbDecoder::Redis(d) => d.held_bytes(),
+        }
+    }
+
     /// The connection is encrypted (TLS was asked for or started): later chunks are
     /// not decoded. Never for Redis (TLS there starts before any RESP).
     pub fn encrypted(&self) -> bool {
