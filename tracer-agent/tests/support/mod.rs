@@ -99,8 +99,18 @@ impl Agent {
     /// Starts the agent through `wrapper` (e.g. `setpriv …`, empty for none), with
     /// `env` added to its environment.
     pub fn start_with(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> Self {
+        Self::start_listening(&format!("127.0.0.1:{}", free_port()), wrapper, env, args)
+    }
+
+    /// As [`Agent::start_with`], its endpoint on `listen` (`ip:port`).
+    pub fn start_listening(
+        listen: &str,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let bin = env!("CARGO_BIN_EXE_tracer-agent");
-        let listen = format!("127.0.0.1:{}", free_port());
+        let listen = listen.to_string();
         let mut command = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
