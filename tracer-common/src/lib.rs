@@ -19,9 +19,6 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// Socket pointer → [`crate::conn::SockInfo`]: the TCP sockets being followed.
     pub const SOCKS: &str = "SOCKS";
-    /// Socket pointer → [`crate::conn::SockInfo`]: sockets that reached TCP_CLOSE,
-    /// for the records of syscalls still running then (an LRU).
-    pub const CLOSED: &str = "CLOSED";
     /// Per-CPU scratch space where a data event is assembled before output.
     pub const SCRATCH: &str = "SCRATCH";
     /// Process ids to follow when `--pid` is given.

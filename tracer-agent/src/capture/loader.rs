@@ -182,8 +182,6 @@ pub struct CaptureConfig {
 #[derive(Clone)]
 pub struct KernelSockets {
     socks: Arc<std::sync::Mutex<BpfHashMap<MapData, u64, SockInfo>>>,
-    /// Sockets that reached TCP_CLOSE, kept for the records reported after it.
-    closed: Option<Arc<std::sync::Mutex<BpfHashMap<MapData, u64, SockInfo>>>>,
 }
 
 impl std::fmt::Debug for KernelSockets {
@@ -209,17 +207,10 @@ impl KernelSockets {
         socks.insert(sock, info, 2).is_ok()
     }
 
-    /// What the kernel knows of socket `sock`, followed or closed since: its
-    /// endpoints, when it has them, and its role.
+    /// What the kernel knows of socket `sock` while it follows it (not once it
+    /// closed): its endpoints, when it has them, and its role.
     pub fn lookup(&self, sock: u64) -> Option<(Endpoints, Role)> {
-        let info = crate::sync::lock(&self.socks)
-            .get(&sock, 0)
-            .ok()
-            .or_else(|| {
-                self.closed
-                    .as_ref()
-                    .and_then(|c| crate::sync::lock(c).get(&sock, 0).ok())
-            })?;
+        let info = crate::sync::lock(&self.socks).get(&sock, 0).ok()?;
         Some((
             Endpoints::from_tuple(&info.tuple)?,
             Role::from_u32(info.role),
@@ -472,14 +463,9 @@ impl BpfCapture {
         let socks = ebpf
             .take_map(names::SOCKS)
             .ok_or(CaptureError::MissingMap(names::SOCKS))?;
-        let closed = ebpf
-            .take_map(names::CLOSED)
-            .and_then(|m| BpfHashMap::try_from(m).ok())
-            .map(|m| Arc::new(std::sync::Mutex::new(m)));
         let sockets = BpfHashMap::try_from(socks)
             .map(|socks| KernelSockets {
                 socks: Arc::new(std::sync::Mutex::new(socks)),
-                closed,
             })
             .map_err(|e| log::warn!("sockets cannot be skipped in the kernel: {e}"))
             .ok();

@@ -6,7 +6,7 @@
 
 use std::{
     collections::VecDeque,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -291,8 +291,6 @@ pub struct ConnectionTable {
     /// Bytes all connections' decoders hold (see [`TableLimits::max_held_bytes`]).
     held: Arc<AtomicUsize>,
 }
-
-const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 /// Everything a connection needs from the table to turn messages into spans.
 struct Ctx<'a, O: Observer> {
@@ -744,30 +742,20 @@ impl ConnectionTable {
                     conn
                 }
                 None => {
-                    // Its open event was lost (ring buffer full): the kernel's
-                    // socket map still knows its endpoints and role.
+                    // Its open event was lost (ring buffer full), or this is a late
+                    // record of a connection closed already.
                     ctx.telemetry.dropped(DropReason::ConnectionOpenMissed);
-                    match ctx.out.kernel_socket(rec.meta.sock) {
-                        Some((endpoints, role)) => {
-                            let mut conn = Connection::new(&rec.meta, endpoints, role, &self.held);
-                            // Its first bytes may have been lost with it.
-                            conn.role_from_kernel = false;
-                            conn
-                        }
-                        // Gone from the kernel's maps too: followed, it would give
-                        // spans made-up addresses and share one pool with every
-                        // other such connection. Its traffic is ignored.
-                        None => {
-                            let unknown = Endpoints {
-                                local: UNKNOWN_ADDR,
-                                remote: UNKNOWN_ADDR,
-                            };
-                            let mut conn =
-                                Connection::new(&rec.meta, unknown, Role::Unknown, &self.held);
-                            conn.protocol = Protocol::Other;
-                            conn
-                        }
-                    }
+                    // The kernel still follows it: its socket map knows its
+                    // endpoints and role. Otherwise (closed, or gone) it is not
+                    // followed: it would give spans made-up addresses, share one pool
+                    // with every other such connection, and never see its close.
+                    let Some((endpoints, role)) = ctx.out.kernel_socket(rec.meta.sock) else {
+                        return;
+                    };
+                    let mut conn = Connection::new(&rec.meta, endpoints, role, &self.held);
+                    // Its first bytes may have been lost with its open.
+                    conn.role_from_kernel = false;
+                    conn
                 }
             };
             self.conns.insert(rec.meta.sock, conn);
