@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod deploy;
 mod overhead;
+mod soak;
 mod vm;
 
 #[derive(Parser)]
@@ -65,6 +66,25 @@ enum Cmd {
         only: Vec<String>,
         /// Measure this agent binary, with the tools already set up, instead of
         /// setting up and building one (overhead; what the VM runs use).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
+    /// Soak scenarios (`outage`, `hostile`), each for a bounded time: memory over
+    /// time, drops by cause, honest spans checked, recovery (as root).
+    Soak {
+        /// Only these scenarios (comma-separated); all when absent.
+        #[arg(long, value_delimiter = ',', value_parser = soak::SCENARIOS)]
+        scenario: Vec<String>,
+        /// Minutes the collector is down in `outage`.
+        #[arg(long, default_value_t = 10.0)]
+        outage_minutes: f64,
+        /// Seconds `hostile` runs.
+        #[arg(long, default_value_t = 120)]
+        hostile_seconds: u64,
+        /// Honest requests per second beside each scenario.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Soak this agent binary instead of setting up and building one.
         #[arg(long)]
         agent: Option<PathBuf>,
     },
@@ -178,6 +198,34 @@ fn main() -> Result<()> {
                 tally.passed, tally.failed
             );
             Ok(())
+        }
+        Cmd::Soak {
+            scenario,
+            outage_minutes,
+            hostile_seconds,
+            rate,
+            agent,
+        } => {
+            if !is_root() {
+                bail!("the soak loads BPF programs: run it as root");
+            }
+            let agent = match agent {
+                Some(agent) => agent,
+                None => {
+                    setup(true)?;
+                    run(cargo().args(["build", "--release", "-p", "tracer-agent"]))?;
+                    workspace_root().join("target/release/tracer-agent")
+                }
+            };
+            soak::run(&soak::Options {
+                agent,
+                rotel: rotel_agent(&tools_dir().join("venv"))
+                    .context("rotel-agent not installed")?,
+                scenarios: scenario,
+                outage_minutes: outage_minutes.max(0.1),
+                hostile_seconds: hostile_seconds.max(1),
+                rate: rate.max(1.0),
+            })
         }
         Cmd::Install {
             prefix,

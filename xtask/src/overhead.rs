@@ -45,7 +45,7 @@ impl Options {
 /// A child process killed when dropped. Servers started by [`serve`] lead their own
 /// process group, and the whole group goes: killing only nginx's master would leave
 /// its worker running.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -59,11 +59,11 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(port: u16, what: &str) -> Result<()> {
+pub(crate) fn wait_for_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -75,7 +75,7 @@ fn wait_for_port(port: u16, what: &str) -> Result<()> {
 }
 
 /// Starts a server quietly and waits until it listens on `port`.
-fn serve(cmd: &mut Command, port: u16, what: &str) -> Result<Proc> {
+pub(crate) fn serve(cmd: &mut Command, port: u16, what: &str) -> Result<Proc> {
     use std::os::unix::process::CommandExt;
     let child = cmd
         .process_group(0)
@@ -88,7 +88,7 @@ fn serve(cmd: &mut Command, port: u16, what: &str) -> Result<Proc> {
     Ok(proc)
 }
 
-fn scratch_dir(name: &str) -> Result<PathBuf> {
+pub(crate) fn scratch_dir(name: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("tracer-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -109,37 +109,49 @@ fn output_of(cmd: &mut Command) -> Result<String> {
 
 // ---- the agent under test ------------------------------------------------------
 
-struct Agent {
+pub(crate) struct Agent {
     proc: Proc,
     listen: u16,
 }
 
 /// CPU time (user + system) and peak RSS of a process.
 #[derive(Clone, Copy, Default)]
-struct Usage {
-    cpu_s: f64,
-    peak_rss_mb: f64,
-    rss_mb: f64,
+pub(crate) struct Usage {
+    pub(crate) cpu_s: f64,
+    pub(crate) peak_rss_mb: f64,
+    pub(crate) rss_mb: f64,
 }
 
 impl Agent {
     fn start(opts: &Options, collector: u16, extra: &[&str]) -> Result<Self> {
+        let endpoint = format!("http://127.0.0.1:{collector}");
+        let mut args = vec![
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--output",
+            "none",
+        ];
+        args.extend_from_slice(extra);
+        Self::launch(&opts.agent, &args, Stdio::null(), Stdio::null())
+    }
+
+    /// Starts `agent` with `args` (and its own `--listen`), its output to `stdout`
+    /// and `stderr`; returns once /healthz answers.
+    pub(crate) fn launch(
+        agent: &Path,
+        args: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Self> {
         let listen = free_port()?;
-        let child = Command::new(&opts.agent)
-            .args([
-                "--otlp-endpoint",
-                &format!("http://127.0.0.1:{collector}"),
-                "--otlp-protocol",
-                "grpc",
-                "--output",
-                "none",
-                "--listen",
-                &format!("127.0.0.1:{listen}"),
-            ])
-            .args(extra)
+        let child = Command::new(agent)
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .context("starting the agent")?;
         let agent = Self {
@@ -157,7 +169,7 @@ impl Agent {
         Ok(agent)
     }
 
-    fn get(&self, path: &str) -> Result<String> {
+    pub(crate) fn get(&self, path: &str) -> Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.listen))?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
         let mut text = String::new();
@@ -165,7 +177,7 @@ impl Agent {
         Ok(text)
     }
 
-    fn usage(&self) -> Usage {
+    pub(crate) fn usage(&self) -> Usage {
         let pid = self.proc.0.id();
         let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
@@ -192,21 +204,16 @@ impl Agent {
     }
 
     /// A counter from /metrics (summed over its label sets).
-    fn counter(&self, name: &str) -> f64 {
-        self.get("/metrics")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter(|l| {
-                let rest = &l[name.len()..];
-                rest.starts_with(' ') || rest.starts_with('{')
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            // Not `sum`: an empty float sum is -0, printed "-0".
-            .fold(0.0, |a, b| a + b)
+    pub(crate) fn counter(&self, name: &str) -> f64 {
+        sum_of(&self.get("/metrics").unwrap_or_default(), name)
     }
 
-    fn stop(self) {
+    /// Whether the process is still running.
+    pub(crate) fn alive(&mut self) -> bool {
+        matches!(self.proc.0.try_wait(), Ok(None))
+    }
+
+    pub(crate) fn stop(self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.proc.0.id().to_string()])
             .status();
@@ -221,11 +228,35 @@ impl Agent {
     }
 }
 
+/// The sum of a metric's samples in a /metrics text, over its label sets whose
+/// text contains `labels` (empty: all).
+pub(crate) fn sum_of(metrics: &str, name: &str) -> f64 {
+    sum_where(metrics, name, "")
+}
+
+pub(crate) fn sum_where(metrics: &str, name: &str, labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            (rest.starts_with(' ') || rest.starts_with('{')) && rest.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        // Not `sum`: an empty float sum is -0, printed "-0".
+        .fold(0.0, |a, b| a + b)
+}
+
 // ---- servers ------------------------------------------------------------------
 
-fn collector(rotel: &Path, dir: &Path) -> Result<(Proc, u16)> {
+pub(crate) fn collector(rotel: &Path, dir: &Path) -> Result<(Proc, u16)> {
     let (grpc, http) = (free_port()?, free_port()?);
-    let proc = serve(
+    Ok((collector_on(rotel, dir, grpc, http)?, grpc))
+}
+
+/// rotel (blackhole exporter) on these OTLP gRPC and HTTP ports.
+pub(crate) fn collector_on(rotel: &Path, dir: &Path, grpc: u16, http: u16) -> Result<Proc> {
+    serve(
         Command::new(rotel)
             .args(["start", "--exporter", "blackhole"])
             .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
@@ -236,11 +267,10 @@ fn collector(rotel: &Path, dir: &Path) -> Result<(Proc, u16)> {
             .arg(dir.join("rotel.log")),
         grpc,
         "rotel",
-    )?;
-    Ok((proc, grpc))
+    )
 }
 
-fn nginx(dir: &Path) -> Result<(Proc, u16)> {
+pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16)> {
     let port = free_port()?;
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
@@ -458,7 +488,7 @@ fn paced(port: u16, rate: f64, seconds: u64) -> Result<Load> {
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length body (small: it fits `buf`).
-fn read_response(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_response(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
     let mut have = 0;
     let mut want = None;
     loop {

@@ -1,0 +1,564 @@
+//! `cargo xtask soak`: the agent under conditions a node lives through, each
+//! scenario for a bounded time, printing its memory over time, what it dropped by
+//! cause, whether the spans of honest traffic beside it were right, and whether it
+//! recovered by itself.
+//!
+//! - `outage`: steady HTTP load while the OTLP collector is down (10 minutes by
+//!   default), then back on the same port: memory must stay flat, every drop be
+//!   counted, and export resume without a restart.
+//! - `hostile`: random bytes, half requests, 1 MiB headers, slowloris, TLS bytes,
+//!   pipelined floods and a 3,000-path cardinality attack on the HTTP port, beside
+//!   honest requests whose spans must all be right.
+//!
+//! Honest requests carry a unique path (`/honest/<n>`): each must give exactly one
+//! SERVER span with that path and status 200 in the agent's JSON output.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::overhead::{
+    Agent, Proc, collector_on, free_port, read_response, scratch_dir, serve, sum_where,
+};
+
+/// The scenarios, for `--scenario`.
+pub const SCENARIOS: [&str; 2] = ["outage", "hostile"];
+
+pub struct Options {
+    pub agent: PathBuf,
+    pub rotel: PathBuf,
+    /// Scenarios to run; all when empty.
+    pub scenarios: Vec<String>,
+    /// How long the collector is down in `outage`.
+    pub outage_minutes: f64,
+    /// How long `hostile` runs.
+    pub hostile_seconds: u64,
+    /// Honest requests per second beside each scenario.
+    pub rate: f64,
+}
+
+/// One scenario's outcome.
+struct Outcome {
+    scenario: &'static str,
+    peak_rss_mb: f64,
+    drops: Vec<(String, f64)>,
+    honest: u64,
+    right: u64,
+    recovered: String,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let wanted = |s: &str| opts.scenarios.is_empty() || opts.scenarios.iter().any(|x| x == s);
+    let mut outcomes = Vec::new();
+    if wanted("outage") {
+        outcomes.push(outage(opts)?);
+    }
+    if wanted("hostile") {
+        outcomes.push(hostile(opts)?);
+    }
+    println!(
+        "\nsoak: {} honest requests/s beside each scenario\n",
+        opts.rate
+    );
+    println!(
+        "{:<10} {:>12} {:>9} {:>9}  {:<40} drops by cause",
+        "scenario", "peak RSS MB", "honest", "right", "recovered by itself"
+    );
+    for o in &outcomes {
+        let drops = if o.drops.is_empty() {
+            "none".to_string()
+        } else {
+            o.drops
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<10} {:>12.1} {:>9} {:>9}  {:<40} {drops}",
+            o.scenario, o.peak_rss_mb, o.honest, o.right, o.recovered
+        );
+    }
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.right != o.honest || !o.recovered.starts_with("yes"))
+        .map(|o| o.scenario)
+        .collect();
+    if !failed.is_empty() {
+        bail!("soak scenarios failed: {failed:?}");
+    }
+    Ok(())
+}
+
+// ---- shared pieces -----------------------------------------------------------
+
+/// nginx answering 200 `ok` on every path (one worker), on a free port.
+fn nginx_ok(dir: &Path) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 300s;\n\
+             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; default_type text/plain;\n\
+             location / {{ return 200 'ok\\n'; }} }} }}\n",
+            d = dir.display(),
+        ),
+    )?;
+    let proc = serve(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("error.log")),
+        port,
+        "nginx",
+    )?;
+    Ok((proc, port))
+}
+
+/// Honest requests at `rate` per second over 4 keep-alive connections, each to
+/// its own path, until `stop`; counts those answered.
+fn honest_load(
+    port: u16,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<Result<()>>> {
+    const CONNECTIONS: u64 = 4;
+    let next_id = Arc::new(AtomicU64::new(0));
+    (0..CONNECTIONS)
+        .map(|_| {
+            let (stop, done, next_id) = (stop.clone(), done.clone(), next_id.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let interval = Duration::from_secs_f64(CONNECTIONS as f64 / rate);
+                let mut s = TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut buf = vec![0u8; 4096];
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let req = format!("GET /honest/{id} HTTP/1.1\r\nHost: soak\r\n\r\n");
+                    s.write_all(req.as_bytes())?;
+                    read_response(&mut s, &mut buf)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    next += interval;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+/// Honest requests that gave exactly one SERVER span with their path and a 200,
+/// from the agent's JSON lines.
+fn honest_spans_right(json: &Path) -> Result<u64> {
+    let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
+    let mut seen: HashMap<String, (u32, bool)> = HashMap::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.contains("/honest/") || !line.contains("\"server\"") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["kind"] != "server" {
+            continue;
+        }
+        let attrs = &v["attributes"];
+        let Some(path) = attrs["url.path"].as_str() else {
+            continue;
+        };
+        if !path.starts_with("/honest/") {
+            continue;
+        }
+        let ok = attrs["http.response.status_code"] == 200
+            && attrs["http.request.method"] == "GET"
+            && v["status"] != "error";
+        let e = seen.entry(path.to_string()).or_insert((0, true));
+        e.0 += 1;
+        e.1 &= ok;
+    }
+    Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
+}
+
+/// Every nonzero drop counter, by metric and label set.
+fn drops(metrics: &str) -> Vec<(String, f64)> {
+    const DROPS: [&str; 5] = [
+        "tracer_events_lost_total",
+        "tracer_queue_dropped_total",
+        "tracer_otlp_dropped_total",
+        "tracer_traffic_dropped_total",
+        "tracer_connections_evicted_total",
+    ];
+    metrics
+        .lines()
+        .filter(|l| DROPS.iter().any(|d| l.starts_with(d)))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            let v: f64 = v.parse().ok()?;
+            (v > 0.0).then(|| (k.trim_start_matches("tracer_").to_string(), v))
+        })
+        .collect()
+}
+
+/// A sampler printing the agent's RSS and `extra` metrics every `every`; returns
+/// the peak RSS seen.
+struct Sampler {
+    started: Instant,
+    peak_rss_mb: f64,
+}
+
+impl Sampler {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            peak_rss_mb: 0.0,
+        }
+    }
+
+    fn sample(&mut self, agent: &Agent, phase: &str) {
+        let usage = agent.usage();
+        self.peak_rss_mb = self.peak_rss_mb.max(usage.rss_mb);
+        let m = agent.get("/metrics").unwrap_or_default();
+        println!(
+            "{:>7.0}s {:<10} rss {:>6.1} MB  built {:>8}  exported {:>8}  otlp buffered {:>6}  otlp dropped {:>6}  traffic dropped {:>6}  held {:>8} B",
+            self.started.elapsed().as_secs_f64(),
+            phase,
+            usage.rss_mb,
+            sum_where(&m, "tracer_spans_built_total", ""),
+            sum_where(&m, "tracer_spans_exported_total", "otlp"),
+            sum_where(&m, "tracer_queue_depth", "queue=\"otlp\""),
+            sum_where(&m, "tracer_otlp_dropped_total", ""),
+            sum_where(&m, "tracer_traffic_dropped_total", ""),
+            sum_where(&m, "tracer_decoder_held_bytes", ""),
+        );
+    }
+}
+
+/// Runs `for_` while sampling every `every`; stops early if the agent died.
+fn hold(
+    agent: &mut Agent,
+    sampler: &mut Sampler,
+    phase: &str,
+    for_: Duration,
+    every: Duration,
+) -> Result<()> {
+    let end = Instant::now() + for_;
+    while Instant::now() < end {
+        std::thread::sleep(every.min(end.saturating_duration_since(Instant::now())));
+        if !agent.alive() {
+            bail!("the agent exited during {phase}");
+        }
+        sampler.sample(agent, phase);
+    }
+    Ok(())
+}
+
+fn healthy(agent: &Agent) -> bool {
+    agent
+        .get("/healthz")
+        .is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+}
+
+// ---- outage ------------------------------------------------------------------
+
+fn outage(opts: &Options) -> Result<Outcome> {
+    let dir = scratch_dir("soak-outage")?;
+    let (_nginx, port) = nginx_ok(&dir)?;
+    let (grpc, http) = (free_port()?, free_port()?);
+    let mut collector = Some(collector_on(&opts.rotel, &dir, grpc, http)?);
+    let json = dir.join("spans.jsonl");
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let port_arg = port.to_string();
+    let mut agent = Agent::launch(
+        &opts.agent,
+        &[
+            "--output",
+            "json",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--port",
+            &port_arg,
+        ],
+        Stdio::from(std::fs::File::create(&json)?),
+        Stdio::from(std::fs::File::create(dir.join("agent.log"))?),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = honest_load(port, opts.rate, stop.clone(), done.clone());
+    let mut sampler = Sampler::new();
+    let every = Duration::from_secs(10);
+    println!(
+        "--- soak outage: collector down {} min",
+        opts.outage_minutes
+    );
+    hold(
+        &mut agent,
+        &mut sampler,
+        "steady",
+        Duration::from_secs(20),
+        every,
+    )?;
+    drop(collector.take()); // the collector goes away
+    hold(
+        &mut agent,
+        &mut sampler,
+        "outage",
+        Duration::from_secs_f64(opts.outage_minutes * 60.0),
+        every,
+    )?;
+    let exported_before = agent.counter("tracer_spans_exported_total");
+    collector = Some(collector_on(&opts.rotel, &dir, grpc, http)?);
+    // Export resumes by itself within the retry backoff.
+    let back = Instant::now();
+    let mut resumed = None;
+    while back.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_secs(2));
+        if agent.counter("tracer_spans_exported_total") > exported_before {
+            resumed = Some(back.elapsed());
+            break;
+        }
+    }
+    hold(
+        &mut agent,
+        &mut sampler,
+        "recovered",
+        Duration::from_secs(20),
+        every,
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let metrics = agent.get("/metrics").unwrap_or_default();
+    let healthy_now = healthy(&agent);
+    let peak = agent.usage().peak_rss_mb.max(sampler.peak_rss_mb);
+    agent.stop();
+    drop(collector);
+    let recovered = match resumed {
+        Some(after) if healthy_now => {
+            format!("yes: export resumed {:.0} s after", after.as_secs_f64())
+        }
+        Some(_) => "no: /healthz not ok at the end".to_string(),
+        None => "no: export did not resume in 120 s".to_string(),
+    };
+    Ok(Outcome {
+        scenario: "outage",
+        peak_rss_mb: peak,
+        drops: drops(&metrics),
+        honest: done.load(Ordering::Relaxed),
+        right: honest_spans_right(&json)?,
+        recovered,
+    })
+}
+
+// ---- hostile -----------------------------------------------------------------
+
+/// One kind of hostile client, run in a loop until `stop`.
+fn attack(kind: &'static str, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let connect = || -> Option<TcpStream> {
+            let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+            s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+            Some(s)
+        };
+        let drain = |s: &mut TcpStream| {
+            let mut buf = [0u8; 65536];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        };
+        let mut slow: Vec<TcpStream> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match kind {
+                "random" => {
+                    if let Some(mut s) = connect() {
+                        let bytes: Vec<u8> = (0..4096).map(|_| fastrand::u8(..)).collect();
+                        let _ = s.write_all(&bytes);
+                        drain(&mut s);
+                    }
+                }
+                "half" => {
+                    if let Some(mut s) = connect() {
+                        let _ = s.write_all(b"GET /half HTTP/1.1\r\nHost: x\r\nX-A: ");
+                    }
+                }
+                "big-header" => {
+                    if let Some(mut s) = connect() {
+                        let mut req = b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+                        req.extend(std::iter::repeat_n(b'a', 1 << 20));
+                        req.extend_from_slice(b"\r\n\r\n");
+                        let _ = s.write_all(&req);
+                        drain(&mut s);
+                    }
+                }
+                "slowloris" => {
+                    // 200 connections, each a header byte at a time.
+                    while slow.len() < 200 {
+                        let Some(mut s) = connect() else { break };
+                        let _ = s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+                        slow.push(s);
+                    }
+                    // Those the server gave up on are replaced next round.
+                    slow.retain_mut(|s| s.write_all(b"a").is_ok());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                "tls" => {
+                    if let Some(mut s) = connect() {
+                        let hello = [
+                            0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00, 0x00, 0x3c, 0x03, 0x03,
+                        ];
+                        let _ = s.write_all(&hello);
+                        let _ = s.write_all(&[0u8; 64]);
+                        drain(&mut s);
+                    }
+                }
+                "pipelined" => {
+                    if let Some(mut s) = connect() {
+                        let one = b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n";
+                        let _ = s.write_all(&one.repeat(500));
+                        let _ = s.write_all(
+                            b"GET /flood HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                        );
+                        drain(&mut s);
+                    }
+                }
+                _ => {
+                    // The cardinality attack: letter-only paths, never the same.
+                    if let Some(mut s) = connect() {
+                        let path: String = (0..12).map(|_| fastrand::lowercase()).collect();
+                        let req =
+                            format!("GET /{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                        let _ = s.write_all(req.as_bytes());
+                        drain(&mut s);
+                    }
+                }
+            }
+            // About 50 attacks of each kind a second: hostile, not a CPU benchmark.
+            if kind != "slowloris" {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    })
+}
+
+fn hostile(opts: &Options) -> Result<Outcome> {
+    let dir = scratch_dir("soak-hostile")?;
+    let (_nginx, port) = nginx_ok(&dir)?;
+    let (grpc, http) = (free_port()?, free_port()?);
+    let _collector = collector_on(&opts.rotel, &dir, grpc, http)?;
+    let json = dir.join("spans.jsonl");
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let port_arg = port.to_string();
+    let log = dir.join("agent.log");
+    let mut agent = Agent::launch(
+        &opts.agent,
+        &[
+            "--output",
+            "json",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--port",
+            &port_arg,
+        ],
+        Stdio::from(std::fs::File::create(&json)?),
+        Stdio::from(std::fs::File::create(&log)?),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = honest_load(port, opts.rate, stop.clone(), done.clone());
+    let attack_stop = Arc::new(AtomicBool::new(false));
+    let kinds = [
+        "random",
+        "half",
+        "big-header",
+        "slowloris",
+        "tls",
+        "pipelined",
+        "paths",
+    ];
+    println!(
+        "--- soak hostile: {} s of {kinds:?} beside honest traffic",
+        opts.hostile_seconds
+    );
+    let attackers: Vec<_> = kinds
+        .iter()
+        .map(|k| attack(k, port, attack_stop.clone()))
+        .collect();
+    let mut sampler = Sampler::new();
+    hold(
+        &mut agent,
+        &mut sampler,
+        "hostile",
+        Duration::from_secs(opts.hostile_seconds),
+        Duration::from_secs(10),
+    )?;
+    attack_stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        let _ = a.join();
+    }
+    // Honest traffic goes on after the attack: the agent still traces it.
+    hold(
+        &mut agent,
+        &mut sampler,
+        "after",
+        Duration::from_secs(15),
+        Duration::from_secs(5),
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let metrics = agent.get("/metrics").unwrap_or_default();
+    let healthy_now = healthy(&agent);
+    let alive = agent.alive();
+    let peak = agent.usage().peak_rss_mb.max(sampler.peak_rss_mb);
+    let series = sum_where(&metrics, "tracer_red_series", "");
+    agent.stop();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let panicked = log_text.contains("panicked");
+    println!("RED series at the end: {series}");
+    let recovered = if panicked {
+        "no: the agent logged a panic".to_string()
+    } else if !alive || !healthy_now {
+        "no: not running and healthy at the end".to_string()
+    } else {
+        format!("yes: healthy, {series} RED series")
+    };
+    Ok(Outcome {
+        scenario: "hostile",
+        peak_rss_mb: peak,
+        drops: drops(&metrics),
+        honest: done.load(Ordering::Relaxed),
+        right: honest_spans_right(&json)?,
+        recovered,
+    })
+}
