@@ -456,7 +456,7 @@ impl Http1Decoder {
     /// Bytes the decoder holds between chunks (a head spanning chunks, the methods
     /// of requests not answered yet): what a global memory budget counts.
     pub fn held_bytes(&self) -> usize {
-        self.head.capacity() + self.pending.capacity() * std::mem::size_of::<RequestMethod>()
+        self.head.len() + self.pending.len() * std::mem::size_of::<RequestMethod>()
     }
 
     pub fn new(kind: MessageKind, limits: Http1Limits) -> Self {

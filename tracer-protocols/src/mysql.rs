@@ -618,10 +618,10 @@ impl MysqlDecoder {
     /// statement texts, commands not answered yet): what a global memory budget
     /// counts.
     pub fn held_bytes(&self) -> usize {
-        self.client_rd.buf.capacity()
-            + self.server_rd.buf.capacity()
+        self.client_rd.buf.len()
+            + self.server_rd.buf.len()
             + self.statement_bytes
-            + self.pending.capacity() * std::mem::size_of::<Pending>()
+            + self.pending.len() * std::mem::size_of::<Pending>()
     }
 
     pub fn in_flight(&self) -> bool {

@@ -688,11 +688,11 @@ impl PgDecoder {
     /// portal names and texts, calls not answered yet): what a global memory budget
     /// counts.
     pub fn held_bytes(&self) -> usize {
-        self.client.kept.capacity()
-            + self.server.kept.capacity()
+        self.client.kept.len()
+            + self.server.kept.len()
             + self.statements.bytes
             + self.portals.bytes
-            + self.pending.capacity() * std::mem::size_of::<Pending>()
+            + self.pending.len() * std::mem::size_of::<Pending>()
     }
 
     pub fn in_flight(&self) -> bool {

@@ -770,8 +770,8 @@ impl RedisDecoder {
     /// Bytes the decoder holds between chunks (open aggregates, commands not
     /// answered yet): what a global memory budget counts.
     pub fn held_bytes(&self) -> usize {
-        self.stack.capacity() * std::mem::size_of::<Frame>()
-            + self.pending.capacity() * std::mem::size_of::<PendingCommand>()
+        self.stack.len() * std::mem::size_of::<Frame>()
+            + self.pending.len() * std::mem::size_of::<PendingCommand>()
     }
 
     pub fn in_flight(&self) -> bool {

@@ -69,7 +69,7 @@ enum Cmd {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
-    /// Soak scenarios (`outage`, `hostile`), each for a bounded time: memory over
+    /// Soak scenarios (`outage`, `hostile`, `restart`, `connections`), each for a bounded time: memory over
     /// time, drops by cause, honest spans checked, recovery (as root).
     Soak {
         /// Only these scenarios (comma-separated); all when absent.
@@ -84,6 +84,12 @@ enum Cmd {
         /// Honest requests per second beside each scenario.
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+        /// Long-lived connections in `connections`.
+        #[arg(long, default_value_t = 100_000)]
+        connections: usize,
+        /// Seconds of churn beside them.
+        #[arg(long, default_value_t = 60)]
+        churn_seconds: u64,
         /// Soak this agent binary instead of setting up and building one.
         #[arg(long)]
         agent: Option<PathBuf>,
@@ -204,6 +210,8 @@ fn main() -> Result<()> {
             outage_minutes,
             hostile_seconds,
             rate,
+            connections,
+            churn_seconds,
             agent,
         } => {
             if !is_root() {
@@ -221,10 +229,13 @@ fn main() -> Result<()> {
                 agent,
                 rotel: rotel_agent(&tools_dir().join("venv"))
                     .context("rotel-agent not installed")?,
+                python: tools_dir().join("venv/bin/python"),
                 scenarios: scenario,
                 outage_minutes: outage_minutes.max(0.1),
                 hostile_seconds: hostile_seconds.max(1),
                 rate: rate.max(1.0),
+                connections: connections.max(1),
+                churn_seconds: churn_seconds.max(1),
             })
         }
         Cmd::Install {

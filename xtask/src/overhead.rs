@@ -301,13 +301,13 @@ pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16)> {
     Ok((proc, port))
 }
 
-struct Postgres {
+pub(crate) struct Postgres {
     _proc: Proc,
-    port: u16,
+    pub(crate) port: u16,
     dir: PathBuf,
 }
 
-fn postgres() -> Result<Postgres> {
+pub(crate) fn postgres() -> Result<Postgres> {
     let bin = std::fs::read_dir("/usr/lib/postgresql")
         .context("PostgreSQL is installed (cargo xtask setup)")?
         .filter_map(|e| e.ok())

@@ -10,6 +10,15 @@
 //!   pipelined floods and a 3,000-path cardinality attack on the HTTP port, beside
 //!   honest requests whose spans must all be right.
 //!
+//! - `restart`: the agent stopped and started again under HTTP keep-alive load and
+//!   a PostgreSQL pool (psycopg, 4 connections, a free port: no well-known port to
+//!   guess from): the new agent must give right spans on the old connections and
+//!   list the pool's connections as recovered.
+//!
+//! - `connections`: 100,000 keep-alive connections held open, then churn beside
+//!   them (short connections, short-lived `curl` processes: new pids, reused
+//!   ports), then a sample of the long-lived connections used again.
+//!
 //! Honest requests carry a unique path (`/honest/<n>`): each must give exactly one
 //! SERVER span with that path and status 200 in the agent's JSON output.
 
@@ -33,11 +42,13 @@ use crate::overhead::{
 };
 
 /// The scenarios, for `--scenario`.
-pub const SCENARIOS: [&str; 2] = ["outage", "hostile"];
+pub const SCENARIOS: [&str; 4] = ["outage", "hostile", "restart", "connections"];
 
 pub struct Options {
     pub agent: PathBuf,
     pub rotel: PathBuf,
+    /// The Python with psycopg (the test venv's).
+    pub python: PathBuf,
     /// Scenarios to run; all when empty.
     pub scenarios: Vec<String>,
     /// How long the collector is down in `outage`.
@@ -46,6 +57,10 @@ pub struct Options {
     pub hostile_seconds: u64,
     /// Honest requests per second beside each scenario.
     pub rate: f64,
+    /// Long-lived connections in `connections`, and how long the churn beside
+    /// them lasts.
+    pub connections: usize,
+    pub churn_seconds: u64,
 }
 
 /// One scenario's outcome.
@@ -66,6 +81,12 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     if wanted("hostile") {
         outcomes.push(hostile(opts)?);
+    }
+    if wanted("restart") {
+        outcomes.push(restart(opts)?);
+    }
+    if wanted("connections") {
+        outcomes.push(connections(opts)?);
     }
     println!(
         "\nsoak: {} honest requests/s beside each scenario\n",
@@ -140,8 +161,18 @@ fn honest_load(
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
 ) -> Vec<std::thread::JoinHandle<Result<()>>> {
+    honest_load_ids(port, rate, stop, done, Arc::new(AtomicU64::new(0)))
+}
+
+/// As [`honest_load`], the next request's id in `next_id`.
+fn honest_load_ids(
+    port: u16,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    next_id: Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<Result<()>>> {
     const CONNECTIONS: u64 = 4;
-    let next_id = Arc::new(AtomicU64::new(0));
     (0..CONNECTIONS)
         .map(|_| {
             let (stop, done, next_id) = (stop.clone(), done.clone(), next_id.clone());
@@ -172,6 +203,11 @@ fn honest_load(
 /// Honest requests that gave exactly one SERVER span with their path and a 200,
 /// from the agent's JSON lines.
 fn honest_spans_right(json: &Path) -> Result<u64> {
+    honest_spans_right_in(json, 0..u64::MAX)
+}
+
+/// As [`honest_spans_right`], for the requests whose id is in `ids`.
+fn honest_spans_right_in(json: &Path, ids: std::ops::Range<u64>) -> Result<u64> {
     let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
     let mut seen: HashMap<String, (u32, bool)> = HashMap::new();
     for line in std::io::BufReader::new(file).lines() {
@@ -189,7 +225,13 @@ fn honest_spans_right(json: &Path) -> Result<u64> {
         let Some(path) = attrs["url.path"].as_str() else {
             continue;
         };
-        if !path.starts_with("/honest/") {
+        let Some(id) = path
+            .strip_prefix("/honest/")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !ids.contains(&id) {
             continue;
         }
         let ok = attrs["http.response.status_code"] == 200
@@ -561,4 +603,491 @@ fn hostile(opts: &Options) -> Result<Outcome> {
         right: honest_spans_right(&json)?,
         recovered,
     })
+}
+
+// ---- restart -----------------------------------------------------------------
+
+/// A psycopg client holding 4 connections: query n is `SELECT 1 AS q<n>` (a unique
+/// text, no literal kept) on connection n % 4, every 25 ms; the count so far goes
+/// to the progress file.
+const PG_POOL: &str = r#"
+import os, sys, time, psycopg
+port, progress = int(sys.argv[1]), sys.argv[2]
+conns = [psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) for _ in range(4)]
+n = 0
+while True:
+    conns[n % 4].execute(f"SELECT 1 AS q{n}").fetchall()
+    n += 1
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(n))
+    os.replace(progress + ".tmp", progress)
+    time.sleep(0.025)
+"#;
+
+fn progress(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// PostgreSQL calls `SELECT ? AS q<n>` with n in `ids` that gave exactly one
+/// CLIENT span to `port`, from the agent's JSON lines.
+fn pg_spans_right_in(json: &Path, port: u16, ids: std::ops::Range<u64>) -> Result<u64> {
+    let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
+    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.contains("AS q") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let attrs = &v["attributes"];
+        let Some(id) = attrs["db.query.text"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("SELECT ? AS q"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !ids.contains(&id) {
+            continue;
+        }
+        let ok = v["kind"] == "client"
+            && attrs["db.system.name"] == "postgresql"
+            && attrs["server.port"] == port
+            && v["status"] != "error";
+        let e = seen.entry(id).or_insert((0, true));
+        e.0 += 1;
+        e.1 &= ok;
+    }
+    Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
+}
+
+fn restart(opts: &Options) -> Result<Outcome> {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch_dir("soak-restart")?;
+    let (_nginx, port) = nginx_ok(&dir)?;
+    let pg = crate::overhead::postgres()?;
+    let pool_progress = dir.join("pool.progress");
+    let _pool = Proc(
+        Command::new(&opts.python)
+            .args(["-c", PG_POOL, &pg.port.to_string()])
+            .arg(&pool_progress)
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(dir.join("pool.log"))?))
+            .spawn()
+            .context("starting the psycopg pool")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress(&pool_progress) == 0 {
+        if Instant::now() > deadline {
+            bail!(
+                "the psycopg pool did not start: see {}",
+                dir.join("pool.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let next_id = Arc::new(AtomicU64::new(0));
+    let load = honest_load_ids(port, opts.rate, stop.clone(), done.clone(), next_id.clone());
+    let (http_port, pg_port) = (port.to_string(), pg.port.to_string());
+    println!("--- soak restart: the agent stopped and started again under load");
+    let start = |name: &str| -> Result<Agent> {
+        Agent::launch(
+            &opts.agent,
+            &["--output", "json", "--port", &http_port, "--port", &pg_port],
+            Stdio::from(std::fs::File::create(dir.join(format!("{name}.jsonl")))?),
+            Stdio::from(std::fs::File::create(dir.join(format!("{name}.log")))?),
+        )
+    };
+    let mut sampler = Sampler::new();
+    let mut first = start("first")?;
+    let every = Duration::from_secs(5);
+    hold(
+        &mut first,
+        &mut sampler,
+        "first",
+        Duration::from_secs(20),
+        every,
+    )?;
+    first.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = start("second")?;
+    // Requests and calls sent entirely while the second agent ran (a margin of 8
+    // on each side for those in flight at its start and stop).
+    let http_from = next_id.load(Ordering::Relaxed) + 8;
+    let pg_from = progress(&pool_progress) + 8;
+    hold(
+        &mut second,
+        &mut sampler,
+        "second",
+        Duration::from_secs(30),
+        every,
+    )?;
+    let http_to = next_id.load(Ordering::Relaxed).saturating_sub(8);
+    let pg_to = progress(&pool_progress).saturating_sub(8);
+    // The pool's connections, opened before this agent, in its inventory.
+    let inventory = second.get("/connections").unwrap_or_default();
+    let body = inventory.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let recovered_pool = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|j| {
+            j["connections"].as_array().map(|rows| {
+                rows.iter()
+                    .filter(|r| {
+                        r["server_port"] == pg.port
+                            && r["db_system"] == "postgresql"
+                            && r["recovered"] == true
+                    })
+                    .count()
+            })
+        })
+        .unwrap_or(0);
+    let metrics = second.get("/metrics").unwrap_or_default();
+    let healthy_now = healthy(&second);
+    let peak = second.usage().peak_rss_mb.max(sampler.peak_rss_mb);
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    second.stop();
+    let json = dir.join("second.jsonl");
+    let http_right = honest_spans_right_in(&json, http_from..http_to)?;
+    let pg_right = pg_spans_right_in(&json, pg.port, pg_from..pg_to)?;
+    let (http_n, pg_n) = (
+        http_to.saturating_sub(http_from),
+        pg_to.saturating_sub(pg_from),
+    );
+    println!(
+        "second agent: HTTP {http_right} of {http_n} right, PostgreSQL {pg_right} of {pg_n} right, \
+         {recovered_pool} pool connections recovered"
+    );
+    let recovered = if !healthy_now {
+        "no: the second agent was not healthy".to_string()
+    } else if recovered_pool != 4 {
+        format!("no: {recovered_pool} of 4 pool connections recovered")
+    } else {
+        "yes: 4 of 4 pool connections recovered".to_string()
+    };
+    Ok(Outcome {
+        scenario: "restart",
+        peak_rss_mb: peak,
+        drops: drops(&metrics),
+        honest: http_n + pg_n,
+        right: http_right + pg_right,
+        recovered,
+    })
+}
+
+// ---- connections -------------------------------------------------------------
+
+/// Connections one process holds at most here: its file limit (20,000 on this
+/// machine, and no CAP_SYS_RESOURCE to raise it), less some room.
+const PER_PROCESS: usize = 18_000;
+
+/// nginx answering 200 `ok` on every path on `ports`, with enough workers (each
+/// under the file limit, `reuseport` spreading the connections) for `connections`.
+fn nginx_ports(dir: &Path, ports: &[u16], connections: usize) -> Result<Proc> {
+    let conf = dir.join("nginx.conf");
+    let listens: String = ports
+        .iter()
+        .map(|p| format!("listen 127.0.0.1:{p} backlog=65535 reuseport; "))
+        .collect();
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections {per}; }}\n\
+             http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;\n\
+             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ {listens} default_type text/plain;\n\
+             location / {{ return 200 'ok\\n'; }} }} }}\n",
+            d = dir.display(),
+            workers = connections.div_ceil(PER_PROCESS) + 1,
+            per = PER_PROCESS + 1000,
+        ),
+    )?;
+    serve(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("error.log")),
+        ports[0],
+        "nginx",
+    )
+}
+
+/// One request for `path` on `s`; whether it was answered.
+fn request(s: &mut TcpStream, path: &str, buf: &mut [u8]) -> bool {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n");
+    s.write_all(req.as_bytes()).is_ok() && read_response(s, buf).is_ok()
+}
+
+/// Requests whose path starts with `prefix` and whose number is in `ids` that gave
+/// exactly one SERVER span with a 200.
+fn server_spans_right(json: &Path, prefix: &str, ids: std::ops::Range<u64>) -> Result<u64> {
+    let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
+    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.contains(prefix) {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["kind"] != "server" {
+            continue;
+        }
+        let attrs = &v["attributes"];
+        let Some(id) = attrs["url.path"]
+            .as_str()
+            .and_then(|p| p.strip_prefix(prefix))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !ids.contains(&id) {
+            continue;
+        }
+        let ok = attrs["http.response.status_code"] == 200 && v["status"] != "error";
+        let e = seen.entry(id).or_insert((0, true));
+        e.0 += 1;
+        e.1 &= ok;
+    }
+    Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
+}
+
+fn connections(opts: &Options) -> Result<Outcome> {
+    let dir = scratch_dir("soak-connections")?;
+    let n = opts.connections;
+    // Loopback clients get about 28,000 ephemeral ports per server address: one
+    // server port per 25,000 connections.
+    let ports: Vec<u16> = (0..n.div_ceil(25_000).max(1))
+        .map(|_| free_port())
+        .collect::<Result<_>>()?;
+    let _nginx = nginx_ports(&dir, &ports, n)?;
+    let json = dir.join("spans.jsonl");
+    // Both ends of each loopback connection are sockets the agent follows.
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, format!("max-connections = {}\n", 2 * n + 65_536))?;
+    let port_args: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut agent = Agent::launch(
+        &opts.agent,
+        &[
+            ["--output", "json", "--config"].as_slice(),
+            &[config.to_str().context("a UTF-8 temp path")?],
+            &port_args
+                .iter()
+                .flat_map(|p| ["--port", p.as_str()])
+                .collect::<Vec<_>>(),
+        ]
+        .concat(),
+        Stdio::from(std::fs::File::create(&json)?),
+        Stdio::from(std::fs::File::create(dir.join("agent.log"))?),
+    )?;
+    println!("--- soak connections: {n} keep-alive connections, then churn");
+    let mut sampler = Sampler::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = honest_load(ports[0], opts.rate, stop.clone(), done.clone());
+    // The long-lived connections, each used once, held by processes under the
+    // file limit.
+    let opened = Instant::now();
+    let port_list = port_args.join(",");
+    let mut holders = Vec::new();
+    for base in (0..n).step_by(PER_PROCESS) {
+        holders.push(Holder::start(
+            &opts.python,
+            &port_list,
+            PER_PROCESS.min(n - base),
+            base,
+        )?);
+    }
+    for h in &mut holders {
+        let line = h.line()?;
+        if line != "ready" {
+            bail!("a connection holder said {line:?}");
+        }
+        sampler.sample(&agent, "opening");
+    }
+    println!(
+        "{n} connections open in {:.0} s",
+        opened.elapsed().as_secs_f64()
+    );
+    // Churn: short connections (one request each) and short-lived processes
+    // (curl: new pids, ports reused), beside the long-lived ones.
+    let churn_stop = Arc::new(AtomicBool::new(false));
+    let short_done = Arc::new(AtomicU64::new(0));
+    let short = {
+        let (stop, done, port) = (churn_stop.clone(), short_done.clone(), ports[0]);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let id = done.load(Ordering::Relaxed);
+                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port))
+                    && request(&mut s, &format!("/short/{id}"), &mut buf)
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let curl_done = Arc::new(AtomicU64::new(0));
+    let curls = {
+        let (stop, done, port) = (churn_stop.clone(), curl_done.clone(), ports[0]);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let id = done.load(Ordering::Relaxed);
+                let ok = Command::new("curl")
+                    .args(["-sf", "-o", "/dev/null"])
+                    .arg(format!("http://127.0.0.1:{port}/curl/{id}"))
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    hold(
+        &mut agent,
+        &mut sampler,
+        "churn",
+        Duration::from_secs(opts.churn_seconds),
+        Duration::from_secs(10),
+    )?;
+    churn_stop.store(true, Ordering::Relaxed);
+    let _ = short.join();
+    let _ = curls.join();
+    // The long-lived connections still give right spans: a sample of 1,000.
+    let step = (n / 1000).max(1);
+    let mut sampled = 0u64;
+    for h in &mut holders {
+        writeln!(h.stdin, "{step}")?;
+    }
+    for h in &mut holders {
+        let line = h.line()?;
+        sampled += line
+            .strip_prefix("sampled ")
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("a connection holder said {line:?}"))?;
+    }
+    hold(
+        &mut agent,
+        &mut sampler,
+        "after",
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    let metrics = agent.get("/metrics").unwrap_or_default();
+    let healthy_now = healthy(&agent);
+    let peak = agent.usage().peak_rss_mb.max(sampler.peak_rss_mb);
+    drop(holders);
+    std::thread::sleep(Duration::from_secs(2));
+    agent.stop();
+    let long_ids = 0..n as u64;
+    let long_right = server_spans_right(&json, "/long/", long_ids)?;
+    let short_n = short_done.load(Ordering::Relaxed);
+    let curl_n = curl_done.load(Ordering::Relaxed);
+    let short_right = server_spans_right(&json, "/short/", 0..short_n)?;
+    let curl_right = server_spans_right(&json, "/curl/", 0..curl_n)?;
+    let honest_n = done.load(Ordering::Relaxed);
+    let honest_right = honest_spans_right(&json)?;
+    println!(
+        "long-lived {long_right}/{sampled}, short {short_right}/{short_n}, curl processes {curl_right}/{curl_n}, honest {honest_right}/{honest_n} right"
+    );
+    Ok(Outcome {
+        scenario: "conns",
+        peak_rss_mb: peak,
+        drops: drops(&metrics),
+        honest: sampled + short_n + curl_n + honest_n,
+        right: long_right + short_right + curl_right + honest_right,
+        recovered: if healthy_now {
+            "yes: healthy".to_string()
+        } else {
+            "no: not healthy at the end".to_string()
+        },
+    })
+}
+
+/// Holds `n` keep-alive connections to the ports (round robin), each used once
+/// (`/open`); prints `ready`; then each line `STEP` on stdin sends `/long/<base+j>`
+/// on every STEP-th connection and prints `sampled <answered>`.
+const HOLDER: &str = r#"
+import socket, sys
+ports = [int(p) for p in sys.argv[1].split(",")]
+n, base = int(sys.argv[2]), int(sys.argv[3])
+def ask(s, path):
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n".encode())
+    got = b""
+    while not got.endswith(b"ok\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            return False
+        got += chunk
+    return True
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", ports[(base + i) % len(ports)]))
+    if not ask(s, "/open"):
+        sys.exit(f"connection {i} got no answer")
+    socks.append(s)
+print("ready", flush=True)
+for line in sys.stdin:
+    step = int(line)
+    ok = sum(1 for j in range(0, n, step) if ask(socks[j], f"/long/{base + j}"))
+    print("sampled", ok, flush=True)
+"#;
+
+/// One [`HOLDER`] process: (process, its stdin, its stdout lines).
+struct Holder {
+    _proc: Proc,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Holder {
+    fn start(python: &Path, ports: &str, n: usize, base: usize) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(python)
+            .args(["-c", HOLDER, ports, &n.to_string(), &base.to_string()])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a connection holder")?;
+        let stdin = child.stdin.take().context("holder stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("holder stdout")?).lines();
+        Ok(Self {
+            _proc: Proc(child),
+            stdin,
+            stdout,
+        })
+    }
+
+    /// The next line it prints.
+    fn line(&mut self) -> Result<String> {
+        self.stdout
+            .next()
+            .context("the holder exited")?
+            .context("reading the holder")
+    }
 }

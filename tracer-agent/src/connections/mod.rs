@@ -119,8 +119,9 @@ pub struct TableLimits {
     /// Requests waiting for their response on one connection (pipelining depth).
     pub max_pending_requests: usize,
     /// Bytes all connections' decoders may hold between chunks at once (heads
-    /// spanning reads, statement texts, kept prefixes); beyond it a connection
-    /// whose decoder grows is no longer decoded.
+    /// spanning reads, statement texts, kept prefixes: the data held, not the
+    /// capacity an idle connection keeps for reuse, which `max_connections`
+    /// bounds); beyond it a connection whose decoder grows is no longer decoded.
     pub max_held_bytes: usize,
 }
 
@@ -1032,10 +1033,10 @@ impl Connection {
             Protocol::Http1(h) => {
                 h.requests.held_bytes()
                     + h.responses.held_bytes()
-                    + h.pending.capacity() * size_of::<http::PendingRequest>()
-                    + h.scratch.capacity() * size_of::<Http1Message>()
+                    + h.pending.len() * size_of::<http::PendingRequest>()
+                    + h.scratch.len() * size_of::<Http1Message>()
             }
-            Protocol::Db(d) => d.decoder.held_bytes() + d.scratch.capacity() * size_of::<DbCall>(),
+            Protocol::Db(d) => d.decoder.held_bytes() + d.scratch.len() * size_of::<DbCall>(),
             Protocol::Other => 0,
         }
     }
