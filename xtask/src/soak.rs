@@ -208,38 +208,60 @@ fn honest_spans_right(json: &Path) -> Result<u64> {
 
 /// As [`honest_spans_right`], for the requests whose id is in `ids`.
 fn honest_spans_right_in(json: &Path, ids: std::ops::Range<u64>) -> Result<u64> {
+    server_spans_right(json, "/honest/", ids)
+}
+
+/// Requests for `<prefix><n>`, n in `ids`, that gave exactly one SERVER span with
+/// a 200.
+fn server_spans_right(json: &Path, prefix: &str, ids: std::ops::Range<u64>) -> Result<u64> {
+    spans_right(
+        json,
+        prefix,
+        ids,
+        // The server's spans (the client's own spans carry the path too).
+        |v| {
+            if v["kind"] != "server" {
+                return None;
+            }
+            v["attributes"]["url.path"]
+                .as_str()?
+                .strip_prefix(prefix)?
+                .parse()
+                .ok()
+        },
+        |v| v["attributes"]["http.response.status_code"] == 200 && v["status"] != "error",
+    )
+}
+
+/// Of the operations numbered `ids`, those with exactly one span in the agent's
+/// JSON lines (lines holding `needle`; `id` numbers a span, `right` checks it),
+/// and that one right.
+fn spans_right(
+    json: &Path,
+    needle: &str,
+    ids: std::ops::Range<u64>,
+    id: impl Fn(&serde_json::Value) -> Option<u64>,
+    right: impl Fn(&serde_json::Value) -> bool,
+) -> Result<u64> {
     let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
-    let mut seen: HashMap<String, (u32, bool)> = HashMap::new();
+    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line?;
-        if !line.contains("/honest/") || !line.contains("\"server\"") {
+        if !line.contains(needle) {
             continue;
         }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if v["kind"] != "server" {
+        if v["type"] != "span" {
             continue;
         }
-        let attrs = &v["attributes"];
-        let Some(path) = attrs["url.path"].as_str() else {
+        let Some(n) = id(&v).filter(|n| ids.contains(n)) else {
             continue;
         };
-        let Some(id) = path
-            .strip_prefix("/honest/")
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if !ids.contains(&id) {
-            continue;
-        }
-        let ok = attrs["http.response.status_code"] == 200
-            && attrs["http.request.method"] == "GET"
-            && v["status"] != "error";
-        let e = seen.entry(path.to_string()).or_insert((0, true));
+        let e = seen.entry(n).or_insert((0, true));
         e.0 += 1;
-        e.1 &= ok;
+        e.1 &= right(&v);
     }
     Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
 }
@@ -317,6 +339,38 @@ fn hold(
     Ok(())
 }
 
+/// The agent following `port`, its spans as JSON lines to `dir/spans.jsonl` and
+/// over OTLP gRPC to the collector on `grpc`, its log to `dir/agent.log`.
+fn traced_and_exported(opts: &Options, dir: &Path, port: u16, grpc: u16) -> Result<Agent> {
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let port_arg = port.to_string();
+    Agent::launch(
+        &opts.agent,
+        &[
+            "--output",
+            "json",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--port",
+            &port_arg,
+        ],
+        Stdio::from(std::fs::File::create(dir.join("spans.jsonl"))?),
+        Stdio::from(std::fs::File::create(dir.join("agent.log"))?),
+    )
+}
+
+/// Stops the honest load and waits for its threads.
+fn end_load(stop: &AtomicBool, load: Vec<std::thread::JoinHandle<Result<()>>>) -> Result<()> {
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    Ok(())
+}
+
 fn healthy(agent: &Agent) -> bool {
     agent
         .get("/healthz")
@@ -331,23 +385,7 @@ fn outage(opts: &Options) -> Result<Outcome> {
     let (grpc, http) = (free_port()?, free_port()?);
     let mut collector = Some(collector_on(&opts.rotel, &dir, grpc, http)?);
     let json = dir.join("spans.jsonl");
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let port_arg = port.to_string();
-    let mut agent = Agent::launch(
-        &opts.agent,
-        &[
-            "--output",
-            "json",
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-protocol",
-            "grpc",
-            "--port",
-            &port_arg,
-        ],
-        Stdio::from(std::fs::File::create(&json)?),
-        Stdio::from(std::fs::File::create(dir.join("agent.log"))?),
-    )?;
+    let mut agent = traced_and_exported(opts, &dir, port, grpc)?;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let load = honest_load(port, opts.rate, stop.clone(), done.clone());
@@ -391,11 +429,7 @@ fn outage(opts: &Options) -> Result<Outcome> {
         Duration::from_secs(20),
         every,
     )?;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-    }
+    end_load(&stop, load)?;
     std::thread::sleep(Duration::from_secs(3));
     let metrics = agent.get("/metrics").unwrap_or_default();
     let healthy_now = healthy(&agent);
@@ -514,24 +548,8 @@ fn hostile(opts: &Options) -> Result<Outcome> {
     let (grpc, http) = (free_port()?, free_port()?);
     let _collector = collector_on(&opts.rotel, &dir, grpc, http)?;
     let json = dir.join("spans.jsonl");
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let port_arg = port.to_string();
     let log = dir.join("agent.log");
-    let mut agent = Agent::launch(
-        &opts.agent,
-        &[
-            "--output",
-            "json",
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-protocol",
-            "grpc",
-            "--port",
-            &port_arg,
-        ],
-        Stdio::from(std::fs::File::create(&json)?),
-        Stdio::from(std::fs::File::create(&log)?),
-    )?;
+    let mut agent = traced_and_exported(opts, &dir, port, grpc)?;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let load = honest_load(port, opts.rate, stop.clone(), done.clone());
@@ -573,11 +591,7 @@ fn hostile(opts: &Options) -> Result<Outcome> {
         Duration::from_secs(15),
         Duration::from_secs(5),
     )?;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-    }
+    end_load(&stop, load)?;
     std::thread::sleep(Duration::from_secs(3));
     let metrics = agent.get("/metrics").unwrap_or_default();
     let healthy_now = healthy(&agent);
@@ -634,36 +648,25 @@ fn progress(path: &Path) -> u64 {
 /// PostgreSQL calls `SELECT ? AS q<n>` with n in `ids` that gave exactly one
 /// CLIENT span to `port`, from the agent's JSON lines.
 fn pg_spans_right_in(json: &Path, port: u16, ids: std::ops::Range<u64>) -> Result<u64> {
-    let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
-    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        if !line.contains("AS q") {
-            continue;
-        }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let attrs = &v["attributes"];
-        let Some(id) = attrs["db.query.text"]
-            .as_str()
-            .and_then(|t| t.strip_prefix("SELECT ? AS q"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if !ids.contains(&id) {
-            continue;
-        }
-        let ok = v["kind"] == "client"
-            && attrs["db.system.name"] == "postgresql"
-            && attrs["server.port"] == port
-            && v["status"] != "error";
-        let e = seen.entry(id).or_insert((0, true));
-        e.0 += 1;
-        e.1 &= ok;
-    }
-    Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
+    spans_right(
+        json,
+        "AS q",
+        ids,
+        // The pool's calls (the database server's end makes no spans).
+        |v| {
+            v["attributes"]["db.query.text"]
+                .as_str()?
+                .strip_prefix("SELECT ? AS q")?
+                .parse()
+                .ok()
+        },
+        |v| {
+            v["kind"] == "client"
+                && v["attributes"]["db.system.name"] == "postgresql"
+                && v["attributes"]["server.port"] == port
+                && v["status"] != "error"
+        },
+    )
 }
 
 fn restart(opts: &Options) -> Result<Outcome> {
@@ -752,11 +755,7 @@ fn restart(opts: &Options) -> Result<Outcome> {
     let metrics = second.get("/metrics").unwrap_or_default();
     let healthy_now = healthy(&second);
     let peak = second.usage().peak_rss_mb.max(sampler.peak_rss_mb);
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-    }
+    end_load(&stop, load)?;
     std::thread::sleep(Duration::from_secs(2));
     second.stop();
     let json = dir.join("second.jsonl");
@@ -831,41 +830,6 @@ fn nginx_ports(dir: &Path, ports: &[u16], connections: usize) -> Result<Proc> {
 fn request(s: &mut TcpStream, path: &str, buf: &mut [u8]) -> bool {
     let req = format!("GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n");
     s.write_all(req.as_bytes()).is_ok() && read_response(s, buf).is_ok()
-}
-
-/// Requests whose path starts with `prefix` and whose number is in `ids` that gave
-/// exactly one SERVER span with a 200.
-fn server_spans_right(json: &Path, prefix: &str, ids: std::ops::Range<u64>) -> Result<u64> {
-    let file = std::fs::File::open(json).with_context(|| format!("{}", json.display()))?;
-    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        if !line.contains(prefix) {
-            continue;
-        }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["kind"] != "server" {
-            continue;
-        }
-        let attrs = &v["attributes"];
-        let Some(id) = attrs["url.path"]
-            .as_str()
-            .and_then(|p| p.strip_prefix(prefix))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if !ids.contains(&id) {
-            continue;
-        }
-        let ok = attrs["http.response.status_code"] == 200 && v["status"] != "error";
-        let e = seen.entry(id).or_insert((0, true));
-        e.0 += 1;
-        e.1 &= ok;
-    }
-    Ok(seen.values().filter(|(n, ok)| *n == 1 && *ok).count() as u64)
 }
 
 fn connections(opts: &Options) -> Result<Outcome> {
@@ -992,11 +956,7 @@ fn connections(opts: &Options) -> Result<Outcome> {
         Duration::from_secs(10),
         Duration::from_secs(5),
     )?;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-    }
+    end_load(&stop, load)?;
     let metrics = agent.get("/metrics").unwrap_or_default();
     let healthy_now = healthy(&agent);
     let peak = agent.usage().peak_rss_mb.max(sampler.peak_rss_mb);
