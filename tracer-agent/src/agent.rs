@@ -190,7 +190,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             otlp,
             batch_size: 2048,
             batch_timeout: Duration::from_secs(1),
-            // About 40,000 spans: bounded memory through a collector outage.
+            // About 27,000 HTTP spans (the outage soak): bounded memory through a
+            // collector outage.
             max_buffered_bytes: 16 << 20,
             red,
             metrics_interval: Duration::from_secs(15),
