@@ -127,30 +127,39 @@ pub fn run(opts: &Options) -> Result<()> {
 /// nginx answering 200 `ok` on every path (one worker), on a free port.
 fn nginx_ok(dir: &Path) -> Result<(Proc, u16)> {
     let port = free_port()?;
+    Ok((nginx_serving(dir, &[port], 1, 8192)?, port))
+}
+
+/// nginx answering 200 `ok` on every path on `ports`, with `workers` workers of
+/// `per_worker` connections each (`reuseport` spreads connections among them).
+fn nginx_serving(dir: &Path, ports: &[u16], workers: usize, per_worker: usize) -> Result<Proc> {
     let conf = dir.join("nginx.conf");
+    let listens: String = ports
+        .iter()
+        .map(|p| format!("listen 127.0.0.1:{p} backlog=65535 reuseport; "))
+        .collect();
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 8192; }}\n\
-             http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 300s;\n\
+            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections {per_worker}; }}\n\
+             http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;\n\
              client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
              uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; default_type text/plain;\n\
+             server {{ {listens} default_type text/plain;\n\
              location / {{ return 200 'ok\\n'; }} }} }}\n",
             d = dir.display(),
         ),
     )?;
-    let proc = serve(
+    serve(
         Command::new("nginx")
             .arg("-c")
             .arg(&conf)
             .arg("-e")
             .arg(dir.join("error.log")),
-        port,
+        ports[0],
         "nginx",
-    )?;
-    Ok((proc, port))
+    )
 }
 
 /// Honest requests at `rate` per second over 4 keep-alive connections, each to
@@ -792,40 +801,6 @@ fn restart(opts: &Options) -> Result<Outcome> {
 /// machine, and no CAP_SYS_RESOURCE to raise it), less some room.
 const PER_PROCESS: usize = 18_000;
 
-/// nginx answering 200 `ok` on every path on `ports`, with enough workers (each
-/// under the file limit, `reuseport` spreading the connections) for `connections`.
-fn nginx_ports(dir: &Path, ports: &[u16], connections: usize) -> Result<Proc> {
-    let conf = dir.join("nginx.conf");
-    let listens: String = ports
-        .iter()
-        .map(|p| format!("listen 127.0.0.1:{p} backlog=65535 reuseport; "))
-        .collect();
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections {per}; }}\n\
-             http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;\n\
-             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
-             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ {listens} default_type text/plain;\n\
-             location / {{ return 200 'ok\\n'; }} }} }}\n",
-            d = dir.display(),
-            workers = connections.div_ceil(PER_PROCESS) + 1,
-            per = PER_PROCESS + 1000,
-        ),
-    )?;
-    serve(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("error.log")),
-        ports[0],
-        "nginx",
-    )
-}
-
 /// One request for `path` on `s`; whether it was answered.
 fn request(s: &mut TcpStream, path: &str, buf: &mut [u8]) -> bool {
     let req = format!("GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n");
@@ -840,7 +815,12 @@ fn connections(opts: &Options) -> Result<Outcome> {
     let ports: Vec<u16> = (0..n.div_ceil(25_000).max(1))
         .map(|_| free_port())
         .collect::<Result<_>>()?;
-    let _nginx = nginx_ports(&dir, &ports, n)?;
+    let _nginx = nginx_serving(
+        &dir,
+        &ports,
+        n.div_ceil(PER_PROCESS) + 1,
+        PER_PROCESS + 1000,
+    )?;
     let json = dir.join("spans.jsonl");
     // Both ends of each loopback connection are sockets the agent follows.
     let config = dir.join("agent.toml");

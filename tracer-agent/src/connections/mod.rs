@@ -725,7 +725,6 @@ impl ConnectionTable {
     fn data_on_known<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
         if !self.conns.contains_key(&rec.meta.sock) {
             let known = self.evicted.remove(&rec.meta.sock);
-            self.make_room(ctx);
             let conn = match known {
                 // Evicted when the table was full: back with what it was.
                 Some((endpoints, role, db)) => {
@@ -759,6 +758,8 @@ impl ConnectionTable {
                     conn
                 }
             };
+            // Room is made only for a connection that is followed.
+            self.make_room(ctx);
             self.conns.insert(rec.meta.sock, conn);
         }
         let Some(conn) = self.conns.get_mut(&rec.meta.sock) else {
