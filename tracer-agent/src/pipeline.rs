@@ -141,6 +141,7 @@ pub async fn process_events(
     let mut last_recovered_check = Instant::now();
     let mut idle_checked: std::collections::HashMap<u64, std::time::Instant> = Default::default();
     let mut published = (stitch.counts, down.causality.refused);
+    let mut stuck = false;
     if !config.recovered.is_empty() {
         let added = table.recover(&config.recovered, unix_nano_now(), &mut down);
         log::info!("recovered {added} connections open before the agent started (from /proc)");
@@ -180,7 +181,7 @@ pub async fn process_events(
         for span in ready.iter().filter(|s| s.attr("db.system.name").is_some()) {
             down.pools.settled(span.span_id, span.trace_id);
         }
-        send(ready, &tx, &telemetry, &red);
+        send(ready, &tx, &telemetry, &red, &mut stuck).await;
         let now = Instant::now();
         if pools.due(now.into_std()) {
             check_idle_connections(
@@ -214,7 +215,7 @@ pub async fn process_events(
     stitch_new_spans(&mut down, &mut stitch, &mut ready);
     stitch.flush(&mut ready);
     publish_parent_counts(&telemetry, &mut published, &stitch, &down);
-    send(ready, &tx, &telemetry, &red);
+    send(ready, &tx, &telemetry, &red, &mut stuck).await;
 }
 
 /// Hands the spans the connection table made to the stitcher.
@@ -343,11 +344,25 @@ fn record_pool_counts(
     );
 }
 
-fn send(
-    spans: Vec<Span>,
+/// Spans per batch handed to export: a burst larger than the queue goes out in
+/// pieces, each waiting for its room.
+const SPANS_PER_BATCH: usize = MAX_QUEUED_SPANS / 8;
+
+/// Longest the pipeline waits for export to make room in the span queue.
+/// Export never waits on the network (sending runs beside it), so a full queue
+/// means it is short of CPU for a moment, as when a burst of spans is released
+/// at once; past this wait the batch is dropped and counted.
+const SPAN_QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// Hands spans to export, waiting up to [`SPAN_QUEUE_WAIT`] for room. Once a
+/// wait has run out, later batches do not wait until there is room again, so an
+/// export that stays stuck never holds the pipeline up more than once.
+async fn send(
+    mut spans: Vec<Span>,
     tx: &mpsc::Sender<Vec<Span>>,
     telemetry: &Telemetry,
     red: &SharedRedMetrics,
+    stuck: &mut bool,
 ) {
     if spans.is_empty() {
         return;
@@ -356,17 +371,97 @@ fn send(
         let mut red = crate::sync::lock(red);
         spans.iter().for_each(|s| red.record(s));
     }
-    let n = spans.len() as u64;
-    let room = telemetry
-        .spans_backlog
-        .try_add(spans.len(), MAX_QUEUED_SPANS);
-    if !room || tx.try_send(spans).is_err() {
-        if room {
-            telemetry.spans_backlog.take(n as usize);
+    while !spans.is_empty() {
+        let rest = spans.split_off(spans.len().min(SPANS_PER_BATCH));
+        let batch = std::mem::replace(&mut spans, rest);
+        let n = batch.len();
+        let backlog = &telemetry.spans_backlog;
+        let room = if backlog.try_add(n, MAX_QUEUED_SPANS) {
+            *stuck = false;
+            true
+        } else if *stuck {
+            false
+        } else {
+            let deadline = Instant::now() + SPAN_QUEUE_WAIT;
+            let room = backlog.add_within(n, MAX_QUEUED_SPANS, deadline).await;
+            *stuck = !room;
+            room
+        };
+        if !room || tx.try_send(batch).is_err() {
+            if room {
+                backlog.take(n);
+            }
+            telemetry
+                .queue_dropped
+                .get_or_create(&QueueLabel::new(Queue::Spans))
+                .inc_by(n as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::RedMetrics;
+
+    fn spans(n: usize) -> Vec<Span> {
+        (0..n)
+            .map(|i| crate::spans::sample_span(i as u32))
+            .collect()
+    }
+
+    fn dropped(telemetry: &Telemetry) -> u64 {
         telemetry
             .queue_dropped
             .get_or_create(&QueueLabel::new(Queue::Spans))
-            .inc_by(n);
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_burst_larger_than_the_span_queue_waits_for_export_and_loses_nothing() {
+        let telemetry = Arc::new(Telemetry::new());
+        let red: SharedRedMetrics = Arc::new(std::sync::Mutex::new(RedMetrics::new(100)));
+        let (tx, mut rx) = mpsc::channel::<Vec<Span>>(1024);
+        let t = telemetry.clone();
+        let export = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(batch) = rx.recv().await {
+                tokio::time::sleep(Duration::from_millis(1)).await; // a slow export
+                t.spans_backlog.take(batch.len());
+                got += batch.len();
+            }
+            got
+        });
+        let mut stuck = false;
+        let burst = 3 * MAX_QUEUED_SPANS + 17;
+        send(spans(burst), &tx, &telemetry, &red, &mut stuck).await;
+        drop(tx);
+        assert_eq!(export.await.unwrap(), burst);
+        assert_eq!(dropped(&telemetry), 0);
+        assert!(!stuck);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_export_costs_one_wait_then_batches_are_dropped_and_counted() {
+        let telemetry = Telemetry::new();
+        let red: SharedRedMetrics = Arc::new(std::sync::Mutex::new(RedMetrics::new(100)));
+        let (tx, _rx) = mpsc::channel::<Vec<Span>>(1024); // nobody reads
+        let mut stuck = false;
+        send(spans(MAX_QUEUED_SPANS), &tx, &telemetry, &red, &mut stuck).await;
+        assert_eq!(dropped(&telemetry), 0, "the queue holds its bound");
+        let started = Instant::now();
+        send(spans(10), &tx, &telemetry, &red, &mut stuck).await;
+        assert_eq!(started.elapsed(), SPAN_QUEUE_WAIT, "waited once");
+        assert!(stuck);
+        assert_eq!(dropped(&telemetry), 10);
+        let started = Instant::now();
+        send(spans(5), &tx, &telemetry, &red, &mut stuck).await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "no second wait");
+        assert_eq!(dropped(&telemetry), 15);
+        // Export takes some: the next batch fits and waiting is back on.
+        telemetry.spans_backlog.take(100);
+        send(spans(5), &tx, &telemetry, &red, &mut stuck).await;
+        assert!(!stuck);
+        assert_eq!(dropped(&telemetry), 15);
     }
 }

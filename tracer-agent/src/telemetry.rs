@@ -204,22 +204,42 @@ pub struct BackendLabel {
 
 /// Items waiting in a channel of batches, counted by both of its ends.
 #[derive(Debug, Default)]
-pub struct Backlog(std::sync::atomic::AtomicUsize);
+pub struct Backlog {
+    items: std::sync::atomic::AtomicUsize,
+    /// Woken whenever items leave, for a sender waiting for room.
+    freed: tokio::sync::Notify,
+}
 
 impl Backlog {
     /// Reserves room for `n` more items if the backlog stays within `max`.
     pub fn try_add(&self, n: usize, max: usize) -> bool {
         use std::sync::atomic::Ordering;
-        self.0
+        self.items
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 (cur + n <= max).then_some(cur + n)
             })
             .is_ok()
     }
 
+    /// Reserves room for `n` more items (at most `max`), waiting until `deadline`
+    /// for the receiving end to take some; false if there was no room by then.
+    pub async fn add_within(&self, n: usize, max: usize, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable(); // a take from now on wakes it
+            if self.try_add(n, max) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return self.try_add(n, max);
+            }
+        }
+    }
+
     /// Items waiting now.
     pub fn len(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+        self.items.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -230,10 +250,11 @@ impl Backlog {
     pub fn take(&self, n: usize) {
         use std::sync::atomic::Ordering;
         let _ = self
-            .0
+            .items
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 Some(cur.saturating_sub(n))
             });
+        self.freed.notify_waiters();
     }
 }
 
