@@ -1,7 +1,9 @@
-//! Memory cost of a tracked database connection: heap bytes the connection table
-//! holds per PostgreSQL client connection that connected, authenticated and ran a
-//! few statements (prepared ones included), as the leak detector and the inventory
-//! need it. Counted by a global allocator, so the figure is exact for this build.
+//! Memory cost of a tracked connection: heap bytes the connection table holds per
+//! PostgreSQL client connection that connected, authenticated and ran a few
+//! statements (prepared ones included), as the leak detector and the inventory
+//! need it; and per idle HTTP/1.1 keep-alive connection (server end and client
+//! end) after a few requests, as a proxy with many keep-alive connections holds
+//! them. Counted by a global allocator, so the figure is exact for this build.
 //! `cargo bench -p tracer-agent --bench conn_memory`.
 
 use std::{
@@ -140,6 +142,75 @@ fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
     ]
 }
 
+/// Three keep-alive exchanges on one HTTP/1.1 connection, then idle.
+fn http_session(sock: u64, port: u16, t0: u64, role: Role) -> Vec<Event> {
+    let meta = |ts: u64| Meta {
+        ts_ns: ts,
+        tgid: 4242,
+        tid: 4243,
+        sock,
+        comm: "app".into(),
+    };
+    let (request_flow, response_flow) = match role {
+        Role::Server => (Direction::Recv, Direction::Send),
+        _ => (Direction::Send, Direction::Recv),
+    };
+    let data = |ts: u64, direction: Direction, payload: &[u8]| {
+        Event::Data(DataRecord {
+            meta: meta(ts),
+            direction,
+            syscall: 0,
+            total_len: payload.len() as u32,
+            payload: payload.to_vec().into(),
+            flags: 0,
+        })
+    };
+    let request = b"GET /api/orders/42?expand=items HTTP/1.1\r\nHost: shop.internal:8080\r\nUser-Agent: app/1.0\r\nAccept: application/json\r\n\r\n";
+    let response =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    let mut events = vec![Event::ConnOpen {
+        meta: meta(t0),
+        endpoints: Endpoints {
+            local: std::net::SocketAddr::from(([10, 0, 0, 7], port)),
+            remote: "10.0.0.9:8080".parse().unwrap(),
+        },
+        role,
+    }];
+    for i in 0..3 {
+        events.push(data(t0 + 10 + i * 20, request_flow, request));
+        events.push(data(t0 + 20 + i * 20, response_flow, response));
+    }
+    events
+}
+
+/// Heap bytes per connection after `n` connections ran `session` and went idle.
+fn per_connection(
+    n: u64,
+    procs: &mut ProcessTable,
+    telemetry: &Telemetry,
+    session: &dyn Fn(u64, u16, u64) -> Vec<Event>,
+) -> (isize, usize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut t = ConnectionTable::new(TableLimits::default());
+    // The pool tracker and causality state count too: they hold what the
+    // table reports of each connection.
+    let mut down = Downstream::default();
+    for i in 0..n {
+        for e in session(
+            0xffff_1000_0000 + i,
+            (10_000 + i) as u16,
+            1_000_000 + i * 1_000,
+        ) {
+            t.handle(e, procs, telemetry, &mut down);
+        }
+        down.spans.clear();
+    }
+    let rows = t.db_inventory(2_000_000_000, procs, &down.pools).len();
+    let held = LIVE.load(Ordering::Relaxed) - before;
+    drop(t);
+    (held, rows)
+}
+
 fn main() {
     let telemetry = Telemetry::new();
     let mut procs = ProcessTable::with_proc_root(16, "/nonexistent");
@@ -153,30 +224,23 @@ fn main() {
     }
     drop(warm);
     for n in [1_000u64, 10_000] {
-        let before = LIVE.load(Ordering::Relaxed);
-        let mut t = ConnectionTable::new(TableLimits::default());
-        // The pool tracker and causality state count too: they hold what the
-        // table reports of each connection.
-        let mut down = Downstream::default();
-        for i in 0..n {
-            for e in session(
-                0xffff_1000_0000 + i,
-                (10_000 + i) as u16,
-                1_000_000 + i * 1_000,
-            ) {
-                t.handle(e, &mut procs, &telemetry, &mut down);
-            }
-            down.spans.clear();
-        }
-        let rows = t.db_inventory(2_000_000_000, &mut procs, &down.pools);
-        assert_eq!(rows.len() as u64, n, "every connection is in the inventory");
-        drop(rows);
-        let held = LIVE.load(Ordering::Relaxed) - before;
+        let (held, rows) = per_connection(n, &mut procs, &telemetry, &session);
+        assert_eq!(rows as u64, n, "every connection is in the inventory");
         println!(
             "{n:>6} tracked PostgreSQL connections: {:.1} MiB, {} bytes per connection",
             held as f64 / (1024.0 * 1024.0),
             held / n as isize
         );
-        drop(t);
+    }
+    for (role, name) in [(Role::Server, "server"), (Role::Client, "client")] {
+        let n = 10_000u64;
+        let session = |sock, port, t0| http_session(sock, port, t0, role);
+        let (held, rows) = per_connection(n, &mut procs, &telemetry, &session);
+        assert_eq!(rows, 0, "HTTP connections are not database connections");
+        println!(
+            "{n:>6} idle HTTP/1.1 keep-alive connections ({name} end): {:.1} MiB, {} bytes per connection",
+            held as f64 / (1024.0 * 1024.0),
+            held / n as isize
+        );
     }
 }

@@ -228,6 +228,8 @@ enum Framing {
 
 /// Where the decoder is in the byte stream.
 #[derive(Debug)]
+/// A message in progress is boxed: a decoder between messages (an idle
+/// keep-alive connection) stays small.
 enum State {
     /// Between messages: the next non-CR/LF byte starts a head.
     Start,
@@ -235,16 +237,19 @@ enum State {
     /// head is in the chunk being read).
     Head { start_ns: u64, last_ns: u64 },
     /// Skipping a `Content-Length` body; `remaining > 0`.
-    Length { msg: Http1Message, remaining: u64 },
+    Length {
+        msg: Box<Http1Message>,
+        remaining: u64,
+    },
     /// Inside a chunked body.
     Chunked {
-        msg: Http1Message,
+        msg: Box<Http1Message>,
         body: ChunkedBody,
     },
     /// A response body delimited by the connection close.
-    UntilClose { msg: Http1Message },
+    UntilClose { msg: Box<Http1Message> },
     /// A message whose end is unknown: it lasts until a chunk begins with a start line.
-    SyncLost { msg: Http1Message },
+    SyncLost { msg: Box<Http1Message> },
     /// No message: chunks are skipped until one begins with a start line.
     Resync,
     /// After `101 Switching Protocols` or a CONNECT tunnel: everything is ignored.
@@ -537,11 +542,11 @@ impl Http1Decoder {
             State::Head { .. } | State::Resync => State::Resync,
             State::Length { mut msg, .. } | State::Chunked { mut msg, .. } => {
                 msg.body_sync_lost = true;
-                out.push(msg);
+                out.push(*msg);
                 State::Resync
             }
             State::UntilClose { msg } | State::SyncLost { msg } => {
-                out.push(msg);
+                out.push(*msg);
                 State::Resync
             }
         };
@@ -848,7 +853,7 @@ impl Http1Decoder {
             Framing::Length(_) | Framing::Chunked | Framing::UntilClose
                 if truncated && self.kind == MessageKind::Response =>
             {
-                State::SyncLost { msg }
+                State::SyncLost { msg: Box::new(msg) }
             }
             _ if truncated => {
                 out.push(msg);
@@ -858,12 +863,15 @@ impl Http1Decoder {
                 out.push(msg);
                 State::Start
             }
-            Framing::Length(remaining) => State::Length { msg, remaining },
+            Framing::Length(remaining) => State::Length {
+                msg: Box::new(msg),
+                remaining,
+            },
             Framing::Chunked => State::Chunked {
-                msg,
+                msg: Box::new(msg),
                 body: ChunkedBody::START,
             },
-            Framing::UntilClose => State::UntilClose { msg },
+            Framing::UntilClose => State::UntilClose { msg: Box::new(msg) },
         };
         Ok(())
     }
@@ -935,7 +943,7 @@ impl Http1Decoder {
             State::Length { msg, .. }
             | State::Chunked { msg, .. }
             | State::UntilClose { msg }
-            | State::SyncLost { msg } => out.push(msg),
+            | State::SyncLost { msg } => out.push(*msg),
             State::Start | State::Head { .. } | State::Resync | State::Tunnel => {}
         }
     }

@@ -18,7 +18,6 @@ pub(super) struct DbConn {
     pub(super) last_culprit: Option<Culprit>,
     /// The handshake's end was seen (or can no longer be timed).
     pub(super) ready: bool,
-    pub(super) scratch: Vec<DbCall>,
 }
 
 impl DbConn {
@@ -35,7 +34,6 @@ impl DbConn {
             call_culprit: None,
             last_culprit: None,
             ready,
-            scratch: Vec::new(),
         }
     }
 }
@@ -72,8 +70,9 @@ impl Connection {
                 request_started = db.ready;
             }
         }
-        db.scratch.clear();
-        if let Err(e) = db.decoder.feed(from_client, chunk, &mut db.scratch) {
+        let mut calls = std::mem::take(&mut ctx.scratch.db);
+        calls.clear();
+        if let Err(e) = db.decoder.feed(from_client, chunk, &mut calls) {
             log::debug!(
                 "{} decode error on {:?}: {e}",
                 db.decoder.system().as_str(),
@@ -101,7 +100,8 @@ impl Connection {
             in_flight: db.decoder.in_flight(),
             in_transaction: db.decoder.tx_status().in_transaction(),
         };
-        if db.scratch.is_empty() {
+        if calls.is_empty() {
+            ctx.scratch.db = calls;
             let encrypted = db.decoder.encrypted();
             ctx.out.db(DbObservation::Used(usage));
             if encrypted {
@@ -128,7 +128,7 @@ impl Connection {
             dedicated_thread: db.cause.dedicated,
             header: false,
         };
-        for call in db.scratch.drain(..) {
+        for call in calls.drain(..) {
             let span = db_span(&DbExchange {
                 call: &call,
                 local: self.endpoints.local,
@@ -146,6 +146,7 @@ impl Connection {
             ctx.telemetry.spans_built.inc();
             ctx.out.span(span);
         }
+        ctx.scratch.db = calls;
         ctx.out.db(DbObservation::Used(usage));
     }
 }

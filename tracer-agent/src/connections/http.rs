@@ -8,7 +8,6 @@ pub(super) struct HttpConn {
     pub(super) requests: Http1Decoder,
     pub(super) responses: Http1Decoder,
     pub(super) pending: VecDeque<PendingRequest>,
-    pub(super) scratch: Vec<Http1Message>,
     /// Index of the next request on this connection.
     pub(super) next_exchange: u64,
     /// Both ends count exchanges alike only when followed from the first byte.
@@ -175,14 +174,15 @@ impl Connection {
         } else {
             Direction::Send
         };
+        let mut messages = std::mem::take(&mut ctx.scratch.http);
+        messages.clear();
         if rec.direction == requests_flow {
-            http.scratch.clear();
-            if let Err(e) = http.requests.feed(chunk, &mut http.scratch) {
+            if let Err(e) = http.requests.feed(chunk, &mut messages) {
                 log::debug!("HTTP request decode error on {:?}: {e}", self.endpoints);
                 ctx.telemetry.dropped(DropReason::HttpRequestMalformed);
                 // The open request's body was dropped with the message in progress;
                 // it keeps its head, and its place in `pending`.
-                if http.scratch.is_empty() {
+                if messages.is_empty() {
                     http.open_request = None;
                 }
             }
@@ -192,7 +192,6 @@ impl Connection {
                 opened_ns: self.opened_ns,
                 sock: self.sock,
             };
-            let mut messages = std::mem::take(&mut http.scratch);
             for (i, message) in messages.drain(..).enumerate() {
                 if i == 0
                     && let Some(open) = http.open_request.take()
@@ -205,7 +204,7 @@ impl Connection {
                 }
                 http.register(message, rec, &end, ctx);
             }
-            http.scratch = messages;
+            ctx.scratch.http = messages;
             if http.open_request.is_none()
                 && let Some(head) = http.requests.in_progress()
             {
@@ -214,15 +213,15 @@ impl Connection {
             }
             return;
         }
-        http.scratch.clear();
-        if let Err(e) = http.responses.feed(chunk, &mut http.scratch) {
+        if let Err(e) = http.responses.feed(chunk, &mut messages) {
             log::debug!("HTTP response decode error on {:?}: {e}", self.endpoints);
             ctx.telemetry.dropped(DropReason::HttpResponseMalformed);
         }
-        let responses = std::mem::take(&mut http.scratch);
-        for response in &responses {
+        for response in &messages {
             self.answer(response, rec.meta.tid, ctx);
         }
+        messages.clear();
+        ctx.scratch.http = messages;
         if let Protocol::Http1(http) = &mut self.protocol {
             if http.responses.is_tunnel() {
                 // 101 Switching Protocols or CONNECT: what follows is not HTTP/1.
@@ -231,9 +230,9 @@ impl Connection {
                     forget_request(self.role, self.pid, &req, ctx);
                 }
                 self.protocol = Protocol::Other;
-            } else {
-                http.scratch = responses;
-                http.scratch.clear();
+            } else if http.pending.is_empty() && http.pending.capacity() > 0 {
+                // Every request is answered: an idle connection holds no queue.
+                http.pending = VecDeque::new();
             }
         }
     }

@@ -291,6 +291,7 @@ pub struct ConnectionTable {
     http_limits: Http1Limits,
     /// Bytes all connections' decoders hold (see [`TableLimits::max_held_bytes`]).
     held: Arc<AtomicUsize>,
+    scratch: Scratch,
 }
 
 /// Everything a connection needs from the table to turn messages into spans.
@@ -301,6 +302,17 @@ struct Ctx<'a, O: Observer> {
     http_limits: Http1Limits,
     max_pending: usize,
     out: &'a mut O,
+    /// Decoded messages between a decoder and the connection that reads them:
+    /// one for the whole table, not one per connection.
+    scratch: &'a mut Scratch,
+}
+
+/// Buffers decoders fill with the messages of one chunk, emptied before the
+/// next. Shared by every connection: an idle connection holds none.
+#[derive(Default)]
+struct Scratch {
+    http: Vec<Http1Message>,
+    db: Vec<DbCall>,
 }
 
 impl<O: Observer> Ctx<'_, O> {
@@ -334,6 +346,7 @@ impl ConnectionTable {
             options,
             http_limits: Http1Limits::default(),
             held: Arc::default(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -420,6 +433,7 @@ impl ConnectionTable {
         procs: &'a mut ProcessTable,
         telemetry: &'a Telemetry,
         out: &'a mut O,
+        scratch: &'a mut Scratch,
     ) -> Ctx<'a, O> {
         Ctx {
             procs,
@@ -428,6 +442,7 @@ impl ConnectionTable {
             http_limits: self.http_limits.clone(),
             max_pending: self.limits.max_pending_requests,
             out,
+            scratch,
         }
     }
 
@@ -439,14 +454,20 @@ impl ConnectionTable {
         telemetry: &Telemetry,
         out: &mut impl Observer,
     ) {
-        let mut ctx = self.ctx(procs, telemetry, out);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut ctx = self.ctx(procs, telemetry, out, &mut scratch);
+        self.handle_in(event, &mut ctx);
+        self.scratch = scratch;
+    }
+
+    fn handle_in<O: Observer>(&mut self, event: Event, ctx: &mut Ctx<'_, O>) {
         self.latest_ns = self.latest_ns.max(event.meta().ts_ns);
         if self
             .closing_order
             .front()
             .is_some_and(|&(due, _)| due <= self.latest_ns)
         {
-            self.expire_closing_at(self.latest_ns, &mut ctx);
+            self.expire_closing_at(self.latest_ns, ctx);
         }
         match event {
             Event::ConnOpen {
@@ -455,11 +476,11 @@ impl ConnectionTable {
                 role,
             } => {
                 if let Some((_, old)) = self.closing.remove(&meta.sock) {
-                    old.close(&mut ctx);
+                    old.close(ctx);
                 }
                 if let Some(old) = self.remove(meta.sock, ctx.out) {
                     // The kernel reused the socket address: the old connection is over.
-                    old.close(&mut ctx);
+                    old.close(ctx);
                 }
                 self.evicted.remove(&meta.sock);
                 if let Some(key) = self.recovered.remove(&(endpoints.local, endpoints.remote))
@@ -476,14 +497,14 @@ impl ConnectionTable {
                     }
                     self.conns.insert(meta.sock, conn);
                 } else {
-                    self.make_room(&mut ctx);
+                    self.make_room(ctx);
                     self.conns.insert(
                         meta.sock,
                         Connection::new(&meta, endpoints, role, &self.held),
                     );
                 }
             }
-            Event::Data(rec) => self.data(rec, &mut ctx),
+            Event::Data(rec) => self.data(rec, ctx),
             Event::ConnClose { meta, .. } => {
                 self.evicted.remove(&meta.sock);
                 if let Some(mut conn) = self.remove(meta.sock, ctx.out) {
@@ -497,14 +518,14 @@ impl ConnectionTable {
                             if self.closing.get(&sock).is_some_and(|(d, _)| *d == due)
                                 && let Some((_, old)) = self.closing.remove(&sock)
                             {
-                                old.close(&mut ctx);
+                                old.close(ctx);
                             }
                         }
                         let due = meta.ts_ns + CLOSE_GRACE_NS;
                         self.closing.insert(meta.sock, (due, conn));
                         self.closing_order.push_back((due, meta.sock));
                     } else {
-                        conn.close(&mut ctx);
+                        conn.close(ctx);
                     }
                 }
             }
@@ -697,13 +718,15 @@ impl ConnectionTable {
         if self.closing_order.is_empty() {
             return;
         }
-        let mut ctx = self.ctx(procs, telemetry, out);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut ctx = self.ctx(procs, telemetry, out, &mut scratch);
         let by = if now_ns == u64::MAX {
             u64::MAX
         } else {
             self.latest_ns.max(now_ns.saturating_sub(IDLE_CLOSE_NS))
         };
         self.expire_closing_at(by, &mut ctx);
+        self.scratch = scratch;
     }
 
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
@@ -1016,7 +1039,6 @@ impl Connection {
             requests: Http1Decoder::new(MessageKind::Request, limits.clone()),
             responses: Http1Decoder::new(MessageKind::Response, limits.clone()),
             pending: VecDeque::new(),
-            scratch: Vec::new(),
             next_exchange: 0,
             // A connection seen connecting or being accepted, whose first bytes are
             // this request: both ends number its exchanges alike.
@@ -1035,9 +1057,8 @@ impl Connection {
                 h.requests.held_bytes()
                     + h.responses.held_bytes()
                     + h.pending.len() * size_of::<http::PendingRequest>()
-                    + h.scratch.len() * size_of::<Http1Message>()
             }
-            Protocol::Db(d) => d.decoder.held_bytes() + d.scratch.len() * size_of::<DbCall>(),
+            Protocol::Db(d) => d.decoder.held_bytes(),
             Protocol::Other => 0,
         }
     }
