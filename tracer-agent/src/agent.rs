@@ -215,11 +215,29 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     // Everything that needs privileges is done: keep only what reading /proc needs.
     match crate::privileges::drop_after_attach() {
-        Ok(d) => log::info!(
-            "programs attached; capabilities given up: {}; kept: {}",
-            list_or_none(&crate::privileges::names(d.dropped)),
-            list_or_none(&crate::privileges::names(d.kept))
-        ),
+        Ok(d) => {
+            // The other threads follow when they next park or wake: wake them.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            let mut holding = crate::privileges::threads_holding_more();
+            while !holding.is_empty() && tokio::time::Instant::now() < deadline {
+                for _ in 0..4 {
+                    tokio::spawn(async {});
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                holding = crate::privileges::threads_holding_more();
+            }
+            log::info!(
+                "programs attached; capabilities given up: {}; kept: {}",
+                list_or_none(&crate::privileges::names(d.dropped)),
+                list_or_none(&crate::privileges::names(d.kept))
+            );
+            for (thread, caps) in holding {
+                log::warn!(
+                    "thread {thread} still holds capabilities {}",
+                    list_or_none(&crate::privileges::names(caps))
+                );
+            }
+        }
         Err(e) => log::warn!("cannot give up capabilities after attaching: {e}"),
     }
     let capture = tokio::spawn(capture.run(event_tx, telemetry.clone(), cancel.clone(), recording));

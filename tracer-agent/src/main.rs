@@ -63,8 +63,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // Capabilities are per thread: once the programs are attached, each of
+            // the runtime's threads gives its up too (see privileges.rs).
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .on_thread_start(tracer_agent::privileges::follow_on_this_thread)
+                .on_thread_park(tracer_agent::privileges::follow_on_this_thread)
+                .on_thread_unpark(tracer_agent::privileges::follow_on_this_thread)
                 .enable_all()
                 .build()
             {

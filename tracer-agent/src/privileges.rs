@@ -5,7 +5,11 @@
 //! past the files' modes: `/proc/PID/environ` is 0400 and owned by the process's
 //! user), so the rest is given up for good.
 
-use std::io;
+use std::{
+    cell::Cell,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 /// Linux capability numbers (linux/capability.h).
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -219,8 +223,21 @@ pub struct Dropped {
     pub kept: u64,
 }
 
-/// Gives up every capability but [`KEPT_AFTER_ATTACH`]: from the effective,
-/// permitted and inheritable sets, the ambient set and, when allowed
+/// The capabilities every thread of the agent keeps once [`drop_after_attach`]
+/// ran (`u64::MAX`: not yet). Capabilities belong to threads, not processes: the
+/// runtime's threads that exist already give theirs up themselves
+/// ([`follow_on_this_thread`]); threads started later inherit the smaller sets.
+static KEPT_BY_THREADS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+thread_local! {
+    /// This thread gave up its capabilities.
+    static GIVEN_UP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Gives up every capability but [`KEPT_AFTER_ATTACH`] on the calling thread and
+/// has every other thread of the runtime follow ([`follow_on_this_thread`], run by
+/// the runtime's hooks; [`threads_holding_more`] tells when they have): from the
+/// effective, permitted and inheritable sets, the ambient set and, when allowed
 /// (`CAP_SETPCAP`), the bounding set; and sets no_new_privs, so that nothing the
 /// agent might run gains any back.
 pub fn drop_after_attach() -> io::Result<Dropped> {
@@ -228,6 +245,56 @@ pub fn drop_after_attach() -> io::Result<Dropped> {
     let keep_mask: u64 = KEPT_AFTER_ATTACH
         .iter()
         .fold(0, |m, (cap, _)| m | (1u64 << cap));
+    let kept = permitted & keep_mask;
+    KEPT_BY_THREADS.store(kept, Ordering::SeqCst);
+    drop_this_thread(kept)?;
+    GIVEN_UP.set(true);
+    Ok(Dropped {
+        dropped: effective & !kept,
+        kept,
+    })
+}
+
+/// What a runtime thread runs when it parks, unparks or starts: once
+/// [`drop_after_attach`] ran, the thread gives up what the first one did (once).
+pub fn follow_on_this_thread() {
+    let kept = KEPT_BY_THREADS.load(Ordering::Relaxed);
+    if kept == u64::MAX || GIVEN_UP.get() {
+        return;
+    }
+    GIVEN_UP.set(true);
+    if let Err(e) = drop_this_thread(kept) {
+        log::warn!("a thread cannot give up its capabilities: {e}");
+    }
+}
+
+/// Threads of this process (name, effective set) that hold capabilities beyond
+/// what [`drop_after_attach`] kept: none once every thread followed.
+pub fn threads_holding_more() -> Vec<(String, u64)> {
+    let kept = KEPT_BY_THREADS.load(Ordering::SeqCst);
+    if kept == u64::MAX {
+        return Vec::new();
+    }
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let name = status.lines().find_map(|l| l.strip_prefix("Name:"))?.trim();
+            let eff = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+            (eff & !kept != 0).then(|| (name.to_string(), eff))
+        })
+        .collect()
+}
+
+/// The calling thread gives up all capabilities but `kept`.
+fn drop_this_thread(kept: u64) -> io::Result<()> {
+    let (effective, _) = current()?;
     // SAFETY: prctl with these options takes plain integer arguments.
     unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
@@ -245,17 +312,12 @@ pub fn drop_after_attach() -> io::Result<Dropped> {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(40)
             .min(63);
-        for cap in (0..=last).filter(|c| keep_mask & (1u64 << c) == 0) {
+        for cap in (0..=last).filter(|c| kept & (1u64 << c) == 0) {
             // SAFETY: as above; a capability the kernel does not know fails harmlessly.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         }
     }
-    let kept = permitted & keep_mask;
-    set(kept, kept)?;
-    Ok(Dropped {
-        dropped: effective & !kept,
-        kept,
-    })
+    set(kept, kept)
 }
 
 #[cfg(test)]

@@ -75,9 +75,29 @@ fn unit_capabilities() -> Vec<String> {
     caps
 }
 
-/// `CapEff` of a process, as a mask.
+/// `CapEff` of a thread (or a process's main thread), as a mask.
 fn effective_caps(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    caps_in(&format!("/proc/{pid}/status"))
+}
+
+/// `CapEff` of each thread of a process (capabilities belong to threads: one
+/// that kept them keeps the process privileged).
+fn effective_caps_of_threads(pid: u32) -> Vec<(String, u64)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            (
+                format!("{} ({})", comm.trim(), t.file_name().to_string_lossy()),
+                caps_in(&t.path().join("status").to_string_lossy()),
+            )
+        })
+        .collect()
+}
+
+fn caps_in(status_path: &str) -> u64 {
+    let status = std::fs::read_to_string(status_path).expect("status");
     let hex = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -175,6 +195,19 @@ fn traces_with(caps: &[String]) -> String {
         "only CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are left once attached (CapEff {kept:#x})\n{}",
         agent.stderr.text()
     );
+    let threads = effective_caps_of_threads(agent.pid());
+    assert!(
+        threads.len() > 1,
+        "the agent runs its runtime's threads: {threads:?}"
+    );
+    for (thread, caps) in &threads {
+        assert_eq!(
+            *caps,
+            (1 << 19) | (1 << 2),
+            "thread {thread} kept more than the /proc ones (CapEff {caps:#x})\n{}",
+            agent.stderr.text()
+        );
+    }
     curl(&[&format!("http://127.0.0.1:{port}/")]);
     agent.wait_json(20, "the server span", |o| {
         spans(o).iter().any(|s| s["kind"] == "server")
