@@ -62,16 +62,21 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
-/// A session on one connection: startup, a simple query, a prepared statement
-/// parsed and executed, a transaction opened and committed.
-fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
-    let meta = |ts: u64| Meta {
+/// The fields every event of one test connection carries.
+fn meta_of(sock: u64, ts: u64) -> Meta {
+    Meta {
         ts_ns: ts,
         tgid: 4242,
         tid: 4243,
         sock,
         comm: "app".into(),
-    };
+    }
+}
+
+/// A session on one connection: startup, a simple query, a prepared statement
+/// parsed and executed, a transaction opened and committed.
+fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
+    let meta = |ts: u64| meta_of(sock, ts);
     let data = |ts: u64, direction: Direction, payload: Vec<u8>| {
         Event::Data(DataRecord {
             meta: meta(ts),
@@ -144,13 +149,7 @@ fn session(sock: u64, port: u16, t0: u64) -> Vec<Event> {
 
 /// Three keep-alive exchanges on one HTTP/1.1 connection, then idle.
 fn http_session(sock: u64, port: u16, t0: u64, role: Role) -> Vec<Event> {
-    let meta = |ts: u64| Meta {
-        ts_ns: ts,
-        tgid: 4242,
-        tid: 4243,
-        sock,
-        comm: "app".into(),
-    };
+    let meta = |ts: u64| meta_of(sock, ts);
     let (request_flow, response_flow) = match role {
         Role::Server => (Direction::Recv, Direction::Send),
         _ => (Direction::Send, Direction::Recv),
