@@ -49,6 +49,10 @@ const SPAN_QUEUE: usize = 1024;
 const MAX_METRIC_SERIES: usize = 2000;
 
 pub async fn run(config: Config) -> Result<(), AgentError> {
+    // Listened for from the start: a stop asked for while the agent starts (it
+    // loads, attaches, gives up its capabilities) is acted on once it has, never
+    // the signal's default action.
+    let mut stop = StopSignals::new().map_err(AgentError::Signal)?;
     let telemetry = Arc::new(Telemetry::new());
     let otlp = if config.otlp.is_empty() {
         None
@@ -246,18 +250,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // A stage that ends before we are told to stop leaves an agent that sees
     // nothing: that is a failure, reported by /healthz and the exit status.
     let stopped = {
-        let mut signal = std::pin::pin!(wait_for_signal());
         let mut check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                r = &mut signal => {
-                    let name = r.map_err(AgentError::Signal)?;
+                // Cancel-safe: a signal is kept for the next call.
+                name = stop.recv() => {
                     log::info!("{name}: stopping (a second signal stops at once, without flushing)");
-                    tokio::spawn(async {
-                        if let Ok(name) = wait_for_signal().await {
-                            log::error!("second signal ({name}): stopping now; what was not exported is lost");
-                            std::process::exit(EXIT_FORCED);
-                        }
+                    tokio::spawn(async move {
+                        let name = stop.recv().await;
+                        log::error!("second signal ({name}): stopping now; what was not exported is lost");
+                        std::process::exit(EXIT_FORCED);
                     });
                     break None;
                 }
@@ -355,16 +357,32 @@ const SERVER_STOP: Duration = Duration::from_secs(2);
 
 /// Waits for SIGTERM, SIGINT or SIGHUP (a closed terminal: flush and stop too);
 /// returns its name.
-async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = hup.recv() => "SIGHUP",
-    })
+/// SIGTERM, SIGINT and SIGHUP, each a request to stop (with a flush), listened
+/// for from when this is made: until then a signal has its default action.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next one's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
 }
 
 /// Connections open before the agent started, from /proc, within the --pid and

@@ -1,7 +1,7 @@
 //! Root integration tests: stopping. SIGHUP flushes like SIGTERM; a client that
 //! sent half a request to the agent's endpoint does not hold stopping up; while a
 //! black-holed collector keeps the last flush waiting, a second signal stops the
-//! agent at once.
+//! agent at once; a stop asked for while the agent starts is a clean stop.
 
 mod support;
 
@@ -119,4 +119,36 @@ fn a_second_signal_stops_at_once_while_a_hung_collector_holds_the_flush() {
         agent.stderr.text()
     );
     drop(held);
+}
+
+#[test]
+fn a_stop_asked_for_while_the_agent_starts_is_a_clean_stop() {
+    if !require_root("shutdown_while_starting") {
+        return;
+    }
+    // The endpoint is bound (and takes connections into its backlog) before the
+    // programs are loaded: SIGTERM then lands while the agent loads, attaches and
+    // gives up its capabilities.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tracer-agent"))
+        .args(["--output", "none", "--listen", &listen])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "the agent never bound {listen}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill with a child's pid and a valid signal.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait for the agent");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.success(),
+        "a SIGTERM during start-up must stop the agent cleanly, not kill it: {status}\n{stderr}"
+    );
+    assert!(stderr.contains("SIGTERM: stopping"), "{stderr}");
 }
