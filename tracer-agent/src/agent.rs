@@ -355,10 +355,9 @@ const EXIT_FORCED: i32 = 2;
 /// Longest the endpoint's open connections may hold up stopping.
 const SERVER_STOP: Duration = Duration::from_secs(2);
 
-/// Waits for SIGTERM, SIGINT or SIGHUP (a closed terminal: flush and stop too);
-/// returns its name.
-/// SIGTERM, SIGINT and SIGHUP, each a request to stop (with a flush), listened
-/// for from when this is made: until then a signal has its default action.
+/// SIGTERM, SIGINT and SIGHUP (a closed terminal), each a request to stop with a
+/// flush, listened for from when this is made: until then a signal has its
+/// default action.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,

@@ -283,13 +283,18 @@ pub fn threads_holding_more() -> Vec<(String, u64)> {
         .filter_map(|t| {
             let status = std::fs::read_to_string(t.path().join("status")).ok()?;
             let name = status.lines().find_map(|l| l.strip_prefix("Name:"))?.trim();
-            let eff = status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+            let eff = effective_in_status(&status)?;
             (eff & !kept != 0).then(|| (name.to_string(), eff))
         })
         .collect()
+}
+
+/// The effective set (`CapEff:`) of a `/proc/…/status` text.
+pub fn effective_in_status(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// The calling thread gives up all capabilities but `kept`.

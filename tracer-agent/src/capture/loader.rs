@@ -239,11 +239,7 @@ pub fn privileged() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return false;
     };
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let eff = crate::privileges::effective_in_status(&status).unwrap_or(0);
     let has = |bit: u32| eff & (1u64 << bit) != 0;
     has(21) || (has(38) && has(39))
 }
