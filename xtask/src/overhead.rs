@@ -59,8 +59,18 @@ impl Drop for Proc {
     }
 }
 
+/// A port nobody listens on, never one this run handed out before: the kernel
+/// may give a just-released port again, and two servers would then share it.
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 pub(crate) fn wait_for_port(port: u16, what: &str) -> Result<()> {

@@ -34,12 +34,23 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and one this test process has not
+/// handed out before. The kernel may give a just-released port again, so two
+/// calls in a row (or in tests running side by side) could otherwise name the
+/// same port: one server then fails to bind while its twin answers for it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn wait_for_port(port: u16, what: &str) {
