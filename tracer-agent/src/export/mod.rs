@@ -723,6 +723,73 @@ mod tests {
             .map_or(0, |v| v as u64)
     }
 
+    /// A collector that takes the request but rejects part of it (`partial_success`
+    /// in a 200 answer): the rejected spans are counted, by signal, and not sent
+    /// again; an answer rejecting nothing counts nothing.
+    #[tokio::test]
+    async fn a_partial_success_is_counted_and_not_retried() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        let rejecting = Arc::new(AtomicUsize::new(1));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let app = {
+            let (rejecting, seen) = (rejecting.clone(), seen.clone());
+            axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(move || {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let rejected = rejecting.load(Ordering::SeqCst) as i64;
+                    let answer = ExportTraceServiceResponse {
+                        partial_success: Some(ExportTracePartialSuccess {
+                            rejected_spans: rejected,
+                            error_message: if rejected > 0 {
+                                "span too old".into()
+                            } else {
+                                String::new()
+                            },
+                        }),
+                    };
+                    async move {
+                        (
+                            [("content-type", "application/x-protobuf")],
+                            answer.encode_to_vec(),
+                        )
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let stage = stage_for(addr, Duration::from_secs(5));
+        let telemetry = Arc::new(Telemetry::new());
+        let rejected_total = || {
+            metric(
+                &telemetry.render(),
+                "tracer_otlp_rejected_total{exporter=\"traces\"}",
+            )
+        };
+        let mut pending = Encoded::default();
+        pending.push_spans(&(0..2).map(span).collect::<Vec<_>>(), 2);
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        assert_eq!(pending.spans, 0, "accepted: nothing kept to resend");
+        assert_eq!(rejected_total(), 1, "{}", telemetry.render());
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "nothing sent again");
+        rejecting.store(0, Ordering::SeqCst);
+        pending.push_spans(&(2..4).map(span).collect::<Vec<_>>(), 2);
+        stage.flush_now(&mut pending, &telemetry).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            rejected_total(),
+            1,
+            "a partial success of 0 rejects nothing"
+        );
+    }
+
     /// An answer retrying cannot change (400, 401) drops that request, counted,
     /// and is not sent again; a 503 keeps its spans.
     #[tokio::test]
