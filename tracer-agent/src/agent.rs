@@ -109,6 +109,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         max_sockets: config.max_connections as u32,
         empty_probes: config.empty_probes,
         backend: config.capture_backend,
+        tls: config.tls,
     })?;
     telemetry.set_capture_backend(capture.backend().name());
     if config.empty_probes {

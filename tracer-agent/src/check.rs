@@ -32,6 +32,11 @@ fn version_at_least(release: &str, major: u32, minor: u32) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// TLS stacks whose plaintext the agent does not read (their connections are
+/// counted as `encrypted`, or `tls_unassociated` for OpenSSL's memory BIOs).
+pub const TLS_NOT_COVERED: &str = "Go crypto/tls, rustls, BoringSSL, Java JSSE, GnuTLS, \
+     OpenSSL behind a memory BIO (Node.js, Python asyncio), encrypted PostgreSQL and MySQL";
+
 /// What `check` found: every requirement, each capture backend, and the backend
 /// the agent will use (none when it cannot run).
 pub struct Report {
@@ -147,11 +152,19 @@ pub fn report() -> Report {
             },
         });
     }
+    let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
+    let sys_admin = crate::privileges::can_attach_uprobes();
     out.push(Finding {
-        name: "uprobes (TLS libraries, later)".into(),
+        name: "uprobes (TLS plaintext from OpenSSL)".into(),
         required: false,
-        present: Path::new("/sys/bus/event_source/devices/uprobe").exists(),
-        detail: "optional".into(),
+        present: uprobes && sys_admin,
+        detail: match (uprobes, sys_admin) {
+            (true, true) => format!("HTTPS read from OpenSSL; not covered: {TLS_NOT_COVERED}"),
+            (true, false) => "CAP_SYS_ADMIN missing, which creating uprobes needs: \
+                 encrypted connections are not decoded (Kubernetes: components/tls-capture)"
+                .into(),
+            (false, _) => "absent: encrypted connections are not decoded".into(),
+        },
     });
     let tried = privileged && tracefs;
     let backends = if tried {

@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// syscalls that this kernel has and that loads), or one of them [default: auto].
     #[arg(long, value_enum, env = "TRACER_CAPTURE_BACKEND")]
     pub capture_backend: Option<BackendChoice>,
+    /// Do not capture TLS plaintext (uprobes on OpenSSL's SSL_read/SSL_write). With
+    /// it on (the default) the agent keeps CAP_BPF and CAP_PERFMON after attaching,
+    /// to attach to copies of OpenSSL that processes load later.
+    #[arg(long)]
+    pub no_tls: bool,
     /// Benchmark floor: attach the same tracepoints with programs that do nothing
     /// (`cargo xtask bench overhead`). Traces nothing.
     #[arg(long, hide = true)]
@@ -199,6 +204,8 @@ pub struct FileConfig {
     pub parent_wait: Option<Duration>,
     pub record_events: Option<PathBuf>,
     pub capture_backend: Option<BackendChoice>,
+    /// `tls = false`: as `--no-tls`.
+    pub tls: Option<bool>,
     /// `service.namespace` of every process that sets none.
     pub service_namespace: Option<String>,
     /// `[[service]]` rules naming processes that do not name themselves.
@@ -241,6 +248,8 @@ pub struct Config {
     pub parent_wait: Duration,
     pub empty_probes: bool,
     pub capture_backend: BackendChoice,
+    /// Capture TLS plaintext (OpenSSL uprobes).
+    pub tls: bool,
     /// Where raw ring-buffer records are recorded, when asked.
     pub record_events: Option<PathBuf>,
     /// How processes that do not name themselves are named.
@@ -404,6 +413,7 @@ impl Config {
                 .capture_backend
                 .or(file.capture_backend)
                 .unwrap_or_default(),
+            tls: !args.no_tls && file.tls.unwrap_or(true),
             record_events: args.record_events.clone().or(file.record_events),
             naming,
             kube,

@@ -156,13 +156,15 @@ pub fn attach_hint() -> Option<String> {
 }
 
 /// Gives up `CAP_SYS_ADMIN` before loading when this kernel does not need it:
-/// `CAP_BPF` and `CAP_PERFMON` are held and `perf_event_paranoid` is at most 2.
-/// Returns whether it was given up. A unit or pod may then grant it for the
-/// kernels that restrict `perf_event_open` and it is used only there.
-pub fn drop_sys_admin_if_unneeded() -> io::Result<bool> {
+/// `CAP_BPF` and `CAP_PERFMON` are held, `perf_event_paranoid` is at most 2 and
+/// no uprobes (TLS) are to be attached. Returns whether it was given up. A unit
+/// or pod may then grant it for the kernels that restrict `perf_event_open` and
+/// for TLS capture, and it is used only there.
+pub fn drop_sys_admin_if_unneeded(uprobes: bool) -> io::Result<bool> {
     let (effective, permitted) = current()?;
     let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if !has(CAP_SYS_ADMIN)
+    if uprobes
+        || !has(CAP_SYS_ADMIN)
         || !has(CAP_BPF)
         || !has(CAP_PERFMON)
         || attach_needs_sys_admin(perf_event_paranoid())
@@ -239,13 +241,11 @@ thread_local! {
 /// the runtime's hooks; [`threads_holding_more`] tells when they have): from the
 /// effective, permitted and inheritable sets, the ambient set and, when allowed
 /// (`CAP_SETPCAP`), the bounding set; and sets no_new_privs, so that nothing the
-/// agent might run gains any back.
+/// agent might run gains any back. The one thread that attaches TLS probes later
+/// ([`ATTACHER_THREAD`]) gives up its own, to [`ATTACHER_KEEPS`].
 pub fn drop_after_attach() -> io::Result<Dropped> {
     let (effective, permitted) = current()?;
-    let keep_mask: u64 = KEPT_AFTER_ATTACH
-        .iter()
-        .fold(0, |m, (cap, _)| m | (1u64 << cap));
-    let kept = permitted & keep_mask;
+    let kept = permitted & proc_reading();
     KEPT_BY_THREADS.store(kept, Ordering::SeqCst);
     drop_this_thread(kept)?;
     GIVEN_UP.set(true);
@@ -253,6 +253,37 @@ pub fn drop_after_attach() -> io::Result<Dropped> {
         dropped: effective & !kept,
         kept,
     })
+}
+
+fn proc_reading() -> u64 {
+    KEPT_AFTER_ATTACH
+        .iter()
+        .fold(0, |m, (cap, _)| m | (1u64 << cap))
+}
+
+/// The name of the thread that attaches the TLS probes to copies of OpenSSL as
+/// processes load them: the only thread that keeps more than [`KEPT_AFTER_ATTACH`].
+/// It reads /proc and ELF files and makes `perf_event_open` calls; it never sees
+/// captured traffic.
+pub const ATTACHER_THREAD: &str = "tracer-tls";
+
+/// What [`ATTACHER_THREAD`] keeps: [`KEPT_AFTER_ATTACH`], `CAP_BPF`, `CAP_PERFMON`
+/// and `CAP_SYS_ADMIN`. Creating a uprobe perf event takes `CAP_SYS_ADMIN`
+/// whatever `perf_event_paranoid` says (the kernel briefly accepted
+/// `CAP_PERFMON` for it, and went back: stable kernels since 2025 check
+/// `CAP_SYS_ADMIN`).
+pub const ATTACHER_KEEPS: u64 = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN);
+
+/// Whether this thread could attach a uprobe: `CAP_SYS_ADMIN` is effective.
+pub fn can_attach_uprobes() -> bool {
+    current().is_ok_and(|(effective, _)| effective & (1u64 << CAP_SYS_ADMIN) != 0)
+}
+
+/// The attacher thread gives up everything but [`ATTACHER_KEEPS`] and
+/// [`KEPT_AFTER_ATTACH`] (and sets no_new_privs), once its first attach is done.
+pub fn drop_for_attacher() -> io::Result<()> {
+    let (_, permitted) = current()?;
+    drop_this_thread(permitted & (ATTACHER_KEEPS | proc_reading()))
 }
 
 /// What a runtime thread runs when it parks, unparks or starts: once
@@ -284,7 +315,12 @@ pub fn threads_holding_more() -> Vec<(String, u64)> {
             let status = std::fs::read_to_string(t.path().join("status")).ok()?;
             let name = status.lines().find_map(|l| l.strip_prefix("Name:"))?.trim();
             let eff = effective_in_status(&status)?;
-            (eff & !kept != 0).then(|| (name.to_string(), eff))
+            let allowed = if name == ATTACHER_THREAD {
+                kept | ATTACHER_KEEPS
+            } else {
+                kept
+            };
+            (eff & !allowed != 0).then(|| (name.to_string(), eff))
         })
         .collect()
 }

@@ -65,6 +65,9 @@ pub enum DropReason {
     MemoryBudget,
     /// A connection's first bytes are no protocol the agent decodes.
     UnknownProtocol,
+    /// A TLS connection whose plaintext the TLS probes do not bring (its process
+    /// uses a TLS library they do not cover: Go, Java, rustls): not decoded.
+    Encrypted,
     HttpRequestMalformed,
     HttpResponseMalformed,
     /// More requests waiting for answers on one connection than the limit.
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::ConnectionOpenMissed => "connection_open_missed",
             DropReason::MemoryBudget => "memory_budget",
             DropReason::UnknownProtocol => "unknown_protocol",
+            DropReason::Encrypted => "encrypted",
             DropReason::HttpRequestMalformed => "http_request_malformed",
             DropReason::HttpResponseMalformed => "http_response_malformed",
             DropReason::HttpPendingOverflow => "http_pending_overflow",
@@ -180,6 +184,8 @@ pub struct Telemetry {
     /// Bytes the connections' decoders hold between chunks (the global budget's
     /// count; beyond it growing connections are no longer decoded).
     pub decoder_held_bytes: Gauge,
+    /// Files (OpenSSL copies) the TLS probes are attached to.
+    pub tls_files: Gauge,
     /// Database connections found closed in /proc whose close event was lost.
     pub connections_closed_unseen: Counter,
     /// Spans by how parent inference linked them, and what it refused.
@@ -280,6 +286,7 @@ impl Telemetry {
             otlp_dropped: Family::default(),
             otlp_retry_delay: Gauge::default(),
             decoder_held_bytes: Gauge::default(),
+            tls_files: Gauge::default(),
             queue_depth: Family::default(),
             spans_built: Counter::default(),
             spans_exported: Family::default(),
@@ -368,6 +375,11 @@ impl Telemetry {
             "decoder_held_bytes",
             "Bytes the connections' decoders hold between chunks; past the budget (256 MiB) a connection whose decoder grows is no longer decoded (traffic_dropped reason memory_budget)",
             t.decoder_held_bytes.clone(),
+        );
+        registry.register(
+            "tls_files_attached",
+            "Copies of OpenSSL (libraries, executables that link it) the TLS probes are attached to",
+            t.tls_files.clone(),
         );
         registry.register(
             "connections_evicted",

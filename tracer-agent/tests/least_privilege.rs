@@ -1,11 +1,13 @@
 //! Root integration test: the agent runs with exactly the capabilities the
-//! DaemonSet grants (read from `deploy/kubernetes/daemonset.yaml`; on kernels with
-//! `kernel.perf_event_paranoid` above 2, plus the CAP_SYS_ADMIN of
-//! `components/restricted-perf-events`; the systemd unit's bounding set is their
-//! union), as uid 0 with no_new_privs, through `setpriv`; it must still trace a
-//! server of another user (and read that process's environment for its service
-//! name), stay healthy, and give up all but `CAP_SYS_PTRACE` and
-//! `CAP_DAC_READ_SEARCH` once attached. Without `CAP_BPF` it must fail loudly.
+//! DaemonSet grants (read from `deploy/kubernetes/daemonset.yaml`; plus the
+//! CAP_SYS_ADMIN of `components/restricted-perf-events` on kernels with
+//! `kernel.perf_event_paranoid` above 2, and of `components/tls-capture`; the
+//! systemd unit's bounding set is their union), as uid 0 with no_new_privs,
+//! through `setpriv`; it must still trace a server of another user (and read that
+//! process's environment for its service name), stay healthy, and give up all but
+//! `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH` once attached, in every thread but
+//! the TLS attacher, which keeps what creating uprobes needs. Without `CAP_BPF` it
+//! must fail loudly.
 
 mod support;
 
@@ -75,6 +77,14 @@ fn unit_capabilities() -> Vec<String> {
     caps
 }
 
+/// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: what reading other users' /proc needs.
+const PROC_READING: u64 = (1 << 19) | (1 << 2);
+/// What the TLS attacher thread keeps to attach uprobes as processes load
+/// OpenSSL: CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (uprobes need it).
+const ATTACHER: u64 = (1 << 39) | (1 << 38) | (1 << 21);
+/// The TLS attacher thread's name.
+const ATTACHER_THREAD: &str = "tracer-tls";
+
 /// `CapEff` of a thread (or a process's main thread), as a mask.
 fn effective_caps(pid: u32) -> u64 {
     caps_in(&format!("/proc/{pid}/status"))
@@ -128,8 +138,10 @@ fn perf_event_paranoid() -> i32 {
 }
 
 /// The capability the component for restricted kernels adds.
-fn component_capabilities() -> Vec<String> {
-    let text = repo_file("deploy/kubernetes/components/restricted-perf-events/kustomization.yaml");
+fn component_capabilities(component: &str) -> Vec<String> {
+    let text = repo_file(&format!(
+        "deploy/kubernetes/components/{component}/kustomization.yaml"
+    ));
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("value: "))
         .filter(|v| v.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
@@ -139,9 +151,11 @@ fn component_capabilities() -> Vec<String> {
 
 /// Runs the agent with exactly `caps` (bounding set, uid 0, no_new_privs) and
 /// checks that it traces a server of another user, reads its environment, is
-/// healthy and keeps only CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH once attached.
-/// Returns what the agent logged.
-fn traces_with(caps: &[String]) -> String {
+/// healthy and keeps only `kept_after` once attached, in every thread but the TLS
+/// attacher, which must exist (keeping `kept_after | ATTACHER`) exactly when
+/// `attacher`. Returns what the agent logged.
+fn traces_with(caps: &[String], tls: bool, attacher: bool) -> String {
+    let kept_after = PROC_READING;
     // A server of another user (nobody), naming itself in its environment.
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -173,11 +187,12 @@ fn traces_with(caps: &[String]) -> String {
 
     let wrapper = setpriv(caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let agent = Agent::start_with(
-        &wrapper,
-        &[],
-        &["--output", "json", "--port", &port.to_string()],
-    );
+    let port_arg = port.to_string();
+    let mut args = vec!["--output", "json", "--port", &port_arg];
+    if !tls {
+        args.push("--no-tls");
+    }
+    let agent = Agent::start_with(&wrapper, &[], &args);
     // The capabilities go right after attaching, which the log says.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while !agent.stderr.text().contains("capabilities given up") {
@@ -191,8 +206,8 @@ fn traces_with(caps: &[String]) -> String {
     let kept = effective_caps(agent.pid());
     assert_eq!(
         kept,
-        (1 << 19) | (1 << 2),
-        "only CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH are left once attached (CapEff {kept:#x})\n{}",
+        kept_after,
+        "only {kept_after:#x} is left once attached (CapEff {kept:#x}, TLS capture {tls})\n{}",
         agent.stderr.text()
     );
     let threads = effective_caps_of_threads(agent.pid());
@@ -200,11 +215,23 @@ fn traces_with(caps: &[String]) -> String {
         threads.len() > 1,
         "the agent runs its runtime's threads: {threads:?}"
     );
+    let is_attacher = |t: &str| t.starts_with(&format!("{ATTACHER_THREAD} "));
+    assert_eq!(
+        threads.iter().filter(|(t, _)| is_attacher(t)).count(),
+        usize::from(attacher),
+        "a TLS attacher thread exactly when TLS probes can be attached: {threads:?}\n{}",
+        agent.stderr.text()
+    );
     for (thread, caps) in &threads {
+        let allowed = if is_attacher(thread) {
+            kept_after | ATTACHER
+        } else {
+            kept_after
+        };
         assert_eq!(
             *caps,
-            (1 << 19) | (1 << 2),
-            "thread {thread} kept more than the /proc ones (CapEff {caps:#x})\n{}",
+            allowed,
+            "thread {thread} kept more than {allowed:#x} (CapEff {caps:#x})\n{}",
             agent.stderr.text()
         );
     }
@@ -263,39 +290,59 @@ fn the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_
         ["bpf", "dac_read_search", "perfmon", "sys_ptrace"],
         "the capabilities this test proves enough"
     );
-    let restricted = component_capabilities();
+    let restricted = component_capabilities("restricted-perf-events");
     assert_eq!(
         restricted,
         ["sys_admin"],
         "what the component for restricted kernels adds"
+    );
+    assert_eq!(
+        component_capabilities("tls-capture"),
+        ["sys_admin"],
+        "what the component for TLS capture adds"
     );
     let mut with_admin: Vec<String> = caps.iter().chain(&restricted).cloned().collect();
     with_admin.sort();
     assert_eq!(
         unit_capabilities(),
         with_admin,
-        "the systemd unit grants the DaemonSet's and the component's"
+        "the systemd unit grants the DaemonSet's and the components'"
     );
 
     if perf_event_paranoid() <= 2 {
-        // Upstream's levels: the DaemonSet's four are enough, and given
-        // CAP_SYS_ADMIN too (the systemd unit) the agent lets it go before loading.
-        traces_with(&caps);
-        let log = traces_with(&with_admin);
+        // Upstream's levels: the DaemonSet's four are enough for plaintext; TLS
+        // capture says why it is off.
+        let log = traces_with(&caps, true, false);
+        assert!(
+            log.contains("TLS plaintext is not captured") && log.contains("needs CAP_SYS_ADMIN"),
+            "{log}"
+        );
+        // With CAP_SYS_ADMIN (components/tls-capture, the systemd unit) the
+        // attacher alone keeps it.
+        let log = traces_with(&with_admin, true, true);
+        assert!(
+            !log.contains("CAP_SYS_ADMIN given up before loading")
+                && log.contains("TLS: probes on"),
+            "{log}"
+        );
+        // Without TLS capture CAP_SYS_ADMIN goes before loading.
+        let log = traces_with(&with_admin, false, false);
         assert!(
             log.contains("CAP_SYS_ADMIN given up before loading"),
             "{log}"
         );
     } else {
         // A Debian/Ubuntu kernel: the four are not enough, and the agent says
-        // what to do; with the component's CAP_SYS_ADMIN it traces, and gives it up.
+        // what to do; with the component's CAP_SYS_ADMIN it traces, and gives it
+        // up everywhere but in the TLS attacher.
         let stderr = fails_with(&caps);
         assert!(
             stderr.contains("kernel.perf_event_paranoid is")
                 && stderr.contains("grant CAP_SYS_ADMIN"),
             "{stderr}"
         );
-        let log = traces_with(&with_admin);
+        traces_with(&with_admin, true, true);
+        let log = traces_with(&with_admin, false, false);
         assert!(
             !log.contains("CAP_SYS_ADMIN given up before loading"),
             "{log}"

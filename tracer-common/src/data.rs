@@ -21,6 +21,10 @@ pub mod flags {
     /// The syscall was not a plain read/write family call (sendfile, splice,
     /// io_uring): only the length is known.
     pub const NO_USER_BUFFER: u32 = 4;
+    /// Plaintext of a TLS connection, read by the probes on the TLS library's
+    /// read/write functions (after decryption, before encryption); the socket's
+    /// own records of the same bytes (ciphertext) are not sent.
+    pub const TLS: u32 = 8;
 }
 
 #[repr(C)]

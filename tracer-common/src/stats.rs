@@ -25,10 +25,14 @@ pub enum Counter {
     /// return (kprobe backend: more threads were inside `tcp_sendmsg`/`tcp_recvmsg`
     /// at once than the kernel keeps return probes for).
     ReturnMissed = 8,
+    /// TLS plaintext dropped because its connection was not known: the TLS
+    /// library read or wrote without a socket call inside (a memory BIO) and the
+    /// `SSL*` had never been seen with one.
+    TlsUnassociated = 9,
 }
 
 /// Number of counters (size of the `STATS` array).
-pub const COUNTERS: u32 = 9;
+pub const COUNTERS: u32 = 10;
 
 impl Counter {
     pub const ALL: [Counter; COUNTERS as usize] = [
@@ -41,6 +45,7 @@ impl Counter {
         Counter::BytesCaptured,
         Counter::NotDecoded,
         Counter::ReturnMissed,
+        Counter::TlsUnassociated,
     ];
 
     /// Name used in the agent's metrics.
@@ -55,6 +60,7 @@ impl Counter {
             Counter::BytesCaptured => "bytes_captured",
             Counter::NotDecoded => "not_decoded",
             Counter::ReturnMissed => "return_missed",
+            Counter::TlsUnassociated => "tls_unassociated",
         }
     }
 }

@@ -111,6 +111,16 @@ fn socket_io_inner(direction: Direction, sk: u64, ret: i32, flags: i32) -> Resul
     };
     // SAFETY: pointer from a successful lookup or insert; the map value outlives this program run.
     let info = unsafe { &mut *info };
+    // Inside a TLS library's read or write (see `tls.rs`): these bytes are its
+    // ciphertext. The call learns its socket; its return sends the plaintext.
+    let in_tls = match crate::tls::TLS_CALLS.get_ptr_mut(pid_tgid) {
+        Some(call) => {
+            // SAFETY: pointer from a successful lookup, this thread's own entry.
+            unsafe { (*call).sock = sk };
+            true
+        }
+        None => false,
+    };
     if info.ignored != 0 {
         let why = if info.ignored == IGNORED_NOT_DECODED {
             Counter::NotDecoded
@@ -133,6 +143,9 @@ fn socket_io_inner(direction: Direction, sk: u64, ret: i32, flags: i32) -> Resul
         info.announced = 1;
         info.tgid = tgid;
         announce(info, tgid, tid, sk);
+    }
+    if in_tls {
+        return Ok(0);
     }
     // The thread's name goes out with the socket's first event (above) and again
     // only when another process uses the socket: user space keeps it per connection.
@@ -209,7 +222,7 @@ fn emit_eof(direction: Direction, tgid: u32, tid: u32, sk: u64, now: u64) {
 
 /// The connection's first event: its tuple and role, with the thread's name.
 #[inline(never)]
-fn announce(info: &SockInfo, tgid: u32, tid: u32, sk: u64) {
+pub(crate) fn announce(info: &SockInfo, tgid: u32, tid: u32, sk: u64) {
     let open = ConnEvent {
         header: header(EventKind::ConnOpen, tgid, tid, sk, info.opened_ns),
         tuple: info.tuple,
@@ -341,7 +354,7 @@ fn capture(event: &mut DataEvent, want: usize) {
 }
 
 #[inline(always)]
-fn copy_contiguous(event: &mut DataEvent, src: u64, want: usize) -> bool {
+pub(crate) fn copy_contiguous(event: &mut DataEvent, src: u64, want: usize) -> bool {
     let n = bounded(want);
     // SAFETY: destination is the scratch payload (n ≤ MAX_CAPTURE ≤ its size); the
     // source is user memory read through the helper.

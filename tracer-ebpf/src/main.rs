@@ -11,6 +11,8 @@
 //! - As a last resort, the syscall tracepoints `syscalls:sys_exit_{read,write,…}`,
 //!   following each syscall's file descriptor to its socket (`syscalls.rs`).
 //! - `sched:sched_process_exit`: process exits, so user space can forget processes.
+//! - Uprobes on OpenSSL's `SSL_read`/`SSL_write` (and `_ex`), in every copy of
+//!   OpenSSL the agent finds: TLS plaintext on the same connections (`tls.rs`).
 //!
 //! Nothing but TCP socket I/O and process exits reaches user space.
 #![no_std]
@@ -20,6 +22,7 @@ mod io;
 mod lifecycle;
 mod syscalls;
 mod tcp_functions;
+mod tls;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},

@@ -233,27 +233,28 @@ pub fn deploy_check(agent: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(&scratch)?;
     let mut passed = Vec::new();
 
-    // The base, and the base with the component for kernels that restrict
-    // perf_event_open, rendered through an overlay of the kind a user writes.
-    let overlay = scratch.join("restricted-perf-events");
-    std::fs::create_dir_all(&overlay)?;
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        format!(
-            "resources:\n  - {}\ncomponents:\n  - {}\n",
-            relative(&overlay, &deploy.join("kubernetes"))?.display(),
-            relative(
-                &overlay,
-                &deploy.join("kubernetes/components/restricted-perf-events")
-            )?
-            .display()
-        ),
-    )?;
-    for (variant, dir) in [
-        ("base", deploy.join("kubernetes")),
-        ("restricted-perf-events", overlay),
+    // The base, and the base with each component (kernels that restrict
+    // perf_event_open, TLS capture, both), rendered through an overlay of the kind
+    // a user writes.
+    check_manifests("base", &deploy.join("kubernetes"), &scratch, &mut passed)?;
+    for components in [
+        &["restricted-perf-events"][..],
+        &["tls-capture"],
+        &["restricted-perf-events", "tls-capture"],
     ] {
-        check_manifests(variant, &dir, &scratch, &mut passed)?;
+        let variant = components.join("+");
+        let overlay = scratch.join(&variant);
+        std::fs::create_dir_all(&overlay)?;
+        let mut text = format!(
+            "resources:\n  - {}\ncomponents:\n",
+            relative(&overlay, &deploy.join("kubernetes"))?.display()
+        );
+        for c in components {
+            let dir = deploy.join("kubernetes/components").join(c);
+            text.push_str(&format!("  - {}\n", relative(&overlay, &dir)?.display()));
+        }
+        std::fs::write(overlay.join("kustomization.yaml"), text)?;
+        check_manifests(&variant, &overlay, &scratch, &mut passed)?;
     }
     check(
         "checkov dockerfile",

@@ -107,6 +107,9 @@ enum Cmd {
         /// Seconds per run (with --bench).
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Only these test binaries of the matrix (repeatable; e.g. tls_capture).
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// Install the release agent, its systemd unit and a default config on this
     /// machine (the config and env file only when absent).
@@ -181,11 +184,12 @@ fn main() -> Result<()> {
             bench: true,
             pairs,
             seconds,
+            ..
         } => {
             setup(true)?;
             vm::bench(pairs.max(1), seconds.max(1))
         }
-        Cmd::Vm { .. } => {
+        Cmd::Vm { only, .. } => {
             setup(true)?;
             let rotel =
                 rotel_agent(&tools_dir().join("venv")).context("rotel-agent not installed")?;
@@ -196,9 +200,10 @@ fn main() -> Result<()> {
                 "syscalls",
                 &rotel,
                 ci,
+                &only,
                 &mut tally,
             )?;
-            vm::matrix(&rotel, &mut tally)?;
+            vm::matrix(&rotel, &only, &mut tally)?;
             println!(
                 "kernel matrix: {} passed, {} failed",
                 tally.passed, tally.failed
@@ -779,8 +784,8 @@ fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
         // The kernel matrix: the main tests again on this kernel with the
         // last-resort backend (the syscall tracepoints every kernel has), then in
         // VMs booting the kernels production nodes run.
-        vm::on_host(&binaries, "syscalls", &rotel, ci, &mut tally)?;
-        vm::matrix(&rotel, &mut tally)?;
+        vm::on_host(&binaries, "syscalls", &rotel, ci, &[], &mut tally)?;
+        vm::matrix(&rotel, &[], &mut tally)?;
     }
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;

@@ -80,7 +80,8 @@ fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
 
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
 /// detection, the parent chain, Kubernetes metadata from cgroups, the kernel's
-/// socket map when full, and the agent under the DaemonSet's capabilities only.
+/// socket map when full, the agent under the DaemonSet's capabilities only, and
+/// HTTPS through the TLS probes.
 const TESTS: &[(&str, &[&str])] = &[
     (
         "http_capture",
@@ -120,6 +121,13 @@ const TESTS: &[(&str, &[&str])] = &[
         &[
             "the_daemonsets_capabilities_are_enough_and_only_proc_reading_ones_stay_after_attach",
             "without_cap_bpf_the_agent_stops_and_says_why",
+        ],
+    ),
+    (
+        "tls_capture",
+        &[
+            "python_https_server_and_clients_give_the_spans_of_their_plaintext_twins",
+            "nginx_over_https_gives_curl_and_nginx_the_spans_of_their_plaintext_twins",
         ],
     ),
 ];
@@ -311,11 +319,13 @@ pub fn on_host(
     backend: &str,
     rotel: &Path,
     ci: bool,
+    only: &[String],
     tally: &mut Tally,
 ) -> Result<()> {
     eprintln!("xtask: kernel matrix: this kernel ({backend} backend)");
     let passed_before = tally.passed;
-    for (name, tests) in TESTS {
+    let tests = selected(only)?;
+    for (name, tests) in &tests {
         let (_, exe) = binaries
             .iter()
             .find(|(n, _)| n == name)
@@ -326,7 +336,7 @@ pub fn on_host(
             .args(*tests);
         crate::run_tests(&mut cmd, tally)?;
     }
-    let expected: usize = TESTS.iter().map(|(_, t)| t.len()).sum();
+    let expected: usize = tests.iter().map(|(_, t)| t.len()).sum();
     if tally.passed - passed_before != expected as u64 {
         bail!(
             "kernel matrix, this kernel ({backend} backend): {} of the {expected} tests passed",
@@ -336,8 +346,23 @@ pub fn on_host(
     Ok(())
 }
 
-/// Runs every matrix entry; their test results join `tally`.
-pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
+/// The matrix's test binaries named in `only` (all of them when it is empty).
+fn selected(only: &[String]) -> Result<Vec<(&'static str, &'static [&'static str])>> {
+    if let Some(unknown) = only.iter().find(|o| !TESTS.iter().any(|(n, _)| n == o)) {
+        let names: Vec<&str> = TESTS.iter().map(|(n, _)| *n).collect();
+        bail!("--only {unknown}: the matrix's test binaries are {names:?}");
+    }
+    Ok(TESTS
+        .iter()
+        .filter(|(n, _)| only.is_empty() || only.iter().any(|o| o == n))
+        .copied()
+        .collect())
+}
+
+/// Runs every matrix entry (with the test binaries in `only`, or all); their
+/// test results join `tally`.
+pub fn matrix(rotel: &Path, only: &[String], tally: &mut Tally) -> Result<()> {
+    let tests = selected(only)?;
     // Release: the agent's start-up is slow enough under emulation.
     let binaries = crate::integration_tests(true)?;
     let agent = workspace_root().join("target/release/tracer-agent");
@@ -363,7 +388,7 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
             "{} check > {o}/check.txt 2>&1; echo $? > {o}/check.rc\n",
             agent.display()
         );
-        for (name, tests) in TESTS {
+        for (name, tests) in &tests {
             let (_, exe) = binaries
                 .iter()
                 .find(|(n, _)| n == name)
@@ -401,7 +426,7 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
         if tally.failed > before || !failed_binaries.is_empty() {
             bail!("kernel matrix {label}: tests failed: {failed_binaries:?}");
         }
-        let expected: usize = TESTS.iter().map(|(_, t)| t.len()).sum();
+        let expected: usize = tests.iter().map(|(_, t)| t.len()).sum();
         if tally.passed - passed_before != expected as u64 {
             bail!(
                 "kernel matrix {label}: {} of the {expected} tests passed",
@@ -409,10 +434,10 @@ pub fn matrix(rotel: &Path, tally: &mut Tally) -> Result<()> {
             );
         }
         let ran = read("rcs").lines().count();
-        if ran != TESTS.len() {
+        if ran != tests.len() {
             bail!(
                 "kernel matrix {label}: {ran} of {} test binaries ran",
-                TESTS.len()
+                tests.len()
             );
         }
     }

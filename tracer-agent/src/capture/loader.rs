@@ -174,6 +174,9 @@ pub struct CaptureConfig {
     pub empty_probes: bool,
     /// Which capture backend to use (`auto`: the first that works here).
     pub backend: BackendChoice,
+    /// Capture TLS plaintext: load the OpenSSL uprobes and attach them to the
+    /// copies of OpenSSL found now (and, in [`BpfCapture::run`], later).
+    pub tls: bool,
 }
 
 /// User space's handle on the kernel's socket maps: it has the kernel skip sockets
@@ -220,13 +223,20 @@ impl KernelSockets {
 
 /// The loaded and attached kernel programs.
 pub struct BpfCapture {
-    ebpf: Ebpf,
+    /// The loaded object, while no TLS attacher holds it (the attacher thread owns
+    /// it then: it attaches programs to it as processes load OpenSSL). Held for
+    /// its attachments: dropping it detaches every program.
+    _ebpf: Option<Ebpf>,
+    /// The ring buffer, until [`BpfCapture::run`] reads it.
+    ring: Option<RingBuf<MapData>>,
     backend: Backend,
     stats: PerCpuArray<MapData, u64>,
     sockets: Option<KernelSockets>,
     /// The kprobe backend's return probes (attached outside aya, see
     /// `return_probe.rs`); dropping them detaches them.
     _return_probes: Vec<ReturnProbe>,
+    /// The TLS probes' attacher thread, when their programs loaded.
+    tls: Option<super::tls_probes::TlsAttacher>,
 }
 
 /// True when the process can load BPF programs (root or the needed capabilities).
@@ -261,8 +271,10 @@ impl BpfCapture {
             );
         }
         // Mounting tracefs was the last use of CAP_SYS_ADMIN where the kernel
-        // lets CAP_BPF and CAP_PERFMON attach.
-        match crate::privileges::drop_sys_admin_if_unneeded() {
+        // lets CAP_BPF and CAP_PERFMON attach, unless TLS probes are to be
+        // attached (uprobes need it).
+        let uprobes = cfg.tls && !cfg.empty_probes && crate::privileges::can_attach_uprobes();
+        match crate::privileges::drop_sys_admin_if_unneeded(uprobes) {
             Ok(true) => log::info!(
                 "CAP_SYS_ADMIN given up before loading: kernel.perf_event_paranoid lets CAP_BPF and CAP_PERFMON attach"
             ),
@@ -308,6 +320,7 @@ impl BpfCapture {
             max_sockets: 64,
             empty_probes: false,
             backend: BackendChoice::Auto,
+            tls: false,
         };
         Backend::ALL
             .iter()
@@ -456,6 +469,23 @@ impl BpfCapture {
                 }
             }
         }
+        let tls_probes = if cfg.empty_probes || !cfg.tls {
+            None
+        } else if !crate::privileges::can_attach_uprobes() {
+            log::warn!(
+                "TLS plaintext is not captured: attaching uprobes to OpenSSL needs CAP_SYS_ADMIN, \
+                 which this process lacks (grant it, or pass --no-tls to say so)"
+            );
+            None
+        } else {
+            match super::tls_probes::TlsProbes::load(&mut ebpf) {
+                Ok(probes) => Some(probes),
+                Err(e) => {
+                    log::warn!("TLS plaintext is not captured: {e}");
+                    None
+                }
+            }
+        };
         let socks = ebpf
             .take_map(names::SOCKS)
             .ok_or(CaptureError::MissingMap(names::SOCKS))?;
@@ -473,12 +503,31 @@ impl BpfCapture {
             map: names::STATS,
             source,
         })?;
+        let ring = ebpf
+            .take_map(names::EVENTS)
+            .ok_or(CaptureError::MissingMap(names::EVENTS))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| CaptureError::Map {
+            map: names::EVENTS,
+            source,
+        })?;
+        let (ebpf, tls) = match tls_probes {
+            // Before the agent says it is attached: a process started then is
+            // covered from its first call.
+            Some(probes) => {
+                let attacher = super::tls_probes::TlsAttacher::spawn(ebpf, probes)
+                    .map_err(CaptureError::Io)?;
+                (None, Some(attacher))
+            }
+            None => (Some(ebpf), None),
+        };
         Ok(Self {
-            ebpf,
+            _ebpf: ebpf,
+            ring: Some(ring),
             backend,
             stats,
             sockets,
             _return_probes: return_probes,
+            tls,
         })
     }
 
@@ -514,13 +563,9 @@ impl BpfCapture {
         recording: Option<std::fs::File>,
     ) -> Result<(), CaptureError> {
         let ring = self
-            .ebpf
-            .take_map(names::EVENTS)
+            .ring
+            .take()
             .ok_or(CaptureError::MissingMap(names::EVENTS))?;
-        let ring = RingBuf::try_from(ring).map_err(|source| CaptureError::Map {
-            map: names::EVENTS,
-            source,
-        })?;
         log::debug!("ring buffer fd {}", ring.as_raw_fd());
         // SAFETY: the ring buffer owns its fd and outlives the registration (both
         // live in this function and are dropped together).
@@ -540,6 +585,9 @@ impl BpfCapture {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = stats_tick.tick() => {
+                    if let Some(tls) = self.tls.as_ref() {
+                        telemetry.tls_files.set(tls.files() as i64);
+                    }
                     let now = self.kernel_counters();
                     telemetry.add_kernel_counters(&last, &now);
                     last = now;

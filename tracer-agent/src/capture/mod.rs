@@ -12,6 +12,8 @@ pub mod loader;
 pub mod reader;
 pub mod recording;
 mod return_probe;
+pub mod tls_libs;
+pub mod tls_probes;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -316,7 +318,8 @@ pub fn decode_into(
                     arena.extend_from_slice(payload);
                     arena.split().freeze()
                 },
-                flags: d.flags & (flags::UNREADABLE | flags::TRUNCATED | flags::NO_USER_BUFFER),
+                flags: d.flags
+                    & (flags::UNREADABLE | flags::TRUNCATED | flags::NO_USER_BUFFER | flags::TLS),
             }))
         }
         EventKind::ProcExit => Ok(Event::ProcExit {

@@ -365,6 +365,7 @@ impl Connection {
                 dedicated_thread: req.dedicated,
                 header,
             },
+            tls: self.tls,
         });
         traceparent::apply_traceparent(&mut span, req.traceparent);
         ctx.telemetry.spans_built.inc();

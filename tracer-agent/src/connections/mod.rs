@@ -151,6 +151,29 @@ enum Protocol {
     /// Not a protocol we decode (or the server end of a database connection): its
     /// traffic is ignored.
     Other,
+    /// A TLS handshake: ciphertext, until the TLS probes bring the plaintext
+    /// (the connection then starts over as `Unknown`). A process whose TLS library
+    /// is not probed never brings any: past [`MAX_CIPHERTEXT_RECORDS`] records
+    /// the connection is `Other`, counted as `encrypted`.
+    Encrypted {
+        records: u32,
+    },
+}
+
+/// Ciphertext records a TLS connection may have before its plaintext shows (a
+/// handshake is a few in each direction).
+const MAX_CIPHERTEXT_RECORDS: u32 = 32;
+
+/// True when `bytes` begin a TLS record that starts a connection: a handshake
+/// (ClientHello, ServerHello) of SSL 3.0 to TLS 1.3, with a plausible length.
+fn looks_like_tls_handshake(bytes: &[u8]) -> bool {
+    match bytes {
+        [0x16, 0x03, minor, hi, lo, ..] => {
+            let len = u16::from_be_bytes([*hi, *lo]);
+            *minor <= 0x04 && len > 0 && len <= 16_384 + 2_048
+        }
+        _ => false,
+    }
 }
 
 /// A connection's first records are kept while they hold fewer bytes than this in
@@ -264,6 +287,9 @@ pub struct Connection {
     closed_ns: u64,
     /// Bytes its decoders hold, in the table's budget.
     held: Held,
+    /// Its plaintext comes from the TLS probes (the socket's own records are
+    /// ciphertext, and ignored).
+    tls: bool,
 }
 
 /// All followed connections, keyed by kernel socket address.
@@ -798,6 +824,15 @@ impl ConnectionTable {
             conn.end_of_stream(&rec, ctx);
             return;
         }
+        if rec.flags & tracer_common::data::flags::TLS != 0 {
+            if !conn.tls {
+                conn.begin_plaintext();
+            }
+        } else if conn.tls {
+            // Ciphertext outside the TLS library's reads and writes (the
+            // handshake's end, alerts): its plaintext, if any, came from the probes.
+            return;
+        }
         conn.last_io_ns = rec.meta.ts_ns;
         match rec.direction {
             Direction::Send => conn.bytes_sent += u64::from(rec.total_len),
@@ -871,6 +906,7 @@ impl Connection {
                 total: held.clone(),
                 mine: 0,
             },
+            tls: false,
         }
     }
 
@@ -908,7 +944,30 @@ impl Connection {
         match &mut self.protocol {
             Protocol::Http1(_) => self.http_data(rec, &chunk, ctx),
             Protocol::Db(_) => self.db_data(rec, &chunk, ctx),
+            Protocol::Encrypted { records } => {
+                *records += 1;
+                if *records > MAX_CIPHERTEXT_RECORDS {
+                    // Its process's TLS library is not one the probes know.
+                    self.protocol = Protocol::Other;
+                    ctx.telemetry.dropped(DropReason::Encrypted);
+                }
+            }
             Protocol::Unknown(_) | Protocol::Other => {}
+        }
+    }
+
+    /// The TLS probes brought this connection's first plaintext: what came before
+    /// was ciphertext (a handshake), and the protocol is learned from the
+    /// plaintext, as if the connection had just opened.
+    fn begin_plaintext(&mut self) {
+        self.tls = true;
+        self.bytes_sent = 0;
+        self.bytes_recv = 0;
+        if matches!(
+            self.protocol,
+            Protocol::Unknown(_) | Protocol::Encrypted { .. } | Protocol::Other
+        ) {
+            self.protocol = Protocol::Unknown(Probe::default());
         }
     }
 
@@ -976,6 +1035,10 @@ impl Connection {
     ) {
         if bytes.is_empty() {
             return; // nothing captured to tell from: the next record will
+        }
+        if !self.tls && looks_like_tls_handshake(bytes) {
+            self.protocol = Protocol::Encrypted { records: 0 };
+            return;
         }
         let sent = rec.direction == Direction::Send;
         // A connection the kernel did not see open (opened before the agent) can be
@@ -1059,7 +1122,7 @@ impl Connection {
                     + h.pending.len() * size_of::<http::PendingRequest>()
             }
             Protocol::Db(d) => d.decoder.held_bytes(),
-            Protocol::Other => 0,
+            Protocol::Other | Protocol::Encrypted { .. } => 0,
         }
     }
 
@@ -1112,7 +1175,7 @@ impl Connection {
                 0
             }
             Protocol::Db(db) => db.decoder.finish(),
-            Protocol::Unknown(_) | Protocol::Other => 0,
+            Protocol::Unknown(_) | Protocol::Other | Protocol::Encrypted { .. } => 0,
         };
         ctx.telemetry
             .dropped_n(DropReason::RequestUnanswered, unanswered as u64);

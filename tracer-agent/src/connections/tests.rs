@@ -251,6 +251,97 @@ fn joining_mid_response_waits_for_the_next_request() {
     assert_eq!(r.spans[0].start_unix_nano, 10);
 }
 
+/// A record of TLS plaintext, as the probes on the TLS library send it.
+fn tls_data(sock: u64, ts: u64, pid: u32, direction: Direction, bytes: &[u8]) -> Event {
+    let Event::Data(mut rec) = data(sock, ts, pid, direction, bytes, bytes.len() as u32) else {
+        unreachable!()
+    };
+    rec.flags = tracer_common::data::flags::TLS;
+    Event::Data(rec)
+}
+
+/// A TLS record header and a few bytes of its body (`total` bytes in all).
+fn ciphertext(sock: u64, ts: u64, direction: Direction, kind: u8, total: u32) -> Event {
+    let len = (total - 5) as u16;
+    let mut bytes = vec![kind, 3, 3];
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(&[0xa5; 16]);
+    data(sock, ts, 200, direction, &bytes, total)
+}
+
+/// A TLS connection: the handshake's ciphertext waits, the plaintext the probes
+/// bring is decoded as if the connection had just opened, and the socket's own
+/// records of it (ciphertext) after that are ignored; the span says https.
+#[test]
+fn tls_plaintext_from_the_probes_is_decoded_and_its_ciphertext_ignored() {
+    let mut r = Replay::new();
+    r.feed(vec![
+        Event::ConnOpen {
+            meta: meta(SOCK_CLIENT, 1, 200),
+            endpoints: endpoints(false),
+            role: Role::Client,
+        },
+        ciphertext(SOCK_CLIENT, 2, Direction::Send, 0x16, 517),
+        ciphertext(SOCK_CLIENT, 3, Direction::Recv, 0x16, 1400),
+        ciphertext(SOCK_CLIENT, 4, Direction::Send, 0x14, 80),
+        tls_data(SOCK_CLIENT, 10, 200, Direction::Send, REQ),
+        ciphertext(SOCK_CLIENT, 11, Direction::Send, 0x17, 70),
+        ciphertext(SOCK_CLIENT, 20, Direction::Recv, 0x17, 80),
+        tls_data(SOCK_CLIENT, 21, 200, Direction::Recv, RESP),
+    ]);
+    assert_eq!(r.spans.len(), 1, "{:#?}", r.spans);
+    let span = &r.spans[0];
+    assert_eq!(span.name, "GET /a");
+    assert_eq!((span.start_unix_nano, span.end_unix_nano), (10, 21));
+    assert_eq!(
+        span.attr("url.full").map(|v| v.to_string()),
+        Some("https://localhost:8000/a".to_string())
+    );
+    assert_eq!(
+        span.attr("tls.protocol.name").map(|v| v.to_string()),
+        Some("tls".to_string())
+    );
+    assert!(r.table.take_not_decoded().is_empty());
+    let text = r.telemetry.render();
+    assert!(!text.contains("reason=\"unknown_protocol\""), "{text}");
+    assert!(!text.contains("reason=\"encrypted\""), "{text}");
+}
+
+/// A TLS connection whose plaintext never comes (its TLS library is not one the
+/// probes cover): after the handshake's few records it is counted `encrypted`,
+/// not `unknown_protocol`, and the kernel is told to skip it.
+#[test]
+fn tls_without_plaintext_is_counted_encrypted_and_skipped() {
+    let mut r = Replay::new();
+    let mut events = vec![Event::ConnOpen {
+        meta: meta(SOCK_CLIENT, 1, 200),
+        endpoints: endpoints(false),
+        role: Role::Client,
+    }];
+    events.push(ciphertext(SOCK_CLIENT, 2, Direction::Send, 0x16, 517));
+    for i in 0..40u64 {
+        let direction = if i % 2 == 0 {
+            Direction::Recv
+        } else {
+            Direction::Send
+        };
+        events.push(ciphertext(SOCK_CLIENT, 3 + i, direction, 0x17, 300));
+    }
+    r.feed(events);
+    assert!(r.spans.is_empty());
+    let text = r.telemetry.render();
+    assert!(text.contains("reason=\"encrypted\"} 1"), "{text}");
+    assert!(!text.contains("reason=\"unknown_protocol\""), "{text}");
+    assert_eq!(
+        r.table
+            .take_not_decoded()
+            .iter()
+            .map(|n| n.sock)
+            .collect::<Vec<_>>(),
+        [SOCK_CLIENT]
+    );
+}
+
 #[test]
 fn other_protocols_are_ignored_and_counted() {
     let mut r = Replay::new();
@@ -265,8 +356,8 @@ fn other_protocols_are_ignored_and_counted() {
             10,
             200,
             Direction::Send,
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
-            517,
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+            32,
         ),
         data(SOCK_CLIENT, 11, 200, Direction::Send, REQ, REQ.len() as u32),
         data(
@@ -1263,7 +1354,7 @@ fn a_protocol_is_told_from_the_first_bytes_however_the_peer_split_them() {
     let sock = SOCK_CLIENT + 3;
     r.feed(vec![
         open(sock, 50),
-        data(sock, 51, 200, Direction::Send, b"\x16\x03\x01\x02\x00", 5),
+        data(sock, 51, 200, Direction::Send, b"\x05\x01\x00", 3),
     ]);
     assert_eq!(
         r.table

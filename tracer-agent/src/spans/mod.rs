@@ -306,6 +306,8 @@ pub struct HttpExchange<'a> {
     /// Assigned when the request was first seen, so children can name it early.
     pub span_id: SpanId,
     pub link: Link,
+    /// Read from the TLS library (the connection is encrypted): `https`.
+    pub tls: bool,
 }
 
 /// Host part of a `Host` header (without port; IPv6 brackets removed).
@@ -394,14 +396,16 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
             ));
             let client = x.remote;
             attributes.push(("client.port", AttrValue::Int(i64::from(client.port()))));
-            attributes.push(("url.scheme", AttrValue::Str("http".into())));
+            let scheme = if x.tls { "https" } else { "http" };
+            attributes.push(("url.scheme", AttrValue::Str(scheme.into())));
         }
         SpanKind::Client => {
             let host = server_address.as_str();
+            let scheme = if x.tls { "https" } else { "http" };
             let full = if host.contains(':') {
-                format!("http://[{host}]:{}{path}", server.port())
+                format!("{scheme}://[{host}]:{}{path}", server.port())
             } else {
-                format!("http://{host}:{}{path}", server.port())
+                format!("{scheme}://{host}:{}{path}", server.port())
             };
             attributes.push(("url.full", AttrValue::Str(Text::Owned(full))));
         }
@@ -411,6 +415,10 @@ pub fn http_span(x: &HttpExchange<'_>) -> Span {
             "user_agent.original",
             AttrValue::Str(Text::Owned(ua.clone())),
         ));
+    }
+    if x.tls {
+        // Encrypted: the plaintext was read from the TLS library.
+        attributes.push(("tls.protocol.name", AttrValue::Str("tls".into())));
     }
     let error = x.abandoned.is_some()
         || match x.kind {
@@ -718,6 +726,7 @@ mod tests {
             tid: 9,
             span_id: SpanId::random(),
             link: Link::default(),
+            tls: false,
         });
         assert_eq!(span.name, "GET /x/{id}", "named after the template, no id");
         assert_eq!(
@@ -768,6 +777,7 @@ mod tests {
             tid: 9,
             span_id: SpanId::random(),
             link: Link::default(),
+            tls: false,
         });
         assert_eq!(span.name, "HTTP /");
         assert_eq!(span.status, SpanStatus::Error);

@@ -6,6 +6,9 @@ usage:
                                          http.client writes the head and the body in
                                          separate writes), then http.client with the
                                          body 50 ms after the head (a slow upload)
+  http_clients.py get URL N CA           N GETs of URL on one `requests` session
+                                         (one keep-alive connection), trusting the
+                                         CA file CA for https:// ("-": none)
   http_clients.py give-up PORT SLOW TIMEOUT
                                          GET /slow?s=SLOW with a TIMEOUT-second
                                          read timeout: the client gives up first
@@ -48,7 +51,17 @@ def give_up(port, slow, timeout):
         print("timed out", flush=True)
 
 
+def get(url, n, ca):
+    with requests.Session() as session:
+        for _ in range(n):
+            r = session.get(url, verify=ca if ca != "-" else True)
+            print("get", r.status_code, len(r.content), flush=True)
+
+
 def main():
+    if sys.argv[1] == "get":
+        get(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
     cmd, port = sys.argv[1], int(sys.argv[2])
     if cmd == "post-bodies":
         post_bodies(port, int(sys.argv[3]))

@@ -1,10 +1,11 @@
 """A small real HTTP/1.x server for the agent's integration tests.
 
-usage: http_server.py PORT DIRECTORY [1.0|1.1]
+usage: http_server.py PORT DIRECTORY [1.0|1.1] [CERT KEY]
 
 GET serves files from DIRECTORY (404 when missing); POST reads the whole body and
 answers 201 with its length. With 1.1, connections are kept alive. With
-SET_COOKIE in the environment, every answer sets that cookie.
+SET_COOKIE in the environment, every answer sets that cookie. With CERT and KEY
+(PEM files), it serves HTTPS (Python's ssl module, the system's OpenSSL).
 """
 import functools
 import http.server
@@ -44,6 +45,12 @@ def main():
     Handler.protocol_version = "HTTP/" + version
     handler = functools.partial(Handler, directory=directory)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    if len(sys.argv) > 5:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[4], sys.argv[5])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print("ready", flush=True)
     server.serve_forever()
 

@@ -1,0 +1,256 @@
+//! TLS plaintext: uprobes on OpenSSL's `SSL_read`/`SSL_write` and their `_ex`
+//! forms, wherever the agent found a copy of OpenSSL (the system's libssl, a copy
+//! bundled with a Python wheel, a copy linked into an executable).
+//!
+//! The entry probes keep the call's arguments per thread (`TLS_CALLS`). A socket
+//! read or write the same thread makes before the call returns is the TLS
+//! library's own, on the connection the `SSL*` stands for: `socket_io` notes the
+//! socket in the call and sends no event for those bytes (they are ciphertext).
+//! The return probe then sends the plaintext as a data event on that socket,
+//! flagged `TLS`, and remembers the `SSL*`'s socket (`TLS_SOCKS`) for calls that
+//! need no socket I/O (a read served from records already decrypted). A call
+//! whose `SSL*` never had socket I/O inside a call (a memory BIO: Node.js,
+//! Python's asyncio) cannot be placed on a connection: it is counted as
+//! `tls_unassociated`, never guessed from the thread's other connections.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::{
+    MAX_CAPTURE,
+    conn::IGNORED_NOT_DECODED,
+    data::{DataEvent, DataHeader, Direction, flags},
+    event::EventKind,
+    stats::Counter,
+};
+
+use crate::{
+    CLOSED, EVENTS, SCRATCH, SOCKS, config, count, excluded_pid, header, header_without_comm,
+    io::{announce, copy_contiguous},
+    now_ns,
+};
+
+/// One `SSL_read`/`SSL_write` call in progress on a thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    ssl: u64,
+    buf: u64,
+    /// `_ex` forms: where the function writes the bytes it moved.
+    out_len: u64,
+    /// The socket the TLS library read or wrote inside this call, 0 if none yet.
+    pub sock: u64,
+    /// A [`Direction`] as `u32`.
+    direction: u32,
+    /// 1 for the `_ex` forms (return 1 on success, length through `out_len`).
+    ex: u32,
+}
+
+/// The socket of an `SSL*` in a process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TlsKey {
+    tgid: u32,
+    _pad: u32,
+    ssl: u64,
+}
+
+/// Calls in progress, by thread (`pid_tgid`). An LRU: a thread that dies inside
+/// a call leaves an entry that nothing else would remove.
+#[map(name = "TLS_CALLS")]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// `SSL*` → socket, learned from the socket I/O inside a call. An LRU: an entry
+/// pushed out is learned again at the `SSL*`'s next call with socket I/O; until
+/// then its buffered reads are counted as `tls_unassociated`.
+#[map(name = "TLS_SOCKS")]
+static TLS_SOCKS: LruHashMap<TlsKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Direction::Send, false)
+}
+
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Direction::Send, true)
+}
+
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Direction::Recv, false)
+}
+
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Direction::Recv, true)
+}
+
+/// Attached to the return of all four functions.
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    leave(&ctx);
+    0
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if excluded_pid((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let call = TlsCall {
+        ssl: ctx.arg::<u64>(0).unwrap_or(0),
+        buf: ctx.arg::<u64>(1).unwrap_or(0),
+        out_len: if ex {
+            ctx.arg::<u64>(3).unwrap_or(0)
+        } else {
+            0
+        },
+        sock: 0,
+        direction: direction as u32,
+        ex: u32::from(ex),
+    };
+    let _ = TLS_CALLS.insert(pid_tgid, call, 0);
+    0
+}
+
+#[inline(always)]
+fn leave(ctx: &RetProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a plain value copied out of the map.
+    let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = TLS_CALLS.remove(pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    // Both forms return an int.
+    let ret = ctx.ret::<u64>() as i32;
+    let moved: u64 = if call.ex != 0 {
+        if ret == 1 {
+            // SAFETY: user memory read through the helper.
+            unsafe { bpf_probe_read_user(call.out_len as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        }
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        0
+    };
+    let key = TlsKey {
+        tgid,
+        _pad: 0,
+        ssl: call.ssl,
+    };
+    let sock = if call.sock != 0 {
+        let _ = TLS_SOCKS.insert(key, call.sock, 0);
+        call.sock
+    } else {
+        // SAFETY: a plain value copied out of the map.
+        match unsafe { TLS_SOCKS.get(key) } {
+            Some(s) => *s,
+            None => {
+                if moved > 0 {
+                    count(Counter::TlsUnassociated, 1);
+                }
+                return;
+            }
+        }
+    };
+    if moved == 0 {
+        return;
+    }
+    plaintext(&call, sock, moved, tgid, tid);
+}
+
+/// Sends `moved` bytes of plaintext (a bounded prefix of `call.buf`) as a data
+/// event on `sock`. Out of line, like the socket programs' helpers, so that the
+/// frames of the call chain stay within the 512-byte stack of kernels before 6.13.
+#[inline(never)]
+fn plaintext(call: &TlsCall, sock: u64, moved: u64, tgid: u32, tid: u32) {
+    let Some(info) = SOCKS.get_ptr_mut(sock).or_else(|| CLOSED.get_ptr_mut(sock)) else {
+        // The kernel no longer follows the socket (its map was full when it
+        // started): nothing of it reaches user space.
+        return;
+    };
+    // SAFETY: pointer from a successful lookup; the map value outlives this run.
+    let info = unsafe { &mut *info };
+    if info.ignored != 0 {
+        count(
+            if info.ignored == IGNORED_NOT_DECODED {
+                Counter::NotDecoded
+            } else {
+                Counter::Filtered
+            },
+            1,
+        );
+        return;
+    }
+    if info.announced == 0 {
+        info.announced = 1;
+        info.tgid = tgid;
+        announce(info, tgid, tid, sock);
+    }
+    let owner_changed = info.tgid != tgid;
+    if owner_changed {
+        info.tgid = tgid;
+    }
+    let Some(event) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, used only by this program run.
+    let event = unsafe { &mut *event };
+    let now = now_ns();
+    let total = if moved > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        moved as u32
+    };
+    event.hdr = DataHeader {
+        header: if owner_changed {
+            header(EventKind::Data, tgid, tid, sock, now)
+        } else {
+            header_without_comm(EventKind::Data, tgid, tid, sock, now)
+        },
+        direction: call.direction,
+        syscall: 0,
+        total_len: total,
+        captured_len: 0,
+        flags: flags::TLS,
+        _pad: 0,
+    };
+    let mut want = config().capture_bytes as usize;
+    if want > MAX_CAPTURE {
+        want = MAX_CAPTURE;
+    }
+    if want as u64 > moved {
+        want = moved as usize;
+    }
+    if !copy_contiguous(event, call.buf, want) {
+        event.hdr.flags |= flags::UNREADABLE;
+        count(Counter::PayloadUnreadable, 1);
+    }
+    let captured = event.hdr.captured_len as usize;
+    if (captured as u64) < moved {
+        event.hdr.flags |= flags::TRUNCATED;
+        count(Counter::PayloadTruncated, 1);
+    }
+    count(Counter::BytesCaptured, captured as u64);
+    let len = core::mem::size_of::<DataHeader>() + (captured & (MAX_CAPTURE * 2 - 1));
+    // SAFETY: `len` is at most the size of the scratch event.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (event as *const DataEvent).cast::<u8>(),
+            len.min(core::mem::size_of::<DataEvent>()),
+        )
+    };
+    match EVENTS.output::<[u8]>(bytes, crate::wakeup_flags()) {
+        Ok(()) => count(Counter::EventsSent, 1),
+        Err(_) => count(Counter::RingbufFull, 1),
+    }
+}
