@@ -53,7 +53,28 @@ fn leaked_connections_are_reported_with_their_culprit_and_nothing_else() {
     if !require_root("leaked_connections_are_reported_with_their_culprit_and_nothing_else") {
         return;
     }
-    let pg = Postgres::start();
+    leaks_found(false);
+}
+
+/// The same app with its PostgreSQL pool over TLS (`sslmode=require`; psycopg's
+/// wheel brings its own libssl): the same leaks, kinds and culprits, read from
+/// the TLS probes' plaintext.
+#[test]
+fn leaked_connections_over_tls_are_reported_like_plaintext_ones() {
+    if !require_root("leaked_connections_over_tls_are_reported_like_plaintext_ones") {
+        return;
+    }
+    leaks_found(true);
+}
+
+/// The app leaks on both pools beside healthy traffic; `tls`: its PostgreSQL
+/// sessions are encrypted.
+fn leaks_found(tls: bool) {
+    let pg = if tls {
+        Postgres::start_tls()
+    } else {
+        Postgres::start()
+    };
     let my = Mariadb::start();
     let app_port = free_port();
     let leak_after = format!("{LEAK_AFTER_S}s");
@@ -74,9 +95,10 @@ fn leaked_connections_are_reported_with_their_culprit_and_nothing_else() {
         "--port",
         &myp,
     ]);
+    let sslmode = if tls { "require" } else { "disable" };
     let child = Command::new(python())
         .arg(support_dir().join("leaky_app.py"))
-        .args([&app, &pgp, &myp])
+        .args([&app, &pgp, &myp, sslmode])
         .stdout(Stdio::null())
         .spawn()
         .expect("start leaky_app.py");
@@ -153,6 +175,22 @@ fn leaked_connections_are_reported_with_their_culprit_and_nothing_else() {
         .filter_map(|l| l["db.system.name"].as_str())
         .collect();
     assert_eq!(systems, BTreeSet::from(["mysql", "postgresql"]));
+    // PostgreSQL's calls say whether they were encrypted; MariaDB's never are.
+    let pg_calls: Vec<&Value> = spans
+        .iter()
+        .filter(|s| attr(s, "db.system.name") == "postgresql")
+        .collect();
+    assert!(!pg_calls.is_empty());
+    for s in &pg_calls {
+        let encrypted = attr(s, "tls.protocol.name");
+        assert_eq!(encrypted == "tls", tls, "{s:#}");
+    }
+    assert!(
+        spans
+            .iter()
+            .filter(|s| attr(s, "db.system.name") == "mysql")
+            .all(|s| attr(s, "tls.protocol.name").is_null())
+    );
 
     // Pool metrics on /metrics, per pool: counts by state, peak, create and use times.
     let metrics = agent.get("/metrics");

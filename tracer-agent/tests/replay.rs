@@ -181,7 +181,7 @@ fn replay(bytes: &[u8], leak_after: Duration) -> Replayed {
             all
         });
         while !records.is_empty() {
-            drain(&mut records, &moved, &event_tx, &telemetry);
+            drain(&mut records, &moved, &event_tx, &telemetry, &mut |_| {});
             // The pipeline takes what waits before the reader goes on.
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -4,37 +4,10 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use support::*;
-
-/// A self-signed certificate for 127.0.0.1 (and localhost): (cert, key) paths.
-fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .output()
-        .expect("run openssl (Debian's openssl package)");
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
 
 /// What a span must agree on with its plaintext twin.
 fn shape(span: &Value) -> Value {
@@ -114,7 +87,7 @@ fn python_https_server_and_clients_give_the_spans_of_their_plaintext_twins() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = certificate(dir.path());
+    let (cert, key) = self_signed_certificate(dir.path());
     let root = dir.path().join("files");
     std::fs::create_dir(&root).unwrap();
     std::fs::write(root.join("page.txt"), "a page\n").unwrap();
@@ -164,7 +137,7 @@ fn nginx_over_https_gives_curl_and_nginx_the_spans_of_their_plaintext_twins() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = certificate(dir.path());
+    let (cert, key) = self_signed_certificate(dir.path());
     let root = dir.path().join("html");
     std::fs::create_dir(&root).unwrap();
     std::fs::write(root.join("a"), "a\n").unwrap();
@@ -221,4 +194,142 @@ http {{
     let plain_shapes = check_pairs(&all, plain, false, 3);
     let tls_shapes = check_pairs(&all, tls, true, 3);
     assert_eq!(plain_shapes, tls_shapes);
+}
+
+/// What a database call must agree on with its plaintext twin.
+fn db_shape(span: &Value) -> Value {
+    serde_json::json!({
+        "name": span["name"],
+        "status": span["status"],
+        "status_message": span["status_message"],
+        "db.system.name": attr(span, "db.system.name"),
+        "db.namespace": attr(span, "db.namespace"),
+        "db.operation.name": attr(span, "db.operation.name"),
+        "db.query.text": attr(span, "db.query.text"),
+        "db.response.status_code": attr(span, "db.response.status_code"),
+        "server.port": attr(span, "server.port"),
+    })
+}
+
+/// psycopg against a PostgreSQL with `ssl = on`: a session with
+/// `sslmode=require`, then the same with `sslmode=disable`. The encrypted one
+/// comes first: psycopg's wheel brings its own libssl, which no process had loaded
+/// before, so it is attached while the process starts (the loader's probe), not
+/// found later by a scan. Both give the same calls (a simple query, a prepared
+/// statement executed three times, a failing query); the encrypted ones say so.
+#[test]
+fn psycopg_over_tls_gives_the_calls_of_its_plaintext_twin() {
+    if !require_root("psycopg_over_tls_gives_the_calls_of_its_plaintext_twin") {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let port = pg.port.to_string();
+    let agent = Agent::start(&["--output", "json", "--port", &port]);
+    let mut sessions = Vec::new();
+    for (sslmode, encrypted) in [("require", "True"), ("disable", "False")] {
+        let (pid, out) = python_client("db_clients.py", &["pg-session", &port, sslmode]);
+        assert!(out.contains(&format!("ssl {encrypted}")), "{out}");
+        assert!(out.contains("failed as expected"), "{out}");
+        sessions.push(pid);
+    }
+    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
+        spans(objects)
+            .into_iter()
+            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
+            .cloned()
+            .collect()
+    };
+    agent.wait_json(20, "five calls of each session", |o| {
+        sessions.iter().all(|pid| of(o, *pid).len() >= 5)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let objects = agent.stop_json();
+    let (tls, plain) = (of(&objects, sessions[0]), of(&objects, sessions[1]));
+    assert_eq!(plain.len(), 5, "{plain:#?}");
+    assert_eq!(tls.len(), 5, "{tls:#?}");
+    for s in &plain {
+        assert_span_contract(s);
+        assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
+    }
+    for s in &tls {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
+    }
+    let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
+    assert_eq!(shapes(&plain), shapes(&tls));
+    assert_eq!(
+        attr(&tls[1], "db.query.text"),
+        "SELECT $1::int + ? AS answer, ? AS s",
+        "the prepared statement's text, read inside TLS"
+    );
+    let everything = serde_json::to_string(&objects).unwrap();
+    assert!(
+        !everything.contains("secret-literal"),
+        "a SQL literal leaked"
+    );
+}
+
+/// mysql-connector-python against a MariaDB with a certificate, in both its
+/// implementations: a session over TLS, then the same without. The TLS one gives
+/// the same calls (the cipher asked, a server-side prepared statement executed
+/// twice, a failing query, and what the implementation sends first), each saying
+/// it was encrypted.
+#[test]
+fn mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin() {
+    if !require_root("mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin") {
+        return;
+    }
+    let db = Mariadb::start_tls();
+    let port = db.port.to_string();
+    let agent = Agent::start(&["--output", "json", "--port", &port]);
+    // (implementation, tls, pid)
+    let mut sessions = Vec::new();
+    for implementation in ["pure", "c"] {
+        for (tls, encrypted) in [("on", "True"), ("off", "False")] {
+            let (pid, out) = python_client(
+                "db_clients.py",
+                &["mysql-prepared", &port, implementation, tls],
+            );
+            assert!(out.contains(&format!("ssl {encrypted}")), "{out}");
+            assert!(out.contains("failed as expected"), "{out}");
+            sessions.push((implementation, tls, pid));
+        }
+    }
+    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
+        spans(objects)
+            .into_iter()
+            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
+            .cloned()
+            .collect()
+    };
+    // Each session ends with its failing query.
+    agent.wait_json(20, "every session's last call", |o| {
+        sessions
+            .iter()
+            .all(|(_, _, pid)| of(o, *pid).iter().any(|s| s["status"] == "error"))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let objects = agent.stop_json();
+    for pair in sessions.chunks(2) {
+        let (implementation, _, tls_pid) = pair[0];
+        let tls = of(&objects, tls_pid);
+        let plain = of(&objects, pair[1].2);
+        // The pure implementation also sets the session's names and autocommit.
+        assert!(tls.len() >= 4, "{implementation}: {tls:#?}");
+        for s in &tls {
+            assert_span_contract(s);
+            assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
+            assert_eq!(attr(s, "db.namespace"), "mysql", "{s:#}");
+        }
+        for s in &plain {
+            assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
+        }
+        let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
+        assert_eq!(shapes(&tls), shapes(&plain), "{implementation}");
+    }
+    let everything = serde_json::to_string(&objects).unwrap();
+    assert!(
+        !everything.contains("secret-literal"),
+        "a SQL literal leaked"
+    );
 }

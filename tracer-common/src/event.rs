@@ -17,6 +17,10 @@ pub enum EventKind {
     /// (`TCP_FIN_WAIT1`) or the peer's arrived (`TCP_CLOSE_WAIT`), in
     /// [`crate::conn::ConnEvent::old_state`].
     ConnEnding = 5,
+    /// A process's dynamic loader finished loading or unloading objects (its
+    /// `_dl_debug_state`, at start-up and at each `dlopen`): the agent looks for
+    /// copies of OpenSSL among them ([`EventHeader`] only).
+    LibsLoaded = 6,
 }
 
 impl EventKind {
@@ -27,6 +31,7 @@ impl EventKind {
             3 => Self::ConnClose,
             4 => Self::ProcExit,
             5 => Self::ConnEnding,
+            6 => Self::LibsLoaded,
             _ => return None,
         })
     }

@@ -12,8 +12,14 @@
 //! whose `SSL*` never had socket I/O inside a call (a memory BIO: Node.js,
 //! Python's asyncio) cannot be placed on a connection: it is counted as
 //! `tls_unassociated`, never guessed from the thread's other connections.
+//!
+//! A probe on the dynamic loader's `_dl_debug_state` (which it calls once its
+//! list of loaded objects is consistent: at start-up and around each `dlopen`)
+//! tells user space at once that a process may have loaded a copy of OpenSSL, so
+//! that it is attached before the process's first TLS call in most cases.
 
 use aya_ebpf::{
+    bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
@@ -23,7 +29,7 @@ use tracer_common::{
     MAX_CAPTURE,
     conn::IGNORED_NOT_DECODED,
     data::{DataEvent, DataHeader, Direction, flags},
-    event::EventKind,
+    event::{EventHeader, EventKind},
     stats::Counter,
 };
 
@@ -87,6 +93,23 @@ pub fn ssl_read(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
     enter(&ctx, Direction::Recv, true)
+}
+
+/// The dynamic loader's `_dl_debug_state`: this process's loaded objects changed.
+#[uprobe]
+pub fn dl_debug_state(_ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if excluded_pid(tgid) {
+        return 0;
+    }
+    let event = header(EventKind::LibsLoaded, tgid, pid_tgid as u32, 0, now_ns());
+    // Woken at once: the process may be about to use what it loaded.
+    match EVENTS.output::<EventHeader>(&event, BPF_RB_FORCE_WAKEUP as u64) {
+        Ok(()) => count(Counter::EventsSent, 1),
+        Err(_) => count(Counter::RingbufFull, 1),
+    }
+    0
 }
 
 /// Attached to the return of all four functions.

@@ -633,6 +633,20 @@ impl MysqlDecoder {
         self.phase == Phase::Stopped(StopReason::Tls)
     }
 
+    /// The TLS library's plaintext of this connection starts, after the client's
+    /// SSLRequest: the handshake response comes next, inside TLS (the greeting and
+    /// the capabilities it offered are kept). Does nothing unless stopped for TLS.
+    pub fn resume_in_plaintext(&mut self) {
+        if !self.is_encrypted() {
+            return;
+        }
+        self.client_rd.reset();
+        self.server_rd.reset();
+        self.client_probe.clear();
+        self.server_probe.clear();
+        self.phase = Phase::Handshake;
+    }
+
     /// Why decoding stopped, if it did: later chunks are ignored, so the caller may
     /// stop feeding them.
     pub fn stopped(&self) -> Option<StopReason> {
@@ -3417,6 +3431,49 @@ mod tests {
             .map(|(i, (dir, bytes))| (*dir, Chunk::whole(bytes, i as u64 + 1)))
             .collect();
         run(&chunks)
+    }
+
+    /// After an SSLRequest the plaintext (from the TLS probes) goes on with the
+    /// handshake response, sequence id 2, then commands, as if never encrypted.
+    #[test]
+    fn an_encrypted_session_resumes_in_plaintext_from_its_handshake_response() {
+        let caps = MYSQL8_CAPS | CLIENT_SSL as u32;
+        let plain = handshake(caps);
+        let greeting = plain[0].1.clone();
+        let response = &plain[1].1[4..];
+        let ssl_request = packet(1, &response[..32]);
+        let mut dec = MysqlDecoder::new();
+        let mut out = Outcome::default();
+        let before: Feed = vec![
+            (Direction::Server, Chunk::whole(&greeting, 1)),
+            (Direction::Client, Chunk::whole(&ssl_request, 2)),
+            (
+                Direction::Client,
+                Chunk::whole(b"\x16\x03\x01\x02\x00 ciphertext", 3),
+            ),
+        ];
+        feed_into(&mut dec, &before, &mut out);
+        assert!(dec.is_encrypted());
+        dec.resume_in_plaintext();
+        assert!(!dec.is_encrypted());
+        let inside = [
+            (Direction::Client, packet(2, response)),
+            (Direction::Server, packet(3, b"\x01\x03")),
+            (Direction::Server, packet(4, OK_IDLE)),
+            (Direction::Client, packet(0, b"\x03SELECT 1")),
+            (Direction::Server, packet(1, OK_IDLE)),
+        ];
+        let after: Feed = inside
+            .iter()
+            .enumerate()
+            .map(|(i, (dir, bytes))| (*dir, Chunk::whole(bytes, i as u64 + 10)))
+            .collect();
+        feed_into(&mut dec, &after, &mut out);
+        assert_clean("resumed after TLS", &out);
+        assert_eq!(dec.user(), Some("app"));
+        assert_eq!(dec.namespace(), Some("shop"));
+        assert_eq!(out.calls.len(), 1);
+        assert_eq!(out.calls[0].query_text.as_deref(), Some("SELECT 1"));
     }
 
     #[test]

@@ -706,6 +706,19 @@ impl PgDecoder {
         self.encrypted
     }
 
+    /// The TLS library's plaintext of this encrypted connection starts (read by
+    /// probes on the TLS library, in the same order as the ciphertext): the session
+    /// goes on inside TLS from its StartupMessage, as if the connection had just
+    /// opened. Does nothing on a connection that is not encrypted.
+    pub fn resume_in_plaintext(&mut self) {
+        if !self.encrypted {
+            return;
+        }
+        let dropped_calls = self.dropped_calls;
+        *self = Self::new();
+        self.dropped_calls = dropped_calls;
+    }
+
     /// Calls dropped so far because more than [`MAX_PENDING`] requests were waiting,
     /// or because a client-side gap made their answers impossible to tell apart.
     pub fn dropped_calls(&self) -> u64 {
@@ -2798,6 +2811,43 @@ mod tests {
                 request: "SSLRequest"
             }]
         );
+    }
+
+    /// The plaintext of an encrypted session (from the TLS probes) is decoded as
+    /// the session it is: startup, then calls, as if it had never been encrypted.
+    #[test]
+    fn an_encrypted_session_resumes_in_plaintext_from_its_startup() {
+        for tls_start in [
+            vec![request(SSL_REQUEST), b"S".to_vec()],
+            // Direct TLS: the handshake first.
+            vec![b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec()],
+        ] {
+            let mut s = Session::new();
+            for (i, bytes) in tls_start.iter().enumerate() {
+                if i % 2 == 0 {
+                    s.client(bytes);
+                } else {
+                    s.server(bytes);
+                }
+            }
+            assert!(s.dec.is_encrypted());
+            s.dec.resume_in_plaintext();
+            assert!(!s.dec.is_encrypted());
+            s.client(&startup(&[("user", "app"), ("database", "orders")]));
+            s.server(&ready(b'I'));
+            s.client(&query("SELECT 1"));
+            s.server(&cat(&[complete("SELECT 1"), ready(b'I')]));
+            assert!(s.decoded.errors.is_empty(), "{:?}", s.decoded.errors);
+            assert_eq!(s.dec.namespace(), Some("orders"));
+            assert_eq!(
+                s.calls(),
+                [call(Some("SELECT"), Some("SELECT 1"), None, Some(1))]
+            );
+        }
+        // Not encrypted: nothing changes.
+        let mut s = Session::started();
+        s.dec.resume_in_plaintext();
+        assert_eq!(s.dec.namespace(), Some("orders"));
     }
 
     #[test]

@@ -81,7 +81,7 @@ fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
 /// detection, the parent chain, Kubernetes metadata from cgroups, the kernel's
 /// socket map when full, the agent under the DaemonSet's capabilities only, and
-/// HTTPS through the TLS probes.
+/// HTTPS, PostgreSQL and MySQL over TLS and leaks over TLS through the TLS probes.
 const TESTS: &[(&str, &[&str])] = &[
     (
         "http_capture",
@@ -99,7 +99,10 @@ const TESTS: &[(&str, &[&str])] = &[
     ),
     (
         "leaks",
-        &["leaked_connections_are_reported_with_their_culprit_and_nothing_else"],
+        &[
+            "leaked_connections_are_reported_with_their_culprit_and_nothing_else",
+            "leaked_connections_over_tls_are_reported_like_plaintext_ones",
+        ],
     ),
     (
         "parent_chain",
@@ -128,6 +131,8 @@ const TESTS: &[(&str, &[&str])] = &[
         &[
             "python_https_server_and_clients_give_the_spans_of_their_plaintext_twins",
             "nginx_over_https_gives_curl_and_nginx_the_spans_of_their_plaintext_twins",
+            "psycopg_over_tls_gives_the_calls_of_its_plaintext_twin",
+            "mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin",
         ],
     ),
 ];

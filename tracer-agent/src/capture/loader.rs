@@ -581,11 +581,19 @@ impl BpfCapture {
         let mut poll_tick = tokio::time::interval(POLL_INTERVAL);
         poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = [0u64; COUNTERS as usize];
+        // A process's first connection: the TLS attacher looks at it now (it may
+        // have just loaded a copy of OpenSSL) instead of at its next scan.
+        let tls = self.tls.as_ref();
+        let mut seen = |event: &Event| {
+            if let Some(tls) = tls {
+                tls.seen(event);
+            }
+        };
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = stats_tick.tick() => {
-                    if let Some(tls) = self.tls.as_ref() {
+                    if let Some(tls) = tls {
                         telemetry.tls_files.set(tls.files() as i64);
                     }
                     let now = self.kernel_counters();
@@ -595,13 +603,13 @@ impl BpfCapture {
                 _ = poll_tick.tick() => {
                     telemetry.health.beat(crate::health::Stage::Capture);
                     let mut source = Tee { source: fd.get_mut(), recording: recording.as_mut() };
-                    drain(&mut source, &clock, &tx, &telemetry);
+                    drain(&mut source, &clock, &tx, &telemetry, &mut seen);
                 }
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
                     let mut source =
                         Tee { source: guard.get_inner_mut(), recording: recording.as_mut() };
-                    drain(&mut source, &clock, &tx, &telemetry);
+                    drain(&mut source, &clock, &tx, &telemetry, &mut seen);
                     guard.clear_ready();
                 }
             }

@@ -156,6 +156,11 @@ pub enum Event {
     ProcExit {
         meta: Meta,
     },
+    /// The process's dynamic loader loaded or unloaded objects (the TLS probes'
+    /// attacher looks at it; nothing else uses it).
+    LibsLoaded {
+        meta: Meta,
+    },
     /// The connection's first FIN: sent by this end (`by_peer` false: it closed or
     /// shut down writing), or received.
     ConnEnding {
@@ -170,7 +175,8 @@ impl Event {
             Event::ConnOpen { meta, .. }
             | Event::ConnClose { meta, .. }
             | Event::ConnEnding { meta, .. }
-            | Event::ProcExit { meta } => meta,
+            | Event::ProcExit { meta }
+            | Event::LibsLoaded { meta } => meta,
             Event::Data(d) => &d.meta,
         }
     }
@@ -323,6 +329,9 @@ pub fn decode_into(
             }))
         }
         EventKind::ProcExit => Ok(Event::ProcExit {
+            meta: meta(&h, clock),
+        }),
+        EventKind::LibsLoaded => Ok(Event::LibsLoaded {
             meta: meta(&h, clock),
         }),
     }

@@ -79,6 +79,7 @@ pub fn drain(
     clock: &Clock,
     tx: &mpsc::Sender<Vec<Event>>,
     telemetry: &Telemetry,
+    seen: &mut impl FnMut(&Event),
 ) {
     let mut batch = Vec::new();
     // Payloads are copied into one shared arena, refilled in large blocks.
@@ -95,7 +96,10 @@ pub fn drain(
             arena.reserve(ARENA_BLOCK.max(item.len()));
         }
         match decode_into(&item, clock, &mut arena) {
-            Ok(ev) => batch.push(ev),
+            Ok(ev) => {
+                seen(&ev);
+                batch.push(ev);
+            }
             Err(e) => {
                 log::debug!("undecodable ring buffer record: {e}");
                 telemetry.decode_errors.inc();
@@ -206,7 +210,13 @@ mod tests {
             RecordedRecords::new((0..n).map(|i| data_record(i as u64, format!("{i}").as_bytes())));
         let (tx, mut rx) = mpsc::channel(16);
         let telemetry = Telemetry::new();
-        drain(&mut source, &Clock::with_offset(0), &tx, &telemetry);
+        drain(
+            &mut source,
+            &Clock::with_offset(0),
+            &tx,
+            &telemetry,
+            &mut |_| {},
+        );
         let mut sizes = Vec::new();
         let mut all = Vec::new();
         while let Ok(batch) = rx.try_recv() {
@@ -230,7 +240,13 @@ mod tests {
         );
         let mut source = RecordedRecords::new((0..100).map(|i| data_record(i, b"x")));
         let (tx, mut rx) = mpsc::channel(16);
-        drain(&mut source, &Clock::with_offset(0), &tx, &telemetry);
+        drain(
+            &mut source,
+            &Clock::with_offset(0),
+            &tx,
+            &telemetry,
+            &mut |_| {},
+        );
         let batch = rx.try_recv().expect("one batch");
         assert_eq!(batch.len(), 5, "only up to the backlog limit");
         assert_eq!(source.len(), 95, "the rest waits where it was");
@@ -243,7 +259,13 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         tx.try_send(Vec::new()).unwrap(); // the channel is full
         let mut source = RecordedRecords::new((0..3).map(|i| data_record(i, b"y")));
-        drain(&mut source, &Clock::with_offset(0), &tx, &telemetry);
+        drain(
+            &mut source,
+            &Clock::with_offset(0),
+            &tx,
+            &telemetry,
+            &mut |_| {},
+        );
         assert_eq!(telemetry.events_backlog.len(), 0);
         let text = telemetry.render();
         assert!(
@@ -273,7 +295,13 @@ mod tests {
         let mut source =
             RecordedRecords::new([vec![1, 2, 3], data_record(1, b"ok"), vec![0xff; 64]]);
         let (tx, mut rx) = mpsc::channel(4);
-        drain(&mut source, &Clock::with_offset(0), &tx, &telemetry);
+        drain(
+            &mut source,
+            &Clock::with_offset(0),
+            &tx,
+            &telemetry,
+            &mut |_| {},
+        );
         let batch = rx.try_recv().unwrap();
         assert_eq!(payloads(&batch), [b"ok".to_vec()]);
         assert_eq!(telemetry.decode_errors.get(), 2);

@@ -29,13 +29,16 @@ impl FileId {
     }
 }
 
-/// How a process came to use a copy of OpenSSL.
+/// What a file the probes attach to is to the processes that map it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslCopy {
+pub enum ProbedFile {
     /// A shared library named like OpenSSL's (`libssl.so.3`, `libssl-1a2b.so.3`).
     Library,
     /// The process's own executable, which exports OpenSSL's API (Node.js).
     Executable,
+    /// The dynamic loader: not OpenSSL, but it tells when a process loaded
+    /// objects, one of which may be (`_dl_debug_state`).
+    Loader,
 }
 
 /// File offsets of the functions the probes attach to. `SSL_read` and `SSL_write`
@@ -130,7 +133,7 @@ pub enum SymbolsError {
     Read(PathBuf, std::io::Error),
     #[error("{0} is not an ELF file the agent can read: {1}")]
     Parse(PathBuf, object::Error),
-    #[error("{0} does not export SSL_read and SSL_write")]
+    #[error("{0} does not export the functions the probes attach to")]
     Missing(PathBuf),
 }
 
@@ -196,16 +199,77 @@ impl Drop for Mapped {
 
 /// [`ssl_symbols`] of a file's bytes: `Err(None)` when the functions are missing.
 pub fn ssl_symbols_in(data: &[u8]) -> Result<SslSymbols, Option<object::Error>> {
+    let found = function_offsets(
+        data,
+        ["SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"],
+    )
+    .map_err(Some)?;
+    match found {
+        [Some(read), Some(write), read_ex, write_ex] => Ok(SslSymbols {
+            read,
+            write,
+            read_ex,
+            write_ex,
+        }),
+        _ => Err(None),
+    }
+}
+
+/// True for the file name of a dynamic loader: glibc's (`ld-linux-x86-64.so.2`,
+/// `ld-linux-aarch64.so.1`, `ld-2.31.so`) and musl's (`ld-musl-x86_64.so.1`).
+pub fn is_loader_name(name: &str) -> bool {
+    name.strip_prefix("ld-")
+        .and_then(|rest| rest.find(".so").map(|i| (rest, i)))
+        .is_some_and(|(rest, i)| {
+            i > 0
+                && rest[..i]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                && rest[i + 3..]
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
+/// The dynamic loaders among a process's executable mappings (one, normally).
+pub fn loader_mappings(maps: &str) -> Vec<&str> {
+    executable_mappings(maps)
+        .into_iter()
+        .filter(|p| {
+            Path::new(p)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_loader_name)
+        })
+        .collect()
+}
+
+/// The file offset of a dynamic loader's `_dl_debug_state`, which it calls when
+/// its list of loaded objects changes (for debuggers).
+pub fn loader_symbol(path: &Path) -> Result<u64, SymbolsError> {
+    let data = Mapped::open(path).map_err(|e| SymbolsError::Read(path.to_owned(), e))?;
+    match function_offsets(data.bytes(), ["_dl_debug_state"]) {
+        Ok([Some(offset)]) => Ok(offset),
+        Ok([None]) => Err(SymbolsError::Missing(path.to_owned())),
+        Err(e) => Err(SymbolsError::Parse(path.to_owned(), e)),
+    }
+}
+
+/// The file offsets of the functions `names` an ELF file defines, from its
+/// dynamic symbols (what a stripped file still has), then its full symbol table.
+fn function_offsets<const N: usize>(
+    data: &[u8],
+    names: [&str; N],
+) -> Result<[Option<u64>; N], object::Error> {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
-    let obj = object::File::parse(data).map_err(Some)?;
-    let mut found: [Option<u64>; 4] = [None; 4];
-    const NAMES: [&str; 4] = ["SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"];
+    let obj = object::File::parse(data)?;
+    let mut found: [Option<u64>; N] = [None; N];
     for sym in obj.dynamic_symbols().chain(obj.symbols()) {
         if !sym.is_definition() || sym.kind() != object::SymbolKind::Text {
             continue;
         }
         let Ok(name) = sym.name() else { continue };
-        let Some(i) = NAMES.iter().position(|n| *n == name) else {
+        let Some(i) = names.iter().position(|n| *n == name) else {
             continue;
         };
         if found[i].is_some() {
@@ -229,15 +293,7 @@ pub fn ssl_symbols_in(data: &[u8]) -> Result<SslSymbols, Option<object::Error>> 
             break;
         }
     }
-    match found {
-        [Some(read), Some(write), read_ex, write_ex] => Ok(SslSymbols {
-            read,
-            write,
-            read_ex,
-            write_ex,
-        }),
-        _ => Err(None),
-    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -299,6 +355,65 @@ mod tests {
             !all.iter()
                 .any(|p| p.contains("deleted") || p.starts_with('['))
         );
+    }
+
+    #[test]
+    fn dynamic_loaders_are_told_from_other_libraries() {
+        for yes in [
+            "ld-linux-x86-64.so.2",
+            "ld-linux-aarch64.so.1",
+            "ld-linux.so.2",
+            "ld-2.31.so",
+            "ld-musl-x86_64.so.1",
+        ] {
+            assert!(is_loader_name(yes), "{yes}");
+        }
+        for no in [
+            "ld-.so.2",
+            "ldap.so",
+            "libld-linux.so.2",
+            "ld-linux.so.x",
+            "ld-a/b.so",
+        ] {
+            assert!(!is_loader_name(no), "{no}");
+        }
+        let maps = format!(
+            "{MAPS}7f1c31000000-7f1c31020000 r-xp 00001000 08:01 2400005                    /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n"
+        );
+        assert_eq!(
+            loader_mappings(&maps),
+            ["/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+        );
+        assert!(loader_mappings(MAPS).is_empty());
+    }
+
+    /// This very process's loader defines `_dl_debug_state`, where `nm -D` says.
+    #[test]
+    fn the_loader_of_this_process_has_its_debug_state_function() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let loader = loader_mappings(&maps);
+        assert_eq!(loader.len(), 1, "{maps}");
+        let offset = loader_symbol(Path::new(loader[0])).unwrap();
+        let nm = std::process::Command::new("nm")
+            .args(["-D", "--defined-only"])
+            .arg(loader[0])
+            .output()
+            .expect("nm (binutils) is installed");
+        let nm = String::from_utf8(nm.stdout).unwrap();
+        let address = nm
+            .lines()
+            .find(|l| l.ends_with(" _dl_debug_state@@GLIBC_PRIVATE"))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .expect("nm lists _dl_debug_state");
+        // In ld.so, text is mapped at the file offset it has in the file.
+        let data = std::fs::read(loader[0]).unwrap();
+        use object::{Object as _, ObjectSection as _};
+        let obj = object::File::parse(&*data).unwrap();
+        let text = obj.section_by_name(".text").unwrap();
+        let (start, _) = text.file_range().unwrap();
+        assert_eq!(offset - start + text.address(), address);
+        let me = std::env::current_exe().unwrap();
+        assert!(matches!(loader_symbol(&me), Err(SymbolsError::Missing(_))));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
@@ -30,7 +30,7 @@ use aya::{
     },
 };
 
-use super::tls_libs::{self, FileId, SslCopy, SslSymbols};
+use super::tls_libs::{self, FileId, ProbedFile, SslSymbols};
 
 /// How often processes that are new (or exec'd) are looked at.
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
@@ -46,13 +46,17 @@ const ENTRIES: [(&str, Offset); 4] = [
     ("ssl_write_ex", |s| s.write_ex),
 ];
 const RETURN: &str = "ssl_return";
+/// On the dynamic loader's `_dl_debug_state`.
+const LOADER: &str = "dl_debug_state";
 
-/// Where the host's own libssl lives (Debian, Ubuntu, Fedora, Alpine, Arch).
-const SYSTEM_LIBRARY_DIRS: [&str; 6] = [
+/// Where the host's own libssl and dynamic loader live (Debian, Ubuntu, Fedora,
+/// Alpine, Arch).
+const SYSTEM_LIBRARY_DIRS: [&str; 7] = [
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
     "/lib/x86_64-linux-gnu",
     "/usr/lib64",
+    "/lib64",
     "/usr/lib",
     "/lib",
 ];
@@ -60,7 +64,7 @@ const SYSTEM_LIBRARY_DIRS: [&str; 6] = [
 struct Attached {
     /// The path it was attached through (for the log).
     path: PathBuf,
-    copy: SslCopy,
+    copy: ProbedFile,
     links: Vec<(&'static str, UProbeLinkId)>,
     /// Attached for the host, not because a process mapped it: kept.
     system: bool,
@@ -73,9 +77,25 @@ struct Attached {
 /// program is detached then.
 pub struct TlsAttacher {
     files: Arc<AtomicUsize>,
-    stop: Option<mpsc::Sender<()>>,
+    requests: Option<mpsc::SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
+    /// Processes the thread was asked to look at since they made their first
+    /// connection (forgotten at exit; at most [`MAX_LOOKED_AT`]).
+    looked_at: Mutex<HashSet<u32>>,
 }
+
+/// What the capture asks of the attacher thread.
+enum Request {
+    /// A process made its first connection: look at what it maps now.
+    Look(u32),
+}
+
+/// Processes remembered as looked at; beyond, the set starts over (a process is
+/// then looked at again at its next connection, which costs one read of its maps).
+const MAX_LOOKED_AT: usize = 65_536;
+/// Requests waiting for the thread; beyond, a request is dropped and the process
+/// waits for the next scan.
+const MAX_REQUESTS: usize = 1_024;
 
 impl TlsAttacher {
     /// Starts the thread with `ebpf` and its loaded `probes`, and returns once it
@@ -84,7 +104,7 @@ impl TlsAttacher {
     pub fn spawn(ebpf: Ebpf, probes: TlsProbes) -> std::io::Result<Self> {
         let files = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = mpsc::sync_channel::<usize>(1);
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (requests, incoming) = mpsc::sync_channel::<Request>(MAX_REQUESTS);
         let counted = files.clone();
         let thread = std::thread::Builder::new()
             .name(crate::privileges::ATTACHER_THREAD.into())
@@ -102,8 +122,18 @@ impl TlsAttacher {
                     Err(e) => log::warn!("the TLS attacher cannot give up capabilities: {e}"),
                 }
                 let _ = ready_tx.send(started.attached);
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(SCAN_EVERY) {
-                    probes.scan(&mut ebpf, false);
+                let mut next_scan = Instant::now() + SCAN_EVERY;
+                loop {
+                    let wait = next_scan.saturating_duration_since(Instant::now());
+                    match incoming.recv_timeout(wait) {
+                        Ok(Request::Look(pid)) => probes.look_at(&mut ebpf, pid),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            probes.scan(&mut ebpf, false);
+                            next_scan = Instant::now() + SCAN_EVERY;
+                        }
+                        // The attacher was dropped: stop.
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                     counted.store(probes.files(), Ordering::Relaxed);
                 }
             })?;
@@ -113,9 +143,41 @@ impl TlsAttacher {
         }
         Ok(Self {
             files,
-            stop: Some(stop_tx),
+            requests: Some(requests),
             thread: Some(thread),
+            looked_at: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Sees each event the capture reads: a process's first connection has the
+    /// thread look at it at once (a copy of OpenSSL it loaded since the last scan
+    /// is attached before most of that connection's traffic), an exit forgets it.
+    pub fn seen(&self, event: &super::Event) {
+        match event {
+            super::Event::ConnOpen { meta, .. } => {
+                let first = {
+                    let mut looked_at = crate::sync::lock(&self.looked_at);
+                    if looked_at.len() >= MAX_LOOKED_AT {
+                        looked_at.clear();
+                    }
+                    looked_at.insert(meta.tgid)
+                };
+                if first && let Some(requests) = &self.requests {
+                    // Full: the process waits for the next scan.
+                    let _ = requests.try_send(Request::Look(meta.tgid));
+                }
+            }
+            super::Event::LibsLoaded { meta } => {
+                // Full: the process waits for the next scan.
+                if let Some(requests) = &self.requests {
+                    let _ = requests.try_send(Request::Look(meta.tgid));
+                }
+            }
+            super::Event::ProcExit { meta } => {
+                crate::sync::lock(&self.looked_at).remove(&meta.tgid);
+            }
+            _ => {}
+        }
     }
 
     /// Files attached now.
@@ -126,7 +188,7 @@ impl TlsAttacher {
 
 impl Drop for TlsAttacher {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.requests.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -153,9 +215,9 @@ pub struct ScanResult {
 }
 
 impl TlsProbes {
-    /// Loads the five programs (attached to nothing yet).
+    /// Loads the six programs (attached to nothing yet).
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, String> {
-        for name in ENTRIES.iter().map(|(n, _)| *n).chain([RETURN]) {
+        for name in ENTRIES.iter().map(|(n, _)| *n).chain([RETURN, LOADER]) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| format!("program {name} is missing"))?
@@ -186,10 +248,12 @@ impl TlsProbes {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name();
-                if !name.to_str().is_some_and(tls_libs::is_libssl_name) {
-                    continue;
-                }
-                if self.attach(ebpf, &entry.path(), SslCopy::Library, true) {
+                let kind = match name.to_str() {
+                    Some(n) if tls_libs::is_libssl_name(n) => ProbedFile::Library,
+                    Some(n) if tls_libs::is_loader_name(n) => ProbedFile::Loader,
+                    _ => continue,
+                };
+                if self.attach(ebpf, &entry.path(), kind, true) {
                     result.attached += 1;
                 }
             }
@@ -229,31 +293,7 @@ impl TlsProbes {
             if !full && self.seen.get(&pid) == Some(&exe_id) {
                 continue;
             }
-            let Ok(maps) =
-                std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("maps"))
-            else {
-                continue;
-            };
-            for lib in tls_libs::libssl_mappings(&maps) {
-                let path = tls_libs::in_process_root(&self.proc_root, pid, lib);
-                if let Ok(id) = FileId::of(&path) {
-                    in_use.insert(id);
-                    if !self.attached.contains_key(&id)
-                        && !self.refused.contains(&id)
-                        && self.attach(ebpf, &path, SslCopy::Library, false)
-                    {
-                        result.attached += 1;
-                    }
-                }
-            }
-            // OpenSSL linked into the executable (Node.js exports its API).
-            in_use.insert(exe_id);
-            if !self.attached.contains_key(&exe_id)
-                && !self.refused.contains(&exe_id)
-                && self.attach(ebpf, &exe, SslCopy::Executable, false)
-            {
-                result.attached += 1;
-            }
+            result.attached += self.attach_mapped(ebpf, pid, &exe, exe_id, &mut in_use);
         }
         self.seen = alive;
         if full {
@@ -279,47 +319,105 @@ impl TlsProbes {
         result
     }
 
+    /// Looks at one process now (its first connection): attaches what it maps.
+    pub fn look_at(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let exe = self.proc_root.join(pid.to_string()).join("exe");
+        let Ok(exe_id) = FileId::of(&exe) else {
+            return; // gone already
+        };
+        let mut in_use = HashSet::new();
+        self.attach_mapped(ebpf, pid, &exe, exe_id, &mut in_use);
+        self.seen.insert(pid, exe_id);
+    }
+
+    /// Attaches the copies of OpenSSL process `pid` maps (libraries, or its
+    /// executable `exe`), adding each to `in_use`; returns how many were new.
+    fn attach_mapped(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Path,
+        exe_id: FileId,
+        in_use: &mut HashSet<FileId>,
+    ) -> usize {
+        let mut attached = 0;
+        let Ok(maps) = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("maps"))
+        else {
+            return 0;
+        };
+        let libraries = tls_libs::libssl_mappings(&maps)
+            .into_iter()
+            .map(|l| (l, ProbedFile::Library));
+        let loaders = tls_libs::loader_mappings(&maps)
+            .into_iter()
+            .map(|l| (l, ProbedFile::Loader));
+        for (lib, kind) in libraries.chain(loaders) {
+            let path = tls_libs::in_process_root(&self.proc_root, pid, lib);
+            if let Ok(id) = FileId::of(&path) {
+                in_use.insert(id);
+                if self.attach(ebpf, &path, kind, false) {
+                    attached += 1;
+                }
+            }
+        }
+        // OpenSSL linked into the executable (Node.js exports its API).
+        in_use.insert(exe_id);
+        if self.attach(ebpf, exe, ProbedFile::Executable, false) {
+            attached += 1;
+        }
+        attached
+    }
+
     /// Attaches the probes to `path` if it exports OpenSSL's functions; false
     /// (and remembered) when it does not or cannot be attached.
-    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, copy: SslCopy, system: bool) -> bool {
+    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, copy: ProbedFile, system: bool) -> bool {
         let Ok(id) = FileId::of(path) else {
             return false;
         };
         if self.attached.contains_key(&id) || self.refused.contains(&id) {
             return false;
         }
-        let symbols = match tls_libs::ssl_symbols(path) {
-            Ok(s) => s,
-            Err(e) => {
-                if copy == SslCopy::Library {
-                    log::info!("TLS: {e}; not attached");
+        let targets: Vec<(&'static str, u64)> = match copy {
+            ProbedFile::Loader => match tls_libs::loader_symbol(path) {
+                Ok(offset) => vec![(LOADER, offset)],
+                Err(e) => {
+                    log::info!("TLS: {e}; libraries it loads are found by the periodic scan");
+                    self.refused.insert(id);
+                    return false;
                 }
-                self.refused.insert(id);
-                return false;
-            }
+            },
+            ProbedFile::Library | ProbedFile::Executable => match tls_libs::ssl_symbols(path) {
+                Ok(symbols) => ENTRIES
+                    .iter()
+                    .filter_map(|(name, offset)| Some((*name, offset(&symbols)?)))
+                    .flat_map(|(name, offset)| [(name, offset), (RETURN, offset)])
+                    .collect(),
+                Err(e) => {
+                    if copy == ProbedFile::Library {
+                        log::info!("TLS: {e}; not attached");
+                    }
+                    self.refused.insert(id);
+                    return false;
+                }
+            },
         };
         let mut links = Vec::new();
-        for (name, offset) in ENTRIES {
-            let Some(offset) = offset(&symbols) else {
-                continue;
-            };
-            for program in [name, RETURN] {
-                match attach_one(ebpf, program, path, offset) {
-                    Ok(link) => links.push((program, link)),
-                    Err(e) => {
-                        log::warn!("TLS: cannot attach {program} to {}: {e}", path.display());
-                        detach(
-                            ebpf,
-                            Attached {
-                                path: path.to_owned(),
-                                copy,
-                                links,
-                                system,
-                            },
-                        );
-                        self.refused.insert(id);
-                        return false;
-                    }
+        for (program, offset) in targets {
+            match attach_one(ebpf, program, path, offset) {
+                Ok(link) => links.push((program, link)),
+                Err(e) => {
+                    log::warn!("TLS: cannot attach {program} to {}: {e}", path.display());
+                    detach(
+                        ebpf,
+                        Attached {
+                            path: path.to_owned(),
+                            copy,
+                            links,
+                            system,
+                        },
+                    );
+                    self.refused.insert(id);
+                    return false;
                 }
             }
         }
@@ -327,8 +425,10 @@ impl TlsProbes {
             "TLS: probes attached to {} ({})",
             path.display(),
             match copy {
-                SslCopy::Library => "OpenSSL library",
-                SslCopy::Executable => "OpenSSL linked into the executable",
+                ProbedFile::Library => "OpenSSL library",
+                ProbedFile::Executable => "OpenSSL linked into the executable",
+                ProbedFile::Loader =>
+                    "dynamic loader: processes that load libraries are looked at then",
             }
         );
         self.attached.insert(

@@ -18,6 +18,9 @@ pub(super) struct DbConn {
     pub(super) last_culprit: Option<Culprit>,
     /// The handshake's end was seen (or can no longer be timed).
     pub(super) ready: bool,
+    /// Records of ciphertext since the session went encrypted (SSLRequest
+    /// accepted), waiting for the TLS probes' plaintext.
+    pub(super) ciphertext_records: u32,
 }
 
 impl DbConn {
@@ -34,6 +37,7 @@ impl DbConn {
             call_culprit: None,
             last_culprit: None,
             ready,
+            ciphertext_records: 0,
         }
     }
 }
@@ -59,6 +63,18 @@ impl Connection {
             return;
         };
         let sock = rec.meta.sock;
+        if db.decoder.encrypted() {
+            // Ciphertext (the TLS handshake): its plaintext comes from the TLS
+            // probes, when its process's TLS library is one they cover.
+            db.ciphertext_records += 1;
+            if db.ciphertext_records > MAX_CIPHERTEXT_RECORDS {
+                ctx.telemetry.dropped(DropReason::Encrypted);
+                // Nothing more to decode: it leaves the table's database connections.
+                ctx.out.db(DbObservation::Left { sock });
+                self.protocol = Protocol::Other;
+            }
+            return;
+        }
         let from_client = rec.direction == Direction::Send;
         let mut request_started = false;
         if from_client {
@@ -101,14 +117,11 @@ impl Connection {
             in_transaction: db.decoder.tx_status().in_transaction(),
         };
         if calls.is_empty() {
+            // A session that went encrypted stays: the TLS probes bring its
+            // plaintext (see `Connection::begin_plaintext`), or it is given up
+            // after the handshake's records.
             ctx.scratch.db = calls;
-            let encrypted = db.decoder.encrypted();
             ctx.out.db(DbObservation::Used(usage));
-            if encrypted {
-                // Nothing more to decode: it leaves the table's database connections.
-                ctx.out.db(DbObservation::Left { sock });
-                self.protocol = Protocol::Other;
-            }
             return;
         }
         if !from_client {
@@ -138,6 +151,7 @@ impl Connection {
                 tid: db.request_tid,
                 keep_literals: ctx.options.keep_sql_literals,
                 link: link.clone(),
+                tls: self.tls,
             });
             let text = span.attr("db.query.text").map(|t| t.to_string());
             db.last_call = Some((text, span.span_id, call.end_ns));

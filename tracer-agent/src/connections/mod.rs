@@ -162,7 +162,7 @@ enum Protocol {
 
 /// Ciphertext records a TLS connection may have before its plaintext shows (a
 /// handshake is a few in each direction).
-const MAX_CIPHERTEXT_RECORDS: u32 = 32;
+pub(super) const MAX_CIPHERTEXT_RECORDS: u32 = 32;
 
 /// True when `bytes` begin a TLS record that starts a connection: a handshake
 /// (ClientHello, ServerHello) of SSL 3.0 to TLS 1.3, with a plausible length.
@@ -567,6 +567,8 @@ impl ConnectionTable {
                 ctx.out
                     .thread(ThreadEvent::ProcessExited { pid: meta.tgid });
             }
+            // For the TLS probes' attacher, which sees it in the capture.
+            Event::LibsLoaded { .. } => {}
         }
     }
 
@@ -959,15 +961,21 @@ impl Connection {
     /// The TLS probes brought this connection's first plaintext: what came before
     /// was ciphertext (a handshake), and the protocol is learned from the
     /// plaintext, as if the connection had just opened.
+    /// A database session that asked for TLS (PostgreSQL's SSLRequest, MySQL's)
+    /// keeps its decoder and its place in its pool: decoding resumes inside TLS.
     fn begin_plaintext(&mut self) {
         self.tls = true;
-        self.bytes_sent = 0;
-        self.bytes_recv = 0;
-        if matches!(
-            self.protocol,
-            Protocol::Unknown(_) | Protocol::Encrypted { .. } | Protocol::Other
-        ) {
-            self.protocol = Protocol::Unknown(Probe::default());
+        match &mut self.protocol {
+            Protocol::Db(db) => {
+                db.decoder.resume_in_plaintext();
+                db.ciphertext_records = 0;
+            }
+            Protocol::Unknown(_) | Protocol::Encrypted { .. } | Protocol::Other => {
+                self.bytes_sent = 0;
+                self.bytes_recv = 0;
+                self.protocol = Protocol::Unknown(Probe::default());
+            }
+            Protocol::Http1(_) => {}
         }
     }
 

@@ -677,6 +677,8 @@ fn pg_done(tag: &str, tx: u8) -> Vec<u8> {
 struct PoolReplay {
     r: Replay,
     now: u64,
+    /// Connections whose traffic is TLS plaintext (from the TLS probes).
+    tls: std::collections::HashSet<u16>,
 }
 
 impl PoolReplay {
@@ -686,6 +688,7 @@ impl PoolReplay {
         Self {
             r: Replay::new(),
             now: Self::SECOND,
+            tls: Default::default(),
         }
     }
 
@@ -695,14 +698,18 @@ impl PoolReplay {
 
     fn io(&mut self, port: u16, dir: Direction, bytes: &[u8]) {
         self.now += 1_000_000;
-        let ev = data(
-            Self::sock(port),
-            self.now,
-            300,
-            dir,
-            bytes,
-            bytes.len() as u32,
-        );
+        let ev = if self.tls.contains(&port) {
+            tls_data(Self::sock(port), self.now, 300, dir, bytes)
+        } else {
+            data(
+                Self::sock(port),
+                self.now,
+                300,
+                dir,
+                bytes,
+                bytes.len() as u32,
+            )
+        };
         self.r.feed(vec![ev]);
     }
 
@@ -716,6 +723,21 @@ impl PoolReplay {
             },
             role: Role::Client,
         }]);
+        if self.tls.contains(&port) {
+            // SSLRequest accepted, the handshake's ciphertext; the session's
+            // plaintext then comes from the TLS probes.
+            let sslrequest = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+            let sock = Self::sock(port);
+            let t = self.now;
+            self.r.feed(vec![
+                data(sock, t + 1, 300, Direction::Send, &sslrequest, 8),
+                data(sock, t + 2, 300, Direction::Recv, b"S", 1),
+                ciphertext(sock, t + 3, Direction::Send, 0x16, 517),
+                ciphertext(sock, t + 4, Direction::Recv, 0x16, 2_000),
+                ciphertext(sock, t + 5, Direction::Send, 0x14, 80),
+            ]);
+            self.now += 10;
+        }
         self.io(port, Direction::Send, &pg_startup());
         self.io(port, Direction::Recv, &pg_ready(b'I'));
     }
@@ -782,6 +804,105 @@ fn a_fifo_pool_reused_in_turn_is_healthy_until_it_passes_one_over() {
     );
     assert_eq!(p.leaks(0), [], "not idle long enough yet");
     assert_eq!(p.leaks(120), [(1, LeakKind::NeverReturned)]);
+}
+
+/// PostgreSQL over TLS (SSLRequest accepted, then plaintext from the TLS probes):
+/// the session keeps its decoder and its place in its pool, its calls are spans
+/// that say they were encrypted, and a leak is found as over plaintext.
+#[test]
+fn a_tls_session_is_decoded_pooled_and_its_leak_found_like_a_plaintext_one() {
+    use crate::pools::LeakKind;
+    let mut p = PoolReplay::new();
+    p.tls.extend([1, 2, 3]);
+    for port in [1, 2, 3] {
+        p.open(port);
+    }
+    for _ in 0..5 {
+        for port in [1, 2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+    }
+    assert_eq!(p.r.spans.len(), 15, "{:#?}", p.r.spans);
+    for span in &p.r.spans {
+        assert_eq!(
+            span.attr("db.system.name").unwrap().to_string(),
+            "postgresql"
+        );
+        assert_eq!(span.attr("db.namespace").unwrap().to_string(), "shop");
+        assert_eq!(span.attr("tls.protocol.name").unwrap().to_string(), "tls");
+    }
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(p.leaks(120), [], "in turn");
+    p.query(1, "SELECT * FROM orders WHERE id = 7", b'I');
+    for _ in 0..4 {
+        for port in [2, 3] {
+            p.query(port, "SELECT 1", b'I');
+        }
+    }
+    assert_eq!(p.leaks(120), [(1, LeakKind::NeverReturned)]);
+    let text = p.r.telemetry.render();
+    assert!(!text.contains("reason=\"encrypted\""), "{text}");
+    assert!(!text.contains("postgresql_malformed"), "{text}");
+    assert!(p.r.table.take_not_decoded().is_empty());
+}
+
+/// A PostgreSQL session that went encrypted and whose plaintext never comes
+/// (its TLS library is not covered) leaves its pool, counted `encrypted`.
+#[test]
+fn a_tls_session_without_plaintext_leaves_its_pool_counted_encrypted() {
+    let mut p = PoolReplay::new();
+    p.open(1);
+    let sock = PoolReplay::sock(1);
+    p.r.feed(vec![Event::ConnOpen {
+        meta: meta(sock + 1, 1, 300),
+        endpoints: Endpoints {
+            local: SocketAddr::from(([127, 0, 0, 1], 2)),
+            remote: "127.0.0.1:5432".parse().unwrap(),
+        },
+        role: Role::Client,
+    }]);
+    let mut events = vec![
+        data(
+            sock + 1,
+            2,
+            300,
+            Direction::Send,
+            &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+            8,
+        ),
+        data(sock + 1, 3, 300, Direction::Recv, b"S", 1),
+    ];
+    for i in 0..40 {
+        let dir = if i % 2 == 0 {
+            Direction::Send
+        } else {
+            Direction::Recv
+        };
+        events.push(ciphertext(sock + 1, 4 + i, dir, 0x17, 200));
+    }
+    p.r.feed(events);
+    let rows =
+        p.r.table
+            .db_inventory(p.now, &mut p.r.procs, &p.r.down.pools);
+    assert_eq!(
+        rows.iter().map(|r| r.client_port).collect::<Vec<_>>(),
+        [1],
+        "{rows:#?}"
+    );
+    let text = p.r.telemetry.render();
+    assert!(text.contains("reason=\"encrypted\"} 1"), "{text}");
+    assert!(!text.contains("postgresql_malformed"), "{text}");
+    assert_eq!(
+        p.r.table
+            .take_not_decoded()
+            .iter()
+            .map(|n| n.sock)
+            .collect::<Vec<_>>(),
+        [sock + 1]
+    );
 }
 
 /// A connection whose close event was lost would be reported `never_returned`;

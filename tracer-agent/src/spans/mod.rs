@@ -474,6 +474,8 @@ pub struct DbExchange<'a> {
     /// Keep SQL literals in `db.query.text` (off by default).
     pub keep_literals: bool,
     pub link: Link,
+    /// Read from the TLS library (the session is encrypted).
+    pub tls: bool,
 }
 
 /// Builds the CLIENT span of one database call (OpenTelemetry database conventions).
@@ -540,6 +542,10 @@ pub fn db_span(x: &DbExchange<'_>) -> Span {
             AttrValue::Int(i64::from(x.remote.port())),
         ),
     ]);
+    if x.tls {
+        // Encrypted: the plaintext was read from the TLS library.
+        attributes.push(("tls.protocol.name", AttrValue::Str("tls".into())));
+    }
     // "{db.operation.name} {db.collection.name}", else the operation, else the system.
     let name = match (&operation, &collection) {
         (Some(op), Some(c)) => Text::Owned(format!("{op} {c}")),
@@ -682,6 +688,7 @@ mod tests {
             tid: 3,
             keep_literals: false,
             link: Link::default(),
+            tls: false,
         });
         assert_eq!(span.kind, SpanKind::Client);
         assert_eq!(span.name, "SELECT users");

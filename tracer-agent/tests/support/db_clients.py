@@ -1,15 +1,19 @@
 """Real database clients for the agent's integration tests.
 
 usage:
-  db_clients.py pg-session PORT          psycopg 3: simple query, one prepared statement
-                                         three times, a failing query (autocommit)
+  db_clients.py pg-session PORT [SSLMODE]
+                                         psycopg 3: simple query, one prepared statement
+                                         three times, a failing query (autocommit);
+                                         SSLMODE as libpq's (default prefer)
   db_clients.py redis-pipeline PORT N    redis-py: N commands in one pipeline
-  db_clients.py mysql-prepared PORT [pure|c]
+  db_clients.py mysql-prepared PORT [pure|c] [on|off]
                                          mysql-connector: one server-side prepared
                                          statement executed twice, then a failing query;
                                          `pure` is its Python implementation (it reads
                                          each packet's header and payload apart), `c`
-                                         its C extension (the default)
+                                         its C extension (the default); `on`/`off`:
+                                         over TLS or not, first asking the server
+                                         its cipher (and saying whether it has one)
 
   db_clients.py pg-mysql-rounds PGPORT MYSQLPORT
                                          psycopg and mysql-connector, one connection each,
@@ -23,10 +27,13 @@ Each prints one line per step so the test can check the client saw what the agen
 import sys
 
 
-def pg_session(port):
+def pg_session(port, sslmode="prefer"):
     import psycopg
 
-    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True, sslmode=sslmode
+    ) as conn:
+        print("ssl", conn.pgconn.ssl_in_use)
         cur = conn.cursor()
         cur.execute("SELECT 1 AS one")
         print("simple", cur.fetchone()[0])
@@ -65,7 +72,7 @@ def redis_pipeline(port, n):
     print("pipeline", len(results))
 
 
-def mysql_prepared(port, implementation):
+def mysql_prepared(port, implementation="c", tls=None):
     import mysql.connector
 
     conn = mysql.connector.connect(
@@ -75,8 +82,14 @@ def mysql_prepared(port, implementation):
         password="",
         database="mysql",
         use_pure=implementation == "pure",
+        ssl_disabled=tls != "on",
     )
     print("implementation", type(conn).__name__)
+    if tls is not None:
+        status = conn.cursor()
+        status.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        print("ssl", bool(status.fetchall()[0][1]))
+        status.close()
     cur = conn.cursor(prepared=True)
     for n in (1, 2):
         cur.execute("SELECT ? + 40 AS answer, 'secret-literal' AS s", (n,))
@@ -116,7 +129,7 @@ def pg_mysql_rounds(pg_port, mysql_port):
 def main():
     cmd, port = sys.argv[1], int(sys.argv[2])
     if cmd == "pg-session":
-        pg_session(port)
+        pg_session(port, *sys.argv[3:4])
     elif cmd == "pg-hold":
         pg_hold(port, float(sys.argv[3]))
     elif cmd == "redis-pipeline":
@@ -124,7 +137,7 @@ def main():
     elif cmd == "pg-mysql-rounds":
         pg_mysql_rounds(port, int(sys.argv[3]))
     elif cmd == "mysql-prepared":
-        mysql_prepared(port, sys.argv[3] if len(sys.argv) > 3 else "c")
+        mysql_prepared(port, *sys.argv[3:5])
     else:
         raise SystemExit(f"unknown command {cmd}")
 

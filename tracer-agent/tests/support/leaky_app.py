@@ -12,7 +12,9 @@ buggy app would keep them in a request-scoped object stored somewhere global.
 
 Leaking endpoints answer with the local port of the connection they leaked.
 
-usage: leaky_app.py PORT PG_PORT MARIADB_PORT
+usage: leaky_app.py PORT PG_PORT MARIADB_PORT [PG_SSLMODE]
+
+PG_SSLMODE is libpq's sslmode for the PostgreSQL pool (default prefer).
 """
 import http.server
 import os
@@ -41,8 +43,9 @@ def my_port_of(conn):
 
 def main():
     port, pg_port, my_port = (int(a) for a in sys.argv[1:4])
+    sslmode = sys.argv[4] if len(sys.argv) > 4 else "prefer"
     pg = ConnectionPool(
-        f"host=127.0.0.1 port={pg_port} user=postgres dbname=postgres",
+        f"host=127.0.0.1 port={pg_port} user=postgres dbname=postgres sslmode={sslmode}",
         min_size=2,
         max_size=10,
         kwargs={"autocommit": True},

@@ -460,6 +460,31 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
+/// A self-signed certificate for 127.0.0.1 and localhost, made with `openssl`
+/// in `dir`: (certificate, key) paths.
+pub fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run openssl (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
 /// A throwaway PostgreSQL cluster on 127.0.0.1:`port`, trust authentication.
 pub struct Postgres {
     pub port: u16,
@@ -469,6 +494,16 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `ssl = on` and a certificate made for it: clients may ask for TLS
+    /// (`sslmode=require`) or not (`sslmode=disable`).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL is installed (cargo xtask setup)")
             .filter_map(|e| e.ok())
@@ -493,6 +528,24 @@ impl Postgres {
                 .arg(&data),
         );
         let port = free_port();
+        let mut options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
+        if tls {
+            let (cert, key) = self_signed_certificate(dir.path());
+            run_ok(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&cert)
+                    .arg(&key),
+            );
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         run_ok(
             as_postgres("pg_ctl")
                 .arg("-D")
@@ -500,10 +553,7 @@ impl Postgres {
                 .arg("-l")
                 .arg(dir.path().join("log"))
                 .arg("-o")
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    dir.path().display()
-                ))
+                .arg(options)
                 .args(["-w", "start"]),
         );
         wait_for_port(port, "PostgreSQL");
@@ -552,6 +602,15 @@ pub struct Mariadb {
 
 impl Mariadb {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With a certificate made for it: clients may ask for TLS or not.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         run_ok(
@@ -564,13 +623,20 @@ impl Mariadb {
                 .arg(format!("--datadir={}", data.display())),
         );
         let port = free_port();
-        let child = Command::new("mariadbd")
-            .args([
-                "--no-defaults",
-                "--user=root",
-                "--bind-address=127.0.0.1",
-                "--skip-log-bin",
-            ])
+        let mut server = Command::new("mariadbd");
+        server.args([
+            "--no-defaults",
+            "--user=root",
+            "--bind-address=127.0.0.1",
+            "--skip-log-bin",
+        ]);
+        if tls {
+            let (cert, key) = self_signed_certificate(dir.path());
+            server
+                .arg(format!("--ssl-cert={}", cert.display()))
+                .arg(format!("--ssl-key={}", key.display()));
+        }
+        let child = server
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--port={port}"))
             .arg(format!("--socket={}", dir.path().join("sock").display()))

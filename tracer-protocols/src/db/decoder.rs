@@ -175,6 +175,16 @@ impl DbDecoder {
         }
     }
 
+    /// The plaintext of this encrypted connection starts (from the TLS probes):
+    /// decoding resumes where TLS began (see the decoders' `resume_in_plaintext`).
+    pub fn resume_in_plaintext(&mut self) {
+        match self {
+            DbDecoder::Postgres(d) => d.resume_in_plaintext(),
+            DbDecoder::Mysql(d) => d.resume_in_plaintext(),
+            DbDecoder::Redis(_) => {}
+        }
+    }
+
     /// The connection closed: how many requests never got an answer.
     pub fn finish(&mut self) -> usize {
         match self {
