@@ -1,6 +1,8 @@
 //! Root integration test: secrets never leave the agent. Real traffic carries
 //! them — an `Authorization` header, a `Cookie`, a `Set-Cookie`, request and
-//! response bodies, SQL literals (in a query and in a failing one), Redis values
+//! response bodies, tokens in URL paths (a JWT, a `;jsessionid=`), SQL literals
+//! (in a query and in a failing one, PostgreSQL and MariaDB), a PostgreSQL
+//! password sent in clear, a MariaDB login's password and auth data, Redis values
 //! written and read back — and every output is searched for them: JSON lines,
 //! the terminal view (`--output pretty`), the OTLP requests as sent (traces,
 //! metrics, logs: raw protobuf, whose strings are plain bytes), `/connections`,
@@ -17,7 +19,7 @@ use std::{
 
 use support::*;
 
-const SECRETS: [&str; 8] = [
+const SECRETS: [&str; 13] = [
     "tok-AUTH-7f3a",
     "COOKIE-c81b",
     "SETCOOKIE-55aa",
@@ -26,6 +28,14 @@ const SECRETS: [&str; 8] = [
     "SQLLIT-1d1d",
     "SQLERR-2e2e",
     "REDISVAL-3f3f",
+    // A JWT and a session id in URL paths.
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI0MiJ9.c2lnbmVkYnl0cmFjZXI",
+    "JSESS0A1B2C3D4E5F6",
+    // PostgreSQL's password (sent in clear), MariaDB's (its auth data is a hash of
+    // it), a MariaDB literal.
+    "PGPASS-6a6a",
+    "MYPASS-7b7b",
+    "MYLIT-8c8c",
 ];
 
 /// An OTLP/HTTP collector that keeps every request body as sent.
@@ -113,6 +123,38 @@ fn http_traffic(port: u16) {
         &format!("password={}", SECRETS[3]),
         &format!("http://127.0.0.1:{port}/login"),
     ]);
+    // Tokens in paths (the server answers 404: the path is what matters).
+    curl(&[&format!("http://127.0.0.1:{port}/auth/{}", SECRETS[8])]);
+    curl(&[&format!(
+        "http://127.0.0.1:{port}/cart;jsessionid={}/items",
+        SECRETS[9]
+    )]);
+}
+
+/// A MariaDB login with a password (mysql_native_password: the handshake
+/// response carries a hash of it), then a query with a literal, from the
+/// `mariadb` client.
+fn mariadb_traffic(port: u16) {
+    let root = |sql: &str| {
+        let out = Command::new("mariadb")
+            .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", "root"])
+            .args(["-e", sql])
+            .output()
+            .expect("run mariadb");
+        assert!(out.status.success(), "{out:?}");
+    };
+    root(&format!(
+        "CREATE USER app@'%' IDENTIFIED BY '{}'; GRANT ALL ON *.* TO app@'%'",
+        SECRETS[11]
+    ));
+    let out = Command::new("mariadb")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", "app"])
+        .arg(format!("-p{}", SECRETS[11]))
+        .args(["-e", &format!("SELECT '{}' AS v", SECRETS[12])])
+        .output()
+        .expect("run mariadb");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(SECRETS[12]));
 }
 
 fn secret_server() -> (Proc, u16, tempfile::TempDir) {
@@ -141,6 +183,8 @@ fn no_secret_reaches_json_otlp_connections_metrics_or_logs() {
     }
     let (_server, http_port, _dir) = secret_server();
     let pg = Postgres::start();
+    pg.add_cleartext_password_user("app", SECRETS[10]);
+    let my = Mariadb::start();
     let redis_port = free_port();
     let _redis = redis_server(redis_port);
     let (endpoint, otlp) = recording_collector();
@@ -148,6 +192,7 @@ fn no_secret_reaches_json_otlp_connections_metrics_or_logs() {
         http_port.to_string(),
         pg.port.to_string(),
         redis_port.to_string(),
+        my.port.to_string(),
     ];
     let mut args = vec!["--output", "json", "--otlp-endpoint", &endpoint];
     args.extend([
@@ -169,18 +214,39 @@ fn no_secret_reaches_json_otlp_connections_metrics_or_logs() {
         &format!("SELECT * FROM no_such_table WHERE pw = '{}'", SECRETS[6]),
     );
     assert!(!failed.status.success());
+    // A login whose password goes in clear, then a query as that role.
+    let login = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "app"])
+        .args([
+            "-d",
+            "postgres",
+            "-X",
+            "-q",
+            "-c",
+            "SELECT current_user AS who",
+        ])
+        .env("PGPASSWORD", SECRETS[10])
+        .output()
+        .expect("run psql");
+    assert!(login.status.success(), "{login:?}");
     redis_cli(redis_port, &["SET", "k", SECRETS[7]]);
     redis_cli(redis_port, &["GET", "k"]);
+    mariadb_traffic(my.port);
 
-    agent.wait_json(30, "HTTP, PostgreSQL and Redis spans", |o| {
+    agent.wait_json(30, "HTTP, PostgreSQL, MariaDB and Redis spans", |o| {
         let s = spans(o);
-        ["postgresql", "redis"]
-            .iter()
-            .all(|db| s.iter().any(|x| attr(x, "db.system.name") == *db))
+        s.iter()
+            .any(|x| attr(x, "db.query.text") == "SELECT current_user AS who")
+            && s.iter().any(|x| {
+                attr(x, "db.query.text") == "SELECT ? AS v" && attr(x, "db.system.name") == "mysql"
+            })
+            && ["postgresql", "redis"]
+                .iter()
+                .all(|db| s.iter().any(|x| attr(x, "db.system.name") == *db))
             && s.iter()
                 .filter(|x| x["kind"] == "server" && attr(x, "http.request.method").is_string())
                 .count()
-                >= 2
+                >= 4
     });
     let connections = agent.get("/connections");
     let metrics = agent.get("/metrics");
@@ -193,6 +259,14 @@ fn no_secret_reaches_json_otlp_connections_metrics_or_logs() {
         "the failed query's span:\n{json}"
     );
     assert!(json.contains("SELECT ? AS v"), "{json}");
+    assert!(
+        json.contains("/auth/REDACTED"),
+        "the JWT path's span:\n{json}"
+    );
+    assert!(
+        json.contains("/cart/items"),
+        "the jsessionid path's span:\n{json}"
+    );
     assert_clean("JSON output", &json);
     assert_clean("/connections", &connections);
     assert_clean("/metrics", &metrics);

@@ -561,6 +561,35 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Adds role `user` with `password`, which logs in over TCP with the
+    /// password sent in clear (`password` in pg_hba.conf): its PasswordMessage
+    /// carries the password itself.
+    pub fn add_cleartext_password_user(&self, user: &str, password: &str) {
+        let hba = self.dir.path().join("data/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!("host all {user} 127.0.0.1/32 password\n{rules}"),
+        )
+        .expect("write pg_hba.conf");
+        run_ok(
+            Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg(format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'"))
+                .args(["-c", "SELECT pg_reload_conf()"]),
+        );
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = Command::new("runuser")
