@@ -33,9 +33,8 @@ fn version_at_least(release: &str, major: u32, minor: u32) -> bool {
 }
 
 /// TLS stacks whose plaintext the agent does not read (their connections are
-/// counted as `encrypted`, or `tls_unassociated` for OpenSSL's memory BIOs).
-pub const TLS_NOT_COVERED: &str = "Go crypto/tls, rustls, BoringSSL, Java JSSE, GnuTLS, \
-     OpenSSL behind a memory BIO (Node.js, Python asyncio), encrypted PostgreSQL and MySQL";
+/// counted as `encrypted`).
+pub const TLS_NOT_COVERED: &str = "Go crypto/tls, rustls, BoringSSL, Java JSSE, GnuTLS, NSS";
 
 /// What `check` found: every requirement, each capture backend, and the backend
 /// the agent will use (none when it cannot run).
@@ -159,7 +158,10 @@ pub fn report() -> Report {
         required: false,
         present: uprobes && sys_admin,
         detail: match (uprobes, sys_admin) {
-            (true, true) => format!("HTTPS read from OpenSSL; not covered: {TLS_NOT_COVERED}"),
+            (true, true) => format!(
+                "HTTPS and encrypted database sessions read from OpenSSL (system, bundled, \
+                 linked into executables, behind memory BIOs); not covered: {TLS_NOT_COVERED}"
+            ),
             (true, false) => "CAP_SYS_ADMIN missing, which creating uprobes needs: \
                  encrypted connections are not decoded (Kubernetes: components/tls-capture)"
                 .into(),

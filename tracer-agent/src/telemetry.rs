@@ -68,6 +68,9 @@ pub enum DropReason {
     /// A TLS connection whose plaintext the TLS probes do not bring (its process
     /// uses a TLS library they do not cover: Go, Java, rustls): not decoded.
     Encrypted,
+    /// TLS plaintext read behind a memory BIO (Node.js, asyncio) that could not be
+    /// placed on its connection with certainty (records, not connections).
+    TlsUnplaced,
     HttpRequestMalformed,
     HttpResponseMalformed,
     /// More requests waiting for answers on one connection than the limit.
@@ -88,6 +91,7 @@ impl DropReason {
             DropReason::MemoryBudget => "memory_budget",
             DropReason::UnknownProtocol => "unknown_protocol",
             DropReason::Encrypted => "encrypted",
+            DropReason::TlsUnplaced => "tls_unplaced",
             DropReason::HttpRequestMalformed => "http_request_malformed",
             DropReason::HttpResponseMalformed => "http_response_malformed",
             DropReason::HttpPendingOverflow => "http_pending_overflow",

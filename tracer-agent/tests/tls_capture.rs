@@ -83,6 +83,8 @@ fn check_pairs(all: &[&Value], port: u16, tls: bool, requests: usize) -> Vec<Val
 
 #[test]
 fn python_https_server_and_clients_give_the_spans_of_their_plaintext_twins() {
+    // The server (http.server, blocking ssl), `requests` and curl keep OpenSSL on
+    // the socket; aiohttp keeps it behind a memory BIO.
     if !require_root("python_https_server_and_clients_give_the_spans_of_their_plaintext_twins") {
         return;
     }
@@ -123,11 +125,15 @@ fn python_https_server_and_clients_give_the_spans_of_their_plaintext_twins() {
         let url = format!("{scheme}://127.0.0.1:{port}/page.txt?from=curl");
         let (_, body) = curl(&["--cacert", &ca, &url]);
         assert_eq!(body, "a page\n");
+        // aiohttp (asyncio: OpenSSL behind a memory BIO), two requests.
+        let url = format!("{scheme}://127.0.0.1:{port}/page.txt?from=aiohttp");
+        let (_, out) = python_client("http_clients.py", &["aio-get", &url, "2", &ca]);
+        assert_eq!(out.matches("get 200 7").count(), 2, "{out}");
     }
-    let objects = agent.wait_json(20, "16 spans", |o| spans(o).len() >= 16);
+    let objects = agent.wait_json(20, "24 spans", |o| spans(o).len() >= 24);
     let all = spans(&objects);
-    let plain_shapes = check_pairs(&all, plain, false, 4);
-    let tls_shapes = check_pairs(&all, tls, true, 4);
+    let plain_shapes = check_pairs(&all, plain, false, 6);
+    let tls_shapes = check_pairs(&all, tls, true, 6);
     assert_eq!(plain_shapes, tls_shapes);
 }
 
@@ -331,5 +337,123 @@ fn mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin() {
     assert!(
         !everything.contains("secret-literal"),
         "a SQL literal leaked"
+    );
+}
+
+/// Runs `tls_node.js` to its end: (pid, stdout).
+fn node(args: &[&str]) -> (u32, String) {
+    let child = Command::new("node")
+        .env("NODE_PATH", node_path())
+        .arg(support_dir().join("tls_node.js"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node (Debian's nodejs)");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for node");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "node {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, stdout)
+}
+
+/// Node.js keeps OpenSSL behind memory BIOs (libuv moves the ciphertext): its
+/// plaintext is placed on the connection by the ciphertext beside it. A Node
+/// HTTPS server and a Node HTTPS client (three requests on one keep-alive
+/// connection) give the spans and parents of their plaintext twins.
+#[test]
+fn node_https_client_and_server_give_the_spans_of_their_plaintext_twins() {
+    if !require_root("node_https_client_and_server_give_the_spans_of_their_plaintext_twins") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_certificate(dir.path());
+    let (plain, tls) = (free_port(), free_port());
+    let (cert_s, key_s) = (cert.to_string_lossy(), key.to_string_lossy());
+    let mut servers = Vec::new();
+    for (mode, port) in [("http", plain), ("https", tls)] {
+        let child = Command::new("node")
+            .env("NODE_PATH", node_path())
+            .arg(support_dir().join("tls_node.js"))
+            .args(["serve", mode, &port.to_string(), &cert_s, &key_s])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the node server");
+        servers.push(Proc(child));
+        wait_for_port(port, "node server");
+    }
+    let agent = Agent::start(&[
+        "--output",
+        "json",
+        "--port",
+        &plain.to_string(),
+        "--port",
+        &tls.to_string(),
+    ]);
+    for (mode, port) in [("https", tls), ("http", plain)] {
+        let (_, out) = node(&["get", mode, &port.to_string(), "/hello", "3", &cert_s]);
+        assert_eq!(out.matches("get 200 16").count(), 3, "{out}");
+    }
+    let objects = agent.wait_json(20, "12 spans", |o| spans(o).len() >= 12);
+    let all = spans(&objects);
+    let plain_shapes = check_pairs(&all, plain, false, 3);
+    let tls_shapes = check_pairs(&all, tls, true, 3);
+    assert_eq!(plain_shapes, tls_shapes);
+    let metrics = agent.get("/metrics");
+    assert!(
+        !metrics.contains("reason=\"tls_unplaced\""),
+        "every plaintext record was placed:\n{metrics}"
+    );
+}
+
+/// node-postgres with `ssl` (Node's TLS over the socket it opened, after the
+/// SSLRequest) and without: the same calls, the TLS ones saying so.
+#[test]
+fn node_postgres_over_tls_gives_the_calls_of_its_plaintext_twin() {
+    if !require_root("node_postgres_over_tls_gives_the_calls_of_its_plaintext_twin") {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let port = pg.port.to_string();
+    let agent = Agent::start(&["--output", "json", "--port", &port]);
+    let mut sessions = Vec::new();
+    for (tls, says) in [("on", "true"), ("off", "false")] {
+        let (pid, out) = node(&["pg", tls, &port]);
+        assert!(out.contains(&format!("ssl {says}")), "{out}");
+        assert!(out.contains("done"), "{out}");
+        sessions.push(pid);
+    }
+    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
+        spans(objects)
+            .into_iter()
+            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
+            .cloned()
+            .collect()
+    };
+    agent.wait_json(20, "every session's failing query", |o| {
+        sessions
+            .iter()
+            .all(|pid| of(o, *pid).iter().any(|s| s["status"] == "error"))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let objects = agent.stop_json();
+    let (tls, plain) = (of(&objects, sessions[0]), of(&objects, sessions[1]));
+    assert_eq!(plain.len(), 4, "{plain:#?}");
+    for s in &tls {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
+    }
+    for s in &plain {
+        assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
+    }
+    let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
+    assert_eq!(shapes(&tls), shapes(&plain));
+    assert_eq!(
+        attr(&tls[1], "db.query.text"),
+        "SELECT $1::int + ? AS answer, $2::text AS s"
     );
 }

@@ -25,6 +25,11 @@ pub mod flags {
     /// read/write functions (after decryption, before encryption); the socket's
     /// own records of the same bytes (ciphertext) are not sent.
     pub const TLS: u32 = 8;
+    /// With `TLS`: the `SSL*` had no socket I/O inside any of its calls (a memory
+    /// BIO: Node.js, Python's asyncio), so the header's `sock` is the `SSL*` (a
+    /// user-space address), not a socket; user space places it on the connection
+    /// whose ciphertext the same thread moves next to it.
+    pub const TLS_UNBOUND: u32 = 16;
 }
 
 #[repr(C)]

@@ -25,9 +25,10 @@ pub enum Counter {
     /// return (kprobe backend: more threads were inside `tcp_sendmsg`/`tcp_recvmsg`
     /// at once than the kernel keeps return probes for).
     ReturnMissed = 8,
-    /// TLS plaintext dropped because its connection was not known: the TLS
-    /// library read or wrote without a socket call inside (a memory BIO) and the
-    /// `SSL*` had never been seen with one.
+    /// TLS plaintext whose connection the kernel cannot tell: the TLS library
+    /// read or wrote without a socket call inside (a memory BIO) and the `SSL*`
+    /// had never been seen with one. Sent to user space keyed by its `SSL*`
+    /// (`flags::TLS_UNBOUND`), which places it by the ciphertext beside it.
     TlsUnassociated = 9,
 }
 

@@ -10,8 +10,9 @@
 //! flagged `TLS`, and remembers the `SSL*`'s socket (`TLS_SOCKS`) for calls that
 //! need no socket I/O (a read served from records already decrypted). A call
 //! whose `SSL*` never had socket I/O inside a call (a memory BIO: Node.js,
-//! Python's asyncio) cannot be placed on a connection: it is counted as
-//! `tls_unassociated`, never guessed from the thread's other connections.
+//! Python's asyncio) cannot be placed on a connection here: its plaintext goes
+//! out keyed by the `SSL*` (`flags::TLS_UNBOUND`, counted `tls_unassociated`),
+//! and user space places it by the ciphertext the same thread moves beside it.
 //!
 //! A probe on the dynamic loader's `_dl_debug_state` (which it calls once its
 //! list of loaded objects is consistent: at start-up and around each `dlopen`)
@@ -180,6 +181,13 @@ fn leave(ctx: &RetProbeContext) {
             None => {
                 if moved > 0 {
                     count(Counter::TlsUnassociated, 1);
+                    send_plaintext(
+                        &call,
+                        call.ssl,
+                        moved,
+                        pid_tgid,
+                        flags::TLS_UNBOUND | WITH_COMM,
+                    );
                 }
                 return;
             }
@@ -191,9 +199,10 @@ fn leave(ctx: &RetProbeContext) {
     plaintext(&call, sock, moved, tgid, tid);
 }
 
-/// Sends `moved` bytes of plaintext (a bounded prefix of `call.buf`) as a data
-/// event on `sock`. Out of line, like the socket programs' helpers, so that the
-/// frames of the call chain stay within the 512-byte stack of kernels before 6.13.
+/// Sends `moved` bytes of plaintext as a data event on `sock`, unless the kernel
+/// no longer follows it or user space stopped decoding it. Out of line, like the
+/// socket programs' helpers, so that the frames of the call chain stay within the
+/// 512-byte stack of kernels before 6.13.
 #[inline(never)]
 fn plaintext(call: &TlsCall, sock: u64, moved: u64, tgid: u32, tid: u32) {
     let Some(info) = SOCKS.get_ptr_mut(sock).or_else(|| CLOSED.get_ptr_mut(sock)) else {
@@ -223,6 +232,28 @@ fn plaintext(call: &TlsCall, sock: u64, moved: u64, tgid: u32, tid: u32) {
     if owner_changed {
         info.tgid = tgid;
     }
+    let pid_tgid = (u64::from(tgid) << 32) | u64::from(tid);
+    send_plaintext(
+        call,
+        sock,
+        moved,
+        pid_tgid,
+        if owner_changed { WITH_COMM } else { 0 },
+    );
+}
+
+/// In `send_plaintext`'s `extra`: send the thread's name too (not a data flag).
+const WITH_COMM: u32 = 1 << 31;
+
+/// Sends `moved` bytes of plaintext (a bounded prefix of `call.buf`) as a data
+/// event keyed by `key` (a socket, or the `SSL*` with `flags::TLS_UNBOUND` in
+/// `extra`), with the thread's name when `extra` has [`WITH_COMM`]. (BPF
+/// functions take at most five arguments.)
+#[inline(never)]
+fn send_plaintext(call: &TlsCall, key: u64, moved: u64, pid_tgid: u64, extra: u32) {
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let with_comm = extra & WITH_COMM != 0;
+    let extra_flags = extra & !WITH_COMM;
     let Some(event) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -235,16 +266,16 @@ fn plaintext(call: &TlsCall, sock: u64, moved: u64, tgid: u32, tid: u32) {
         moved as u32
     };
     event.hdr = DataHeader {
-        header: if owner_changed {
-            header(EventKind::Data, tgid, tid, sock, now)
+        header: if with_comm {
+            header(EventKind::Data, tgid, tid, key, now)
         } else {
-            header_without_comm(EventKind::Data, tgid, tid, sock, now)
+            header_without_comm(EventKind::Data, tgid, tid, key, now)
         },
         direction: call.direction,
         syscall: 0,
         total_len: total,
         captured_len: 0,
-        flags: flags::TLS,
+        flags: flags::TLS | extra_flags,
         _pad: 0,
     };
     let mut want = config().capture_bytes as usize;

@@ -61,7 +61,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         /// Only these parts of the overhead benchmark (comma-separated:
-        /// saturation, floor, fixed, pgbench, redis); all when absent.
+        /// saturation, floor, fixed, https, pgbench, redis); all when absent.
         #[arg(long, value_delimiter = ',', value_parser = overhead::PARTS)]
         only: Vec<String>,
         /// Measure this agent binary, with the tools already set up, instead of

@@ -5,6 +5,8 @@
 //! - nginx (one worker) serving a 512-byte file over keep-alive to wrk, at
 //!   saturation: throughput, p50 and p99 latency, agent CPU per 10k requests.
 //! - The floor: the same attach points with programs that do nothing.
+//! - The same nginx and wrk over HTTPS (TLS 1.3, an ECDSA certificate): the TLS
+//!   probes on OpenSSL in both.
 //! - A paced client at fixed rates (10k and 20k requests/s): agent CPU, peak RSS,
 //!   events lost.
 //! - PostgreSQL under `pgbench -S` and Redis under `redis-benchmark`: database
@@ -34,7 +36,7 @@ pub struct Options {
 }
 
 /// The parts of the benchmark, for `--only`.
-pub const PARTS: [&str; 5] = ["saturation", "floor", "fixed", "pgbench", "redis"];
+pub const PARTS: [&str; 6] = ["saturation", "floor", "fixed", "https", "pgbench", "redis"];
 
 impl Options {
     fn runs(&self, part: &str) -> bool {
@@ -280,11 +282,24 @@ pub(crate) fn collector_on(rotel: &Path, dir: &Path, grpc: u16, http: u16) -> Re
     )
 }
 
-pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16)> {
-    let port = free_port()?;
+/// nginx (one worker) serving a 512-byte file on a plain port and, with the same
+/// settings, over TLS (a certificate made here): (process, plain port, TLS port).
+pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16, u16)> {
+    let (port, tls_port) = (free_port()?, free_port()?);
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("small.html"), vec![b'x'; 512])?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    output_of(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )
+    .context("making nginx's certificate (openssl)")?;
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -294,9 +309,13 @@ pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16)> {
              http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 300s;\n\
              client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
              uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; root {w}; }} }}\n",
+             server {{ listen 127.0.0.1:{port}; root {w}; }}\n\
+             server {{ listen 127.0.0.1:{tls_port} ssl; root {w};\n\
+             ssl_certificate {c}; ssl_certificate_key {k}; }} }}\n",
             d = dir.display(),
             w = www.display(),
+            c = cert.display(),
+            k = key.display(),
         ),
     )?;
     let proc = serve(
@@ -308,7 +327,8 @@ pub(crate) fn nginx(dir: &Path) -> Result<(Proc, u16)> {
         port,
         "nginx",
     )?;
-    Ok((proc, port))
+    wait_for_port(tls_port, "nginx (TLS)")?;
+    Ok((proc, port, tls_port))
 }
 
 pub(crate) struct Postgres {
@@ -411,13 +431,15 @@ fn seconds_of(v: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|n| n * scale)
 }
 
-fn wrk(port: u16, seconds: u64) -> Result<Load> {
+/// wrk, one thread and 16 keep-alive connections, for `seconds` (over TLS with
+/// `scheme` https; wrk uses the host's OpenSSL).
+fn wrk(scheme: &str, port: u16, seconds: u64) -> Result<Load> {
     let out = output_of(Command::new("wrk").args([
         "-t1",
         "-c16",
         &format!("-d{seconds}s"),
         "--latency",
-        &format!("http://127.0.0.1:{port}/small.html"),
+        &format!("{scheme}://127.0.0.1:{port}/small.html"),
     ]))?;
     let mut load = Load::default();
     for line in out.lines() {
@@ -685,27 +707,32 @@ pub fn run(opts: &Options) -> Result<()> {
     let dir = scratch_dir("overhead")?;
     let (_rotel, collector) = collector(&opts.rotel, &dir)?;
     let secs = opts.seconds;
-    let nginx_needed = ["saturation", "floor", "fixed"]
+    let nginx_needed = ["saturation", "floor", "fixed", "https"]
         .iter()
         .any(|p| opts.runs(p));
-    let (_nginx, http) = if nginx_needed {
-        let (p, port) = nginx(&dir)?;
-        (Some(p), port)
+    let (_nginx, http, https) = if nginx_needed {
+        let (p, port, tls_port) = nginx(&dir)?;
+        (Some(p), port, tls_port)
     } else {
-        (None, 0)
+        (None, 0, 0)
     };
 
     let mut sat = None;
     if opts.runs("saturation") {
         eprintln!("xtask: nginx + wrk at saturation, agent off/on");
-        sat = Some(pairs(opts, collector, &[], || wrk(http, secs))?);
+        sat = Some(pairs(opts, collector, &[], || wrk("http", http, secs))?);
     }
     let mut floor = None;
     if opts.runs("floor") {
         eprintln!("xtask: the floor: empty programs on the same tracepoints");
         floor = Some(pairs(opts, collector, &["--empty-probes"], || {
-            wrk(http, secs)
+            wrk("http", http, secs)
         })?);
+    }
+    let mut tls = None;
+    if opts.runs("https") {
+        eprintln!("xtask: nginx + wrk over HTTPS at saturation, agent off/on");
+        tls = Some(pairs(opts, collector, &[], || wrk("https", https, secs))?);
     }
 
     let mut fixed = Vec::new();
@@ -791,6 +818,7 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     row("nginx+wrk c16 (saturation)", &sat);
     row("floor: empty programs", &floor);
+    row("nginx+wrk c16 HTTPS (sat.)", &tls);
     row("pgbench -S c8 (p50 = avg)", &pgb);
     row("redis-benchmark GET c16", &rb);
     println!();
@@ -826,8 +854,9 @@ pub fn run(opts: &Options) -> Result<()> {
             .map_or("-".to_string(), |p| format!("{:.0}", p.lost))
     };
     println!(
-        "events lost at saturation: nginx {}, pgbench {}, redis {} (tracer_events_lost_total, summed over runs)",
+        "events lost at saturation: nginx {}, nginx HTTPS {}, pgbench {}, redis {} (tracer_events_lost_total, summed over runs)",
         lost(&sat),
+        lost(&tls),
         lost(&pgb),
         lost(&rb)
     );

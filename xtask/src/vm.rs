@@ -81,7 +81,8 @@ fn apt_options(suite: Option<&str>) -> Result<Vec<String>> {
 /// (test binary, test names): HTTP server and client spans, PostgreSQL, leak
 /// detection, the parent chain, Kubernetes metadata from cgroups, the kernel's
 /// socket map when full, the agent under the DaemonSet's capabilities only, and
-/// HTTPS, PostgreSQL and MySQL over TLS and leaks over TLS through the TLS probes.
+/// HTTPS (OpenSSL and Node.js), PostgreSQL and MySQL over TLS and leaks over TLS
+/// through the TLS probes.
 const TESTS: &[(&str, &[&str])] = &[
     (
         "http_capture",
@@ -133,6 +134,8 @@ const TESTS: &[(&str, &[&str])] = &[
             "nginx_over_https_gives_curl_and_nginx_the_spans_of_their_plaintext_twins",
             "psycopg_over_tls_gives_the_calls_of_its_plaintext_twin",
             "mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin",
+            "node_https_client_and_server_give_the_spans_of_their_plaintext_twins",
+            "node_postgres_over_tls_gives_the_calls_of_its_plaintext_twin",
         ],
     ),
 ];

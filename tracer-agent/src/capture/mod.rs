@@ -325,7 +325,11 @@ pub fn decode_into(
                     arena.split().freeze()
                 },
                 flags: d.flags
-                    & (flags::UNREADABLE | flags::TRUNCATED | flags::NO_USER_BUFFER | flags::TLS),
+                    & (flags::UNREADABLE
+                        | flags::TRUNCATED
+                        | flags::NO_USER_BUFFER
+                        | flags::TLS
+                        | flags::TLS_UNBOUND),
             }))
         }
         EventKind::ProcExit => Ok(Event::ProcExit {

@@ -42,6 +42,7 @@ use crate::{
 
 mod db;
 mod http;
+mod tls_placement;
 
 use db::DbConn;
 use http::HttpConn;
@@ -304,6 +305,8 @@ pub struct ConnectionTable {
     recovered: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Sockets no longer decoded, for the kernel to skip.
     not_decoded: Vec<NotDecoded>,
+    /// TLS plaintext read behind memory BIOs, placed on its connections.
+    tls_placement: tls_placement::TlsPlacement,
     /// HTTP connections the kernel reported closed, kept [`CLOSE_GRACE_NS`] for
     /// the records it reports after the close (the last send of a socket reset by
     /// its peer is reported after the reset), then closed: sock → (due, connection).
@@ -365,6 +368,7 @@ impl ConnectionTable {
             evicted: HashMap::new(),
             recovered: HashMap::new(),
             not_decoded: Vec::new(),
+            tls_placement: tls_placement::TlsPlacement::new(),
             closing: HashMap::new(),
             closing_order: VecDeque::new(),
             latest_ns: 0,
@@ -533,6 +537,7 @@ impl ConnectionTable {
             Event::Data(rec) => self.data(rec, ctx),
             Event::ConnClose { meta, .. } => {
                 self.evicted.remove(&meta.sock);
+                self.tls_placement.forget_sock(meta.sock);
                 if let Some(mut conn) = self.remove(meta.sock, ctx.out) {
                     conn.closed_ns = meta.ts_ns;
                     if matches!(conn.protocol, Protocol::Http1(_)) {
@@ -556,6 +561,7 @@ impl ConnectionTable {
                 }
             }
             Event::ConnEnding { meta, by_peer } => {
+                self.tls_placement.forget_sock(meta.sock);
                 if let Some(conn) = self.conns.get_mut(&meta.sock)
                     && conn.ending.is_none()
                 {
@@ -758,6 +764,17 @@ impl ConnectionTable {
     }
 
     fn data<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {
+        use tracer_common::data::flags;
+        if rec.flags & flags::TLS_UNBOUND != 0 {
+            let placed = self.tls_placement.plaintext(rec);
+            self.place(placed, ctx);
+            return;
+        }
+        if rec.flags & flags::TLS == 0 && tls_placement::is_tls_record(&rec.payload) {
+            // Ciphertext: it may place plaintext waiting for it, before itself.
+            let placed = self.tls_placement.ciphertext(&rec);
+            self.place(placed, ctx);
+        }
         if !self.closing.is_empty()
             && let Some((due, conn)) = self.closing.remove(&rec.meta.sock)
         {
@@ -771,6 +788,17 @@ impl ConnectionTable {
             return;
         }
         self.data_on_known(rec, ctx);
+    }
+
+    /// Plaintext placed on its connection by [`tls_placement::TlsPlacement`].
+    fn place<O: Observer>(&mut self, placed: tls_placement::Placed, ctx: &mut Ctx<'_, O>) {
+        if placed.dropped > 0 {
+            ctx.telemetry
+                .dropped_n(DropReason::TlsUnplaced, placed.dropped);
+        }
+        for rec in placed.records {
+            self.data(rec, ctx);
+        }
     }
 
     fn data_on_known<O: Observer>(&mut self, rec: DataRecord, ctx: &mut Ctx<'_, O>) {

@@ -9,6 +9,8 @@ usage:
   http_clients.py get URL N CA           N GETs of URL on one `requests` session
                                          (one keep-alive connection), trusting the
                                          CA file CA for https:// ("-": none)
+  http_clients.py aio-get URL N CA       the same with aiohttp (asyncio: OpenSSL
+                                         behind a memory BIO)
   http_clients.py give-up PORT SLOW TIMEOUT
                                          GET /slow?s=SLOW with a TIMEOUT-second
                                          read timeout: the client gives up first
@@ -58,9 +60,28 @@ def get(url, n, ca):
             print("get", r.status_code, len(r.content), flush=True)
 
 
+def aio_get(url, n, ca):
+    import asyncio
+    import ssl
+
+    import aiohttp
+
+    async def run():
+        context = ssl.create_default_context(cafile=ca if ca != "-" else None)
+        connector = aiohttp.TCPConnector(limit=1, ssl=context if url.startswith("https") else False)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(n):
+                async with session.get(url) as r:
+                    body = await r.read()
+                    print("get", r.status, len(body), flush=True)
+
+    asyncio.run(run())
+
+
 def main():
-    if sys.argv[1] == "get":
-        get(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if sys.argv[1] in ("get", "aio-get"):
+        fetch = get if sys.argv[1] == "get" else aio_get
+        fetch(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
     cmd, port = sys.argv[1], int(sys.argv[2])
     if cmd == "post-bodies":
