@@ -135,7 +135,11 @@ pub async fn process_events(
         kernel: config.kernel_sockets.clone(),
         ..Downstream::default()
     };
+    down.causality.forgotten = telemetry.forgotten_in("causality");
+    down.pools.forgotten = telemetry.forgotten_in("pools");
+    down.headers.forgotten = telemetry.forgotten_in("traceparent_ids");
     let mut stitch = ParentInference::new(config.parent_wait, config.max_waiting_spans);
+    stitch.forgotten = telemetry.forgotten_in("parent_inference");
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_recovered_check = Instant::now();

@@ -110,6 +110,13 @@ impl EncodeLabelValue for DropReason {
     }
 }
 
+/// A bounded table of the agent's state, for `tracer_state_forgotten_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// See [`Telemetry::forgotten`].
+    pub table: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExporterLabel {
     /// `json`, `pretty`, `otlp_grpc`, `otlp_http`, `otlp_metrics`, `otlp_logs`.
@@ -165,6 +172,9 @@ pub struct Telemetry {
     pub decode_errors: Counter,
     /// Batches or spans dropped because a bounded queue was full.
     pub queue_dropped: Family<QueueLabel, Counter>,
+    /// Entries a bounded table of state forgot to stay within its limit (each
+    /// limit and what forgetting costs: docs/architecture.md), by table.
+    pub forgotten: Family<TableLabel, Counter>,
     /// Items waiting in each bounded queue now (events, spans, otlp), and spans
     /// waiting for their relatives in parent inference (waiting).
     pub queue_depth: Family<QueueLabel, Gauge>,
@@ -275,6 +285,14 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
+    /// The counter of entries `table` forgot (a handle sharing the family's count:
+    /// a table keeps it and adds to it where it forgets).
+    pub fn forgotten_in(&self, table: &'static str) -> Counter {
+        self.forgotten.get_or_create(&TableLabel { table }).clone()
+    }
+}
+
+impl Telemetry {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tracer");
         let t = Self {
@@ -287,6 +305,7 @@ impl Telemetry {
             kernel: Family::default(),
             decode_errors: Counter::default(),
             queue_dropped: Family::default(),
+            forgotten: Family::default(),
             otlp_dropped: Family::default(),
             otlp_retry_delay: Gauge::default(),
             decoder_held_bytes: Gauge::default(),
@@ -334,6 +353,11 @@ impl Telemetry {
             "queue_dropped",
             "Items dropped because a bounded queue was full",
             t.queue_dropped.clone(),
+        );
+        registry.register(
+            "state_forgotten",
+            "Entries of a bounded table of state forgotten to stay within its limit, by table",
+            t.forgotten.clone(),
         );
         registry.register(
             "queue_depth",

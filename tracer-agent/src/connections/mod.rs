@@ -703,6 +703,9 @@ impl ConnectionTable {
             order.truncate(batch);
         }
         if self.evicted.len() + order.len() > (self.limits.max_connections / 4).max(64) {
+            ctx.telemetry
+                .forgotten_in("evicted_connections")
+                .inc_by(self.evicted.len() as u64);
             self.evicted.clear();
         }
         for (_, _, sock) in order {
@@ -795,6 +798,12 @@ impl ConnectionTable {
         if placed.dropped > 0 {
             ctx.telemetry
                 .dropped_n(DropReason::TlsUnplaced, placed.dropped);
+        }
+        let forgotten = std::mem::take(&mut self.tls_placement.forgotten);
+        if forgotten > 0 {
+            ctx.telemetry
+                .forgotten_in("tls_placement")
+                .inc_by(forgotten);
         }
         for rec in placed.records {
             self.data(rec, ctx);

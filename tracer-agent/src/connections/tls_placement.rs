@@ -81,6 +81,9 @@ pub struct TlsPlacement {
     pending_send: HashMap<u32, Key>,
     last_read: HashMap<u32, CipherRead>,
     last_sweep_ns: u64,
+    /// Entries forgotten to stay within the limits since the table last took
+    /// the count (it goes to `tracer_state_forgotten_total{table="tls_placement"}`).
+    pub forgotten: u64,
 }
 
 /// True when `payload` starts with a TLS record of a connection under way
@@ -117,6 +120,7 @@ impl TlsPlacement {
             pending_send: HashMap::new(),
             last_read: HashMap::new(),
             last_sweep_ns: 0,
+            forgotten: 0,
         }
     }
 
@@ -159,6 +163,7 @@ impl TlsPlacement {
                 rec.flags &= !flags::TLS_UNBOUND;
                 waiting.records.push(rec.clone());
                 if self.pending_send.len() >= MAX_THREADS {
+                    self.forgotten += self.pending_send.len() as u64;
                     self.pending_send.clear();
                 }
                 self.pending_send.insert(rec.meta.tid, key);
@@ -175,6 +180,7 @@ impl TlsPlacement {
         match rec.direction {
             Direction::Recv => {
                 if self.last_read.len() >= MAX_THREADS {
+                    self.forgotten += self.last_read.len() as u64;
                     self.last_read.clear();
                 }
                 self.last_read.insert(
@@ -230,6 +236,7 @@ impl TlsPlacement {
             None => {}
         }
         if self.bound.len() >= MAX_BINDINGS {
+            self.forgotten += self.bound.len() as u64;
             self.bound.clear();
             self.by_sock.clear();
         }

@@ -119,6 +119,9 @@ const SUSPECT_PASSES: u32 = 2;
 /// member leaves when its connection does.
 #[derive(Default)]
 pub struct PoolTracker {
+    /// Pools and members not watched, and samples dropped, past their limits
+    /// (`tracer_state_forgotten_total{table="pools"}`).
+    pub forgotten: prometheus_client::metrics::counter::Counter,
     members: HashMap<u64, Member>,
     pools: HashMap<(u32, SocketAddr), PoolTrack>,
     /// Span of each connection's last call → its socket, until the span is settled.
@@ -188,11 +191,16 @@ impl PoolTracker {
     fn enlist(&mut self, sock: u64, pool: PoolKey, opened_ns: Option<u64>) {
         let key = (pool.pid, pool.server);
         if self.pools.len() >= MAX_POOLS && !self.pools.contains_key(&key) {
+            self.forgotten.inc();
             return;
         }
         let track = self.pools.entry(key).or_default();
-        if track.members.len() < MAX_POOL_MEMBERS && !track.members.contains(&sock) {
-            track.members.push(sock);
+        if !track.members.contains(&sock) {
+            if track.members.len() < MAX_POOL_MEMBERS {
+                track.members.push(sock);
+            } else {
+                self.forgotten.inc();
+            }
         }
         if let Some(at) = opened_ns {
             track.last_open_ns = track.last_open_ns.max(at);
@@ -308,6 +316,7 @@ impl PoolTracker {
         if self.samples.len() >= MAX_POOL_SAMPLES {
             // Nobody drains them: keep the newest.
             self.samples.pop_front();
+            self.forgotten.inc();
         }
         self.samples.push_back(sample);
     }

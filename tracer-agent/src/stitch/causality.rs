@@ -90,6 +90,8 @@ struct Wake {
 /// [`MAX_WAKE_TO_SEND_NS`]. Anything less clear is left without a cause.
 #[derive(Default)]
 pub struct Causality {
+    /// Entries forgotten to stay within [`MAX_THREADS`] (`tracer_state_forgotten_total{table="causality"}`).
+    pub forgotten: prometheus_client::metrics::counter::Counter,
     /// (pid, tid) → the server request whose bytes (or whose child call's answer)
     /// the thread read last.
     wakes: HashMap<(u32, u32), Wake>,
@@ -206,6 +208,7 @@ impl Causality {
                 conn,
             } => {
                 if self.answered_on.len() >= MAX_THREADS {
+                    self.forgotten.inc_by(self.answered_on.len() as u64);
                     self.answered_on.clear();
                 }
                 self.answered_on.insert(conn, ts_ns);
@@ -225,6 +228,7 @@ impl Causality {
     /// for it from now on.
     fn hand_off(&mut self, pid: u32) {
         if self.hands_off.len() >= MAX_THREADS {
+            self.forgotten.inc_by(self.hands_off.len() as u64);
             self.hands_off.clear();
         }
         if self.hands_off.insert(pid, ()).is_none() {
@@ -242,6 +246,9 @@ impl Causality {
             || self.open.len() >= MAX_THREADS
             || self.ready.len() >= MAX_THREADS
         {
+            self.forgotten.inc_by(
+                (self.wakes.len() + self.open.len() + self.ready.len() + self.serving.len()) as u64,
+            );
             self.wakes.clear();
             self.open.clear();
             self.ready.clear();
@@ -268,6 +275,7 @@ impl Causality {
         q.retain(|w| w.handler != wake.handler);
         if q.len() >= MAX_READY {
             q.pop_front();
+            self.forgotten.inc();
         }
         q.push_back(wake);
     }
@@ -275,6 +283,7 @@ impl Causality {
     /// Remembers what a server request is, while it is served.
     fn serving(&mut self, span: SpanId, method: &str, path: &str) {
         if self.serving.len() >= MAX_THREADS {
+            self.forgotten.inc_by(self.serving.len() as u64);
             self.serving.clear();
         }
         self.serving

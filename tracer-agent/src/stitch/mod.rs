@@ -82,19 +82,24 @@ impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
         }
     }
 
-    fn insert(&mut self, k: K, v: V, now: Instant) {
+    /// Inserts; returns how many entries went before their time to make room.
+    fn insert(&mut self, k: K, v: V, now: Instant) -> u64 {
         let now = now.saturating_duration_since(self.base).as_nanos() as u64;
         if self.map.insert(k.clone(), v).is_none() {
             self.order.push_back((k, now));
         }
         let keep = self.keep.as_nanos() as u64;
+        let mut forced = 0;
         while let Some((old, at)) = self.order.front() {
-            if self.order.len() <= self.capacity && now.saturating_sub(*at) <= keep {
+            let expired = now.saturating_sub(*at) > keep;
+            if self.order.len() <= self.capacity && !expired {
                 break;
             }
+            forced += u64::from(!expired);
             self.map.remove(old);
             self.order.pop_front();
         }
+        forced
     }
 
     fn get(&self, k: &K) -> Option<&V> {
@@ -121,6 +126,9 @@ pub struct ParentInference {
     clients: Recent<ExchangeKey, (SpanId, u64)>,
     /// SERVER spans waiting for the CLIENT span at the other end.
     servers_waiting: HashMap<ExchangeKey, SpanId>,
+    /// Released spans and CLIENT exchanges forgotten before their time, the maps
+    /// full (`tracer_state_forgotten_total{table="parent_inference"}`).
+    pub forgotten: prometheus_client::metrics::counter::Counter,
     /// Spans waiting for a pending span, by the span they wait for.
     waiters: HashMap<SpanId, Vec<SpanId>>,
     /// What went out of the ordinary, for `/metrics`.
@@ -197,6 +205,7 @@ impl ParentInference {
             released: Recent::new(recent, keep),
             clients: Recent::new(recent, keep),
             servers_waiting: HashMap::new(),
+            forgotten: Default::default(),
             waiters: HashMap::new(),
             counts: StitchCounts::default(),
         }
@@ -254,7 +263,8 @@ impl ParentInference {
             SpanKind::Client => {
                 if let (Some(conn), Some(n)) = (span.link.conn, span.link.exchange) {
                     let key = exchange_key(conn, n);
-                    self.clients.insert(key, (id, path_of(&span)), now);
+                    let forced = self.clients.insert(key, (id, path_of(&span)), now);
+                    self.forgotten.inc_by(forced);
                     if let Some(server) = self.servers_waiting.remove(&key) {
                         self.adopt_waiting_server(server, &span);
                     }
@@ -432,11 +442,12 @@ impl ParentInference {
         if !self.waiters.contains_key(&span.span_id) {
             // Nothing waits on it (most spans): no work list.
             self.counts.count_release(span.parent_source);
-            self.released.insert(
+            let forced = self.released.insert(
                 span.span_id,
                 (span.trace_id, span.start_unix_nano, span.end_unix_nano),
                 now,
             );
+            self.forgotten.inc_by(forced);
             out.push(span);
             return;
         }
@@ -444,11 +455,12 @@ impl ParentInference {
         while let Some(span) = work.pop() {
             let id = span.span_id;
             self.counts.count_release(span.parent_source);
-            self.released.insert(
+            let forced = self.released.insert(
                 id,
                 (span.trace_id, span.start_unix_nano, span.end_unix_nano),
                 now,
             );
+            self.forgotten.inc_by(forced);
             if let Some(children) = self.waiters.remove(&id) {
                 for child in children {
                     if let Some(mut p) = self.pending.remove(&child) {
@@ -697,6 +709,19 @@ mod tests {
         st.push(server, Instant::now(), &mut out);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|s| s.parent_span_id.is_none()));
+    }
+
+    #[test]
+    fn recent_maps_count_only_what_goes_before_its_time() {
+        let mut r: Recent<u32, ()> = Recent::new(4, Duration::from_secs(10));
+        let t0 = r.base;
+        let forced: u64 = (0..6).map(|k| r.insert(k, (), t0)).sum();
+        assert_eq!(forced, 2, "full: two went early");
+        assert!(r.get(&0).is_none() && r.get(&5).is_some());
+        // Past their time, entries go without counting.
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(r.insert(9, (), later), 0);
+        assert_eq!(r.map.len(), 1);
     }
 
     #[test]

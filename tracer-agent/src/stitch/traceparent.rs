@@ -84,6 +84,9 @@ pub enum HeaderAt {
 /// read before the sender reports its send), so the next hop decides when its
 /// span is built, long after the forward was seen.
 pub struct SeenHeaders {
+    /// Ids forgotten, oldest first, past the capacity
+    /// (`tracer_state_forgotten_total{table="traceparent_ids"}`).
+    pub forgotten: prometheus_client::metrics::counter::Counter,
     ids: HashMap<SpanId, Seen>,
     order: VecDeque<SpanId>,
     capacity: usize,
@@ -109,6 +112,7 @@ impl SeenHeaders {
     /// Remembers `capacity` ids at most; the oldest are forgotten first.
     pub fn new(capacity: usize) -> Self {
         Self {
+            forgotten: Default::default(),
             ids: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
@@ -120,6 +124,7 @@ impl SeenHeaders {
             while self.order.len() >= self.capacity {
                 if let Some(old) = self.order.pop_front() {
                     self.ids.remove(&old);
+                    self.forgotten.inc();
                 }
             }
             self.order.push_back(id);
@@ -237,5 +242,7 @@ mod tests {
             seen.observe(ServerRead { pid: 7 }, &tp(&format!("{:016x}", 0x1000 + i)));
         }
         assert!(seen.ids.len() <= 16 && seen.order.len() <= 16);
+        // Each id forgotten is counted: 3 + 32 seen, 16 kept.
+        assert_eq!(seen.forgotten.get(), 3 + 32 - 16);
     }
 }
