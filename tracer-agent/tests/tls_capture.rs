@@ -217,6 +217,31 @@ fn db_shape(span: &Value) -> Value {
     })
 }
 
+/// The CLIENT spans of process `pid`: its database calls.
+fn calls_of(objects: &[Value], pid: u32) -> Vec<Value> {
+    spans(objects)
+        .into_iter()
+        .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// The calls of a session over TLS and of its plaintext twin: each keeps the
+/// span contract, only the TLS ones say they were encrypted, and both are the
+/// same calls in the same order.
+fn assert_db_twins(what: &str, tls: &[Value], plain: &[Value]) {
+    for s in tls {
+        assert_span_contract(s);
+        assert_eq!(attr(s, "tls.protocol.name"), "tls", "{what}: {s:#}");
+    }
+    for s in plain {
+        assert_span_contract(s);
+        assert!(attr(s, "tls.protocol.name").is_null(), "{what}: {s:#}");
+    }
+    let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
+    assert_eq!(shapes(tls), shapes(plain), "{what}");
+}
+
 /// psycopg against a PostgreSQL with `ssl = on`: a session with
 /// `sslmode=require`, then the same with `sslmode=disable`. The encrypted one
 /// comes first: psycopg's wheel brings its own libssl, which no process had loaded
@@ -238,31 +263,18 @@ fn psycopg_over_tls_gives_the_calls_of_its_plaintext_twin() {
         assert!(out.contains("failed as expected"), "{out}");
         sessions.push(pid);
     }
-    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
-        spans(objects)
-            .into_iter()
-            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
-            .cloned()
-            .collect()
-    };
     agent.wait_json(20, "five calls of each session", |o| {
-        sessions.iter().all(|pid| of(o, *pid).len() >= 5)
+        sessions.iter().all(|pid| calls_of(o, *pid).len() >= 5)
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     let objects = agent.stop_json();
-    let (tls, plain) = (of(&objects, sessions[0]), of(&objects, sessions[1]));
+    let (tls, plain) = (
+        calls_of(&objects, sessions[0]),
+        calls_of(&objects, sessions[1]),
+    );
     assert_eq!(plain.len(), 5, "{plain:#?}");
     assert_eq!(tls.len(), 5, "{tls:#?}");
-    for s in &plain {
-        assert_span_contract(s);
-        assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
-    }
-    for s in &tls {
-        assert_span_contract(s);
-        assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
-    }
-    let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
-    assert_eq!(shapes(&plain), shapes(&tls));
+    assert_db_twins("psycopg", &tls, &plain);
     assert_eq!(
         attr(&tls[1], "db.query.text"),
         "SELECT $1::int + ? AS answer, ? AS s",
@@ -301,37 +313,23 @@ fn mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin() {
             sessions.push((implementation, tls, pid));
         }
     }
-    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
-        spans(objects)
-            .into_iter()
-            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
-            .cloned()
-            .collect()
-    };
     // Each session ends with its failing query.
     agent.wait_json(20, "every session's last call", |o| {
         sessions
             .iter()
-            .all(|(_, _, pid)| of(o, *pid).iter().any(|s| s["status"] == "error"))
+            .all(|(_, _, pid)| calls_of(o, *pid).iter().any(|s| s["status"] == "error"))
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     let objects = agent.stop_json();
     for pair in sessions.chunks(2) {
         let (implementation, _, tls_pid) = pair[0];
-        let tls = of(&objects, tls_pid);
-        let plain = of(&objects, pair[1].2);
+        let tls = calls_of(&objects, tls_pid);
+        let plain = calls_of(&objects, pair[1].2);
         // The pure implementation also sets the session's names and autocommit.
         assert!(tls.len() >= 4, "{implementation}: {tls:#?}");
-        for s in &tls {
-            assert_span_contract(s);
-            assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
-            assert_eq!(attr(s, "db.namespace"), "mysql", "{s:#}");
-        }
-        for s in &plain {
-            assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
-        }
-        let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
-        assert_eq!(shapes(&tls), shapes(&plain), "{implementation}");
+        assert_db_twins(implementation, &tls, &plain);
+        // The namespace comes from the handshake response, read inside TLS.
+        assert!(tls.iter().all(|s| attr(s, "db.namespace") == "mysql"));
     }
     let everything = serde_json::to_string(&objects).unwrap();
     assert!(
@@ -427,31 +425,19 @@ fn node_postgres_over_tls_gives_the_calls_of_its_plaintext_twin() {
         assert!(out.contains("done"), "{out}");
         sessions.push(pid);
     }
-    let of = |objects: &[Value], pid: u32| -> Vec<Value> {
-        spans(objects)
-            .into_iter()
-            .filter(|s| s["kind"] == "client" && s["resource"]["process.pid"] == pid)
-            .cloned()
-            .collect()
-    };
     agent.wait_json(20, "every session's failing query", |o| {
         sessions
             .iter()
-            .all(|pid| of(o, *pid).iter().any(|s| s["status"] == "error"))
+            .all(|pid| calls_of(o, *pid).iter().any(|s| s["status"] == "error"))
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     let objects = agent.stop_json();
-    let (tls, plain) = (of(&objects, sessions[0]), of(&objects, sessions[1]));
+    let (tls, plain) = (
+        calls_of(&objects, sessions[0]),
+        calls_of(&objects, sessions[1]),
+    );
     assert_eq!(plain.len(), 4, "{plain:#?}");
-    for s in &tls {
-        assert_span_contract(s);
-        assert_eq!(attr(s, "tls.protocol.name"), "tls", "{s:#}");
-    }
-    for s in &plain {
-        assert!(attr(s, "tls.protocol.name").is_null(), "{s:#}");
-    }
-    let shapes = |calls: &[Value]| calls.iter().map(db_shape).collect::<Vec<_>>();
-    assert_eq!(shapes(&tls), shapes(&plain));
+    assert_db_twins("node-postgres", &tls, &plain);
     assert_eq!(
         attr(&tls[1], "db.query.text"),
         "SELECT $1::int + ? AS answer, $2::text AS s"

@@ -106,13 +106,18 @@ pub fn executable_mappings(maps: &str) -> Vec<&str> {
 
 /// The OpenSSL shared libraries among a process's executable mappings.
 pub fn libssl_mappings(maps: &str) -> Vec<&str> {
+    mappings_named(maps, is_libssl_name)
+}
+
+/// The executable mappings whose file name `wanted` accepts.
+fn mappings_named(maps: &str, wanted: fn(&str) -> bool) -> Vec<&str> {
     executable_mappings(maps)
         .into_iter()
         .filter(|p| {
             Path::new(p)
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(is_libssl_name)
+                .is_some_and(wanted)
         })
         .collect()
 }
@@ -233,15 +238,7 @@ pub fn is_loader_name(name: &str) -> bool {
 
 /// The dynamic loaders among a process's executable mappings (one, normally).
 pub fn loader_mappings(maps: &str) -> Vec<&str> {
-    executable_mappings(maps)
-        .into_iter()
-        .filter(|p| {
-            Path::new(p)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(is_loader_name)
-        })
-        .collect()
+    mappings_named(maps, is_loader_name)
 }
 
 /// The file offset of a dynamic loader's `_dl_debug_state`, which it calls when
