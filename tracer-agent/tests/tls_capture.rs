@@ -226,6 +226,17 @@ fn calls_of(objects: &[Value], pid: u32) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until each session (process) has its failing query (every session here
+/// ends with one), then stops the agent: everything it printed.
+fn stop_after_each_session_ended(agent: Agent, pids: &[u32]) -> Vec<Value> {
+    agent.wait_json(20, "every session's failing query", |o| {
+        pids.iter()
+            .all(|pid| calls_of(o, *pid).iter().any(|s| s["status"] == "error"))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    agent.stop_json()
+}
+
 /// The calls of a session over TLS and of its plaintext twin: each keeps the
 /// span contract, only the TLS ones say they were encrypted, and both are the
 /// same calls in the same order.
@@ -263,11 +274,7 @@ fn psycopg_over_tls_gives_the_calls_of_its_plaintext_twin() {
         assert!(out.contains("failed as expected"), "{out}");
         sessions.push(pid);
     }
-    agent.wait_json(20, "five calls of each session", |o| {
-        sessions.iter().all(|pid| calls_of(o, *pid).len() >= 5)
-    });
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let objects = agent.stop_json();
+    let objects = stop_after_each_session_ended(agent, &sessions);
     let (tls, plain) = (
         calls_of(&objects, sessions[0]),
         calls_of(&objects, sessions[1]),
@@ -314,13 +321,8 @@ fn mysql_connector_over_tls_gives_the_calls_of_its_plaintext_twin() {
         }
     }
     // Each session ends with its failing query.
-    agent.wait_json(20, "every session's last call", |o| {
-        sessions
-            .iter()
-            .all(|(_, _, pid)| calls_of(o, *pid).iter().any(|s| s["status"] == "error"))
-    });
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let objects = agent.stop_json();
+    let pids: Vec<u32> = sessions.iter().map(|(_, _, pid)| *pid).collect();
+    let objects = stop_after_each_session_ended(agent, &pids);
     for pair in sessions.chunks(2) {
         let (implementation, _, tls_pid) = pair[0];
         let tls = calls_of(&objects, tls_pid);
@@ -425,13 +427,7 @@ fn node_postgres_over_tls_gives_the_calls_of_its_plaintext_twin() {
         assert!(out.contains("done"), "{out}");
         sessions.push(pid);
     }
-    agent.wait_json(20, "every session's failing query", |o| {
-        sessions
-            .iter()
-            .all(|pid| calls_of(o, *pid).iter().any(|s| s["status"] == "error"))
-    });
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let objects = agent.stop_json();
+    let objects = stop_after_each_session_ended(agent, &sessions);
     let (tls, plain) = (
         calls_of(&objects, sessions[0]),
         calls_of(&objects, sessions[1]),
